@@ -1,0 +1,150 @@
+"""wa-sidecar: serve, migrate, check-config."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+import asyncpg
+from aiohttp import web
+
+from sidecar import __version__
+from sidecar.app import StartupError, create_app
+from sidecar.config import Config, ConfigError, add_config_arguments, config_from_args
+from sidecar.logs import configure_logging
+from sidecar.store.migrations import migrate
+from sidecar.store.schema_check import check_schema
+
+log = logging.getLogger("sidecar.cli")
+
+EXIT_CONFIG = 2
+EXIT_UNAVAILABLE = 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wa-sidecar", description="WhatsApp session health sidecar")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, text in (
+        ("serve", "run the sidecar: session runtime, HTTP API, health endpoints"),
+        ("migrate", "create or upgrade the sidecar's own tables in PostgreSQL"),
+        ("check-config", "validate the configuration (and, with a database URL, the configured tables)"),
+    ):
+        add_config_arguments(commands.add_parser(name, help=text, description=text))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ConfigError as error:
+        print(f"wa-sidecar: configuration error: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(config.log_level)
+    if args.command == "serve":
+        return _serve(config)
+    if args.command == "migrate":
+        return asyncio.run(_migrate(config))
+    return asyncio.run(_check_config(config))
+
+
+def _serve(config: Config) -> int:
+    try:
+        config.check_exposure()
+    except ConfigError as error:
+        print(f"wa-sidecar: refusing to start: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        asyncio.run(_run_server(config))
+    except StartupError as error:
+        print(f"wa-sidecar: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+    except OSError as error:
+        print(f"wa-sidecar: cannot listen on {config.listen_host}:{config.listen_port}: {error}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    return 0
+
+
+async def _run_server(config: Config) -> None:
+    runner = web.AppRunner(create_app(config), access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, config.listen_host, config.listen_port)
+        await site.start()
+        log.info(
+            "serving",
+            extra={
+                "fields": {
+                    "listen": f"http://{config.listen_host}:{config.listen_port}",
+                    "store": "postgresql" if config.database_url else "embedded (not durable)",
+                    "maxBadMacErrors": config.policy.limits.max_bad_mac_errors,
+                    "maxBadDecryptErrors": config.policy.limits.max_bad_decrypt_errors,
+                    "version": __version__,
+                }
+            },
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        await runner.cleanup()
+
+
+async def _migrate(config: Config) -> int:
+    if config.database_url is None:
+        print("wa-sidecar: migrate needs --database-url or WA_SIDECAR_DATABASE_URL", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        connection = await asyncpg.connect(config.database_url)
+    except (OSError, asyncpg.PostgresError) as error:
+        print(f"wa-sidecar: cannot connect to PostgreSQL: {error}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    try:
+        applied = await migrate(connection, config.schema.sidecar_schema)
+    finally:
+        await connection.close()
+    print(json.dumps({"schema": config.schema.sidecar_schema, "applied": applied}))
+    return 0
+
+
+async def _check_config(config: Config) -> int:
+    summary = {
+        "listen": f"{config.listen_host}:{config.listen_port}",
+        "store": "postgresql" if config.database_url else "embedded",
+        "maxBadMacErrors": config.policy.limits.max_bad_mac_errors,
+        "maxBadDecryptErrors": config.policy.limits.max_bad_decrypt_errors,
+        "criticalStatusCodes": sorted(config.policy.critical_status_codes),
+        "apiToken": bool(config.api_token),
+        "runtimeToken": bool(config.runtime_token),
+    }
+    with contextlib.suppress(ConfigError):
+        config.check_exposure()
+        summary["exposure"] = "ok"
+    summary.setdefault("exposure", "refused: non-loopback listener without tokens (see --insecure)")
+    if config.database_url is not None:
+        try:
+            connection = await asyncpg.connect(config.database_url)
+        except (OSError, asyncpg.PostgresError) as error:
+            print(f"wa-sidecar: cannot connect to PostgreSQL: {error}", file=sys.stderr)
+            return EXIT_UNAVAILABLE
+        try:
+            problems = await check_schema(connection, config.schema)
+        finally:
+            await connection.close()
+        if problems:
+            for problem in problems:
+                print(f"wa-sidecar: configuration error: {problem}", file=sys.stderr)
+            return EXIT_CONFIG
+        summary["schema"] = "ok"
+    print(json.dumps(summary))
+    return 0

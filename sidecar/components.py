@@ -1,0 +1,26 @@
+"""The parts create_app builds, reachable from handlers and tests through `app[COMPONENTS]`."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from sidecar.config import Config
+from sidecar.pending import PendingSteps
+from sidecar.ports import SessionStore, SocketController
+from sidecar.runtime import SessionRuntime
+
+
+@dataclass
+class Components:
+    config: Config
+    store: SessionStore
+    pending: PendingSteps
+    runtime: SessionRuntime
+    sockets: SocketController
+    restored: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+COMPONENTS = web.AppKey("components", Components)

@@ -1,0 +1,246 @@
+"""One frozen config, from command-line flags and WA_SIDECAR_* environment variables, validated once."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+from sidecar.policy import DEFAULT_CRITICAL_STATUS_CODES, Limits, PolicyConfig
+from sidecar.sqlnames import InvalidIdentifier, quote_identifier, quote_qualified
+
+ENV_PREFIX = "WA_SIDECAR_"
+
+
+class ConfigError(ValueError):
+    """A bad setting; `key` names the flag or variable."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+@dataclass(frozen=True, slots=True)
+class SchemaMapping:
+    """Where the runtime's own tables live. The defaults are the seed backend's Prisma schema."""
+
+    sidecar_schema: str = "wa_sidecar"
+    auth_table: str = "baileys_auth"
+    auth_organization_column: str = "organizationId"
+    auth_phone_column: str = "phoneJid"
+    auth_key_column: str = "key"
+    phone_table: str = "OrganizationPhone"
+    phone_id_column: str = "id"
+    phone_organization_column: str = "organizationId"
+    phone_jid_column: str = "phoneJid"
+    phone_status_column: str = "status"
+    phone_qr_column: str = "qrCode"
+    phone_last_connected_column: str = "lastConnectedAt"
+    phone_updated_column: str = "updatedAt"
+    logged_out_status: str = "logged_out"
+
+    def validate(self) -> None:
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if item.name == "logged_out_status":
+                if not value or len(value) > 64:
+                    raise ConfigError(f"schema.{item.name}", "must be 1 to 64 characters")
+                continue
+            try:
+                quote_qualified(value) if item.name.endswith("_table") else quote_identifier(value)
+            except InvalidIdentifier as error:
+                raise ConfigError(f"schema.{item.name}", str(error)) from None
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 9464
+    database_url: str | None = None
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    schema: SchemaMapping = field(default_factory=SchemaMapping)
+    socket_end_timeout: float = 5.0
+    # How long a close waits for its database steps before it answers with them still pending.
+    database_step_timeout: float = 5.0
+    pending_steps_limit: int = 100_000
+    closure_log_path: Path | None = None
+    state_dir: Path | None = None
+    api_token: str | None = None
+    runtime_token: str | None = None
+    insecure: bool = False
+    instance: str = field(default_factory=socket.gethostname)
+    log_level: str = "INFO"
+
+    @property
+    def listens_on_loopback(self) -> bool:
+        if self.listen_host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.listen_host).is_loopback
+        except ValueError:
+            return False
+
+    def check_exposure(self) -> None:
+        """Refuse an unauthenticated listener outside loopback unless the operator said --insecure."""
+        if not self.listens_on_loopback and not (self.api_token and self.runtime_token) and not self.insecure:
+            raise ConfigError(
+                "listen",
+                f"{self.listen_host} is not a loopback address and WA_SIDECAR_API_TOKEN / WA_SIDECAR_RUNTIME_TOKEN "
+                "are not both set; set them, or pass --insecure to accept an open listener",
+            )
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by every command; each also reads WA_SIDECAR_<NAME> (flag wins)."""
+    add = parser.add_argument
+    add("--listen", help="host:port to serve on (WA_SIDECAR_LISTEN, default 127.0.0.1:9464)")
+    add(
+        "--database-url",
+        help="postgresql://… (WA_SIDECAR_DATABASE_URL); without it an embedded store is used",
+    )
+    add("--max-bad-mac-errors", help="Bad MAC limit that closes a session (default 3)")
+    add("--max-bad-decrypt-errors", help="app-state bad decrypt limit that closes a session (default 5)")
+    add("--delete-prekeys-on-heal", help="also delete pre-key-* on a Bad MAC heal: true/false (default false)")
+    add(
+        "--critical-status-codes",
+        help="comma-separated close codes that close a session (default 401,403,411)",
+    )
+    add("--socket-end-timeout", help="seconds to wait for the runtime to end a socket (default 5)")
+    add("--database-step-timeout", help="seconds a close waits for its database steps (default 5)")
+    add("--pending-steps-limit", help="database steps kept while PostgreSQL is away (default 100000)")
+    add("--closure-log", help="append every closure as one JSON line to this file (WA_SIDECAR_CLOSURE_LOG)")
+    add("--state-dir", help="directory for the journal of pending database steps (WA_SIDECAR_STATE_DIR)")
+    add("--schema-override", action="append", help="KEY=VALUE of the table mapping, repeatable; env: k=v,k=v")
+    add("--instance", help="name of this sidecar instance (default: host name)")
+    add("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    add("--insecure", action="store_true", default=None, help="allow a non-loopback listener without tokens")
+
+
+def _setting(args: argparse.Namespace, env: Mapping[str, str], name: str) -> str | None:
+    value = getattr(args, name, None)
+    if value is not None:
+        return str(value)
+    return env.get(ENV_PREFIX + name.upper())
+
+
+def _positive_int(key: str, raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(key, f"must be a positive integer, got {raw!r}") from None
+    if value < 1:
+        raise ConfigError(key, f"must be a positive integer, got {raw!r}")
+    return value
+
+
+def _positive_float(key: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(key, f"must be a number of seconds, got {raw!r}") from None
+    if not value > 0:
+        raise ConfigError(key, f"must be greater than 0, got {raw!r}")
+    return value
+
+
+def _boolean(key: str, raw: str) -> bool:
+    folded = raw.strip().lower()
+    if folded in {"1", "true", "yes", "on"}:
+        return True
+    if folded in {"0", "false", "no", "off", ""}:
+        return False
+    raise ConfigError(key, f"must be true or false, got {raw!r}")
+
+
+def _listen(raw: str) -> tuple[str, int]:
+    host, sep, port = raw.rpartition(":")
+    if not sep or not host:
+        raise ConfigError("listen", f"must be host:port, got {raw!r}")
+    port_number = _positive_int("listen", port)
+    if port_number > 65535:
+        raise ConfigError("listen", f"port must be at most 65535, got {port_number}")
+    return host.strip("[]"), port_number
+
+
+def _schema(overrides: list[str]) -> SchemaMapping:
+    known = {item.name for item in fields(SchemaMapping)}
+    values: dict[str, str] = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise ConfigError("schema-override", f"expected KEY=VALUE, got {item!r}")
+        if key not in known:
+            raise ConfigError(f"schema.{key}", f"unknown key; known keys: {', '.join(sorted(known))}")
+        values[key] = value.strip()
+    mapping = replace(SchemaMapping(), **values)
+    mapping.validate()
+    return mapping
+
+
+def _status_codes(raw: str) -> frozenset[int]:
+    codes = [part.strip() for part in raw.split(",") if part.strip()]
+    result = set()
+    for code in codes:
+        value = _positive_int("critical-status-codes", code)
+        if not 100 <= value <= 599:
+            raise ConfigError("critical-status-codes", f"{value} is not a status code (100-599)")
+        result.add(value)
+    return frozenset(result)
+
+
+def config_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Config:
+    env = os.environ if env is None else env
+
+    def setting(name: str) -> str | None:
+        return _setting(args, env, name)
+
+    config = Config()
+    changes: dict[str, object] = {}
+    if (raw := setting("listen")) is not None:
+        changes["listen_host"], changes["listen_port"] = _listen(raw)
+    if (raw := setting("database_url")) is not None and raw.strip():
+        if not raw.startswith(("postgres://", "postgresql://")):
+            raise ConfigError("database-url", "must start with postgresql:// or postgres://")
+        changes["database_url"] = raw
+    limits = Limits()
+    if (raw := setting("max_bad_mac_errors")) is not None:
+        limits = replace(limits, max_bad_mac_errors=_positive_int("max-bad-mac-errors", raw))
+    if (raw := setting("max_bad_decrypt_errors")) is not None:
+        limits = replace(limits, max_bad_decrypt_errors=_positive_int("max-bad-decrypt-errors", raw))
+    policy = PolicyConfig(limits=limits)
+    if (raw := setting("delete_prekeys_on_heal")) is not None:
+        policy = replace(policy, delete_prekeys_on_heal=_boolean("delete-prekeys-on-heal", raw))
+    raw = setting("critical_status_codes")
+    policy = replace(policy, critical_status_codes=DEFAULT_CRITICAL_STATUS_CODES if raw is None else _status_codes(raw))
+    changes["policy"] = policy
+    for name in ("socket_end_timeout", "database_step_timeout"):
+        if (raw := setting(name)) is not None:
+            changes[name] = _positive_float(name.replace("_", "-"), raw)
+    if (raw := setting("pending_steps_limit")) is not None:
+        changes["pending_steps_limit"] = _positive_int("pending-steps-limit", raw)
+    if (raw := setting("closure_log")) is not None and raw:
+        changes["closure_log_path"] = Path(raw)
+    if (raw := setting("state_dir")) is not None and raw:
+        changes["state_dir"] = Path(raw)
+    overrides = list(getattr(args, "schema_override", None) or [])
+    if not overrides and (raw := env.get(ENV_PREFIX + "SCHEMA_OVERRIDES")):
+        overrides = [part for part in raw.split(",") if part.strip()]
+    changes["schema"] = _schema(overrides)
+    if (raw := setting("instance")) is not None and raw:
+        changes["instance"] = raw
+    if (raw := setting("log_level")) is not None:
+        level = raw.upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ConfigError("log-level", f"must be DEBUG, INFO, WARNING or ERROR, got {raw!r}")
+        changes["log_level"] = level
+    changes["api_token"] = env.get(ENV_PREFIX + "API_TOKEN") or None
+    changes["runtime_token"] = env.get(ENV_PREFIX + "RUNTIME_TOKEN") or None
+    if (raw := setting("insecure")) is not None:
+        changes["insecure"] = _boolean("insecure", raw)
+    return replace(config, **changes)  # type: ignore[arg-type]

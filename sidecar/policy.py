@@ -1,0 +1,246 @@
+"""The session rules, pure: counters, limits, health, and what to do about each event.
+
+Nothing here does I/O, reads a clock or keeps global state. `decide` takes a session's state and one event
+and returns the next state plus a decision; the runtime (sidecar.runtime) carries decisions out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from typing import TypedDict
+
+
+class CloseReason(StrEnum):
+    BAD_MAC_LIMIT = "bad_mac_limit"
+    BAD_DECRYPT_LIMIT = "bad_decrypt_limit"
+    FORCED = "forced"
+    CONNECTION_ERROR = "connection_error"
+
+
+class KeyScope(StrEnum):
+    """Which auth keys an action deletes (the `scope` label of whatsapp_auth_keys_deleted_total)."""
+
+    APP_STATE_SYNC = "app_state_sync"
+    PEER_SESSION = "peer_session"
+    ALL = "all"
+
+
+class Phase(StrEnum):
+    ACTIVE = "active"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+APP_STATE_SYNC_PREFIX = "app-state-sync-"
+SESSION_PREFIX = "session-"
+SENDER_KEY_PREFIX = "sender-key-"
+PRE_KEY_PREFIX = "pre-key-"
+
+# Baileys' DisconnectReason codes after which the credentials are dead: loggedOut, forbidden,
+# multideviceMismatch. Transient codes (408, 428, 440, 503, 515) only make the runtime reconnect.
+DEFAULT_CRITICAL_STATUS_CODES = frozenset({401, 403, 411})
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_bad_mac_errors: int = 3
+    max_bad_decrypt_errors: int = 5
+
+    def __post_init__(self) -> None:
+        for name in ("max_bad_mac_errors", "max_bad_decrypt_errors"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    limits: Limits = field(default_factory=Limits)
+    # Deleting pre-keys on a Bad MAC heal makes peers fail with "Invalid PreKey ID"; off unless asked for.
+    delete_prekeys_on_heal: bool = False
+    critical_status_codes: frozenset[int] = DEFAULT_CRITICAL_STATUS_CODES
+
+
+@dataclass(frozen=True, slots=True)
+class Counters:
+    bad_mac_errors: int = 0
+    bad_decrypt_errors: int = 0
+
+
+ZERO = Counters()
+
+
+@dataclass(frozen=True, slots=True)
+class SessionState:
+    counters: Counters = ZERO
+    phase: Phase = Phase.ACTIVE
+
+
+# Events -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BadMac:
+    """A Bad MAC class failure; `peer_user` is the failing peer's bare number when the runtime named it."""
+
+    peer_user: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BadDecrypt:
+    """An app-state 'bad decrypt' class failure."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionOpened:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed:
+    status_code: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OperatorClose:
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class CloseCompleted:
+    """The runtime finished carrying out a close."""
+
+
+Event = BadMac | BadDecrypt | ConnectionOpened | ConnectionClosed | OperatorClose | CloseCompleted
+
+
+# Decisions --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class NoAction:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Heal:
+    """Delete the phone's auth keys that start with one of `key_prefixes`; the session stays up."""
+
+    scope: KeyScope
+    key_prefixes: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """End the socket, delete all keys, mark logged_out, record, clear counters, forget the session."""
+
+    reason: CloseReason
+    detail: str
+    counters: Counters
+
+
+Decision = NoAction | Heal | Close
+
+NOTHING = NoAction()
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    state: SessionState
+    decision: Decision
+
+
+class ErrorStats(TypedDict):
+    """The seed's getSessionErrorStats shape (camelCase keys are part of the public contract)."""
+
+    badMacErrors: int
+    badDecryptErrors: int
+    maxBadMacErrors: int
+    maxBadDecryptErrors: int
+    isHealthy: bool
+
+
+def warning_threshold(limit: int) -> int:
+    """The count at which a session stops being healthy: one short of the limit (never below 1)."""
+    return max(limit - 1, 1)
+
+
+def is_healthy(counters: Counters, limits: Limits) -> bool:
+    return counters.bad_mac_errors < warning_threshold(
+        limits.max_bad_mac_errors
+    ) and counters.bad_decrypt_errors < warning_threshold(limits.max_bad_decrypt_errors)
+
+
+def error_stats(counters: Counters, limits: Limits) -> ErrorStats:
+    return {
+        "badMacErrors": counters.bad_mac_errors,
+        "badDecryptErrors": counters.bad_decrypt_errors,
+        "maxBadMacErrors": limits.max_bad_mac_errors,
+        "maxBadDecryptErrors": limits.max_bad_decrypt_errors,
+        "isHealthy": is_healthy(counters, limits),
+    }
+
+
+def bad_mac_heal_prefixes(peer_user: str | None, config: PolicyConfig) -> tuple[str, ...]:
+    """The narrowest key set that can heal a Bad MAC.
+
+    Baileys stores a peer's Signal session as `session-<user>.<device>` (6.x) or `session-<user>_<domain>.<device>`
+    (7.x LID addresses), so a named peer loses only its own sessions; otherwise every session and sender key.
+    """
+    prefixes: tuple[str, ...]
+    if peer_user:
+        prefixes = (f"{SESSION_PREFIX}{peer_user}.", f"{SESSION_PREFIX}{peer_user}_")
+    else:
+        prefixes = (SESSION_PREFIX, SENDER_KEY_PREFIX)
+    if config.delete_prekeys_on_heal:
+        prefixes += (PRE_KEY_PREFIX,)
+    return prefixes
+
+
+def decide(state: SessionState, event: Event, config: PolicyConfig) -> Transition:
+    """Apply one event to a session and say what must happen."""
+    counters = state.counters
+    limits = config.limits
+
+    if isinstance(event, ConnectionOpened):
+        # A clean slate after recovery. A close already under way still finishes (a close never reopens).
+        phase = Phase.CLOSING if state.phase is Phase.CLOSING else Phase.ACTIVE
+        return Transition(SessionState(ZERO, phase), NOTHING)
+
+    if isinstance(event, CloseCompleted):
+        return Transition(SessionState(ZERO, Phase.CLOSED), NOTHING)
+
+    if state.phase is not Phase.ACTIVE:
+        # Closing or closed: nothing more happens until the phone opens again.
+        return Transition(state, NOTHING)
+
+    if isinstance(event, BadMac):
+        counters = replace(counters, bad_mac_errors=counters.bad_mac_errors + 1)
+        if counters.bad_mac_errors >= limits.max_bad_mac_errors:
+            detail = f"{counters.bad_mac_errors} Bad MAC errors (limit {limits.max_bad_mac_errors})"
+            return _close(counters, CloseReason.BAD_MAC_LIMIT, detail)
+        heal = Heal(KeyScope.PEER_SESSION, bad_mac_heal_prefixes(event.peer_user, config))
+        return Transition(SessionState(counters, Phase.ACTIVE), heal)
+
+    if isinstance(event, BadDecrypt):
+        counters = replace(counters, bad_decrypt_errors=counters.bad_decrypt_errors + 1)
+        if counters.bad_decrypt_errors >= limits.max_bad_decrypt_errors:
+            detail = f"{counters.bad_decrypt_errors} bad decrypt errors (limit {limits.max_bad_decrypt_errors})"
+            return _close(counters, CloseReason.BAD_DECRYPT_LIMIT, detail)
+        heal = Heal(KeyScope.APP_STATE_SYNC, (APP_STATE_SYNC_PREFIX,))
+        return Transition(SessionState(counters, Phase.ACTIVE), heal)
+
+    if isinstance(event, ConnectionClosed):
+        if event.status_code is not None and event.status_code in config.critical_status_codes:
+            return _close(counters, CloseReason.CONNECTION_ERROR, f"connection closed with status {event.status_code}")
+        return Transition(state, NOTHING)
+
+    if isinstance(event, OperatorClose):
+        return _close(counters, CloseReason.FORCED, event.reason)
+
+    raise TypeError(f"unknown event {event!r}")  # pragma: no cover - the Event union is closed
+
+
+def _close(counters: Counters, reason: CloseReason, detail: str) -> Transition:
+    return Transition(SessionState(counters, Phase.CLOSING), Close(reason, detail, counters))

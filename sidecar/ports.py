@@ -1,0 +1,72 @@
+"""The narrow interfaces the session runtime talks to. Adapters implement them; the runtime never imports one."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from sidecar.policy import Counters
+from sidecar.records import ClosureRecord, PhoneRef, Step, StepResult
+
+
+class SocketUnreachable(Exception):
+    """No runtime connection owns this session (or it went away before answering)."""
+
+
+class SocketCommandFailed(Exception):
+    """The runtime answered a command with ok=false."""
+
+
+class SocketController(Protocol):
+    """Asks the messenger runtime to act on a session's socket."""
+
+    async def end_session(self, organization_phone_id: int, reason: str) -> None:
+        """End the socket with a logout and do not reconnect. Returns once the runtime acknowledged."""
+
+    async def clear_cached_keys(self, organization_phone_id: int, key_prefixes: Sequence[str]) -> None:
+        """Drop the runtime's in-memory copies of keys with these prefixes."""
+
+
+class StoreUnavailable(Exception):
+    """The store cannot be reached right now; the step should be tried again later."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredSession:
+    phone: PhoneRef
+    counters: Counters
+    closed: bool
+
+
+class SessionStore(Protocol):
+    """Auth keys, phone status, closure log and durable counters, applied as ordered steps.
+
+    `apply` runs the steps in order, in one transaction where the store has them. A step that fails on its own
+    raises a `StepFailed` naming it; a store that cannot be reached raises `StoreUnavailable` and nothing of the
+    batch is kept. `journal_seq` (when given) is the journal position of the last step: a store remembers it
+    with the steps, and skips steps it has already applied, so a replay after a crash applies nothing twice.
+    """
+
+    async def apply(
+        self, steps: Sequence[Step], journal: tuple[str, Sequence[int]] | None = None
+    ) -> list[StepResult]: ...
+
+    async def applied_journal_position(self, instance_id: str) -> int: ...
+
+    async def load_sessions(self) -> list[StoredSession]: ...
+
+    async def recent_closures(self, organization_phone_id: int, limit: int) -> list[ClosureRecord]: ...
+
+    async def ping(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class StepFailed(Exception):
+    """One step of a batch failed for a reason of its own (not an outage)."""
+
+    def __init__(self, index: int, error: BaseException) -> None:
+        super().__init__(f"step {index} failed: {type(error).__name__}: {error}")
+        self.index = index
+        self.error = error

@@ -1,0 +1,150 @@
+"""What the runtime asks the database to do (steps), and what a close leaves behind (closure records)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from sidecar.policy import CloseReason, Counters, KeyScope
+
+
+class CounterKind(StrEnum):
+    BAD_MAC = "bad_mac"
+    BAD_DECRYPT = "bad_decrypt"
+
+
+class CloseTrigger(StrEnum):
+    AUTOMATIC = "automatic"  # a crypto limit was reached
+    OPERATOR = "operator"  # forceCloseSession
+    CONNECTION = "connection"  # the runtime reported a critical close code
+
+
+class StepOutcome(StrEnum):
+    OK = "ok"
+    FAILED = "failed"
+    PENDING = "pending"  # waiting for PostgreSQL to come back
+    SKIPPED = "skipped"
+
+
+@dataclass(frozen=True, slots=True)
+class PhoneRef:
+    organization_id: int
+    organization_phone_id: int
+    # The bare number that keys `baileys_auth`; None when no event named it yet (looked up in the phone table).
+    phone_user: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IncrementCounter:
+    phone: PhoneRef
+    kind: CounterKind
+
+
+@dataclass(frozen=True, slots=True)
+class ResetCounters:
+    phone: PhoneRef
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteKeys:
+    """A heal: delete the phone's keys starting with any of `key_prefixes`."""
+
+    phone: PhoneRef
+    scope: KeyScope
+    key_prefixes: tuple[str, ...]
+
+
+@dataclass(slots=True)
+class ClosureRecord:
+    closure_id: str
+    phone: PhoneRef
+    reason: CloseReason
+    trigger: CloseTrigger
+    detail: str
+    counters: Counters
+    started_at: datetime
+    socket: str = StepOutcome.PENDING
+    keys_deleted: int | None = None
+    steps: dict[str, str] = field(default_factory=dict)
+    duration_seconds: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The public shape (API, closure log file)."""
+        return {
+            "closureId": self.closure_id,
+            "organizationId": self.phone.organization_id,
+            "organizationPhoneId": self.phone.organization_phone_id,
+            "reason": str(self.reason),
+            "trigger": str(self.trigger),
+            "detail": self.detail,
+            "badMacErrors": self.counters.bad_mac_errors,
+            "badDecryptErrors": self.counters.bad_decrypt_errors,
+            "startedAt": self.started_at.isoformat(),
+            "socket": self.socket,
+            "keysDeleted": self.keys_deleted,
+            "steps": dict(self.steps),
+            "durationSeconds": self.duration_seconds,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], phone_user: str | None = None) -> ClosureRecord:
+        return cls(
+            closure_id=data["closureId"],
+            phone=PhoneRef(data["organizationId"], data["organizationPhoneId"], phone_user),
+            reason=CloseReason(data["reason"]),
+            trigger=CloseTrigger(data["trigger"]),
+            detail=data["detail"],
+            counters=Counters(data["badMacErrors"], data["badDecryptErrors"]),
+            started_at=datetime.fromisoformat(data["startedAt"]),
+            socket=data["socket"],
+            keys_deleted=data["keysDeleted"],
+            steps=dict(data["steps"]),
+            duration_seconds=data["durationSeconds"],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Logout:
+    """The database half of a close: delete all keys, mark logged_out, record the closure, clear counters."""
+
+    record: ClosureRecord
+
+
+Step = IncrementCounter | ResetCounters | DeleteKeys | Logout
+
+
+@dataclass(frozen=True, slots=True)
+class LogoutResult:
+    keys_deleted: int | None
+    steps: dict[str, str]
+
+
+StepResult = int | LogoutResult | None
+
+
+def step_to_json(step: Step) -> str:
+    """One journal line's payload."""
+    if isinstance(step, Logout):
+        record = step.record.to_json()
+        return json.dumps({"logout": record, "phoneUser": step.record.phone.phone_user})
+    payload = asdict(step)
+    payload["step"] = type(step).__name__
+    return json.dumps(payload)
+
+
+def step_from_json(text: str) -> Step:
+    data = json.loads(text)
+    if "logout" in data:
+        return Logout(ClosureRecord.from_json(data["logout"], data["phoneUser"]))
+    phone = PhoneRef(**data["phone"])
+    kind = data["step"]
+    if kind == "IncrementCounter":
+        return IncrementCounter(phone, CounterKind(data["kind"]))
+    if kind == "ResetCounters":
+        return ResetCounters(phone)
+    if kind == "DeleteKeys":
+        return DeleteKeys(phone, KeyScope(data["scope"]), tuple(data["key_prefixes"]))
+    raise ValueError(f"unknown journal step {kind!r}")

@@ -1,0 +1,418 @@
+"""The session runtime: feeds events to the policy and carries its decisions out through the ports.
+
+Decisions are taken synchronously (no await between reading a session's state and writing the next one), so
+concurrent events for one session can never start two closes. Effects that talk to the messenger runtime run
+in tracked background tasks, so an event handler never waits on the runtime that sent the event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any
+
+from sidecar.classification import ErrorClass, ErrorSource, classify
+from sidecar.jid import parse_jid
+from sidecar.observers import RuntimeObserver
+from sidecar.pending import PendingSteps
+from sidecar.policy import (
+    BadDecrypt,
+    BadMac,
+    Close,
+    CloseCompleted,
+    ConnectionClosed,
+    ConnectionOpened,
+    ErrorStats,
+    Event,
+    Heal,
+    OperatorClose,
+    Phase,
+    PolicyConfig,
+    SessionState,
+    decide,
+    error_stats,
+    is_healthy,
+)
+from sidecar.ports import SessionStore, SocketCommandFailed, SocketController, SocketUnreachable
+from sidecar.records import (
+    CloseTrigger,
+    ClosureRecord,
+    CounterKind,
+    DeleteKeys,
+    IncrementCounter,
+    Logout,
+    LogoutResult,
+    PhoneRef,
+    ResetCounters,
+    StepOutcome,
+)
+
+DATABASE_PARTS = ("authKeys", "phoneStatus", "closureRecord", "counters")
+
+
+class UnknownSession(LookupError):
+    def __init__(self, organization_phone_id: int) -> None:
+        super().__init__(f"no session with organizationPhoneId {organization_phone_id}")
+        self.organization_phone_id = organization_phone_id
+
+
+class InvalidInput(ValueError):
+    """Bad input from a caller; `field` names what was wrong. Nothing was changed."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+@dataclass(slots=True)
+class Session:
+    phone: PhoneRef
+    state: SessionState
+    connected: bool = False
+    last_error_at: float | None = None  # epoch seconds
+    close_task: asyncio.Task[ClosureRecord] | None = None
+
+    @property
+    def organization_phone_id(self) -> int:
+        return self.phone.organization_phone_id
+
+
+@dataclass(frozen=True, slots=True)
+class CloseOutcome:
+    record: ClosureRecord | None
+    already_closed: bool
+
+
+CONNECTION_STATES = ("connecting", "open", "close")
+
+
+class SessionRuntime:
+    def __init__(
+        self,
+        policy: PolicyConfig,
+        store: SessionStore,
+        pending: PendingSteps,
+        sockets: SocketController,
+        observers: Sequence[RuntimeObserver] = (),
+        *,
+        clock: Callable[[], datetime],
+        socket_end_timeout: float = 5.0,
+        database_step_timeout: float = 5.0,
+    ) -> None:
+        self.policy = policy
+        self._store = store
+        self._pending = pending
+        self._sockets = sockets
+        self._observers = list(observers)
+        self._clock = clock
+        self._socket_end_timeout = socket_end_timeout
+        self._database_step_timeout = database_step_timeout
+        self._sessions: dict[int, Session] = {}
+        # Phones closed by the sidecar and not opened since: errors for them change nothing.
+        self._closed: dict[int, PhoneRef] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # Queries ------------------------------------------------------------------------------------------
+
+    def sessions(self) -> Iterator[Session]:
+        return iter(self._sessions.values())
+
+    def session(self, organization_phone_id: int) -> Session | None:
+        return self._sessions.get(organization_phone_id)
+
+    def is_closed(self, organization_phone_id: int) -> bool:
+        return organization_phone_id in self._closed
+
+    @property
+    def background_tasks(self) -> int:
+        return len(self._background)
+
+    def get_session_error_stats(self, organization_phone_id: int) -> ErrorStats:
+        session = self._sessions.get(organization_phone_id)
+        if session is not None:
+            return error_stats(session.state.counters, self.policy.limits)
+        if organization_phone_id in self._closed:
+            return error_stats(SessionState().counters, self.policy.limits)
+        raise UnknownSession(organization_phone_id)
+
+    # Restart ------------------------------------------------------------------------------------------
+
+    async def restore(self) -> int:
+        """Continue from the counters the store kept (a restart loses no count)."""
+        stored = await self._store.load_sessions()
+        for item in stored:
+            phone_id = item.phone.organization_phone_id
+            if item.closed:
+                self._closed.setdefault(phone_id, item.phone)
+                continue
+            session = self._sessions.get(phone_id)
+            if session is None:
+                self._sessions[phone_id] = Session(item.phone, SessionState(item.counters))
+            elif session.state.phase is Phase.ACTIVE:
+                # Counts taken since this start are queued behind the stored ones: the sum is the truth.
+                counters = replace(
+                    session.state.counters,
+                    bad_mac_errors=session.state.counters.bad_mac_errors + item.counters.bad_mac_errors,
+                    bad_decrypt_errors=session.state.counters.bad_decrypt_errors + item.counters.bad_decrypt_errors,
+                )
+                session.state = replace(session.state, counters=counters)
+        return len(stored)
+
+    # Events -------------------------------------------------------------------------------------------
+
+    async def handle_decrypt_error(
+        self,
+        organization_id: int,
+        organization_phone_id: int,
+        phone_jid: str,
+        error: str,
+        source: ErrorSource | None = None,
+        peer_jid: str | None = None,
+    ) -> ErrorClass:
+        """Classify a raw decryption error and apply it; returns its class."""
+        error_class = classify(error, source)
+        phone = self._phone_ref(organization_id, organization_phone_id, phone_jid)
+        peer_user = parse_jid(peer_jid).bare if peer_jid else None
+        for observer in self._observers:
+            observer.decrypt_error(phone, error_class)
+        if error_class is ErrorClass.BAD_MAC:
+            await self._apply(phone, BadMac(peer_user), CounterKind.BAD_MAC)
+        elif error_class is ErrorClass.BAD_DECRYPT:
+            await self._apply(phone, BadDecrypt(), CounterKind.BAD_DECRYPT)
+        return error_class
+
+    async def handle_bad_mac_error(
+        self, organization_id: int, organization_phone_id: int, phone_jid: str, peer_jid: str | None = None
+    ) -> bool:
+        """The seed's handleBadMacError: True while the session continues, False once it is being closed."""
+        phone = self._phone_ref(organization_id, organization_phone_id, phone_jid)
+        peer_user = parse_jid(peer_jid).bare if peer_jid else None
+        for observer in self._observers:
+            observer.decrypt_error(phone, ErrorClass.BAD_MAC)
+        return await self._apply(phone, BadMac(peer_user), CounterKind.BAD_MAC)
+
+    async def handle_bad_decrypt_error(self, organization_id: int, organization_phone_id: int, phone_jid: str) -> bool:
+        """The seed's handleBadDecryptError: True while the session continues, False once it is being closed."""
+        phone = self._phone_ref(organization_id, organization_phone_id, phone_jid)
+        for observer in self._observers:
+            observer.decrypt_error(phone, ErrorClass.BAD_DECRYPT)
+        return await self._apply(phone, BadDecrypt(), CounterKind.BAD_DECRYPT)
+
+    async def on_connection_update(
+        self,
+        organization_id: int,
+        organization_phone_id: int,
+        phone_jid: str,
+        connection: str,
+        status_code: int | None = None,
+    ) -> None:
+        if connection not in CONNECTION_STATES:
+            raise InvalidInput("connection", f"must be one of {', '.join(CONNECTION_STATES)}, got {connection!r}")
+        phone = self._phone_ref(organization_id, organization_phone_id, phone_jid)
+        if connection == "open":
+            reopened = self._closed.pop(organization_phone_id, None) is not None
+            session = self._session_for(phone)
+            had_counts = session.state.counters != SessionState().counters
+            self._set_connected(session, True)
+            await self._apply(phone, ConnectionOpened(), None)
+            if had_counts or reopened:
+                await self._pending.submit(ResetCounters(session.phone))
+        elif connection == "close":
+            session_or_none = self._sessions.get(organization_phone_id)
+            if session_or_none is not None:
+                self._set_connected(session_or_none, False)
+            if organization_phone_id not in self._closed:
+                await self._apply(phone, ConnectionClosed(status_code), None)
+
+    async def force_close_session(self, organization_phone_id: int, reason: str) -> CloseOutcome:
+        """The seed's forceCloseSession: the same close, started by an operator. Waits for it to finish."""
+        reason = reason.strip() if isinstance(reason, str) else ""
+        if not reason:
+            raise InvalidInput("reason", "must be a non-empty text saying why the session is closed")
+        if len(reason) > 500:
+            raise InvalidInput("reason", "must be at most 500 characters")
+        session = self._sessions.get(organization_phone_id)
+        if session is None:
+            if organization_phone_id in self._closed:
+                return CloseOutcome(await self._last_closure(organization_phone_id), already_closed=True)
+            raise UnknownSession(organization_phone_id)
+        if session.close_task is not None:
+            await asyncio.shield(session.close_task)
+            return CloseOutcome(session.close_task.result(), already_closed=True)
+        self._transition(session, OperatorClose(reason), CloseTrigger.OPERATOR)
+        assert session.close_task is not None
+        return CloseOutcome(await asyncio.shield(session.close_task), already_closed=False)
+
+    async def settle(self) -> None:
+        """Wait for every background effect started so far (tests, shutdown)."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+
+    async def shutdown(self, grace_seconds: float = 10.0) -> None:
+        """Let running closes finish (bounded), then cancel what is left."""
+        try:
+            await asyncio.wait_for(self.settle(), grace_seconds)
+        except TimeoutError:
+            for task in list(self._background):
+                task.cancel()
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+
+    # Internals ----------------------------------------------------------------------------------------
+
+    def _phone_ref(self, organization_id: int, organization_phone_id: int, phone_jid: str) -> PhoneRef:
+        for name, value in (
+            ("organizationId", organization_id),
+            ("organizationPhoneId", organization_phone_id),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidInput(name, "must be a positive integer")
+        try:
+            user = parse_jid(phone_jid).bare
+        except ValueError as error:
+            raise InvalidInput("phoneJid", str(error)) from None
+        return PhoneRef(organization_id, organization_phone_id, user)
+
+    def _session_for(self, phone: PhoneRef) -> Session:
+        session = self._sessions.get(phone.organization_phone_id)
+        if session is None:
+            session = Session(phone, SessionState())
+            self._sessions[phone.organization_phone_id] = session
+        elif session.phone.phone_user is None and phone.phone_user:
+            session.phone = phone
+        return session
+
+    def _set_connected(self, session: Session, connected: bool) -> None:
+        if session.connected != connected:
+            session.connected = connected
+            for observer in self._observers:
+                observer.connection_changed(session.phone, connected)
+
+    async def _apply(self, phone: PhoneRef, event: Event, counted: CounterKind | None) -> bool:
+        """Decide (synchronously), then persist the count. Returns False when the session is being closed."""
+        if phone.organization_phone_id in self._closed and not isinstance(event, ConnectionOpened):
+            return False
+        session = self._session_for(phone)
+        before = session.state
+        if counted is not None:
+            session.last_error_at = self._clock().timestamp()
+        trigger = CloseTrigger.AUTOMATIC if counted is not None else CloseTrigger.CONNECTION
+        decision = self._transition(session, event, trigger)
+        if counted is not None and session.state.counters != before.counters:
+            await self._pending.submit(IncrementCounter(session.phone, counted))
+        return not isinstance(decision, Close) and session.state.phase is Phase.ACTIVE
+
+    def _transition(self, session: Session, event: Event, trigger: CloseTrigger) -> object:
+        before = session.state
+        transition = decide(before, event, self.policy)
+        session.state = transition.state
+        healthy_before = is_healthy(before.counters, self.policy.limits)
+        healthy_after = is_healthy(transition.state.counters, self.policy.limits)
+        for observer in self._observers:
+            observer.counters_changed(session.phone, transition.state.counters)
+            if healthy_before != healthy_after and transition.state.phase is Phase.ACTIVE:
+                observer.health_changed(session.phone, error_stats(transition.state.counters, self.policy.limits))
+        decision = transition.decision
+        if isinstance(decision, Heal):
+            self._spawn(self._heal(session, decision))
+        elif isinstance(decision, Close):
+            session.close_task = self._spawn(self._close(session, decision, trigger))
+        return decision
+
+    def _spawn(self, coroutine: Any) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def _heal(self, session: Session, heal: Heal) -> None:
+        started = time.monotonic()
+        future = await self._pending.submit(DeleteKeys(session.phone, heal.scope, heal.key_prefixes))
+        keys_deleted: int | None = None
+        outcome = StepOutcome.OK
+        try:
+            result = await asyncio.wait_for(asyncio.shield(future), self._database_step_timeout)
+            keys_deleted = result if isinstance(result, int) else None
+        except TimeoutError:
+            outcome = StepOutcome.PENDING
+        except Exception as error:
+            outcome = f"{StepOutcome.FAILED}: {type(error).__name__}: {error}"  # type: ignore[assignment]
+        socket = await self._socket_command(
+            self._sockets.clear_cached_keys(session.organization_phone_id, heal.key_prefixes)
+        )
+        for observer in self._observers:
+            observer.healed(session.phone, heal, keys_deleted, str(outcome), socket, time.monotonic() - started)
+
+    async def _socket_command(self, command: Any) -> str:
+        try:
+            await asyncio.wait_for(command, self._socket_end_timeout)
+        except SocketUnreachable:
+            return "unreachable"
+        except TimeoutError:
+            return "timeout"
+        except SocketCommandFailed as error:
+            return f"{StepOutcome.FAILED}: {error}"
+        except Exception as error:
+            return f"{StepOutcome.FAILED}: {type(error).__name__}: {error}"
+        return "ended"
+
+    async def _close(self, session: Session, decision: Close, trigger: CloseTrigger) -> ClosureRecord:
+        """Close order: end the socket, then the database half (keys, status, record, counters), then forget.
+
+        Every step is attempted whatever happened to the ones before; the session is forgotten in any case.
+        """
+        started = time.monotonic()
+        record = ClosureRecord(
+            closure_id=uuid.uuid4().hex,
+            phone=session.phone,
+            reason=decision.reason,
+            trigger=trigger,
+            detail=decision.detail,
+            counters=decision.counters,
+            started_at=self._clock(),
+        )
+        try:
+            for observer in self._observers:
+                observer.closing(record)
+            record.socket = await self._socket_command(
+                self._sockets.end_session(session.organization_phone_id, decision.detail)
+            )
+            record.steps["socket"] = record.socket
+            database_steps, record.keys_deleted = await self._logout(record)
+            record.steps.update(database_steps)
+        finally:
+            record.duration_seconds = time.monotonic() - started
+            self._forget(session)
+            for observer in self._observers:
+                observer.closed(record)
+        return record
+
+    async def _logout(self, record: ClosureRecord) -> tuple[dict[str, str], int | None]:
+        """The database half of a close; waits a bounded time, then reports it as pending."""
+        try:
+            future = await self._pending.submit(Logout(replace(record, steps=dict(record.steps))))
+            result = await asyncio.wait_for(asyncio.shield(future), self._database_step_timeout)
+        except TimeoutError:
+            return dict.fromkeys(DATABASE_PARTS, StepOutcome.PENDING), None
+        except Exception as error:
+            return dict.fromkeys(DATABASE_PARTS, f"{StepOutcome.FAILED}: {type(error).__name__}: {error}"), None
+        assert isinstance(result, LogoutResult)
+        return {name: value for name, value in result.steps.items() if name != "socket"}, result.keys_deleted
+
+    def _forget(self, session: Session) -> None:
+        session.state = decide(session.state, CloseCompleted(), self.policy).state
+        self._sessions.pop(session.organization_phone_id, None)
+        self._closed[session.organization_phone_id] = session.phone
+        for observer in self._observers:
+            observer.forgotten(session.phone)
+
+    async def _last_closure(self, organization_phone_id: int) -> ClosureRecord | None:
+        try:
+            closures = await self._store.recent_closures(organization_phone_id, 1)
+        except Exception:
+            return None
+        return closures[0] if closures else None

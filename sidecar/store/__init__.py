@@ -1,0 +1,1 @@
+"""Stores: the embedded in-memory default and PostgreSQL on asyncpg."""

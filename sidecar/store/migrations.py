@@ -1,0 +1,67 @@
+"""The sidecar's own tables, in their own schema (default wa_sidecar). `wa-sidecar migrate` applies them."""
+
+from __future__ import annotations
+
+import asyncpg
+
+from sidecar.sqlnames import quote_identifier
+
+# Each entry is applied once, in order, inside one transaction; {schema} is the quoted schema name.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE {schema}.session_counters (
+        organization_phone_id BIGINT PRIMARY KEY,
+        organization_id       BIGINT NOT NULL,
+        phone_user            TEXT,
+        bad_mac_errors        INTEGER NOT NULL DEFAULT 0 CHECK (bad_mac_errors >= 0),
+        bad_decrypt_errors    INTEGER NOT NULL DEFAULT 0 CHECK (bad_decrypt_errors >= 0),
+        closed_at             TIMESTAMPTZ,
+        updated_at            TIMESTAMPTZ NOT NULL DEFAULT now()
+    );
+    CREATE TABLE {schema}.closures (
+        closure_id            TEXT PRIMARY KEY,
+        organization_id       BIGINT NOT NULL,
+        organization_phone_id BIGINT NOT NULL,
+        reason                TEXT NOT NULL,
+        trigger               TEXT NOT NULL,
+        detail                TEXT NOT NULL,
+        bad_mac_errors        INTEGER NOT NULL,
+        bad_decrypt_errors    INTEGER NOT NULL,
+        socket                TEXT NOT NULL,
+        keys_deleted          INTEGER,
+        steps                 JSONB NOT NULL,
+        started_at            TIMESTAMPTZ NOT NULL,
+        duration_seconds      DOUBLE PRECISION,
+        recorded_at           TIMESTAMPTZ NOT NULL DEFAULT now()
+    );
+    CREATE INDEX closures_phone_idx ON {schema}.closures (organization_phone_id, started_at DESC);
+    CREATE INDEX closures_started_idx ON {schema}.closures (started_at);
+    -- The last journal position each sidecar instance applied: replays after a crash skip what is here.
+    CREATE TABLE {schema}.journal_positions (
+        instance_id TEXT PRIMARY KEY,
+        position    BIGINT NOT NULL
+    );
+    """,
+)
+
+
+async def migrate(connection: asyncpg.Connection, schema: str) -> list[int]:
+    """Apply the migrations not applied yet; returns their numbers. Safe to run from several replicas."""
+    quoted = quote_identifier(schema)
+    applied_now: list[int] = []
+    async with connection.transaction():
+        # One migrator at a time across replicas and Helm hook retries.
+        await connection.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"wa-sidecar-migrate:{schema}")
+        await connection.execute(f"CREATE SCHEMA IF NOT EXISTS {quoted}")
+        await connection.execute(
+            f"CREATE TABLE IF NOT EXISTS {quoted}.schema_migrations "
+            "(version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+        )
+        done = {row["version"] for row in await connection.fetch(f"SELECT version FROM {quoted}.schema_migrations")}
+        for number, sql in enumerate(MIGRATIONS, start=1):
+            if number in done:
+                continue
+            await connection.execute(sql.format(schema=quoted))
+            await connection.execute(f"INSERT INTO {quoted}.schema_migrations (version) VALUES ($1)", number)
+            applied_now.append(number)
+    return applied_now

@@ -1,0 +1,297 @@
+"""The PostgreSQL store (asyncpg pool): the seed schema's auth keys and phones, plus the sidecar's own tables."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+import asyncpg
+
+if TYPE_CHECKING:
+    from asyncpg.pool import PoolConnectionProxy
+
+from sidecar.config import SchemaMapping
+from sidecar.jid import bare_number
+from sidecar.policy import CloseReason, Counters
+from sidecar.ports import StepFailed, StoredSession, StoreUnavailable
+from sidecar.records import (
+    CloseTrigger,
+    ClosureRecord,
+    CounterKind,
+    DeleteKeys,
+    IncrementCounter,
+    Logout,
+    LogoutResult,
+    PhoneRef,
+    ResetCounters,
+    Step,
+    StepOutcome,
+    StepResult,
+)
+from sidecar.sqlnames import quote_identifier as q
+from sidecar.sqlnames import quote_qualified
+from sidecar.store.migrations import MIGRATIONS
+
+# Errors that mean "PostgreSQL is not there right now", as opposed to a step that is wrong by itself:
+# connection exceptions (SQLSTATE class 08), operator intervention (57: shutdown, cannot connect now),
+# a dropped socket, or a pool that timed out acquiring a connection.
+UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.InterfaceError,
+)
+
+ACQUIRE_TIMEOUT_SECONDS = 5.0
+
+Connection: TypeAlias = "PoolConnectionProxy[asyncpg.Record]"
+
+
+def like_prefix(prefix: str) -> str:
+    """A LIKE pattern matching `prefix` literally ('_' and '%' are wildcards otherwise)."""
+    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+class _Sql:
+    """Every statement, built once from the (validated) schema mapping."""
+
+    def __init__(self, m: SchemaMapping) -> None:
+        s = q(m.sidecar_schema)
+        auth, phone = quote_qualified(m.auth_table), quote_qualified(m.phone_table)
+        a_org, a_phone, a_key = q(m.auth_organization_column), q(m.auth_phone_column), q(m.auth_key_column)
+        self.phone_jid = f"SELECT {q(m.phone_jid_column)} FROM {phone} WHERE {q(m.phone_id_column)} = $1"
+        self.delete_prefixed = (
+            f"DELETE FROM {auth} WHERE {a_org} = $1 AND {a_phone} = $2 AND {a_key} LIKE ANY($3::text[])"
+        )
+        self.delete_all = f"DELETE FROM {auth} WHERE {a_org} = $1 AND {a_phone} = $2"
+        updated = f", {q(m.phone_updated_column)} = now()" if m.phone_updated_column else ""
+        self.mark_logged_out = (
+            f"UPDATE {phone} SET {q(m.phone_status_column)} = $2, {q(m.phone_qr_column)} = NULL, "
+            f"{q(m.phone_last_connected_column)} = now(){updated} WHERE {q(m.phone_id_column)} = $1"
+        )
+        counters = f"{s}.session_counters"
+        self.increment = {
+            kind: (
+                f"INSERT INTO {counters} AS c (organization_phone_id, organization_id, phone_user, {column}) "
+                f"VALUES ($1, $2, $3, 1) ON CONFLICT (organization_phone_id) DO UPDATE SET "
+                f"{column} = c.{column} + 1, phone_user = COALESCE(EXCLUDED.phone_user, c.phone_user), "
+                "updated_at = now()"
+            )
+            for kind, column in (
+                (CounterKind.BAD_MAC, "bad_mac_errors"),
+                (CounterKind.BAD_DECRYPT, "bad_decrypt_errors"),
+            )
+        }
+        self.set_counters = (
+            f"INSERT INTO {counters} AS c (organization_phone_id, organization_id, phone_user, closed_at) "
+            "VALUES ($1, $2, $3, $4) ON CONFLICT (organization_phone_id) DO UPDATE SET "
+            "bad_mac_errors = 0, bad_decrypt_errors = 0, closed_at = EXCLUDED.closed_at, "
+            "phone_user = COALESCE(EXCLUDED.phone_user, c.phone_user), updated_at = now()"
+        )
+        self.load_sessions = (
+            f"SELECT organization_phone_id, organization_id, phone_user, bad_mac_errors, bad_decrypt_errors, "
+            f"closed_at IS NOT NULL AS closed FROM {counters} "
+            "WHERE closed_at IS NOT NULL OR bad_mac_errors > 0 OR bad_decrypt_errors > 0"
+        )
+        self.insert_closure = (
+            f"INSERT INTO {s}.closures (closure_id, organization_id, organization_phone_id, reason, trigger, "
+            "detail, bad_mac_errors, bad_decrypt_errors, socket, keys_deleted, steps, started_at, duration_seconds) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::jsonb, $12, "
+            "EXTRACT(EPOCH FROM clock_timestamp() - $12)) ON CONFLICT (closure_id) DO NOTHING"
+        )
+        self.recent_closures = (
+            f"SELECT * FROM {s}.closures WHERE organization_phone_id = $1 ORDER BY started_at DESC LIMIT $2"
+        )
+        self.journal_position = f"SELECT position FROM {s}.journal_positions WHERE instance_id = $1 FOR UPDATE"
+        self.set_journal_position = (
+            f"INSERT INTO {s}.journal_positions AS j (instance_id, position) VALUES ($1, $2) "
+            "ON CONFLICT (instance_id) DO UPDATE SET position = GREATEST(j.position, EXCLUDED.position)"
+        )
+        self.schema_version = f"SELECT max(version) FROM {s}.schema_migrations"
+        self.read_journal_position = f"SELECT position FROM {s}.journal_positions WHERE instance_id = $1"
+
+
+def _deleted_rows(status: str) -> int:
+    return int(status.split()[-1])
+
+
+class PostgresStore:
+    def __init__(self, pool: asyncpg.Pool, schema: SchemaMapping) -> None:
+        self._pool = pool
+        self._sql = _Sql(schema)
+        self._logged_out_status = schema.logged_out_status
+
+    @classmethod
+    async def connect(cls, url: str, schema: SchemaMapping, max_size: int = 10) -> PostgresStore:
+        # min_size=0: the sidecar starts (and reports not-ready) while PostgreSQL is still away.
+        pool = await asyncpg.create_pool(
+            url, min_size=0, max_size=max_size, server_settings={"timezone": "UTC"}, command_timeout=30
+        )
+        return cls(pool, schema)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    latest_schema_version = len(MIGRATIONS)
+
+    async def schema_version(self) -> int:
+        """The sidecar schema's migration level (0 when `wa-sidecar migrate` never ran)."""
+        try:
+            async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_SECONDS) as conn:
+                return int(await conn.fetchval(self._sql.schema_version) or 0)
+        except asyncpg.UndefinedTableError:
+            return 0
+        except UNAVAILABLE_ERRORS as error:
+            raise StoreUnavailable(f"{type(error).__name__}: {error}") from error
+
+    async def ping(self) -> None:
+        try:
+            async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_SECONDS) as conn:
+                await conn.fetchval("SELECT 1")
+        except UNAVAILABLE_ERRORS as error:
+            raise StoreUnavailable(f"{type(error).__name__}: {error}") from error
+
+    async def apply(self, steps: Sequence[Step], journal: tuple[str, Sequence[int]] | None = None) -> list[StepResult]:
+        try:
+            async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_SECONDS) as conn, conn.transaction():
+                skip = 0
+                if journal is not None:
+                    instance_id, positions = journal
+                    applied = await conn.fetchval(self._sql.journal_position, instance_id) or 0
+                    skip = sum(1 for position in positions if position <= applied)
+                results: list[StepResult] = [None] * skip
+                for index in range(skip, len(steps)):
+                    try:
+                        results.append(await self._apply_step(conn, steps[index]))
+                    except UNAVAILABLE_ERRORS:
+                        raise
+                    except Exception as error:
+                        raise StepFailed(index, error) from error
+                if journal is not None:
+                    await conn.execute(self._sql.set_journal_position, journal[0], journal[1][-1])
+                return results
+        except UNAVAILABLE_ERRORS as error:
+            raise StoreUnavailable(f"{type(error).__name__}: {error}") from error
+
+    async def applied_journal_position(self, instance_id: str) -> int:
+        try:
+            async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_SECONDS) as conn:
+                return int(await conn.fetchval(self._sql.read_journal_position, instance_id) or 0)
+        except UNAVAILABLE_ERRORS as error:
+            raise StoreUnavailable(f"{type(error).__name__}: {error}") from error
+
+    async def load_sessions(self) -> list[StoredSession]:
+        try:
+            async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_SECONDS) as conn:
+                rows = await conn.fetch(self._sql.load_sessions)
+        except UNAVAILABLE_ERRORS as error:
+            raise StoreUnavailable(f"{type(error).__name__}: {error}") from error
+        return [
+            StoredSession(
+                PhoneRef(row["organization_id"], row["organization_phone_id"], row["phone_user"]),
+                Counters(row["bad_mac_errors"], row["bad_decrypt_errors"]),
+                row["closed"],
+            )
+            for row in rows
+        ]
+
+    async def recent_closures(self, organization_phone_id: int, limit: int) -> list[ClosureRecord]:
+        async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_SECONDS) as conn:
+            rows = await conn.fetch(self._sql.recent_closures, organization_phone_id, limit)
+        return [_closure_from_row(row) for row in rows]
+
+    async def _apply_step(self, conn: Connection, step: Step) -> StepResult:
+        sql = self._sql
+        if isinstance(step, IncrementCounter):
+            p = step.phone
+            await conn.execute(sql.increment[step.kind], p.organization_phone_id, p.organization_id, p.phone_user)
+            return None
+        if isinstance(step, ResetCounters):
+            p = step.phone
+            await conn.execute(sql.set_counters, p.organization_phone_id, p.organization_id, p.phone_user, None)
+            return None
+        if isinstance(step, DeleteKeys):
+            user = await self._bare_number(conn, step.phone)
+            if user is None:
+                return 0
+            patterns = [like_prefix(prefix) for prefix in step.key_prefixes]
+            status = await conn.execute(sql.delete_prefixed, step.phone.organization_id, user, patterns)
+            return _deleted_rows(status)
+        return await self._logout(conn, step)
+
+    async def _bare_number(self, conn: Connection, phone: PhoneRef) -> str | None:
+        if phone.phone_user:
+            return phone.phone_user
+        jid = await conn.fetchval(self._sql.phone_jid, phone.organization_phone_id)
+        return bare_number(jid) if jid else None
+
+    async def _logout(self, conn: Connection, step: Logout) -> LogoutResult:
+        """Each part in its own savepoint: a part that fails is recorded and the others still run."""
+        record, sql = step.record, self._sql
+        phone = record.phone
+        steps = dict(record.steps)
+        keys_deleted: int | None = None
+
+        async def part(name: str, statement: str, *args: Any) -> str | None:
+            try:
+                async with conn.transaction():
+                    status: str = await conn.execute(statement, *args)
+            except UNAVAILABLE_ERRORS:
+                raise
+            except Exception as error:
+                steps[name] = f"{StepOutcome.FAILED}: {type(error).__name__}: {error}"
+                return None
+            steps[name] = StepOutcome.OK
+            return status
+
+        user = await self._bare_number(conn, phone)
+        if user is None:
+            steps["authKeys"] = "skipped: phone not found"
+        elif (status := await part("authKeys", sql.delete_all, phone.organization_id, user)) is not None:
+            keys_deleted = _deleted_rows(status)
+        status = await part("phoneStatus", sql.mark_logged_out, phone.organization_phone_id, self._logged_out_status)
+        if status is not None and _deleted_rows(status) == 0:
+            steps["phoneStatus"] = "skipped: phone not found"
+        await part(
+            "counters",
+            sql.set_counters,
+            phone.organization_phone_id,
+            phone.organization_id,
+            user,
+            record.started_at,
+        )
+        steps["closureRecord"] = StepOutcome.OK
+        await conn.execute(
+            sql.insert_closure,
+            record.closure_id,
+            phone.organization_id,
+            phone.organization_phone_id,
+            str(record.reason),
+            str(record.trigger),
+            record.detail,
+            record.counters.bad_mac_errors,
+            record.counters.bad_decrypt_errors,
+            record.socket,
+            keys_deleted,
+            json.dumps(steps),
+            record.started_at,
+        )
+        return LogoutResult(keys_deleted, steps)
+
+
+def _closure_from_row(row: asyncpg.Record) -> ClosureRecord:
+    return ClosureRecord(
+        closure_id=row["closure_id"],
+        phone=PhoneRef(row["organization_id"], row["organization_phone_id"]),
+        reason=CloseReason(row["reason"]),
+        trigger=CloseTrigger(row["trigger"]),
+        detail=row["detail"],
+        counters=Counters(row["bad_mac_errors"], row["bad_decrypt_errors"]),
+        started_at=row["started_at"],
+        socket=row["socket"],
+        keys_deleted=row["keys_deleted"],
+        steps=json.loads(row["steps"]),
+        duration_seconds=row["duration_seconds"],
+    )
