@@ -38,7 +38,7 @@ class Rule:
     def matches(self, text: str, folded: str, source: ErrorSource | None) -> bool:
         if self.sources is not None and source not in self.sources:
             return False
-        return self.needle in text if self.case_sensitive else self.needle in folded
+        return self.needle in text if self.case_sensitive else self.needle.lower() in folded
 
 
 _NOT_MESSAGE = frozenset({ErrorSource.APP_STATE, None})

@@ -184,6 +184,9 @@ class SessionRuntime:
             await self._apply(phone, BadMac(peer_user), CounterKind.BAD_MAC)
         elif error_class is ErrorClass.BAD_DECRYPT:
             await self._apply(phone, BadDecrypt(), CounterKind.BAD_DECRYPT)
+        elif organization_phone_id not in self._closed:
+            # Counted-only classes change no counter, but the session is now known and has a last error.
+            self._session_for(phone).last_error_at = self._clock().timestamp()
         return error_class
 
     async def handle_bad_mac_error(
