@@ -32,9 +32,14 @@ class TestSocket:
     mode: str = "ok"  # ok | hang | fail
     ended: list[str] = field(default_factory=list)
     cleared: list[tuple[str, ...]] = field(default_factory=list)
+    gate: asyncio.Event | None = None  # when set, end() waits for it (to act in the middle of a close)
+    ending: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def end(self, reason: str) -> None:
         self.ended.append(reason)
+        self.ending.set()
+        if self.gate is not None:
+            await self.gate.wait()
         await self._answer()
 
     async def clear_keys(self, key_prefixes: Sequence[str]) -> None:
