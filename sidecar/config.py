@@ -161,9 +161,9 @@ def _listen(raw: str) -> tuple[str, int]:
     host, sep, port = raw.rpartition(":")
     if not sep or not host:
         raise ConfigError("listen", f"must be host:port, got {raw!r}")
-    port_number = _positive_int("listen", port)
-    if port_number > 65535:
-        raise ConfigError("listen", f"port must be at most 65535, got {port_number}")
+    if not port.isdigit() or int(port) > 65535:
+        raise ConfigError("listen", f"port must be a number from 0 to 65535 (0: any free port), got {port!r}")
+    port_number = int(port)
     return host.strip("[]"), port_number
 
 

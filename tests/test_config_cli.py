@@ -1,0 +1,102 @@
+"""Config validation, migrate, check-config and serve's startup refusals, through the real CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+import asyncpg
+import pytest
+
+from sidecar.config import ConfigError, add_config_arguments, config_from_args
+from sidecar.store.migrations import MIGRATIONS, migrate
+
+
+def parse(*argv: str, env: dict[str, str] | None = None) -> object:
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    return config_from_args(parser.parse_args(list(argv)), env or {})
+
+
+def wa_sidecar(*argv: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sidecar", *argv], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "key"),
+    [
+        (["--max-bad-mac-errors", "0"], {}, "max-bad-mac-errors"),
+        (["--max-bad-decrypt-errors", "five"], {}, "max-bad-decrypt-errors"),
+        ([], {"WA_SIDECAR_LISTEN": "9464"}, "listen"),
+        (["--listen", "127.0.0.1:70000"], {}, "listen"),
+        (["--database-url", "mysql://x"], {}, "database-url"),
+        (["--schema-override", 'auth_table=baileys_auth"; DROP TABLE x; --'], {}, "schema.auth_table"),
+        (["--schema-override", "phone_status_column=st atus"], {}, "schema.phone_status_column"),
+        (["--schema-override", "no_such_key=x"], {}, "schema.no_such_key"),
+        ([], {"WA_SIDECAR_SCHEMA_OVERRIDES": "auth_table=a.b.c"}, "schema.auth_table"),
+        (["--critical-status-codes", "401,abc"], {}, "critical-status-codes"),
+        (["--delete-prekeys-on-heal", "maybe"], {}, "delete-prekeys-on-heal"),
+    ],
+)
+def test_bad_settings_name_the_key(argv: list[str], env: dict[str, str], key: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        parse(*argv, env=env)
+    assert error.value.key == key
+
+
+def test_flags_win_over_environment() -> None:
+    config = parse("--max-bad-mac-errors", "4", env={"WA_SIDECAR_MAX_BAD_MAC_ERRORS": "7", "WA_SIDECAR_LISTEN": "0.0.0.0:1"})
+    assert config.policy.limits.max_bad_mac_errors == 4  # type: ignore[attr-defined]
+    assert (config.listen_host, config.listen_port) == ("0.0.0.0", 1)  # type: ignore[attr-defined]
+
+
+def test_cli_reports_a_bad_setting_and_exits_non_zero() -> None:
+    result = wa_sidecar("check-config", "--schema-override", "phone_table=Organization Phone")
+    assert result.returncode == 2
+    assert "schema.phone_table" in result.stderr and "not a valid SQL identifier" in result.stderr
+
+
+def test_serve_refuses_an_open_listener_without_tokens() -> None:
+    result = wa_sidecar("serve", "--listen", "0.0.0.0:0")
+    assert result.returncode == 2
+    assert "--insecure" in result.stderr
+
+
+async def test_migrate_is_idempotent_and_check_config_validates_the_tables(database: str) -> None:
+    # The fixture already migrated; a second run applies nothing.
+    connection = await asyncpg.connect(database)
+    try:
+        assert await migrate(connection, "wa_sidecar") == []
+        assert await connection.fetchval("SELECT max(version) FROM wa_sidecar.schema_migrations") == len(MIGRATIONS)
+    finally:
+        await connection.close()
+    result = wa_sidecar("migrate", "--database-url", database, "--schema-override", "sidecar_schema=other_sidecar")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"schema": "other_sidecar", "applied": list(range(1, len(MIGRATIONS) + 1))}
+
+    ok = wa_sidecar("check-config", "--database-url", database)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["schema"] == "ok"
+    bad = wa_sidecar("check-config", "--database-url", database, "--schema-override", "auth_table=baileys_auth2")
+    assert bad.returncode == 2
+    assert "schema.auth_table: table 'baileys_auth2' does not exist" in bad.stderr
+    bad_column = wa_sidecar("check-config", "--database-url", database, "--schema-override", "phone_qr_column=qr")
+    assert bad_column.returncode == 2 and "schema.phone_qr_column" in bad_column.stderr
+
+
+def test_serve_refuses_an_unmigrated_database() -> None:
+    result = wa_sidecar("serve", "--listen", "127.0.0.1:0", "--database-url", "postgresql://postgres@127.0.0.1/test",
+                        "--schema-override", "sidecar_schema=never_migrated")
+    assert result.returncode == 2
+    assert "wa-sidecar migrate" in result.stderr
+
+
+def test_migrate_without_a_database_is_a_clear_error() -> None:
+    result = wa_sidecar("migrate")
+    assert result.returncode == 2 and "--database-url" in result.stderr
+    result = wa_sidecar("migrate", "--database-url", "postgresql://postgres@127.0.0.1:1/test")
+    assert result.returncode == 3 and "cannot connect" in result.stderr
