@@ -69,7 +69,7 @@ class Harness:
 @asynccontextmanager
 async def runtime_over(
     dsn: str | None,
-    policy: PolicyConfig = PolicyConfig(),
+    policy: PolicyConfig | None = None,
     *,
     state_dir: Path | None = None,
     socket_end_timeout: float = 2.0,
@@ -82,7 +82,7 @@ async def runtime_over(
     pending = PendingSteps(store, 100_000, Journal(state_dir) if state_dir else None)
     sockets = LocalSocketController()
     runtime = SessionRuntime(
-        policy,
+        policy or PolicyConfig(),
         store,
         pending,
         sockets,

@@ -49,7 +49,9 @@ def test_bad_settings_name_the_key(argv: list[str], env: dict[str, str], key: st
 
 
 def test_flags_win_over_environment() -> None:
-    config = parse("--max-bad-mac-errors", "4", env={"WA_SIDECAR_MAX_BAD_MAC_ERRORS": "7", "WA_SIDECAR_LISTEN": "0.0.0.0:1"})
+    config = parse(
+        "--max-bad-mac-errors", "4", env={"WA_SIDECAR_MAX_BAD_MAC_ERRORS": "7", "WA_SIDECAR_LISTEN": "0.0.0.0:1"}
+    )
     assert config.policy.limits.max_bad_mac_errors == 4  # type: ignore[attr-defined]
     assert (config.listen_host, config.listen_port) == ("0.0.0.0", 1)  # type: ignore[attr-defined]
 
@@ -89,8 +91,15 @@ async def test_migrate_is_idempotent_and_check_config_validates_the_tables(datab
 
 
 def test_serve_refuses_an_unmigrated_database() -> None:
-    result = wa_sidecar("serve", "--listen", "127.0.0.1:0", "--database-url", "postgresql://postgres@127.0.0.1/test",
-                        "--schema-override", "sidecar_schema=never_migrated")
+    result = wa_sidecar(
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--database-url",
+        "postgresql://postgres@127.0.0.1/test",
+        "--schema-override",
+        "sidecar_schema=never_migrated",
+    )
     assert result.returncode == 2
     assert "wa-sidecar migrate" in result.stderr
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -32,7 +34,7 @@ from sidecar.policy import (
 DEFAULT = PolicyConfig()
 
 
-def run(events: list[Event], config: PolicyConfig = DEFAULT) -> tuple[SessionState, list[object]]:
+def run(events: Sequence[Event], config: PolicyConfig = DEFAULT) -> tuple[SessionState, list[object]]:
     state = SessionState()
     decisions: list[object] = []
     for event in events:

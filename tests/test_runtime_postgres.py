@@ -125,7 +125,10 @@ async def test_fifth_bad_decrypt_closes_with_its_reason(database: str, db: async
         h.socket(phone.organization_phone_id)
         results = [
             await h.runtime.handle_decrypt_error(
-                3, phone.organization_phone_id, phone.phone_jid, "error:1C800064:Provider routines::bad decrypt",
+                3,
+                phone.organization_phone_id,
+                phone.phone_jid,
+                "error:1C800064:Provider routines::bad decrypt",
                 ErrorSource.APP_STATE,
             )
             for _ in range(5)
@@ -150,9 +153,7 @@ async def test_media_bad_decrypt_changes_nothing(database: str, db: asyncpg.Conn
     assert await keys_of(db, phone) == set(KEY_NAMES)
 
 
-async def test_open_resets_both_counters_in_memory_and_in_the_database(
-    database: str, db: asyncpg.Connection
-) -> None:
+async def test_open_resets_both_counters_in_memory_and_in_the_database(database: str, db: asyncpg.Connection) -> None:
     phone = await add_phone(db, 1, "79001112233")
     async with runtime_over(database) as h:
         runtime, pid, jid = h.runtime, phone.organization_phone_id, phone.phone_jid
@@ -218,9 +219,7 @@ async def test_fifty_concurrent_bad_macs_close_exactly_once(database: str, db: a
     assert len(await closures(db, pid)) == 1
 
 
-async def test_a_failing_key_store_still_closes_and_records_the_failure(
-    database: str, db: asyncpg.Connection
-) -> None:
+async def test_a_failing_key_store_still_closes_and_records_the_failure(database: str, db: asyncpg.Connection) -> None:
     phone = await add_phone(db, 1, "79001112233")
     pid, jid = phone.organization_phone_id, phone.phone_jid
     await db.execute(

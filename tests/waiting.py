@@ -8,9 +8,12 @@ from collections.abc import Awaitable, Callable
 
 
 async def eventually(
-    condition: Callable[[], bool | Awaitable[bool]], timeout: float = 30.0, interval: float = 0.05, what: str = ""
+    condition: Callable[[], bool | Awaitable[bool]],
+    deadline_seconds: float = 30.0,
+    interval: float = 0.05,
+    what: str = "",
 ) -> None:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + deadline_seconds
     while True:
         result = condition()
         if not isinstance(result, bool):
@@ -18,5 +21,5 @@ async def eventually(
         if result:
             return
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s: {what or condition}")
+            raise AssertionError(f"condition not met within {deadline_seconds}s: {what or condition}")
         await asyncio.sleep(interval)
