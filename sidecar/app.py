@@ -13,10 +13,10 @@ from sidecar import api
 from sidecar.components import COMPONENTS, Components
 from sidecar.config import Config
 from sidecar.journal import Journal
-from sidecar.local_sockets import LocalSocketController
+from sidecar.link.server import RuntimeLink
 from sidecar.observers import ActionLog, ClosureLogFile, RuntimeObserver
 from sidecar.pending import PendingSteps
-from sidecar.ports import SessionStore, SocketController, StoreUnavailable
+from sidecar.ports import SessionStore, StoreUnavailable
 from sidecar.runtime import SessionRuntime
 from sidecar.store.memory import MemoryStore
 from sidecar.store.postgres import PostgresStore
@@ -37,19 +37,24 @@ class StartupError(RuntimeError):
 def create_app(
     config: Config,
     *,
-    sockets: SocketController | None = None,
     observers: Sequence[RuntimeObserver] = (),
     clock: Callable[[], datetime] = utc_now,
 ) -> web.Application:
     app = web.Application(client_max_size=api.MAX_BODY_BYTES)
-    app.cleanup_ctx.append(_components(config, sockets or LocalSocketController(), observers, clock))
+    link = RuntimeLink()
+    app.cleanup_ctx.append(_components(config, link, observers, clock))
+
+    async def close_runtime_connections(app: web.Application) -> None:
+        await link.close_all()
+
+    app.on_shutdown.append(close_runtime_connections)
     api.add_routes(app)
     return app
 
 
 def _components(
     config: Config,
-    sockets: SocketController,
+    link: RuntimeLink,
     extra_observers: Sequence[RuntimeObserver],
     clock: Callable[[], datetime],
 ) -> Callable[[web.Application], AsyncIterator[None]]:
@@ -65,13 +70,14 @@ def _components(
             config.policy,
             store,
             pending,
-            sockets,
+            link,
             observers,
             clock=clock,
             socket_end_timeout=config.socket_end_timeout,
             database_step_timeout=config.database_step_timeout,
         )
-        components = Components(config, store, pending, runtime, sockets)
+        link.runtime = runtime
+        components = Components(config, store, pending, runtime, link)
         app[COMPONENTS] = components
         replayed = await pending.start()
         if replayed:

@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from sidecar.config import Config
+from sidecar.link.server import RuntimeLink
 from sidecar.pending import PendingSteps
-from sidecar.ports import SessionStore, SocketController
+from sidecar.ports import SessionStore
 from sidecar.runtime import SessionRuntime
 
 
@@ -19,7 +20,7 @@ class Components:
     store: SessionStore
     pending: PendingSteps
     runtime: SessionRuntime
-    sockets: SocketController
+    link: RuntimeLink
     restored: asyncio.Event = field(default_factory=asyncio.Event)
 
 

@@ -28,12 +28,12 @@ class LocalSocketController:
     def registered(self) -> int:
         return len(self._sockets)
 
-    async def end_session(self, organization_phone_id: int, reason: str) -> None:
+    async def end_session(self, organization_phone_id: int, reason: str, detail: str) -> None:
         # The sidecar forgets the socket whether or not ending it works: a close never leaks a map entry.
         socket = self._sockets.pop(organization_phone_id, None)
         if socket is None:
             raise SocketUnreachable(f"no socket registered for organizationPhoneId {organization_phone_id}")
-        await socket.end(reason)
+        await socket.end(detail)
 
     async def clear_cached_keys(self, organization_phone_id: int, key_prefixes: Sequence[str]) -> None:
         socket = self._sockets.get(organization_phone_id)

@@ -21,8 +21,11 @@ class SocketCommandFailed(Exception):
 class SocketController(Protocol):
     """Asks the messenger runtime to act on a session's socket."""
 
-    async def end_session(self, organization_phone_id: int, reason: str) -> None:
-        """End the socket with a logout and do not reconnect. Returns once the runtime acknowledged."""
+    async def end_session(self, organization_phone_id: int, reason: str, detail: str) -> None:
+        """End the socket with a logout and do not reconnect. Returns once the runtime acknowledged.
+
+        `reason` is the close reason code (bad_mac_limit, …), `detail` a sentence for people.
+        """
 
     async def clear_cached_keys(self, organization_phone_id: int, key_prefixes: Sequence[str]) -> None:
         """Drop the runtime's in-memory copies of keys with these prefixes."""

@@ -382,7 +382,7 @@ class SessionRuntime:
             for observer in self._observers:
                 observer.closing(record)
             record.socket = await self._socket_command(
-                self._sockets.end_session(session.organization_phone_id, decision.detail)
+                self._sockets.end_session(session.organization_phone_id, str(decision.reason), decision.detail)
             )
             record.steps["socket"] = record.socket
             database_steps, record.keys_deleted = await self._logout(record)

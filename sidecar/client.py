@@ -1,0 +1,248 @@
+"""Python SDK for runtimes: stream events to the sidecar's runtime link and obey its commands.
+
+    async with RuntimeClient("ws://127.0.0.1:9464/v1/runtime", token=..., on_session_end=end) as link:
+        await link.send(decrypt_error(1, 42, "79001112233@s.whatsapp.net", "Bad MAC", peer_jid=...))
+
+Events are batched into frames (up to `batch_size` per frame). The client reconnects with exponential backoff
+and jitter, and keeps up to `max_buffered` events while the sidecar is away: `send` waits for room, and
+`send_nowait` drops (and counts) instead, so a runtime is never blocked by its sidecar unless it asks to be.
+Commands reach the callbacks; the client acknowledges each one (ok=false with the error when a callback raises).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import logging
+import random
+from collections import deque
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+log = logging.getLogger("sidecar.client")
+
+Command = dict[str, Any]
+CommandHandler = Callable[[Command], Awaitable[None] | None]
+ErrorHandler = Callable[[dict[str, Any]], None]
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def connection_update(
+    organization_id: int,
+    organization_phone_id: int,
+    phone_jid: str,
+    connection: str,
+    status_code: int | None = None,
+) -> dict[str, Any]:
+    event: dict[str, Any] = {
+        "type": "connection.update",
+        "organizationId": organization_id,
+        "organizationPhoneId": organization_phone_id,
+        "phoneJid": phone_jid,
+        "connection": connection,
+        "at": _now(),
+    }
+    if status_code is not None:
+        event["statusCode"] = status_code
+    return event
+
+
+def decrypt_error(
+    organization_id: int,
+    organization_phone_id: int,
+    phone_jid: str,
+    error: str,
+    *,
+    source: str | None = None,
+    peer_jid: str | None = None,
+    message_type: str | None = None,
+) -> dict[str, Any]:
+    event: dict[str, Any] = {
+        "type": "decrypt.error",
+        "organizationId": organization_id,
+        "organizationPhoneId": organization_phone_id,
+        "phoneJid": phone_jid,
+        "error": error,
+        "at": _now(),
+    }
+    for key, value in (("source", source), ("peerJid", peer_jid), ("messageType", message_type)):
+        if value is not None:
+            event[key] = value
+    return event
+
+
+class RuntimeClient:
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        *,
+        on_session_end: CommandHandler | None = None,
+        on_auth_clear: CommandHandler | None = None,
+        on_error: ErrorHandler | None = None,
+        batch_size: int = 100,
+        max_buffered: int = 10_000,
+        reconnect_initial: float = 0.2,
+        reconnect_max: float = 10.0,
+    ) -> None:
+        self.url = url
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._handlers: dict[str, CommandHandler | None] = {"session.end": on_session_end, "auth.clear": on_auth_clear}
+        self._on_error = on_error
+        self._batch_size = batch_size
+        self._buffer: deque[dict[str, Any]] = deque()
+        self._max_buffered = max_buffered
+        self._room = asyncio.Event()
+        self._room.set()
+        self._has_events = asyncio.Event()
+        self._empty = asyncio.Event()
+        self._empty.set()
+        self._reconnect_initial, self._reconnect_max = reconnect_initial, reconnect_max
+        self._task: asyncio.Task[None] | None = None
+        self._commands: set[asyncio.Task[None]] = set()
+        self.connected = asyncio.Event()
+        self.dropped = 0
+        self.connects = 0
+        self.last_error: str | None = None
+        self.errors: list[dict[str, Any]] = []
+
+    async def __aenter__(self) -> RuntimeClient:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="sidecar-runtime-client")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for task in list(self._commands):
+            task.cancel()
+        await asyncio.gather(*self._commands, return_exceptions=True)
+        self.connected.clear()
+
+    async def wait_connected(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109 - a plain deadline reads best here
+        await asyncio.wait_for(self.connected.wait(), timeout)
+
+    async def send(self, event: dict[str, Any]) -> None:
+        """Queue one event; waits while `max_buffered` events are already waiting."""
+        while len(self._buffer) >= self._max_buffered:
+            self._room.clear()
+            await self._room.wait()
+        self._push(event)
+
+    def send_nowait(self, event: dict[str, Any]) -> bool:
+        """Queue one event, or drop it (False) when the buffer is full."""
+        if len(self._buffer) >= self._max_buffered:
+            self.dropped += 1
+            return False
+        self._push(event)
+        return True
+
+    async def flush(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109
+        """Wait until every queued event was written to the link."""
+        await asyncio.wait_for(self._empty.wait(), timeout)
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    def _push(self, event: dict[str, Any]) -> None:
+        self._buffer.append(event)
+        self._empty.clear()
+        self._has_events.set()
+
+    async def _run(self) -> None:
+        delay = self._reconnect_initial
+        while True:
+            try:
+                async with connect(self.url, additional_headers=self._headers, max_size=8 * 1024 * 1024) as ws:
+                    self.connects += 1
+                    self.last_error = None
+                    self.connected.set()
+                    delay = self._reconnect_initial
+                    await self._pump(ws)
+            except asyncio.CancelledError:
+                raise
+            except InvalidStatus as error:
+                self.last_error = f"sidecar refused the connection: HTTP {error.response.status_code}"
+            except (OSError, ConnectionClosed, InvalidHandshake, TimeoutError) as error:
+                self.last_error = f"{type(error).__name__}: {error}"
+            self.connected.clear()
+            log.warning("runtime link down (%s); retrying in %.1fs", self.last_error, delay)
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, self._reconnect_max)
+
+    async def _pump(self, ws: ClientConnection) -> None:
+        receiver = asyncio.create_task(self._receive(ws))
+        try:
+            while not receiver.done():
+                if not self._buffer:
+                    self._empty.set()
+                    self._has_events.clear()
+                    waiter = asyncio.create_task(self._has_events.wait())
+                    await asyncio.wait({waiter, receiver}, return_when=asyncio.FIRST_COMPLETED)
+                    waiter.cancel()
+                    continue
+                count = min(self._batch_size, len(self._buffer))
+                batch = [self._buffer[i] for i in range(count)]
+                await ws.send(json.dumps(batch[0] if count == 1 else batch))
+                for _ in range(count):  # only once written: a failed send keeps them for the next connection
+                    self._buffer.popleft()
+                self._room.set()
+            await receiver  # re-raises what ended the connection
+        finally:
+            receiver.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+                await receiver
+
+    async def _receive(self, ws: ClientConnection) -> None:
+        async for raw in ws:
+            try:
+                message = json.loads(raw)
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(message, dict):
+                continue
+            kind = message.get("type")
+            if kind == "error":
+                self.errors.append(message)
+                if self._on_error is not None:
+                    self._on_error(message)
+            elif kind in self._handlers:
+                task = asyncio.create_task(self._obey(ws, message))
+                self._commands.add(task)
+                task.add_done_callback(self._commands.discard)
+
+    async def _obey(self, ws: ClientConnection, command: Command) -> None:
+        handler = self._handlers.get(str(command.get("type")))
+        ok, error = True, None
+        try:
+            if handler is not None:
+                result = handler(command)
+                if inspect.isawaitable(result):
+                    await result
+        except Exception as failure:
+            ok, error = False, f"{type(failure).__name__}: {failure}"
+        ack = {"type": "command.ack", "commandId": command.get("commandId"), "ok": ok, "error": error}
+        with contextlib.suppress(ConnectionClosed):
+            await ws.send(json.dumps(ack))

@@ -1,0 +1,22 @@
+"""Applies validated session events to the runtime (shared by the WebSocket link and HTTP ingest)."""
+
+from __future__ import annotations
+
+from sidecar.link.protocol import ConnectionUpdate, SessionEvent
+from sidecar.runtime import SessionRuntime
+
+
+async def apply_event(runtime: SessionRuntime, event: SessionEvent) -> None:
+    if isinstance(event, ConnectionUpdate):
+        await runtime.on_connection_update(
+            event.organization_id, event.organization_phone_id, event.phone_jid, event.connection, event.status_code
+        )
+    else:
+        await runtime.handle_decrypt_error(
+            event.organization_id,
+            event.organization_phone_id,
+            event.phone_jid,
+            event.error,
+            event.source,
+            event.peer_jid,
+        )

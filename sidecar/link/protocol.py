@@ -1,0 +1,227 @@
+"""Runtime link protocol v1: the event objects runtimes send, validated before anything in a frame is applied.
+
+A frame (or an HTTP body) holds one JSON object or a JSON array of them. Keys are camelCase; unknown keys are
+ignored so that runtimes can add fields without breaking older sidecars.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TypedDict
+
+from sidecar.classification import ErrorSource
+from sidecar.jid import InvalidJid, parse_jid
+
+MAX_EVENTS_PER_FRAME = 10_000
+MAX_ID = 2**31 - 1  # the seed schema's ids are PostgreSQL INTEGER
+MAX_ERROR_TEXT = 16_384
+CONNECTION_STATES = ("connecting", "open", "close")
+MESSAGE_TYPES = ("pkmsg", "msg", "skmsg")
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
+
+
+class Problem(TypedDict):
+    index: int
+    field: str
+    problem: str
+
+
+class FrameInvalid(ValueError):
+    def __init__(self, error: str, details: list[Problem] | None = None) -> None:
+        super().__init__(error)
+        self.error = error
+        self.details = details or []
+
+    def to_json(self) -> dict[str, Any]:
+        return {"error": self.error, "details": list(self.details)}
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionUpdate:
+    organization_id: int
+    organization_phone_id: int
+    phone_jid: str
+    connection: str
+    status_code: int | None = None
+    at: datetime | None = None
+    traceparent: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DecryptError:
+    organization_id: int
+    organization_phone_id: int
+    phone_jid: str
+    error: str
+    source: ErrorSource | None = None
+    peer_jid: str | None = None
+    message_type: str | None = None
+    at: datetime | None = None
+    traceparent: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CommandAck:
+    command_id: str
+    ok: bool
+    error: str | None = None
+
+
+SessionEvent = ConnectionUpdate | DecryptError
+InboundMessage = ConnectionUpdate | DecryptError | CommandAck
+
+
+class _Reader:
+    """Reads one event object, collecting every problem instead of stopping at the first."""
+
+    def __init__(self, index: int, item: dict[str, Any], problems: list[Problem]) -> None:
+        self.index, self.item, self.problems = index, item, problems
+
+    def fail(self, field: str, problem: str) -> None:
+        self.problems.append({"index": self.index, "field": field, "problem": problem})
+
+    def positive_int(self, field: str) -> int:
+        value = self.item.get(field)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_ID:
+            self.fail(field, f"must be a positive integer up to {MAX_ID}" if field in self.item else "is required")
+            return 0
+        return value
+
+    def text(self, field: str, *, required: bool = True, max_length: int = 256) -> str | None:
+        value = self.item.get(field)
+        if value is None:
+            if required:
+                self.fail(field, "is required")
+            return None
+        if not isinstance(value, str) or not value.strip():
+            self.fail(field, "must be a non-empty string")
+            return None
+        if len(value) > max_length:
+            self.fail(field, f"must be at most {max_length} characters")
+            return None
+        return value
+
+    def choice(self, field: str, choices: tuple[str, ...], *, required: bool) -> str | None:
+        value = self.text(field, required=required)
+        if value is not None and value not in choices:
+            self.fail(field, f"must be one of {', '.join(choices)}")
+            return None
+        return value
+
+    def jid(self, field: str, *, required: bool) -> str | None:
+        value = self.text(field, required=required)
+        if value is not None:
+            try:
+                parse_jid(value)
+            except InvalidJid:
+                self.fail(field, "must be a user JID such as 79001112233@s.whatsapp.net")
+                return None
+        return value
+
+    def timestamp(self, field: str) -> datetime | None:
+        value = self.text(field, required=False, max_length=64)
+        if value is None:
+            return None
+        try:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            parsed = None
+        if parsed is None or parsed.tzinfo is None:
+            self.fail(field, "must be an RFC 3339 timestamp with a time zone")
+            return None
+        return parsed
+
+    def traceparent(self) -> str | None:
+        value = self.text("traceparent", required=False, max_length=55)
+        if value is not None and not _TRACEPARENT.match(value):
+            self.fail("traceparent", "must be a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>)")
+            return None
+        return value
+
+    def status_code(self) -> int | None:
+        value = self.item.get("statusCode")
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or not 100 <= value <= 599:
+            self.fail("statusCode", "must be an integer from 100 to 599")
+            return None
+        return value
+
+
+def _read(index: int, item: object, problems: list[Problem]) -> InboundMessage | None:
+    if not isinstance(item, dict):
+        problems.append({"index": index, "field": "", "problem": "must be a JSON object"})
+        return None
+    r = _Reader(index, item, problems)
+    before = len(problems)
+    kind = item.get("type")
+    if kind == "command.ack":
+        command_id = r.text("commandId")
+        ok = item.get("ok")
+        if not isinstance(ok, bool):
+            r.fail("ok", "must be true or false")
+        error = item.get("error")
+        if error is not None and not isinstance(error, str):
+            r.fail("error", "must be a string or null")
+        if len(problems) > before:
+            return None
+        return CommandAck(str(command_id), bool(ok), error)
+    if kind not in ("connection.update", "decrypt.error"):
+        r.fail("type", "must be one of connection.update, decrypt.error, command.ack")
+        return None
+    organization_id = r.positive_int("organizationId")
+    phone_id = r.positive_int("organizationPhoneId")
+    phone_jid = r.jid("phoneJid", required=True)
+    at = r.timestamp("at")
+    traceparent = r.traceparent()
+    if kind == "connection.update":
+        connection = r.choice("connection", CONNECTION_STATES, required=True)
+        status_code = r.status_code()
+        if len(problems) > before:
+            return None
+        return ConnectionUpdate(
+            organization_id, phone_id, str(phone_jid), str(connection), status_code, at, traceparent
+        )
+    error_text = r.text("error", max_length=MAX_ERROR_TEXT)
+    source = r.choice("source", tuple(s.value for s in ErrorSource), required=False)
+    peer_jid = r.jid("peerJid", required=False)
+    message_type = r.choice("messageType", MESSAGE_TYPES, required=False)
+    if len(problems) > before:
+        return None
+    return DecryptError(
+        organization_id,
+        phone_id,
+        str(phone_jid),
+        str(error_text),
+        ErrorSource(source) if source else None,
+        peer_jid,
+        message_type,
+        at,
+        traceparent,
+    )
+
+
+def parse_messages(payload: object) -> list[InboundMessage]:
+    """Validate a decoded frame or body; raises FrameInvalid listing every problem, and returns nothing then."""
+    items = payload if isinstance(payload, list) else [payload]
+    if not items:
+        raise FrameInvalid("empty batch: send at least one event")
+    if len(items) > MAX_EVENTS_PER_FRAME:
+        raise FrameInvalid(f"batch of {len(items)} events; at most {MAX_EVENTS_PER_FRAME} per frame")
+    problems: list[Problem] = []
+    messages = [_read(index, item, problems) for index, item in enumerate(items)]
+    if problems:
+        noun = "event" if len(items) == 1 else "events"
+        raise FrameInvalid(f"invalid {noun}; nothing was applied", problems)
+    return [message for message in messages if message is not None]
+
+
+def parse_text(text: str) -> list[InboundMessage]:
+    try:
+        payload = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as error:
+        raise FrameInvalid(f"not JSON: {error}") from None
+    return parse_messages(payload)

@@ -1,0 +1,186 @@
+"""The sidecar's side of the runtime link: `GET /v1/runtime` (WebSocket) and the SocketController over it.
+
+Commands go to the connection that last reported a session. A command waits for its `command.ack`; the
+connection closing first, or no connection owning the session, makes it SocketUnreachable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from sidecar.link.dispatch import apply_event
+from sidecar.link.protocol import CommandAck, ConnectionUpdate, FrameInvalid, parse_text
+from sidecar.ports import SocketCommandFailed, SocketUnreachable
+from sidecar.runtime import SessionRuntime
+
+log = logging.getLogger("sidecar.link")
+
+MAX_FRAME_BYTES = 4 * 1024 * 1024
+HEARTBEAT_SECONDS = 30.0
+_connection_ids = itertools.count(1)
+
+
+@dataclass(eq=False)
+class RuntimeConnection:
+    ws: web.WebSocketResponse
+    peer: str
+    id: int = field(default_factory=lambda: next(_connection_ids))
+    phones: set[int] = field(default_factory=set)
+
+
+class RuntimeLink:
+    """Tracks runtime connections and which one owns each session; sends commands and matches their acks."""
+
+    def __init__(self) -> None:
+        self.runtime: SessionRuntime | None = None
+        self._connections: set[RuntimeConnection] = set()
+        self._owners: dict[int, RuntimeConnection] = {}
+        self._commands: dict[str, tuple[RuntimeConnection, asyncio.Future[None]]] = {}
+        self.frames_rejected = 0
+        self.ownership_changes = 0
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._connections)
+
+    @property
+    def commands_in_flight(self) -> int:
+        return len(self._commands)
+
+    def owner_of(self, organization_phone_id: int) -> RuntimeConnection | None:
+        return self._owners.get(organization_phone_id)
+
+    # SocketController ---------------------------------------------------------------------------------
+
+    async def end_session(self, organization_phone_id: int, reason: str, detail: str) -> None:
+        connection = self._owners.pop(organization_phone_id, None)  # the sidecar forgets it, whatever happens
+        if connection is not None:
+            connection.phones.discard(organization_phone_id)
+        await self._command(
+            connection,
+            organization_phone_id,
+            {"type": "session.end", "reason": reason, "detail": detail, "logout": True},
+        )
+
+    async def clear_cached_keys(self, organization_phone_id: int, key_prefixes: Sequence[str]) -> None:
+        await self._command(
+            self._owners.get(organization_phone_id),
+            organization_phone_id,
+            {"type": "auth.clear", "keyPrefixes": list(key_prefixes)},
+        )
+
+    async def _command(
+        self, connection: RuntimeConnection | None, organization_phone_id: int, body: dict[str, Any]
+    ) -> None:
+        if connection is None or connection.ws.closed:
+            raise SocketUnreachable(f"no runtime connection owns organizationPhoneId {organization_phone_id}")
+        command_id = uuid.uuid4().hex
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._commands[command_id] = (connection, future)
+        try:
+            frame = {"type": body["type"], "commandId": command_id, "organizationPhoneId": organization_phone_id}
+            await connection.ws.send_json({**frame, **body})
+            await future
+        except ConnectionError as error:
+            raise SocketUnreachable(f"runtime connection lost: {error}") from error
+        finally:
+            self._commands.pop(command_id, None)
+
+    # Connections --------------------------------------------------------------------------------------
+
+    def acknowledge(self, ack: CommandAck) -> None:
+        entry = self._commands.get(ack.command_id)
+        if entry is None or entry[1].done():
+            log.info("ack for an unknown or finished command", extra={"fields": {"commandId": ack.command_id}})
+            return
+        future = entry[1]
+        if ack.ok:
+            future.set_result(None)
+        else:
+            future.set_exception(SocketCommandFailed(ack.error or "runtime answered ok=false"))
+
+    def _claim(self, connection: RuntimeConnection, organization_phone_id: int) -> None:
+        current = self._owners.get(organization_phone_id)
+        if current is connection:
+            return
+        if current is not None and not current.ws.closed:
+            self.ownership_changes += 1
+            log.warning(
+                "two runtime connections report one session; commands now go to the latest",
+                extra={
+                    "fields": {
+                        "organizationPhoneId": organization_phone_id,
+                        "previousConnection": current.id,
+                        "connection": connection.id,
+                    }
+                },
+            )
+            current.phones.discard(organization_phone_id)
+        self._owners[organization_phone_id] = connection
+        connection.phones.add(organization_phone_id)
+
+    async def handle_frame(self, connection: RuntimeConnection, text: str) -> int:
+        """Validate a whole frame, then apply it in order. Returns how many events were applied."""
+        try:
+            messages = parse_text(text)
+        except FrameInvalid as invalid:
+            self.frames_rejected += 1
+            await connection.ws.send_json({"type": "error", **invalid.to_json()})
+            return 0
+        assert self.runtime is not None
+        applied = 0
+        for message in messages:
+            if isinstance(message, CommandAck):
+                self.acknowledge(message)
+                continue
+            # Ownership follows the runtime's reports, but a phone the sidecar just closed is not re-claimed
+            # by its own late errors; only an `open` (a new login) claims it again.
+            reopening = isinstance(message, ConnectionUpdate) and message.connection == "open"
+            if reopening or not self.runtime.is_closed(message.organization_phone_id):
+                self._claim(connection, message.organization_phone_id)
+            await apply_event(self.runtime, message)
+            applied += 1
+        return applied
+
+    def _disconnected(self, connection: RuntimeConnection) -> None:
+        self._connections.discard(connection)
+        for phone in connection.phones:
+            if self._owners.get(phone) is connection:
+                del self._owners[phone]
+        connection.phones.clear()
+        for command_id, (owner, future) in list(self._commands.items()):
+            if owner is connection and not future.done():
+                future.set_exception(SocketUnreachable("runtime connection closed before it acknowledged"))
+                del self._commands[command_id]
+
+    async def serve(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(max_msg_size=MAX_FRAME_BYTES, heartbeat=HEARTBEAT_SECONDS)
+        await ws.prepare(request)
+        connection = RuntimeConnection(ws, request.remote or "unknown")
+        self._connections.add(connection)
+        log.info("runtime connected", extra={"fields": {"connection": connection.id, "peer": connection.peer}})
+        try:
+            async for message in ws:
+                if message.type is WSMsgType.TEXT:
+                    await self.handle_frame(connection, message.data)
+                elif message.type is WSMsgType.BINARY:
+                    self.frames_rejected += 1
+                    await ws.send_json({"type": "error", "error": "binary frames are not accepted; send JSON text"})
+                elif message.type is WSMsgType.ERROR:
+                    log.warning("runtime connection error: %s", ws.exception())
+        finally:
+            self._disconnected(connection)
+            log.info("runtime disconnected", extra={"fields": {"connection": connection.id}})
+        return ws
+
+    async def close_all(self) -> None:
+        for connection in list(self._connections):
+            await connection.ws.close(code=1001, message=b"sidecar shutting down")
