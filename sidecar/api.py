@@ -156,10 +156,12 @@ async def ingest_events(request: web.Request) -> web.Response:
 
 
 async def _json_body(request: web.Request) -> object:
-    text = await request.text()
+    raw = await request.read()
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise FrameInvalid("body is not UTF-8 text") from None
+    except (json.JSONDecodeError, RecursionError) as error:
         raise FrameInvalid(f"body is not JSON: {error}") from None
 
 

@@ -40,9 +40,7 @@ async def serving(config: Config, wait_restored: bool = True) -> AsyncIterator[S
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    server = site._server
-    assert server is not None and server.sockets
-    port = server.sockets[0].getsockname()[1]
+    port = runner.addresses[0][1]
     served = Served(app, f"http://127.0.0.1:{port}")
     try:
         if wait_restored:
