@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -151,8 +151,8 @@ async def test_schemathesis_finds_no_server_error(database: str, tmp_path: Path)
     port = free_port()
     # No runtime token (allowed on loopback), so schemathesis' one Authorization header reaches both kinds of route.
     env = {**os.environ, "WA_SIDECAR_API_TOKEN": API}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "sidecar", "serve", "--listen", f"127.0.0.1:{port}", "--database-url", database],
+    server = await asyncio.create_subprocess_exec(
+        *[sys.executable, "-m", "sidecar", "serve", "--listen", f"127.0.0.1:{port}", "--database-url", database],
         env=env,
         stderr=(tmp_path / "server.log").open("w"),
     )
@@ -168,8 +168,8 @@ async def test_schemathesis_finds_no_server_error(database: str, tmp_path: Path)
 
         await eventually(up, what="sidecar serving")
         schemathesis = Path(sys.executable).parent / "schemathesis"
-        result = subprocess.run(
-            [
+        checker = await asyncio.create_subprocess_exec(
+            *[
                 str(schemathesis),
                 "run",
                 base + "/v1/openapi.json",
@@ -184,13 +184,13 @@ async def test_schemathesis_finds_no_server_error(database: str, tmp_path: Path)
                 "--seed",
                 "1",
             ],
-            capture_output=True,
-            text=True,
-            timeout=300,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
             cwd=tmp_path,
         )
-        assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+        output, _ = await asyncio.wait_for(checker.communicate(), 300)
+        assert checker.returncode == 0, output.decode()[-8000:]
     finally:
         server.terminate()
-        server.wait(timeout=30)
+        await asyncio.wait_for(server.wait(), 30)
     assert "unhandled error" not in (tmp_path / "server.log").read_text()
