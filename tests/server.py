@@ -34,14 +34,13 @@ def sidecar_config(database: str | None, **changes: Any) -> Config:
 
 
 @asynccontextmanager
-async def serving(config: Config, wait_restored: bool = True) -> AsyncIterator[Served]:
+async def serving(config: Config, wait_restored: bool = True, port: int = 0) -> AsyncIterator[Served]:
     app = create_app(config)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
-    port = runner.addresses[0][1]
-    served = Served(app, f"http://127.0.0.1:{port}")
+    served = Served(app, f"http://127.0.0.1:{runner.addresses[0][1]}")
     try:
         if wait_restored:
             await eventually(served.components.restored.is_set, what="stored sessions loaded")

@@ -11,6 +11,7 @@ import asyncpg
 
 from sidecar.client import RuntimeClient, connection_update, decrypt_error
 from sidecar.link.protocol import MAX_EVENTS_PER_FRAME
+from tests.pgcluster import free_port
 from tests.seed import KEY_NAMES, add_phone, keys_of, phone_row
 from tests.server import serving, sidecar_config
 from tests.waiting import eventually
@@ -273,3 +274,26 @@ async def test_the_sdk_buffers_while_the_sidecar_is_away(database: str, db: asyn
         await eventually(lambda: served.components.runtime.session(pid) is not None)
         await eventually(lambda: served.components.runtime.get_session_error_stats(pid)["badMacErrors"] == 2)
         await client.stop()
+
+
+async def test_the_sdk_reconnects_when_the_sidecar_restarts(database: str) -> None:
+    port = free_port()
+    jid = "79001112233@s.whatsapp.net"
+    ends = Recorder()
+    client = RuntimeClient(f"ws://127.0.0.1:{port}/v1/runtime", on_session_end=ends, reconnect_initial=0.05)
+    async with serving(sidecar_config(database), port=port) as first:
+        await client.start()
+        await client.wait_connected()
+        await client.send(decrypt_error(1, 9, jid, "Bad MAC"))
+        await eventually(lambda: first.components.runtime.session(9) is not None)
+    await eventually(lambda: not client.connected.is_set(), what="client noticed the sidecar went away")
+    await client.send(decrypt_error(1, 9, jid, "Bad MAC"))  # buffered while the sidecar is away
+    async with serving(sidecar_config(database), port=port) as second:
+        await client.wait_connected()
+        # The restarted sidecar continues from the stored count: 1 before, 1 buffered, 1 now closes.
+        await eventually(lambda: second.components.runtime.get_session_error_stats(9)["badMacErrors"] == 2)
+        await client.send(decrypt_error(1, 9, jid, "Bad MAC"))
+        await eventually(lambda: len(ends.commands) == 1, what="session.end over the new connection")
+        await second.components.runtime.settle()
+    assert client.connects == 2
+    await client.stop()
