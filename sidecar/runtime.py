@@ -344,13 +344,16 @@ class SessionRuntime:
             outcome = StepOutcome.PENDING
         except Exception as error:
             outcome = f"{StepOutcome.FAILED}: {type(error).__name__}: {error}"  # type: ignore[assignment]
-        socket = await self._socket_command(
-            self._sockets.clear_cached_keys(session.organization_phone_id, heal.key_prefixes)
-        )
+        if session.state.phase is Phase.ACTIVE:
+            socket = await self._socket_command(
+                self._sockets.clear_cached_keys(session.organization_phone_id, heal.key_prefixes), "cleared"
+            )
+        else:
+            socket = "skipped: superseded by a close"  # the close deletes every key and ends the socket anyway
         for observer in self._observers:
             observer.healed(session.phone, heal, keys_deleted, str(outcome), socket, time.monotonic() - started)
 
-    async def _socket_command(self, command: Any) -> str:
+    async def _socket_command(self, command: Any, done: str) -> str:
         try:
             await asyncio.wait_for(command, self._socket_end_timeout)
         except SocketUnreachable:
@@ -361,7 +364,7 @@ class SessionRuntime:
             return f"{StepOutcome.FAILED}: {error}"
         except Exception as error:
             return f"{StepOutcome.FAILED}: {type(error).__name__}: {error}"
-        return "ended"
+        return done
 
     async def _close(self, session: Session, decision: Close, trigger: CloseTrigger) -> ClosureRecord:
         """Close order: end the socket, then the database half (keys, status, record, counters), then forget.
@@ -382,7 +385,7 @@ class SessionRuntime:
             for observer in self._observers:
                 observer.closing(record)
             record.socket = await self._socket_command(
-                self._sockets.end_session(session.organization_phone_id, str(decision.reason), decision.detail)
+                self._sockets.end_session(session.organization_phone_id, str(decision.reason), decision.detail), "ended"
             )
             record.steps["socket"] = record.socket
             database_steps, record.keys_deleted = await self._logout(record)
