@@ -120,6 +120,8 @@ Step = IncrementCounter | ResetCounters | DeleteKeys | Logout
 class LogoutResult:
     keys_deleted: int | None
     steps: dict[str, str]
+    # When each part ran (time.time_ns() start and end), so the close's trace shows real durations.
+    timings: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 StepResult = int | LogoutResult | None

@@ -15,6 +15,10 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import Span, Status, StatusCode
+
 from sidecar.classification import ErrorClass, ErrorSource, classify
 from sidecar.jid import parse_jid
 from sidecar.observers import RuntimeObserver
@@ -52,6 +56,11 @@ from sidecar.records import (
 )
 
 DATABASE_PARTS = ("authKeys", "phoneStatus", "closureRecord", "counters")
+DATABASE_SPANS = {
+    "authKeys": "auth.delete_keys",
+    "phoneStatus": "phone.mark_logged_out",
+    "closureRecord": "closure.record",
+}
 
 
 class UnknownSession(LookupError):
@@ -103,8 +112,10 @@ class SessionRuntime:
         clock: Callable[[], datetime],
         socket_end_timeout: float = 5.0,
         database_step_timeout: float = 5.0,
+        tracer: trace.Tracer | None = None,
     ) -> None:
         self.policy = policy
+        self._tracer = tracer or trace.NoOpTracerProvider().get_tracer("whatsapp-session-sidecar")
         self._store = store
         self._pending = pending
         self._sockets = sockets
@@ -173,20 +184,13 @@ class SessionRuntime:
         error: str,
         source: ErrorSource | None = None,
         peer_jid: str | None = None,
+        trace_context: Context | None = None,
     ) -> ErrorClass:
         """Classify a raw decryption error and apply it; returns its class."""
         error_class = classify(error, source)
         phone = self._phone_ref(organization_id, organization_phone_id, phone_jid)
-        peer_user = parse_jid(peer_jid).bare if peer_jid else None
-        for observer in self._observers:
-            observer.decrypt_error(phone, error_class)
-        if error_class is ErrorClass.BAD_MAC:
-            await self._apply(phone, BadMac(peer_user), CounterKind.BAD_MAC)
-        elif error_class is ErrorClass.BAD_DECRYPT:
-            await self._apply(phone, BadDecrypt(), CounterKind.BAD_DECRYPT)
-        elif organization_phone_id not in self._closed:
-            # Counted-only classes change no counter, but the session is now known and has a last error.
-            self._session_for(phone).last_error_at = self._clock().timestamp()
+        peer_user = self._peer_user(peer_jid)
+        await self._decrypt_error(phone, error_class, peer_user, trace_context)
         return error_class
 
     async def handle_bad_mac_error(
@@ -194,17 +198,51 @@ class SessionRuntime:
     ) -> bool:
         """The seed's handleBadMacError: True while the session continues, False once it is being closed."""
         phone = self._phone_ref(organization_id, organization_phone_id, phone_jid)
-        peer_user = parse_jid(peer_jid).bare if peer_jid else None
-        for observer in self._observers:
-            observer.decrypt_error(phone, ErrorClass.BAD_MAC)
-        return await self._apply(phone, BadMac(peer_user), CounterKind.BAD_MAC)
+        return await self._decrypt_error(phone, ErrorClass.BAD_MAC, self._peer_user(peer_jid), None)
 
     async def handle_bad_decrypt_error(self, organization_id: int, organization_phone_id: int, phone_jid: str) -> bool:
         """The seed's handleBadDecryptError: True while the session continues, False once it is being closed."""
         phone = self._phone_ref(organization_id, organization_phone_id, phone_jid)
-        for observer in self._observers:
-            observer.decrypt_error(phone, ErrorClass.BAD_DECRYPT)
-        return await self._apply(phone, BadDecrypt(), CounterKind.BAD_DECRYPT)
+        return await self._decrypt_error(phone, ErrorClass.BAD_DECRYPT, None, None)
+
+    async def _decrypt_error(
+        self, phone: PhoneRef, error_class: ErrorClass, peer_user: str | None, trace_context: Context | None
+    ) -> bool:
+        with self._tracer.start_as_current_span("session.decrypt_error", context=trace_context) as span:
+            for observer in self._observers:
+                observer.decrypt_error(phone, error_class)
+            continues = True
+            if error_class is ErrorClass.BAD_MAC:
+                continues = await self._apply(phone, BadMac(peer_user), CounterKind.BAD_MAC)
+            elif error_class is ErrorClass.BAD_DECRYPT:
+                continues = await self._apply(phone, BadDecrypt(), CounterKind.BAD_DECRYPT)
+            elif phone.organization_phone_id not in self._closed:
+                # Counted-only classes change no counter, but the session is now known and has a last error.
+                self._session_for(phone).last_error_at = self._clock().timestamp()
+            if span.is_recording():
+                session = self._sessions.get(phone.organization_phone_id)
+                counters = session.state.counters if session is not None else SessionState().counters
+                after = (
+                    counters.bad_decrypt_errors if error_class is ErrorClass.BAD_DECRYPT else counters.bad_mac_errors
+                )
+                span.set_attributes(
+                    {
+                        **_span_ids(phone),
+                        "whatsapp.error.class": str(error_class),
+                        "whatsapp.counter.after": after,
+                        "whatsapp.session.continues": continues,
+                    }
+                )
+            return continues
+
+    @staticmethod
+    def _peer_user(peer_jid: str | None) -> str | None:
+        if not peer_jid:
+            return None
+        try:
+            return parse_jid(peer_jid).bare
+        except ValueError as error:
+            raise InvalidInput("peerJid", str(error)) from None
 
     async def on_connection_update(
         self,
@@ -247,7 +285,8 @@ class SessionRuntime:
         if session.close_task is not None:
             await asyncio.shield(session.close_task)
             return CloseOutcome(session.close_task.result(), already_closed=True)
-        self._transition(session, OperatorClose(reason), CloseTrigger.OPERATOR)
+        with self._tracer.start_as_current_span("session.force_close", attributes=_span_ids(session.phone)):
+            self._transition(session, OperatorClose(reason), CloseTrigger.OPERATOR)  # the close task inherits the span
         assert session.close_task is not None
         return CloseOutcome(await asyncio.shield(session.close_task), already_closed=False)
 
@@ -333,6 +372,10 @@ class SessionRuntime:
         return task
 
     async def _heal(self, session: Session, heal: Heal) -> None:
+        with self._tracer.start_as_current_span("session.heal", attributes=_span_ids(session.phone)) as span:
+            await self._heal_in_span(session, heal, span)
+
+    async def _heal_in_span(self, session: Session, heal: Heal, span: Span) -> None:
         started = time.monotonic()
         future = await self._pending.submit(DeleteKeys(session.phone, heal.scope, heal.key_prefixes))
         keys_deleted: int | None = None
@@ -350,6 +393,12 @@ class SessionRuntime:
             )
         else:
             socket = "skipped: superseded by a close"  # the close deletes every key and ends the socket anyway
+        if span.is_recording():
+            span.set_attributes(
+                {"whatsapp.heal.scope": str(heal.scope), "whatsapp.auth.keys_deleted": keys_deleted or 0}
+            )
+            if str(outcome).startswith(StepOutcome.FAILED):
+                _fail(span, str(outcome))
         for observer in self._observers:
             observer.healed(session.phone, heal, keys_deleted, str(outcome), socket, time.monotonic() - started)
 
@@ -381,33 +430,56 @@ class SessionRuntime:
             counters=decision.counters,
             started_at=self._clock(),
         )
-        try:
-            for observer in self._observers:
-                observer.closing(record)
-            record.socket = await self._socket_command(
-                self._sockets.end_session(session.organization_phone_id, str(decision.reason), decision.detail), "ended"
-            )
-            record.steps["socket"] = record.socket
-            database_steps, record.keys_deleted = await self._logout(record)
-            record.steps.update(database_steps)
-        finally:
-            record.duration_seconds = time.monotonic() - started
-            self._forget(session)
-            for observer in self._observers:
-                observer.closed(record)
+        with self._tracer.start_as_current_span("session.close", attributes=_span_ids(session.phone)) as span:
+            try:
+                for observer in self._observers:
+                    observer.closing(record)
+                with self._tracer.start_as_current_span("runtime.end_socket") as socket_span:
+                    record.socket = await self._socket_command(
+                        self._sockets.end_session(session.organization_phone_id, str(decision.reason), decision.detail),
+                        "ended",
+                    )
+                    if record.socket != "ended":
+                        _fail(socket_span, record.socket)
+                record.steps["socket"] = record.socket
+                database_steps, record.keys_deleted, timings = await self._logout(record)
+                record.steps.update(database_steps)
+                self._trace_database_parts(record.steps, timings)
+            finally:
+                record.duration_seconds = time.monotonic() - started
+                self._forget(session)
+                if span.is_recording():
+                    span.set_attributes(
+                        {
+                            "whatsapp.close.reason": str(record.reason),
+                            "whatsapp.close.trigger": str(record.trigger),
+                            "whatsapp.auth.keys_deleted": record.keys_deleted or 0,
+                        }
+                    )
+                for observer in self._observers:
+                    observer.closed(record)
         return record
 
-    async def _logout(self, record: ClosureRecord) -> tuple[dict[str, str], int | None]:
+    def _trace_database_parts(self, steps: dict[str, str], timings: dict[str, tuple[int, int]]) -> None:
+        for part, span_name in DATABASE_SPANS.items():
+            started, ended = timings.get(part, (None, None))
+            span = self._tracer.start_span(span_name, start_time=started)
+            if steps.get(part, "").startswith((StepOutcome.FAILED, StepOutcome.PENDING)):
+                _fail(span, steps[part])
+            span.end(end_time=ended)
+
+    async def _logout(self, record: ClosureRecord) -> tuple[dict[str, str], int | None, dict[str, tuple[int, int]]]:
         """The database half of a close; waits a bounded time, then reports it as pending."""
         try:
             future = await self._pending.submit(Logout(replace(record, steps=dict(record.steps))))
             result = await asyncio.wait_for(asyncio.shield(future), self._database_step_timeout)
         except TimeoutError:
-            return dict.fromkeys(DATABASE_PARTS, StepOutcome.PENDING), None
+            return dict.fromkeys(DATABASE_PARTS, StepOutcome.PENDING), None, {}
         except Exception as error:
-            return dict.fromkeys(DATABASE_PARTS, f"{StepOutcome.FAILED}: {type(error).__name__}: {error}"), None
+            return dict.fromkeys(DATABASE_PARTS, f"{StepOutcome.FAILED}: {type(error).__name__}: {error}"), None, {}
         assert isinstance(result, LogoutResult)
-        return {name: value for name, value in result.steps.items() if name != "socket"}, result.keys_deleted
+        steps = {name: value for name, value in result.steps.items() if name != "socket"}
+        return steps, result.keys_deleted, result.timings
 
     def _forget(self, session: Session) -> None:
         session.state = decide(session.state, CloseCompleted(), self.policy).state
@@ -422,3 +494,18 @@ class SessionRuntime:
         except Exception:
             return None
         return closures[0] if closures else None
+
+
+def _span_ids(phone: PhoneRef) -> dict[str, int]:
+    return {
+        "whatsapp.organization_id": phone.organization_id,
+        "whatsapp.organization_phone_id": phone.organization_phone_id,
+    }
+
+
+def _fail(span: Span, outcome: str) -> None:
+    """Mark a span failed; `outcome` looks like 'failed: RaiseError: …', 'timeout' or 'unreachable'."""
+    parts = outcome.split(": ")
+    error_type = parts[1] if parts[0] == StepOutcome.FAILED and len(parts) > 2 else parts[0]
+    span.set_status(Status(StatusCode.ERROR, outcome))
+    span.set_attribute("error.type", error_type)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sidecar.link.protocol import ConnectionUpdate, SessionEvent
 from sidecar.runtime import SessionRuntime
+from sidecar.telemetry.tracing import context_from_traceparent
 
 
 async def apply_event(runtime: SessionRuntime, event: SessionEvent) -> None:
@@ -19,4 +20,5 @@ async def apply_event(runtime: SessionRuntime, event: SessionEvent) -> None:
             event.error,
             event.source,
             event.peer_jid,
+            context_from_traceparent(event.traceparent),
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -106,6 +107,7 @@ class MemoryStore:
         record = step.record
         phone = record.phone
         steps = dict(record.steps)
+        started = time.time_ns()
         keys_deleted = self._delete_keys(phone, None)
         steps["authKeys"] = StepOutcome.OK
         row = self.phones.get(phone.organization_phone_id)
@@ -119,4 +121,5 @@ class MemoryStore:
         self.counters[phone.organization_phone_id] = CounterRow(phone, ZERO, closed=True)
         duration = (self._clock() - record.started_at).total_seconds()
         self.closures.append(replace(record, keys_deleted=keys_deleted, steps=steps, duration_seconds=duration))
-        return LogoutResult(keys_deleted, steps)
+        span = (started, time.time_ns())
+        return LogoutResult(keys_deleted, steps, dict.fromkeys(("authKeys", "phoneStatus", "closureRecord"), span))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -232,9 +233,11 @@ class PostgresStore:
         record, sql = step.record, self._sql
         phone = record.phone
         steps = dict(record.steps)
+        timings: dict[str, tuple[int, int]] = {}
         keys_deleted: int | None = None
 
         async def part(name: str, statement: str, *args: Any) -> str | None:
+            started = time.time_ns()
             try:
                 async with conn.transaction():
                     status: str = await conn.execute(statement, *args)
@@ -243,6 +246,8 @@ class PostgresStore:
             except Exception as error:
                 steps[name] = f"{StepOutcome.FAILED}: {type(error).__name__}: {error}"
                 return None
+            finally:
+                timings[name] = (started, time.time_ns())
             steps[name] = StepOutcome.OK
             return status
 
@@ -263,6 +268,7 @@ class PostgresStore:
             record.started_at,
         )
         steps["closureRecord"] = StepOutcome.OK
+        started = time.time_ns()
         await conn.execute(
             sql.insert_closure,
             record.closure_id,
@@ -278,7 +284,8 @@ class PostgresStore:
             json.dumps(steps),
             record.started_at,
         )
-        return LogoutResult(keys_deleted, steps)
+        timings["closureRecord"] = (started, time.time_ns())
+        return LogoutResult(keys_deleted, steps, timings)
 
 
 def _closure_from_row(row: asyncpg.Record) -> ClosureRecord:

@@ -1,0 +1,147 @@
+"""Every Prometheus metric of the sidecar, created on an injected registry. Names are the public contract.
+
+Fleet-level metrics are prometheus_client objects. Per-session gauges are not: they are rendered at scrape time
+straight from the session registry (sidecar.telemetry.session_families), which keeps a 10k-session scrape
+under the goal and makes a forgotten session's series disappear by construction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from opentelemetry import trace
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from sidecar import __version__
+from sidecar.classification import ErrorClass
+from sidecar.observers import BaseObserver
+from sidecar.policy import CloseReason, Heal, KeyScope, Limits
+from sidecar.records import ClosureRecord, PhoneRef
+
+# A close waits on the runtime (usually 1-50 ms, up to --socket-end-timeout, 5 s by default) and on one
+# PostgreSQL transaction (1-20 ms). Buckets from 1 ms to 10 s resolve both the healthy path and timeouts.
+CLOSE_DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+EVENT_TYPES = ("connection.update", "decrypt.error", "command.ack")
+CHANNELS = ("websocket", "http")
+REJECT_REASONS = ("invalid", "malformed", "too_many_events", "binary")
+HEAL_KINDS = ("bad_mac", "bad_decrypt")
+
+
+class SidecarMetrics:
+    def __init__(self, registry: CollectorRegistry, limits: Limits) -> None:
+        self.registry = registry
+        self.error_limit = Gauge(
+            "whatsapp_session_error_limit",
+            "Configured error limit that closes a session",
+            ["kind"],
+            registry=registry,
+        )
+        self.error_limit.labels("bad_mac").set(limits.max_bad_mac_errors)
+        self.error_limit.labels("bad_decrypt").set(limits.max_bad_decrypt_errors)
+        self.decrypt_errors = Counter(
+            "whatsapp_decrypt_errors",
+            "Decryption errors reported by runtimes, by class",
+            ["kind", "organization_id"],
+            registry=registry,
+        )
+        self.heals = Counter(
+            "whatsapp_session_heals", "Heals started (keys deleted, session kept)", ["kind"], registry=registry
+        )
+        self.closes = Counter(
+            "whatsapp_session_closes",
+            "Sessions closed by the sidecar, by reason",
+            ["reason", "organization_id"],
+            registry=registry,
+        )
+        self.keys_deleted = Counter(
+            "whatsapp_auth_keys_deleted", "Auth key rows deleted, by scope", ["scope"], registry=registry
+        )
+        self.close_duration = Histogram(
+            "whatsapp_session_close_duration_seconds",
+            "Time from a close decision to the session being forgotten",
+            buckets=CLOSE_DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.events = Counter(
+            "whatsapp_sidecar_events", "Events received from runtimes", ["type", "channel"], registry=registry
+        )
+        self.events_rejected = Counter(
+            "whatsapp_sidecar_events_rejected",
+            "Frames or bodies refused before anything in them was applied",
+            ["reason"],
+            registry=registry,
+        )
+        self.runtime_connections = Gauge(
+            "whatsapp_sidecar_runtime_connections", "Open runtime link connections", registry=registry
+        )
+        self.pending_steps = Gauge(
+            "whatsapp_sidecar_pending_database_steps", "Database steps waiting to be applied", registry=registry
+        )
+        self.tracked_sessions = Gauge(
+            "whatsapp_sidecar_sessions", "Sessions the sidecar tracks, by state", ["state"], registry=registry
+        )
+        build = Gauge("whatsapp_sidecar_build_info", "Build of this sidecar", ["version"], registry=registry)
+        build.labels(__version__).set(1)
+        # Known label values start at zero so rate() and absent() behave from the first scrape.
+        for kind in HEAL_KINDS:
+            self.heals.labels(kind)
+        for scope in KeyScope:
+            self.keys_deleted.labels(str(scope))
+        for event_type in EVENT_TYPES:
+            for channel in CHANNELS:
+                self.events.labels(event_type, channel)
+        for reason in REJECT_REASONS:
+            self.events_rejected.labels(reason)
+        self._organizations: set[int] = set()
+
+    def bind(
+        self,
+        connections: Callable[[], float],
+        pending: Callable[[], float],
+        active: Callable[[], float],
+        closed: Callable[[], float],
+    ) -> None:
+        """Gauges read at scrape time from the live parts."""
+        self.runtime_connections.set_function(connections)
+        self.pending_steps.set_function(pending)
+        self.tracked_sessions.labels("active").set_function(active)
+        self.tracked_sessions.labels("closed").set_function(closed)
+
+    def organization_seen(self, organization_id: int) -> str:
+        label = str(organization_id)
+        if organization_id not in self._organizations:
+            self._organizations.add(organization_id)
+            for kind in ErrorClass:
+                self.decrypt_errors.labels(str(kind), label)
+            for reason in CloseReason:
+                self.closes.labels(str(reason), label)
+        return label
+
+
+class MetricsObserver(BaseObserver):
+    """Feeds the fleet-level counters from the runtime's notifications."""
+
+    def __init__(self, metrics: SidecarMetrics) -> None:
+        self._m = metrics
+
+    def decrypt_error(self, phone: PhoneRef, error_class: ErrorClass) -> None:
+        organization = self._m.organization_seen(phone.organization_id)
+        self._m.decrypt_errors.labels(str(error_class), organization).inc()
+
+    def healed(
+        self, phone: PhoneRef, heal: Heal, keys_deleted: int | None, database: str, socket: str, duration: float
+    ) -> None:
+        self._m.heals.labels("bad_decrypt" if heal.scope is KeyScope.APP_STATE_SYNC else "bad_mac").inc()
+        if keys_deleted:
+            self._m.keys_deleted.labels(str(heal.scope)).inc(keys_deleted)
+
+    def closed(self, record: ClosureRecord) -> None:
+        organization = self._m.organization_seen(record.phone.organization_id)
+        self._m.closes.labels(str(record.reason), organization).inc()
+        if record.keys_deleted:
+            self._m.keys_deleted.labels(str(KeyScope.ALL)).inc(record.keys_deleted)
+        if record.duration_seconds is not None:
+            context = trace.get_current_span().get_span_context()
+            exemplar = {"trace_id": format(context.trace_id, "032x")} if context.is_valid else None
+            self._m.close_duration.observe(record.duration_seconds, exemplar=exemplar)
