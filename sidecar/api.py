@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from prometheus_client.exposition import choose_encoder
 
 from sidecar.components import COMPONENTS, Components
 from sidecar.link.dispatch import apply_event
@@ -145,8 +146,10 @@ async def ingest_events(request: web.Request) -> web.Response:
     try:
         messages = parse_messages(await _json_body(request))
     except FrameInvalid as invalid:
-        components.link.frames_rejected += 1
+        components.link.rejected(invalid.reason)
         return error_response(400, invalid.error, list(invalid.details))
+    for message in messages:
+        components.link.counted(message, "http")
     for message in messages:
         if isinstance(message, CommandAck):
             components.link.acknowledge(message)
@@ -160,9 +163,9 @@ async def _json_body(request: web.Request) -> object:
     try:
         return json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
-        raise FrameInvalid("body is not UTF-8 text") from None
+        raise FrameInvalid("body is not UTF-8 text", reason="malformed") from None
     except (json.JSONDecodeError, RecursionError) as error:
-        raise FrameInvalid(f"body is not JSON: {error}") from None
+        raise FrameInvalid(f"body is not JSON: {error}", reason="malformed") from None
 
 
 async def runtime_socket(request: web.Request) -> web.StreamResponse:
@@ -190,6 +193,20 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"ready": True, **body})
 
 
+async def metrics(request: web.Request) -> web.Response:
+    """prometheus_client's content negotiation and encoders for the fleet metrics, plus the per-session
+    families rendered from the session registry (see sidecar.telemetry.session_families)."""
+    components = _components(request)
+    encoder, content_type = choose_encoder(",".join(request.headers.getall("Accept", [])))
+    fleet: bytes = encoder(components.metrics.registry)
+    sessions = await components.families.render(components.runtime.sessions())
+    eof = b"# EOF\n"
+    body = fleet[: -len(eof)] + sessions + eof if fleet.endswith(eof) else fleet + sessions
+    response = web.Response(body=body, headers={"Content-Type": content_type})
+    response.enable_compression()
+    return response
+
+
 async def openapi(request: web.Request) -> web.FileResponse:
     return web.FileResponse(OPENAPI_PATH, headers={"Content-Type": "application/json"})
 
@@ -212,6 +229,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/v1/openapi.json", openapi)
+    app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/runtime", runtime_socket)
     app.router.add_get("/v1/sessions", list_sessions)
     app.router.add_get("/v1/sessions/{organizationPhoneId}/stats", session_stats)

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from sidecar import api
 from sidecar.components import COMPONENTS, Components
@@ -20,6 +23,9 @@ from sidecar.ports import SessionStore, StoreUnavailable
 from sidecar.runtime import SessionRuntime
 from sidecar.store.memory import MemoryStore
 from sidecar.store.postgres import PostgresStore
+from sidecar.telemetry.metrics import MetricsObserver, SidecarMetrics
+from sidecar.telemetry.session_families import SessionFamilies
+from sidecar.telemetry.tracing import Tracing, TracingUnavailable, tracing_from_env
 
 log = logging.getLogger("sidecar.app")
 
@@ -34,15 +40,21 @@ class StartupError(RuntimeError):
     pass
 
 
-def create_app(
-    config: Config,
-    *,
-    observers: Sequence[RuntimeObserver] = (),
-    clock: Callable[[], datetime] = utc_now,
-) -> web.Application:
+@dataclass(frozen=True)
+class Extras:
+    """What tests and embedders may inject; defaults are built from the config and OTEL_* variables."""
+
+    observers: Sequence[RuntimeObserver] = ()
+    clock: Callable[[], datetime] = utc_now
+    registry: CollectorRegistry | None = None
+    tracing: Tracing | None = None
+
+
+def create_app(config: Config, extras: Extras | None = None) -> web.Application:
+    """The one factory: builds every part and owns its lifecycle (cleanup_ctx), for `serve` and the tests."""
     app = web.Application(client_max_size=api.MAX_BODY_BYTES)
     link = RuntimeLink()
-    app.cleanup_ctx.append(_components(config, link, observers, clock))
+    app.cleanup_ctx.append(_components(config, link, extras or Extras()))
 
     async def close_runtime_connections(app: web.Application) -> None:
         await link.close_all()
@@ -52,20 +64,23 @@ def create_app(
     return app
 
 
-def _components(
-    config: Config,
-    link: RuntimeLink,
-    extra_observers: Sequence[RuntimeObserver],
-    clock: Callable[[], datetime],
-) -> Callable[[web.Application], AsyncIterator[None]]:
+def _components(config: Config, link: RuntimeLink, extras: Extras) -> Callable[[web.Application], AsyncIterator[None]]:
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        clock = extras.clock
+        try:
+            tracing = extras.tracing or tracing_from_env(os.environ)
+        except TracingUnavailable as error:
+            raise StartupError(str(error)) from None
+        metrics = SidecarMetrics(extras.registry or CollectorRegistry(), config.policy.limits)
+        link.metrics = metrics
+        families = SessionFamilies(config.policy.limits, config.team_of)
         store = await open_store(config, clock)
         journal = Journal(config.state_dir) if config.state_dir and config.database_url else None
         pending = PendingSteps(store, config.pending_steps_limit, journal)
-        observers: list[RuntimeObserver] = [ActionLog()]
+        observers: list[RuntimeObserver] = [ActionLog(), MetricsObserver(metrics), families]
         if config.closure_log_path is not None:
             observers.append(ClosureLogFile(config.closure_log_path))
-        observers.extend(extra_observers)
+        observers.extend(extras.observers)
         runtime = SessionRuntime(
             config.policy,
             store,
@@ -75,9 +90,16 @@ def _components(
             clock=clock,
             socket_end_timeout=config.socket_end_timeout,
             database_step_timeout=config.database_step_timeout,
+            tracer=tracing.tracer,
         )
         link.runtime = runtime
-        components = Components(config, store, pending, runtime, link)
+        metrics.bind(
+            lambda: link.connection_count,
+            lambda: pending.depth,
+            lambda: runtime.session_count,
+            lambda: runtime.closed_count,
+        )
+        components = Components(config, store, pending, runtime, link, metrics, families, tracing)
         app[COMPONENTS] = components
         replayed = await pending.start()
         if replayed:
@@ -91,6 +113,7 @@ def _components(
             await runtime.shutdown()
             await pending.stop()
             await store.close()
+            tracing.shutdown()
 
     return lifecycle
 

@@ -12,6 +12,9 @@ from sidecar.link.server import RuntimeLink
 from sidecar.pending import PendingSteps
 from sidecar.ports import SessionStore
 from sidecar.runtime import SessionRuntime
+from sidecar.telemetry.metrics import SidecarMetrics
+from sidecar.telemetry.session_families import SessionFamilies
+from sidecar.telemetry.tracing import Tracing
 
 
 @dataclass
@@ -21,6 +24,9 @@ class Components:
     pending: PendingSteps
     runtime: SessionRuntime
     link: RuntimeLink
+    metrics: SidecarMetrics
+    families: SessionFamilies
+    tracing: Tracing
     restored: asyncio.Event = field(default_factory=asyncio.Event)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -14,6 +15,8 @@ from sidecar.policy import DEFAULT_CRITICAL_STATUS_CODES, Limits, PolicyConfig
 from sidecar.sqlnames import InvalidIdentifier, quote_identifier, quote_qualified
 
 ENV_PREFIX = "WA_SIDECAR_"
+DEFAULT_TEAM = "unassigned"
+_TEAM = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
 class ConfigError(ValueError):
@@ -75,6 +78,11 @@ class Config:
     insecure: bool = False
     instance: str = field(default_factory=socket.gethostname)
     log_level: str = "INFO"
+    # organizationId -> team, the `team` label of per-session metrics (the owners file supersedes it later).
+    organization_teams: Mapping[int, str] = field(default_factory=dict)
+
+    def team_of(self, organization_id: int) -> str:
+        return self.organization_teams.get(organization_id, DEFAULT_TEAM)
 
     @property
     def listens_on_loopback(self) -> bool:
@@ -118,6 +126,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     add("--schema-override", action="append", help="KEY=VALUE of the table mapping, repeatable; env: k=v,k=v")
     add("--instance", help="name of this sidecar instance (default: host name)")
     add("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    add("--organization-teams", help="organizationId=team pairs, comma-separated, for the `team` metric label")
     add("--insecure", action="store_true", default=None, help="allow a non-loopback listener without tokens")
 
 
@@ -194,6 +203,21 @@ def _status_codes(raw: str) -> frozenset[int]:
     return frozenset(result)
 
 
+def _organization_teams(raw: str) -> dict[int, str]:
+    teams: dict[int, str] = {}
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        organization, sep, team = item.partition("=")
+        if not sep:
+            raise ConfigError("organization-teams", f"expected organizationId=team, got {item!r}")
+        organization_id = _positive_int("organization-teams", organization.strip())
+        if not _TEAM.match(team.strip()):
+            raise ConfigError("organization-teams", f"team {team!r} must be 1-63 letters, digits, '_', '-' or '.'")
+        teams[organization_id] = team.strip()
+    return teams
+
+
 def config_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Config:
     env = os.environ if env is None else env
 
@@ -239,6 +263,8 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = N
         if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ConfigError("log-level", f"must be DEBUG, INFO, WARNING or ERROR, got {raw!r}")
         changes["log_level"] = level
+    if (raw := setting("organization_teams")) is not None:
+        changes["organization_teams"] = _organization_teams(raw)
     changes["api_token"] = env.get(ENV_PREFIX + "API_TOKEN") or None
     changes["runtime_token"] = env.get(ENV_PREFIX + "RUNTIME_TOKEN") or None
     if (raw := setting("insecure")) is not None:

@@ -140,6 +140,14 @@ class SessionRuntime:
         return organization_phone_id in self._closed
 
     @property
+    def session_count(self) -> int:
+        return len(self._sessions)
+
+    @property
+    def closed_count(self) -> int:
+        return len(self._closed)
+
+    @property
     def background_tasks(self) -> int:
         return len(self._background)
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
-from sidecar.app import create_app
+from sidecar.app import Extras, create_app
 from sidecar.components import COMPONENTS, Components
 from sidecar.config import Config
 from tests.waiting import eventually
@@ -34,8 +34,10 @@ def sidecar_config(database: str | None, **changes: Any) -> Config:
 
 
 @asynccontextmanager
-async def serving(config: Config, wait_restored: bool = True, port: int = 0) -> AsyncIterator[Served]:
-    app = create_app(config)
+async def serving(
+    config: Config, wait_restored: bool = True, port: int = 0, extras: Extras | None = None
+) -> AsyncIterator[Served]:
+    app = create_app(config, extras)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", port)

@@ -30,10 +30,11 @@ class Problem(TypedDict):
 
 
 class FrameInvalid(ValueError):
-    def __init__(self, error: str, details: list[Problem] | None = None) -> None:
+    def __init__(self, error: str, details: list[Problem] | None = None, reason: str = "invalid") -> None:
         super().__init__(error)
         self.error = error
         self.details = details or []
+        self.reason = reason  # the `reason` label of whatsapp_sidecar_events_rejected_total
 
     def to_json(self) -> dict[str, Any]:
         return {"error": self.error, "details": list(self.details)}
@@ -210,7 +211,9 @@ def parse_messages(payload: object) -> list[InboundMessage]:
     if not items:
         raise FrameInvalid("empty batch: send at least one event")
     if len(items) > MAX_EVENTS_PER_FRAME:
-        raise FrameInvalid(f"batch of {len(items)} events; at most {MAX_EVENTS_PER_FRAME} per frame")
+        raise FrameInvalid(
+            f"batch of {len(items)} events; at most {MAX_EVENTS_PER_FRAME} per frame", reason="too_many_events"
+        )
     problems: list[Problem] = []
     messages = [_read(index, item, problems) for index, item in enumerate(items)]
     if problems:
@@ -223,5 +226,5 @@ def parse_text(text: str) -> list[InboundMessage]:
     try:
         payload = json.loads(text)
     except (json.JSONDecodeError, RecursionError) as error:
-        raise FrameInvalid(f"not JSON: {error}") from None
+        raise FrameInvalid(f"not JSON: {error}", reason="malformed") from None
     return parse_messages(payload)

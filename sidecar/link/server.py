@@ -17,9 +17,10 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from sidecar.link.dispatch import apply_event
-from sidecar.link.protocol import CommandAck, ConnectionUpdate, FrameInvalid, parse_text
+from sidecar.link.protocol import CommandAck, ConnectionUpdate, FrameInvalid, InboundMessage, parse_text
 from sidecar.ports import SocketCommandFailed, SocketUnreachable
 from sidecar.runtime import SessionRuntime
+from sidecar.telemetry.metrics import SidecarMetrics
 
 log = logging.getLogger("sidecar.link")
 
@@ -46,6 +47,21 @@ class RuntimeLink:
         self._commands: dict[str, tuple[RuntimeConnection, asyncio.Future[None]]] = {}
         self.frames_rejected = 0
         self.ownership_changes = 0
+        self.metrics: SidecarMetrics | None = None
+
+    def rejected(self, reason: str) -> None:
+        self.frames_rejected += 1
+        if self.metrics is not None:
+            self.metrics.events_rejected.labels(reason).inc()
+
+    def counted(self, message: InboundMessage, channel: str) -> None:
+        if self.metrics is not None:
+            kind = (
+                "command.ack"
+                if isinstance(message, CommandAck)
+                else ("connection.update" if isinstance(message, ConnectionUpdate) else "decrypt.error")
+            )
+            self.metrics.events.labels(kind, channel).inc()
 
     @property
     def connection_count(self) -> int:
@@ -132,12 +148,13 @@ class RuntimeLink:
         try:
             messages = parse_text(text)
         except FrameInvalid as invalid:
-            self.frames_rejected += 1
+            self.rejected(invalid.reason)
             await connection.ws.send_json({"type": "error", **invalid.to_json()})
             return 0
         assert self.runtime is not None
         applied = 0
         for message in messages:
+            self.counted(message, "websocket")
             if isinstance(message, CommandAck):
                 self.acknowledge(message)
                 continue
@@ -172,7 +189,7 @@ class RuntimeLink:
                 if message.type is WSMsgType.TEXT:
                     await self.handle_frame(connection, message.data)
                 elif message.type is WSMsgType.BINARY:
-                    self.frames_rejected += 1
+                    self.rejected("binary")
                     await ws.send_json({"type": "error", "error": "binary frames are not accepted; send JSON text"})
                 elif message.type is WSMsgType.ERROR:
                     log.warning("runtime connection error: %s", ws.exception())

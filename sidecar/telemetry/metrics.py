@@ -125,6 +125,9 @@ class MetricsObserver(BaseObserver):
     def __init__(self, metrics: SidecarMetrics) -> None:
         self._m = metrics
 
+    def connection_changed(self, phone: PhoneRef, connected: bool) -> None:
+        self._m.organization_seen(phone.organization_id)
+
     def decrypt_error(self, phone: PhoneRef, error_class: ErrorClass) -> None:
         organization = self._m.organization_seen(phone.organization_id)
         self._m.decrypt_errors.labels(str(error_class), organization).inc()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterable
 
+from sidecar.observers import BaseObserver
 from sidecar.policy import Limits, is_healthy
 from sidecar.records import PhoneRef
 from sidecar.runtime import Session
@@ -32,7 +33,7 @@ def escape_label_value(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
-class SessionFamilies:
+class SessionFamilies(BaseObserver):
     def __init__(self, limits: Limits, team_of: Callable[[int], str]) -> None:
         self._limits = limits
         self._team_of = team_of
@@ -49,8 +50,9 @@ class SessionFamilies:
             self._labels[phone.organization_phone_id] = cached
         return cached
 
-    def forget(self, organization_phone_id: int) -> None:
-        self._labels.pop(organization_phone_id, None)
+    def forgotten(self, phone: PhoneRef) -> None:
+        """A closed session's series disappear from the next scrape (no unbounded growth)."""
+        self._labels.pop(phone.organization_phone_id, None)
 
     def reset_labels(self) -> None:
         """After the team mapping changed: labels are rebuilt on the next scrape."""
