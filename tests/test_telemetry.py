@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
+from asyncio.subprocess import PIPE, STDOUT
 
 import aiohttp
 import asyncpg
@@ -73,7 +73,7 @@ async def test_bad_mac_gauges_then_series_gone_and_a_close_counted(database: str
             registry.get_sample_value("whatsapp_decrypt_errors_total", {"kind": "bad_mac", "organization_id": "7"}) == 3
         )
         assert registry.get_sample_value("whatsapp_session_heals_total", {"kind": "bad_mac"}) == 2
-        assert registry.get_sample_value("whatsapp_auth_keys_deleted_total", {"scope": "all"}) > 0
+        assert (registry.get_sample_value("whatsapp_auth_keys_deleted_total", {"scope": "all"}) or 0) > 0
         assert registry.get_sample_value("whatsapp_session_close_duration_seconds_count") == 1
         assert (
             registry.get_sample_value("whatsapp_sidecar_events_total", {"type": "decrypt.error", "channel": "http"})
@@ -114,11 +114,14 @@ async def test_metrics_pass_promtool_and_both_parsers(database: str, db: asyncpg
         await served.components.runtime.force_close_session(999, "Maintenance restart")
         text = await scrape(served)
         openmetrics = await scrape(served, OPENMETRICS)
-    check = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
-    assert check.returncode == 0, check.stdout + check.stderr
+    promtool = await asyncio.create_subprocess_exec(
+        "promtool", "check", "metrics", stdin=PIPE, stdout=PIPE, stderr=STDOUT
+    )
+    output, _ = await asyncio.wait_for(promtool.communicate(text.encode()), 60)
+    assert promtool.returncode == 0, output.decode()
     names = {family.name for family in text_string_to_metric_families(text)}
     assert {"whatsapp_session_bad_mac_errors", "whatsapp_session_closes", "whatsapp_sidecar_build_info"} <= names
-    families = {family.name: family for family in parse_openmetrics(openmetrics)}
+    families = {family.name: family for family in parse_openmetrics(openmetrics)}  # type: ignore[no-untyped-call]
     assert openmetrics.rstrip().endswith("# EOF")
     buckets = [s for s in families["whatsapp_session_close_duration_seconds"].samples if s.exemplar is not None]
     assert buckets and len(buckets[0].exemplar.labels["trace_id"]) == 32
