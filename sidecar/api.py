@@ -193,17 +193,23 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"ready": True, **body})
 
 
-async def metrics(request: web.Request) -> web.Response:
-    """prometheus_client's content negotiation and encoders for the fleet metrics, plus the per-session
-    families rendered from the session registry (see sidecar.telemetry.session_families)."""
+async def metrics(request: web.Request) -> web.StreamResponse:
+    """prometheus_client's content negotiation and encoder for the fleet metrics, then the per-session
+    families streamed in chunks from the session registry (see sidecar.telemetry.session_families)."""
     components = _components(request)
     encoder, content_type = choose_encoder(",".join(request.headers.getall("Accept", [])))
     fleet: bytes = encoder(components.metrics.registry)
-    sessions = await components.families.render(components.runtime.sessions())
     eof = b"# EOF\n"
-    body = fleet[: -len(eof)] + sessions + eof if fleet.endswith(eof) else fleet + sessions
-    response = web.Response(body=body, headers={"Content-Type": content_type})
+    openmetrics = fleet.endswith(eof)
+    response = web.StreamResponse(headers={"Content-Type": content_type})
     response.enable_compression()
+    await response.prepare(request)
+    await response.write(fleet[: -len(eof)] if openmetrics else fleet)
+    async for chunk in components.families.render(components.runtime.sessions()):
+        await response.write(chunk)
+    if openmetrics:
+        await response.write(eof)
+    await response.write_eof()
     return response
 
 

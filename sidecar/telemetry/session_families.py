@@ -10,14 +10,14 @@ both the Prometheus text format and OpenMetrics (gauge lines are the same in bot
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 
 from sidecar.observers import BaseObserver
 from sidecar.policy import Limits, is_healthy
 from sidecar.records import PhoneRef
 from sidecar.runtime import Session
 
-CHUNK = 2000
+CHUNK = 500
 DEFAULT_TEAM = "unassigned"
 
 FAMILIES = (
@@ -62,32 +62,23 @@ class SessionFamilies(BaseObserver):
     def cached_labels(self) -> int:
         return len(self._labels)
 
-    async def render(self, sessions: Iterable[Session]) -> bytes:
+    async def render(self, sessions: Iterable[Session]) -> AsyncIterator[bytes]:
+        """The five families as chunks of text, yielding to the event loop between chunks."""
         snapshot = list(sessions)  # the dict may change while we yield
-        rows: list[tuple[str, int, int, int, int, float | None]] = []
-        for start in range(0, len(snapshot), CHUNK):
-            for session in snapshot[start : start + CHUNK]:
-                counters = session.state.counters
-                rows.append(
-                    (
-                        self.labels(session.phone),
-                        counters.bad_mac_errors,
-                        counters.bad_decrypt_errors,
-                        1 if is_healthy(counters, self._limits) else 0,
-                        1 if session.connected else 0,
-                        session.last_error_at,
-                    )
-                )
-            await asyncio.sleep(0)
-        parts: list[str] = []
-        for index, (name, help_text) in enumerate(FAMILIES):
-            parts.append(f"# HELP {name} {help_text}\n# TYPE {name} gauge\n")
-            column = index + 1
-            for start in range(0, len(rows), CHUNK):
-                chunk = rows[start : start + CHUNK]
-                if column == 5:
-                    parts.extend(f"{name}{row[0]} {row[5]}\n" for row in chunk if row[5] is not None)
+        limits, labels = self._limits, self.labels
+        for name, help_text in FAMILIES:
+            yield f"# HELP {name} {help_text}\n# TYPE {name} gauge\n".encode()
+            for start in range(0, len(snapshot), CHUNK):
+                chunk = snapshot[start : start + CHUNK]
+                if name == "whatsapp_session_bad_mac_errors":
+                    lines = [f"{name}{labels(s.phone)} {s.state.counters.bad_mac_errors}\n" for s in chunk]
+                elif name == "whatsapp_session_bad_decrypt_errors":
+                    lines = [f"{name}{labels(s.phone)} {s.state.counters.bad_decrypt_errors}\n" for s in chunk]
+                elif name == "whatsapp_session_healthy":
+                    lines = [f"{name}{labels(s.phone)} {int(is_healthy(s.state.counters, limits))}\n" for s in chunk]
+                elif name == "whatsapp_session_connected":
+                    lines = [f"{name}{labels(s.phone)} {int(s.connected)}\n" for s in chunk]
                 else:
-                    parts.extend(f"{name}{row[0]} {row[column]}\n" for row in chunk)
-                await asyncio.sleep(0)
-        return "".join(parts).encode()
+                    lines = [f"{name}{labels(s.phone)} {s.last_error_at}\n" for s in chunk if s.last_error_at]
+                yield "".join(lines).encode()
+                await asyncio.sleep(0)  # writes rarely wait, so yield to event processing here
