@@ -148,6 +148,13 @@ async def ingest_events(request: web.Request) -> web.Response:
     except FrameInvalid as invalid:
         components.link.rejected(invalid.reason)
         return error_response(400, invalid.error, list(invalid.details))
+    # Backpressure: accept a body only when every step it can cause fits in the pending queue, so that
+    # nothing accepted (202) is ever dropped and memory stays bounded. Each event causes at most two steps.
+    if components.pending.room < 2 * len(messages):
+        components.metrics.events_throttled.inc(len(messages))
+        return error_response(
+            429, "the sidecar is busy (pending queue full); retry after the given seconds", headers={"Retry-After": "1"}
+        )
     for message in messages:
         components.link.counted(message, "http")
     for message in messages:

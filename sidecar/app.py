@@ -76,7 +76,7 @@ def _components(config: Config, link: RuntimeLink, extras: Extras) -> Callable[[
         families = SessionFamilies(config.policy.limits, config.team_of)
         store = await open_store(config, clock)
         journal = Journal(config.state_dir) if config.state_dir and config.database_url else None
-        pending = PendingSteps(store, config.pending_steps_limit, journal)
+        pending = PendingSteps(store, config.pending_steps_limit, journal, on_wait=metrics.step_wait.observe)
         observers: list[RuntimeObserver] = [ActionLog(), MetricsObserver(metrics), families]
         if config.closure_log_path is not None:
             observers.append(ClosureLogFile(config.closure_log_path))
@@ -110,7 +110,8 @@ def _components(config: Config, link: RuntimeLink, extras: Extras) -> Callable[[
         finally:
             restore.cancel()
             await asyncio.gather(restore, return_exceptions=True)
-            await runtime.shutdown()
+            # A close needs at most the socket wait plus the database wait; past that, what is left is cancelled.
+            await runtime.shutdown(config.socket_end_timeout + config.database_step_timeout + 1)
             await pending.stop()
             await store.close()
             tracing.shutdown()

@@ -34,6 +34,8 @@ class RuntimeObserver(Protocol):
         duration: float,
     ) -> None: ...
 
+    def heal_coalesced(self, phone: PhoneRef, heal: Heal) -> None: ...
+
     def closing(self, record: ClosureRecord) -> None: ...
 
     def closed(self, record: ClosureRecord) -> None: ...
@@ -65,6 +67,9 @@ class BaseObserver:
         socket: str,
         duration: float,
     ) -> None:
+        return None
+
+    def heal_coalesced(self, phone: PhoneRef, heal: Heal) -> None:
         return None
 
     def closing(self, record: ClosureRecord) -> None:

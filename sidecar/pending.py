@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 from sidecar.journal import Journal
 from sidecar.ports import SessionStore, StepFailed, StoreUnavailable
@@ -31,6 +32,7 @@ class _Pending:
     position: int
     step: Step
     future: asyncio.Future[StepResult]
+    accepted_at: float = field(default_factory=time.monotonic)
 
 
 def _new_future() -> asyncio.Future[StepResult]:
@@ -41,8 +43,16 @@ def _new_future() -> asyncio.Future[StepResult]:
 
 
 class PendingSteps:
-    def __init__(self, store: SessionStore, limit: int, journal: Journal | None = None) -> None:
+    def __init__(
+        self,
+        store: SessionStore,
+        limit: int,
+        journal: Journal | None = None,
+        on_wait: Callable[[float], None] | None = None,
+    ) -> None:
         self._store = store
+        self._limit = limit
+        self._on_wait = on_wait
         self._journal = journal
         self._queue: deque[_Pending] = deque()
         self._room = asyncio.Semaphore(limit)
@@ -57,6 +67,11 @@ class PendingSteps:
     @property
     def depth(self) -> int:
         return len(self._queue)
+
+    @property
+    def room(self) -> int:
+        """How many more steps would be accepted without waiting."""
+        return max(0, self._limit - len(self._queue))
 
     async def start(self) -> int:
         """Start the worker, first queueing what the journal kept from a previous run. Returns that count."""
@@ -94,7 +109,8 @@ class PendingSteps:
         if self._worker is None:
             return
         try:
-            await asyncio.wait_for(asyncio.shield(self._idle.wait()), flush_timeout)
+            # No point waiting for a store that is away: the journal (if any) keeps the steps.
+            await asyncio.wait_for(asyncio.shield(self._idle.wait()), 0 if self.unavailable_reason else flush_timeout)
         except TimeoutError:
             log.warning("stopping with %d database steps pending", len(self._queue))
         self._worker.cancel()
@@ -159,7 +175,10 @@ class PendingSteps:
         return self._journal.instance_id, [p.position for p in batch]
 
     def _finish(self, batch: Sequence[_Pending], results: Sequence[StepResult]) -> None:
+        now = time.monotonic()
         for pending, result in zip(batch, results, strict=True):
+            if self._on_wait is not None:
+                self._on_wait(now - pending.accepted_at)
             self._queue.popleft()
             self._room.release()
             if not pending.future.done():

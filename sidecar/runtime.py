@@ -11,7 +11,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -33,6 +33,7 @@ from sidecar.policy import (
     ErrorStats,
     Event,
     Heal,
+    KeyScope,
     OperatorClose,
     Phase,
     PolicyConfig,
@@ -85,6 +86,9 @@ class Session:
     connected: bool = False
     last_error_at: float | None = None  # epoch seconds
     close_task: asyncio.Task[ClosureRecord] | None = None
+    # At most one heal in flight per session; heals decided meanwhile merge here, per scope, into the next one.
+    heal_task: asyncio.Task[None] | None = None
+    queued_heals: dict[KeyScope, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def organization_phone_id(self) -> int:
@@ -368,8 +372,17 @@ class SessionRuntime:
                 observer.health_changed(session.phone, error_stats(transition.state.counters, self.policy.limits))
         decision = transition.decision
         if isinstance(decision, Heal):
-            self._spawn(self._heal(session, decision))
+            if session.heal_task is not None and not session.heal_task.done():
+                queued = session.queued_heals.get(decision.scope, ())
+                session.queued_heals[decision.scope] = queued + tuple(
+                    prefix for prefix in decision.key_prefixes if prefix not in queued
+                )
+                for observer in self._observers:
+                    observer.heal_coalesced(session.phone, decision)
+            else:
+                session.heal_task = self._spawn(self._heal_until_done(session, decision))
         elif isinstance(decision, Close):
+            session.queued_heals.clear()  # the close deletes every key: pending heals are superseded
             session.close_task = self._spawn(self._close(session, decision, trigger))
         return decision
 
@@ -378,6 +391,16 @@ class SessionRuntime:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return task
+
+    async def _heal_until_done(self, session: Session, first: Heal) -> None:
+        heal: Heal | None = first
+        while heal is not None:
+            await self._heal(session, heal)
+            heal = None
+            if session.state.phase is Phase.ACTIVE and session.queued_heals:
+                scope, prefixes = session.queued_heals.popitem()
+                heal = Heal(scope, prefixes)
+        session.queued_heals.clear()
 
     async def _heal(self, session: Session, heal: Heal) -> None:
         with self._tracer.start_as_current_span("session.heal", attributes=_span_ids(session.phone)) as span:

@@ -123,7 +123,8 @@ async def test_a_replay_after_a_crash_applies_nothing_twice(
     await pending.drained()
     await pending.stop()
     await store.close()
-    assert replayed == 6  # three increments, three heals
+    journaled = [line for line in snapshot.splitlines() if line.split("\t")[0].isdigit()]
+    assert replayed == len(journaled) >= 4  # three increments and at least one (coalesced) heal
 
     db = await asyncpg.connect(seeded)
     try:

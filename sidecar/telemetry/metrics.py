@@ -22,6 +22,10 @@ from sidecar.records import ClosureRecord, PhoneRef
 # PostgreSQL transaction (1-20 ms). Buckets from 1 ms to 10 s resolve both the healthy path and timeouts.
 CLOSE_DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
+# Steps normally wait for the batch ahead of them (sub-millisecond to tens of ms); an outage makes them wait
+# for minutes. Buckets from 1 ms to 10 min show both.
+STEP_WAIT_BUCKETS = (0.001, 0.005, 0.025, 0.1, 0.5, 2.5, 10.0, 60.0, 300.0, 600.0)
+
 EVENT_TYPES = ("connection.update", "decrypt.error", "command.ack")
 CHANNELS = ("websocket", "http")
 REJECT_REASONS = ("invalid", "malformed", "too_many_events", "binary")
@@ -57,6 +61,23 @@ class SidecarMetrics:
         self.keys_deleted = Counter(
             "whatsapp_auth_keys_deleted", "Auth key rows deleted, by scope", ["scope"], registry=registry
         )
+        self.heals_coalesced = Counter(
+            "whatsapp_session_heals_coalesced",
+            "Heals merged into the next heal of the same session instead of running on their own",
+            ["kind"],
+            registry=registry,
+        )
+        self.step_wait = Histogram(
+            "whatsapp_sidecar_pending_step_wait_seconds",
+            "Time a database step waited in the pending queue before it was applied",
+            buckets=STEP_WAIT_BUCKETS,
+            registry=registry,
+        )
+        self.events_throttled = Counter(
+            "whatsapp_sidecar_events_throttled",
+            "Events refused with 429 because the pending queue was full (nothing of them was applied)",
+            registry=registry,
+        )
         self.close_duration = Histogram(
             "whatsapp_session_close_duration_seconds",
             "Time from a close decision to the session being forgotten",
@@ -86,6 +107,7 @@ class SidecarMetrics:
         # Known label values start at zero so rate() and absent() behave from the first scrape.
         for kind in HEAL_KINDS:
             self.heals.labels(kind)
+            self.heals_coalesced.labels(kind)
         for scope in KeyScope:
             self.keys_deleted.labels(str(scope))
         for event_type in EVENT_TYPES:
@@ -138,6 +160,9 @@ class MetricsObserver(BaseObserver):
         self._m.heals.labels("bad_decrypt" if heal.scope is KeyScope.APP_STATE_SYNC else "bad_mac").inc()
         if keys_deleted:
             self._m.keys_deleted.labels(str(heal.scope)).inc(keys_deleted)
+
+    def heal_coalesced(self, phone: PhoneRef, heal: Heal) -> None:
+        self._m.heals_coalesced.labels("bad_decrypt" if heal.scope is KeyScope.APP_STATE_SYNC else "bad_mac").inc()
 
     def closed(self, record: ClosureRecord) -> None:
         organization = self._m.organization_seen(record.phone.organization_id)
