@@ -34,6 +34,8 @@ class TestSocket:
     cleared: list[tuple[str, ...]] = field(default_factory=list)
     gate: asyncio.Event | None = None  # when set, end() waits for it (to act in the middle of a close)
     ending: asyncio.Event = field(default_factory=asyncio.Event)
+    clear_gate: asyncio.Event | None = None  # when set, clear_keys() waits for it (to hold a heal in flight)
+    clearing: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def end(self, reason: str) -> None:
         self.ended.append(reason)
@@ -44,6 +46,9 @@ class TestSocket:
 
     async def clear_keys(self, key_prefixes: Sequence[str]) -> None:
         self.cleared.append(tuple(key_prefixes))
+        self.clearing.set()
+        if self.clear_gate is not None:
+            await self.clear_gate.wait()
         await self._answer()
 
     async def _answer(self) -> None:

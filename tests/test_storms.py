@@ -40,18 +40,9 @@ async def test_heals_arriving_during_a_heal_merge_into_one() -> None:
     counter = CoalesceCounter()
     async with runtime_over(None, observers=[counter]) as h:
         socket = h.socket(42)
-        socket.gate = asyncio.Event()
-        gate = socket.gate
-        cleared_first = asyncio.Event()
-
-        async def clear_keys(prefixes: Any) -> None:
-            socket.cleared.append(tuple(prefixes))
-            cleared_first.set()
-            await gate.wait()
-
-        socket.clear_keys = clear_keys  # type: ignore[method-assign]
+        gate = socket.clear_gate = asyncio.Event()
         await h.runtime.handle_bad_decrypt_error(1, 42, "79001112233@s.whatsapp.net")
-        await cleared_first.wait()  # the first heal is in flight, waiting on the runtime
+        await socket.clearing.wait()  # the first heal is in flight, waiting on the runtime
         for _ in range(3):
             await h.runtime.handle_bad_decrypt_error(1, 42, "79001112233@s.whatsapp.net")
         gate.set()
@@ -65,16 +56,9 @@ async def test_a_close_supersedes_pending_heals() -> None:
     counter = CoalesceCounter()
     async with runtime_over(None, observers=[counter]) as h:
         socket = h.socket(42)
-        gate, first = asyncio.Event(), asyncio.Event()
-
-        async def clear_keys(prefixes: Any) -> None:
-            socket.cleared.append(tuple(prefixes))
-            first.set()
-            await gate.wait()
-
-        socket.clear_keys = clear_keys  # type: ignore[method-assign]
+        gate = socket.clear_gate = asyncio.Event()
         await h.runtime.handle_bad_decrypt_error(1, 42, "79001112233@s.whatsapp.net")
-        await first.wait()
+        await socket.clearing.wait()
         for _ in range(4):  # the 5th overall reaches the limit
             await h.runtime.handle_bad_decrypt_error(1, 42, "79001112233@s.whatsapp.net")
         gate.set()
@@ -175,7 +159,8 @@ async def test_open_error_close_cycles_leave_nothing_behind(database: str, db: a
                     await rc.send(connection_update(*args, "open"))
                     for _ in range(3):
                         await rc.send(decrypt_error(*args, "Bad MAC"))
-                await eventually(lambda: len(ends) == (cycle + 1) * len(phones), what=f"cycle {cycle} ended")
+                expected = (cycle + 1) * len(phones)
+                await eventually(lambda: len(ends) == expected, what=f"cycle {cycle} ended")  # noqa: B023
                 # A new login comes after the close finished (an `open` during a close does not cancel it).
                 await eventually(
                     lambda: all(served.components.runtime.is_closed(p.organization_phone_id) for p in phones)
