@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -16,6 +17,7 @@ from prometheus_client.exposition import choose_encoder
 from sidecar.components import COMPONENTS, Components
 from sidecar.link.dispatch import apply_event
 from sidecar.link.protocol import MAX_ID, CommandAck, FrameInvalid, parse_messages
+from sidecar.link.server import YIELD_EVERY
 from sidecar.policy import is_healthy
 from sidecar.ports import StoreUnavailable
 from sidecar.runtime import InvalidInput, Session, UnknownSession
@@ -157,11 +159,13 @@ async def ingest_events(request: web.Request) -> web.Response:
         )
     for message in messages:
         components.link.counted(message, "http")
-    for message in messages:
+    for index, message in enumerate(messages, start=1):
         if isinstance(message, CommandAck):
             components.link.acknowledge(message)
         else:
             await apply_event(components.runtime, message)
+        if index % YIELD_EVERY == 0:
+            await asyncio.sleep(0)
     return web.json_response({"accepted": len(messages)}, status=202)
 
 

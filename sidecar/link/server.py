@@ -26,6 +26,7 @@ log = logging.getLogger("sidecar.link")
 
 MAX_FRAME_BYTES = 4 * 1024 * 1024
 HEARTBEAT_SECONDS = 30.0
+YIELD_EVERY = 100
 _connection_ids = itertools.count(1)
 
 
@@ -165,6 +166,8 @@ class RuntimeLink:
                 self._claim(connection, message.organization_phone_id)
             await apply_event(self.runtime, message)
             applied += 1
+            if applied % YIELD_EVERY == 0:
+                await asyncio.sleep(0)  # a big frame must not starve the API and the other connections
         return applied
 
     def _disconnected(self, connection: RuntimeConnection) -> None:
@@ -188,6 +191,9 @@ class RuntimeLink:
             async for message in ws:
                 if message.type is WSMsgType.TEXT:
                     await self.handle_frame(connection, message.data)
+                    # Frames already buffered are read without suspending; yield so that a busy runtime
+                    # cannot starve the HTTP API, the other connections and the effects in flight.
+                    await asyncio.sleep(0)
                 elif message.type is WSMsgType.BINARY:
                     self.rejected("binary")
                     await ws.send_json({"type": "error", "error": "binary frames are not accepted; send JSON text"})
