@@ -9,19 +9,25 @@ from pathlib import Path
 ROOT = Path(__file__).parent.parent
 
 
-async def test_scrape_benchmark_runs() -> None:
+async def bench(*argv: str) -> str:
     process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "bench/scrape.py",
-        "--sizes",
-        "50",
-        "--runs",
-        "1",
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+        sys.executable, *argv, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
-    output, errors = await asyncio.wait_for(process.communicate(), 120)
+    output, errors = await asyncio.wait_for(process.communicate(), 180)
     assert process.returncode == 0, errors.decode()[-3000:]
-    header, row = output.decode().splitlines()[:2]
+    return output.decode()
+
+
+async def test_scrape_benchmark_runs() -> None:
+    header, row = (await bench("bench/scrape.py", "--sizes", "50", "--runs", "1")).splitlines()[:2]
     assert header.split()[0] == "sessions" and row.split()[0] == "50"
+
+
+async def test_storm_benchmark_runs() -> None:
+    output = await bench("-m", "bench.storm", "--sessions", "20", "--errors", "10", "--connections", "2")
+    assert "session.end exactly once each: True" in output and "keys left: 0" in output
+
+
+async def test_leak_benchmark_runs() -> None:
+    output = await bench("-m", "bench.leak", "--phones", "20", "--cycles", "60", "--warmup", "20")
+    assert "growth" in output
