@@ -59,7 +59,8 @@ async def run(phones_count: int, cycles: int, warmup: int) -> None:
     )
     print("  RSS per round (MB): " + " ".join(f"{value:.1f}" for value in samples))
     print(
-        f"  after warm-up ({warmup_rounds * phones_count} cycles) {after_warmup:.1f} MB, at the end {samples[-1]:.1f} MB, "
+        f"  after warm-up ({warmup_rounds * phones_count} cycles) {after_warmup:.1f} MB, "
+        f"at the end {samples[-1]:.1f} MB, "
         f"growth {growth:+.1f}% (goal <= 5%)"
     )
 
