@@ -17,6 +17,8 @@ from sidecar.components import COMPONENTS, Components
 from sidecar.config import Config
 from sidecar.journal import Journal
 from sidecar.link.server import RuntimeLink
+from sidecar.notify.delivery import Delivery, DeliveryPolicy
+from sidecar.notify.owners import OwnersError, OwnersWatcher
 from sidecar.observers import ActionLog, ClosureLogFile, RuntimeObserver
 from sidecar.pending import PendingSteps
 from sidecar.ports import SessionStore, StoreUnavailable
@@ -73,7 +75,9 @@ def _components(config: Config, link: RuntimeLink, extras: Extras) -> Callable[[
             raise StartupError(str(error)) from None
         metrics = SidecarMetrics(extras.registry or CollectorRegistry(), config.policy.limits)
         link.metrics = metrics
-        families = SessionFamilies(config.policy.limits, config.team_of)
+        owners = _owners(config)
+        families = SessionFamilies(config.policy.limits, _team_of(config, owners))
+        owners.on_change = lambda _: families.reset_labels()
         store = await open_store(config, clock)
         journal = Journal(config.state_dir) if config.state_dir and config.database_url else None
         pending = PendingSteps(store, config.pending_steps_limit, journal, on_wait=metrics.step_wait.observe)
@@ -91,32 +95,67 @@ def _components(config: Config, link: RuntimeLink, extras: Extras) -> Callable[[
             socket_end_timeout=config.socket_end_timeout,
             database_step_timeout=config.database_step_timeout,
             tracer=tracing.tracer,
+            notifications=config.owners_file is not None,
         )
         link.runtime = runtime
+        delivery: Delivery | None = None
+        if config.owners_file is not None:
+            policy = DeliveryPolicy(config.webhook_max_attempts, config.webhook_timeout, config.webhook_backoff_initial)
+            delivery = Delivery(store, lambda: owners.current, metrics, tracing.tracer, config.instance, policy)
+            pending.on_applied = delivery.wake
+            metrics.outbox_depth.set_function(lambda: delivery.depth if delivery else 0)
         metrics.bind(
             lambda: link.connection_count,
             lambda: pending.depth,
             lambda: runtime.session_count,
             lambda: runtime.closed_count,
         )
-        components = Components(config, store, pending, runtime, link, metrics, families, tracing)
+        components = Components(config, store, pending, runtime, link, metrics, families, tracing, owners, delivery)
         app[COMPONENTS] = components
         replayed = await pending.start()
         if replayed:
             log.warning("replaying %d database steps journaled before the last stop", replayed)
-        restore = asyncio.create_task(_restore(components))
+        if delivery is not None:
+            await delivery.start()
+        background = [asyncio.create_task(_restore(components)), asyncio.create_task(_watch_owners(owners))]
         try:
             yield
         finally:
-            restore.cancel()
-            await asyncio.gather(restore, return_exceptions=True)
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             # A close needs at most the socket wait plus the database wait; past that, what is left is cancelled.
             await runtime.shutdown(config.socket_end_timeout + config.database_step_timeout + 1)
             await pending.stop()
+            if delivery is not None:
+                await delivery.stop()
             await store.close()
             tracing.shutdown()
 
     return lifecycle
+
+
+OWNERS_POLL_SECONDS = 2.0
+
+
+def _owners(config: Config) -> OwnersWatcher:
+    try:
+        return OwnersWatcher(config.owners_file)
+    except OwnersError as error:
+        raise StartupError(f"owners file {config.owners_file}: {error}") from None
+
+
+def _team_of(config: Config, owners: OwnersWatcher) -> Callable[[int, int], str]:
+    if config.owners_file is None:
+        return lambda organization_id, _: config.team_of(organization_id)
+    return lambda organization_id, phone_id: owners.current.team_name(organization_id, phone_id)
+
+
+async def _watch_owners(owners: OwnersWatcher) -> None:
+    """Picks up a changed owners file (a ConfigMap update) without a restart; SIGHUP reloads at once."""
+    while owners.path is not None:
+        await asyncio.sleep(OWNERS_POLL_SECONDS)
+        owners.poll()
 
 
 async def open_store(config: Config, clock: Callable[[], datetime]) -> SessionStore:

@@ -16,8 +16,10 @@ from aiohttp import web
 
 from sidecar import __version__
 from sidecar.app import StartupError, create_app
+from sidecar.components import COMPONENTS
 from sidecar.config import Config, ConfigError, add_config_arguments, config_from_args
 from sidecar.logs import configure_logging
+from sidecar.notify.owners import OwnersError, load_owners
 from sidecar.store.migrations import migrate
 from sidecar.store.schema_check import check_schema
 
@@ -94,6 +96,8 @@ async def _run_server(config: Config) -> None:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
+        components = runner.app[COMPONENTS]
+        loop.add_signal_handler(signal.SIGHUP, components.owners.reload)
         await stop.wait()
         log.info("stopping")
     finally:
@@ -118,7 +122,7 @@ async def _migrate(config: Config) -> int:
 
 
 async def _check_config(config: Config) -> int:
-    summary = {
+    summary: dict[str, object] = {
         "listen": f"{config.listen_host}:{config.listen_port}",
         "store": "postgresql" if config.database_url else "embedded",
         "maxBadMacErrors": config.policy.limits.max_bad_mac_errors,
@@ -131,6 +135,13 @@ async def _check_config(config: Config) -> int:
         config.check_exposure()
         summary["exposure"] = "ok"
     summary.setdefault("exposure", "refused: non-loopback listener without tokens (see --insecure)")
+    if config.owners_file is not None:
+        try:
+            owners = load_owners(config.owners_file)
+        except OwnersError as error:
+            print(f"wa-sidecar: owners file {config.owners_file}: {error}", file=sys.stderr)
+            return EXIT_CONFIG
+        summary["owners"] = {"teams": sorted(owners.teams), "defaultTeam": owners.default_team}
     if config.database_url is not None:
         try:
             connection = await asyncpg.connect(config.database_url)

@@ -9,6 +9,8 @@ from aiohttp import web
 
 from sidecar.config import Config
 from sidecar.link.server import RuntimeLink
+from sidecar.notify.delivery import Delivery
+from sidecar.notify.owners import OwnersWatcher
 from sidecar.pending import PendingSteps
 from sidecar.ports import SessionStore
 from sidecar.runtime import SessionRuntime
@@ -27,6 +29,8 @@ class Components:
     metrics: SidecarMetrics
     families: SessionFamilies
     tracing: Tracing
+    owners: OwnersWatcher
+    delivery: Delivery | None
     restored: asyncio.Event = field(default_factory=asyncio.Event)
 
 

@@ -80,6 +80,10 @@ class Config:
     log_level: str = "INFO"
     # organizationId -> team, the `team` label of per-session metrics (the owners file supersedes it later).
     organization_teams: Mapping[int, str] = field(default_factory=dict)
+    owners_file: Path | None = None
+    webhook_max_attempts: int = 8
+    webhook_timeout: float = 5.0
+    webhook_backoff_initial: float = 1.0
 
     def team_of(self, organization_id: int) -> str:
         return self.organization_teams.get(organization_id, DEFAULT_TEAM)
@@ -127,6 +131,10 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     add("--instance", help="name of this sidecar instance (default: host name)")
     add("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     add("--organization-teams", help="organizationId=team pairs, comma-separated, for the `team` metric label")
+    add("--owners-file", help="YAML file mapping organizations/phones to teams and webhooks (WA_SIDECAR_OWNERS_FILE)")
+    add("--webhook-max-attempts", help="deliveries tried before a notification is dead-lettered (default 8)")
+    add("--webhook-timeout", help="seconds per webhook attempt (default 5)")
+    add("--webhook-backoff-initial", help="first retry delay in seconds, doubled per attempt (default 1)")
     add("--insecure", action="store_true", default=None, help="allow a non-loopback listener without tokens")
 
 
@@ -263,6 +271,13 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = N
         if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ConfigError("log-level", f"must be DEBUG, INFO, WARNING or ERROR, got {raw!r}")
         changes["log_level"] = level
+    if (raw := setting("owners_file")) is not None and raw:
+        changes["owners_file"] = Path(raw)
+    if (raw := setting("webhook_max_attempts")) is not None:
+        changes["webhook_max_attempts"] = _positive_int("webhook-max-attempts", raw)
+    for name in ("webhook_timeout", "webhook_backoff_initial"):
+        if (raw := setting(name)) is not None:
+            changes[name] = _positive_float(name.replace("_", "-"), raw)
     if (raw := setting("organization_teams")) is not None:
         changes["organization_teams"] = _organization_teams(raw)
     changes["api_token"] = env.get(ENV_PREFIX + "API_TOKEN") or None

@@ -63,6 +63,7 @@ class PendingSteps:
         self._position = 0
         self.unavailable_reason: str | None = None
         self.failed_steps = 0
+        self.on_applied: Callable[[], None] | None = None  # after every batch that reached the store
 
     @property
     def depth(self) -> int:
@@ -185,3 +186,5 @@ class PendingSteps:
                 pending.future.set_result(result)
         if batch and self._journal is not None:
             self._journal.mark_applied(batch[-1].position, nothing_pending=not self._queue)
+        if batch and self.on_applied is not None:
+            self.on_applied()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from datetime import datetime
+from typing import Any, Protocol
 
 from sidecar.policy import Counters
 from sidecar.records import ClosureRecord, PhoneRef, Step, StepResult
@@ -31,6 +32,60 @@ class SocketController(Protocol):
         """Drop the runtime's in-memory copies of keys with these prefixes."""
 
 
+@dataclass(slots=True)
+class OutboxRow:
+    notification_id: str
+    event: str
+    organization_id: int
+    organization_phone_id: int
+    occurred_at: datetime
+    stats: dict[str, Any]
+    reason: str | None
+    details: dict[str, Any]
+    trace_id: str | None
+    status: str = "pending"  # pending, delivered, dead, skipped
+    attempts: int = 0
+    last_error: str | None = None
+    team: str | None = None
+    delivered_at: datetime | None = None
+    seq: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.notification_id,
+            "event": self.event,
+            "organizationId": self.organization_id,
+            "organizationPhoneId": self.organization_phone_id,
+            "occurredAt": self.occurred_at.isoformat(),
+            "status": self.status,
+            "attempts": self.attempts,
+            "lastError": self.last_error,
+            "team": self.team,
+            "deliveredAt": self.delivered_at.isoformat() if self.delivered_at else None,
+        }
+
+
+class Outbox(Protocol):
+    """Notifications waiting for delivery. `claim_due` leases the next due notification of each session
+    (per-session order is kept: a later one waits while an earlier one is pending)."""
+
+    async def claim_due(self, limit: int, lease_seconds: float) -> list[OutboxRow]: ...
+
+    async def finish(
+        self,
+        notification_id: str,
+        status: str,
+        attempts: int,
+        error: str | None,
+        team: str | None,
+        retry_in: float | None = None,
+    ) -> None: ...
+
+    async def list_notifications(self, status: str | None, limit: int) -> list[OutboxRow]: ...
+
+    async def outbox_depth(self) -> int: ...
+
+
 class StoreUnavailable(Exception):
     """The store cannot be reached right now; the step should be tried again later."""
 
@@ -42,7 +97,7 @@ class StoredSession:
     closed: bool
 
 
-class SessionStore(Protocol):
+class SessionStore(Outbox, Protocol):
     """Auth keys, phone status, closure log and durable counters, applied as ordered steps.
 
     `apply` runs the steps in order, in one transaction where the store has them. A step that fails on its own

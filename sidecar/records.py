@@ -37,15 +37,56 @@ class PhoneRef:
     phone_user: str | None = None
 
 
+class NotificationEvent(StrEnum):
+    UNHEALTHY = "session.unhealthy"
+    RECOVERED = "session.recovered"
+    CLOSED = "session.closed"
+
+
+@dataclass(frozen=True, slots=True)
+class Notification:
+    """An owner notification, written to the outbox in the same transaction as the change that caused it."""
+
+    notification_id: str
+    event: NotificationEvent
+    occurred_at: datetime
+    stats: dict[str, Any]
+    reason: str | None = None
+    trace_id: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.notification_id,
+            "event": str(self.event),
+            "occurredAt": self.occurred_at.isoformat(),
+            "stats": self.stats,
+            "reason": self.reason,
+            "traceId": self.trace_id,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Notification:
+        return cls(
+            data["id"],
+            NotificationEvent(data["event"]),
+            datetime.fromisoformat(data["occurredAt"]),
+            data["stats"],
+            data["reason"],
+            data["traceId"],
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class IncrementCounter:
     phone: PhoneRef
     kind: CounterKind
+    notification: Notification | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class ResetCounters:
     phone: PhoneRef
+    notification: Notification | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,12 +149,26 @@ class ClosureRecord:
 
 @dataclass(frozen=True, slots=True)
 class Logout:
-    """The database half of a close: delete all keys, mark logged_out, record the closure, clear counters."""
+    """The database half of a close: delete all keys, mark logged_out, record the closure, clear counters,
+    and (with `notification`) put the `session.closed` notification in the outbox."""
 
     record: ClosureRecord
+    notification: Notification | None = None
 
 
 Step = IncrementCounter | ResetCounters | DeleteKeys | Logout
+
+
+def closed_details(record: ClosureRecord, keys_deleted: int | None) -> dict[str, Any]:
+    """What a `session.closed` notification says about the close besides the stats."""
+    return {
+        "closureId": record.closure_id,
+        "trigger": str(record.trigger),
+        "detail": record.detail,
+        "badMacErrors": record.counters.bad_mac_errors,
+        "badDecryptErrors": record.counters.bad_decrypt_errors,
+        "keysDeleted": keys_deleted,
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,24 +184,29 @@ StepResult = int | LogoutResult | None
 
 def step_to_json(step: Step) -> str:
     """One journal line's payload."""
+    pending = getattr(step, "notification", None)
+    notification = pending.to_json() if pending is not None else None
     if isinstance(step, Logout):
         record = step.record.to_json()
-        return json.dumps({"logout": record, "phoneUser": step.record.phone.phone_user})
+        return json.dumps({"logout": record, "phoneUser": step.record.phone.phone_user, "notification": notification})
     payload = asdict(step)
     payload["step"] = type(step).__name__
+    payload["notification"] = notification
     return json.dumps(payload)
 
 
 def step_from_json(text: str) -> Step:
     data = json.loads(text)
+    raw = data.get("notification")
+    notification = Notification.from_json(raw) if raw else None
     if "logout" in data:
-        return Logout(ClosureRecord.from_json(data["logout"], data["phoneUser"]))
+        return Logout(ClosureRecord.from_json(data["logout"], data["phoneUser"]), notification)
     phone = PhoneRef(**data["phone"])
     kind = data["step"]
     if kind == "IncrementCounter":
-        return IncrementCounter(phone, CounterKind(data["kind"]))
+        return IncrementCounter(phone, CounterKind(data["kind"]), notification)
     if kind == "ResetCounters":
-        return ResetCounters(phone)
+        return ResetCounters(phone, notification)
     if kind == "DeleteKeys":
         return DeleteKeys(phone, KeyScope(data["scope"]), tuple(data["key_prefixes"]))
     raise ValueError(f"unknown journal step {kind!r}")

@@ -51,6 +51,8 @@ from sidecar.records import (
     IncrementCounter,
     Logout,
     LogoutResult,
+    Notification,
+    NotificationEvent,
     PhoneRef,
     ResetCounters,
     StepOutcome,
@@ -117,7 +119,9 @@ class SessionRuntime:
         socket_end_timeout: float = 5.0,
         database_step_timeout: float = 5.0,
         tracer: trace.Tracer | None = None,
+        notifications: bool = False,
     ) -> None:
+        self._notifications = notifications
         self.policy = policy
         self._tracer = tracer or trace.NoOpTracerProvider().get_tracer("whatsapp-session-sidecar")
         self._store = store
@@ -225,9 +229,9 @@ class SessionRuntime:
                 observer.decrypt_error(phone, error_class)
             continues = True
             if error_class is ErrorClass.BAD_MAC:
-                continues = await self._apply(phone, BadMac(peer_user), CounterKind.BAD_MAC)
+                continues, _ = await self._apply(phone, BadMac(peer_user), CounterKind.BAD_MAC)
             elif error_class is ErrorClass.BAD_DECRYPT:
-                continues = await self._apply(phone, BadDecrypt(), CounterKind.BAD_DECRYPT)
+                continues, _ = await self._apply(phone, BadDecrypt(), CounterKind.BAD_DECRYPT)
             elif phone.organization_phone_id not in self._closed:
                 # Counted-only classes change no counter, but the session is now known and has a last error.
                 self._session_for(phone).last_error_at = self._clock().timestamp()
@@ -272,9 +276,9 @@ class SessionRuntime:
             session = self._session_for(phone)
             had_counts = session.state.counters != SessionState().counters
             self._set_connected(session, True)
-            await self._apply(phone, ConnectionOpened(), None)
-            if had_counts or reopened:
-                await self._pending.submit(ResetCounters(session.phone))
+            _, recovered = await self._apply(phone, ConnectionOpened(), None)
+            if had_counts or reopened or recovered:
+                await self._pending.submit(ResetCounters(session.phone, recovered))
         elif connection == "close":
             session_or_none = self._sessions.get(organization_phone_id)
             if session_or_none is not None:
@@ -346,30 +350,40 @@ class SessionRuntime:
             for observer in self._observers:
                 observer.connection_changed(session.phone, connected)
 
-    async def _apply(self, phone: PhoneRef, event: Event, counted: CounterKind | None) -> bool:
-        """Decide (synchronously), then persist the count. Returns False when the session is being closed."""
+    async def _apply(
+        self, phone: PhoneRef, event: Event, counted: CounterKind | None
+    ) -> tuple[bool, Notification | None]:
+        """Decide (synchronously), then persist the count with the health flip it caused, if any.
+
+        Returns whether the session continues (False once it is being closed) and that flip's notification.
+        """
         if phone.organization_phone_id in self._closed and not isinstance(event, ConnectionOpened):
-            return False
+            return False, None
         session = self._session_for(phone)
         before = session.state
         if counted is not None:
             session.last_error_at = self._clock().timestamp()
         trigger = CloseTrigger.AUTOMATIC if counted is not None else CloseTrigger.CONNECTION
-        decision = self._transition(session, event, trigger)
+        decision, flip = self._transition(session, event, trigger)
         if counted is not None and session.state.counters != before.counters:
-            await self._pending.submit(IncrementCounter(session.phone, counted))
-        return not isinstance(decision, Close) and session.state.phase is Phase.ACTIVE
+            await self._pending.submit(IncrementCounter(session.phone, counted, flip))
+        return not isinstance(decision, Close) and session.state.phase is Phase.ACTIVE, flip
 
-    def _transition(self, session: Session, event: Event, trigger: CloseTrigger) -> object:
+    def _transition(self, session: Session, event: Event, trigger: CloseTrigger) -> tuple[object, Notification | None]:
         before = session.state
         transition = decide(before, event, self.policy)
         session.state = transition.state
         healthy_before = is_healthy(before.counters, self.policy.limits)
         healthy_after = is_healthy(transition.state.counters, self.policy.limits)
+        flip: Notification | None = None
         for observer in self._observers:
             observer.counters_changed(session.phone, transition.state.counters)
-            if healthy_before != healthy_after and transition.state.phase is Phase.ACTIVE:
-                observer.health_changed(session.phone, error_stats(transition.state.counters, self.policy.limits))
+        if healthy_before != healthy_after and transition.state.phase is Phase.ACTIVE:
+            stats = error_stats(transition.state.counters, self.policy.limits)
+            for observer in self._observers:
+                observer.health_changed(session.phone, stats)
+            event_kind = NotificationEvent.RECOVERED if healthy_after else NotificationEvent.UNHEALTHY
+            flip = self._notification(event_kind, dict(stats), None)
         decision = transition.decision
         if isinstance(decision, Heal):
             if session.heal_task is not None and not session.heal_task.done():
@@ -384,7 +398,15 @@ class SessionRuntime:
         elif isinstance(decision, Close):
             session.queued_heals.clear()  # the close deletes every key: pending heals are superseded
             session.close_task = self._spawn(self._close(session, decision, trigger))
-        return decision
+        return decision, flip
+
+    def _notification(self, event: NotificationEvent, stats: dict[str, Any], reason: str | None) -> Notification | None:
+        """An owner notification, when owners are configured (the outbox stays empty otherwise)."""
+        if not self._notifications:
+            return None
+        context = trace.get_current_span().get_span_context()
+        trace_id = format(context.trace_id, "032x") if context.is_valid else None
+        return Notification(uuid.uuid4().hex, event, self._clock(), stats, reason, trace_id)
 
     def _spawn(self, coroutine: Any) -> asyncio.Task[Any]:
         task = asyncio.create_task(coroutine)
@@ -502,7 +524,10 @@ class SessionRuntime:
     async def _logout(self, record: ClosureRecord) -> tuple[dict[str, str], int | None, dict[str, tuple[int, int]]]:
         """The database half of a close; waits a bounded time, then reports it as pending."""
         try:
-            future = await self._pending.submit(Logout(replace(record, steps=dict(record.steps))))
+            closed = self._notification(
+                NotificationEvent.CLOSED, dict(error_stats(record.counters, self.policy.limits)), str(record.reason)
+            )
+            future = await self._pending.submit(Logout(replace(record, steps=dict(record.steps)), closed))
             result = await asyncio.wait_for(asyncio.shield(future), self._database_step_timeout)
         except TimeoutError:
             return dict.fromkeys(DATABASE_PARTS, StepOutcome.PENDING), None, {}

@@ -6,10 +6,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
+from typing import Any
 
 from sidecar.jid import InvalidJid, parse_jid
 from sidecar.policy import ZERO, Counters
-from sidecar.ports import StoredSession
+from sidecar.ports import OutboxRow, StoredSession
 from sidecar.records import (
     ClosureRecord,
     CounterKind,
@@ -17,11 +18,13 @@ from sidecar.records import (
     IncrementCounter,
     Logout,
     LogoutResult,
+    Notification,
     PhoneRef,
     ResetCounters,
     Step,
     StepOutcome,
     StepResult,
+    closed_details,
 )
 
 
@@ -49,6 +52,9 @@ class MemoryStore:
         self.phones: dict[int, PhoneRow] = {}
         self.counters: dict[int, CounterRow] = {}
         self.closures: list[ClosureRecord] = []
+        self.outbox: dict[str, OutboxRow] = {}
+        self._leases: dict[str, float] = {}
+        self._seq = 0
 
     async def apply(self, steps: Sequence[Step], journal: tuple[str, Sequence[int]] | None = None) -> list[StepResult]:
         return [self._apply_one(step) for step in steps]
@@ -69,7 +75,65 @@ class MemoryStore:
     async def close(self) -> None:
         return None
 
+    def _enqueue(self, phone: PhoneRef, notification: Notification | None, details: dict[str, Any]) -> None:
+        if notification is None or notification.notification_id in self.outbox:
+            return
+        self._seq += 1
+        self.outbox[notification.notification_id] = OutboxRow(
+            notification.notification_id,
+            str(notification.event),
+            phone.organization_id,
+            phone.organization_phone_id,
+            notification.occurred_at,
+            notification.stats,
+            notification.reason,
+            details,
+            notification.trace_id,
+            seq=self._seq,
+        )
+
+    async def claim_due(self, limit: int, lease_seconds: float) -> list[OutboxRow]:
+        now = time.monotonic()
+        claimed: list[OutboxRow] = []
+        waiting_phones: set[int] = set()
+        for row in sorted(self.outbox.values(), key=lambda r: r.seq):
+            if row.status != "pending":
+                continue
+            if row.organization_phone_id in waiting_phones:
+                continue
+            waiting_phones.add(row.organization_phone_id)  # later ones of this session wait for this one
+            if self._leases.get(row.notification_id, 0.0) <= now and len(claimed) < limit:
+                self._leases[row.notification_id] = now + lease_seconds
+                claimed.append(row)
+        return claimed
+
+    async def finish(
+        self,
+        notification_id: str,
+        status: str,
+        attempts: int,
+        error: str | None,
+        team: str | None,
+        retry_in: float | None = None,
+    ) -> None:
+        row = self.outbox[notification_id]
+        row.status, row.attempts, row.last_error, row.team = status, attempts, error, team
+        if status == "delivered":
+            row.delivered_at = self._clock()
+        self._leases[notification_id] = time.monotonic() + (retry_in or 0.0)
+        if status != "pending":
+            self._leases.pop(notification_id, None)
+
+    async def list_notifications(self, status: str | None, limit: int) -> list[OutboxRow]:
+        rows = [r for r in sorted(self.outbox.values(), key=lambda r: -r.seq) if status is None or r.status == status]
+        return rows[:limit]
+
+    async def outbox_depth(self) -> int:
+        return sum(1 for row in self.outbox.values() if row.status == "pending")
+
     def _apply_one(self, step: Step) -> StepResult:
+        if isinstance(step, IncrementCounter | ResetCounters):
+            self._enqueue(step.phone, step.notification, {})
         if isinstance(step, IncrementCounter):
             row = self.counters.setdefault(step.phone.organization_phone_id, CounterRow(step.phone))
             field = "bad_mac_errors" if step.kind is CounterKind.BAD_MAC else "bad_decrypt_errors"
@@ -121,5 +185,6 @@ class MemoryStore:
         self.counters[phone.organization_phone_id] = CounterRow(phone, ZERO, closed=True)
         duration = (self._clock() - record.started_at).total_seconds()
         self.closures.append(replace(record, keys_deleted=keys_deleted, steps=steps, duration_seconds=duration))
+        self._enqueue(phone, step.notification, closed_details(record, keys_deleted))
         span = (started, time.time_ns())
         return LogoutResult(keys_deleted, steps, dict.fromkeys(("authKeys", "phoneStatus", "closureRecord"), span))

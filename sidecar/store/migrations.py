@@ -42,6 +42,30 @@ MIGRATIONS: tuple[str, ...] = (
         position    BIGINT NOT NULL
     );
     """,
+    """
+    -- Owner notifications, written in the same transaction as the change that caused them (durable outbox).
+    CREATE TABLE {schema}.outbox (
+        seq                   BIGSERIAL UNIQUE,
+        notification_id       TEXT PRIMARY KEY,
+        event                 TEXT NOT NULL,
+        organization_id       BIGINT NOT NULL,
+        organization_phone_id BIGINT NOT NULL,
+        occurred_at           TIMESTAMPTZ NOT NULL,
+        stats                 JSONB NOT NULL,
+        reason                TEXT,
+        details               JSONB NOT NULL DEFAULT '{{}}',
+        trace_id              TEXT,
+        status                TEXT NOT NULL DEFAULT 'pending',
+        attempts              INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at       TIMESTAMPTZ NOT NULL DEFAULT now(),
+        last_error            TEXT,
+        team                  TEXT,
+        delivered_at          TIMESTAMPTZ
+    );
+    CREATE INDEX outbox_due_idx ON {schema}.outbox (next_attempt_at) WHERE status = 'pending';
+    CREATE INDEX outbox_phone_idx ON {schema}.outbox (organization_phone_id, seq) WHERE status = 'pending';
+    CREATE INDEX outbox_status_idx ON {schema}.outbox (status, seq);
+    """,
 )
 
 

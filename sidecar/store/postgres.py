@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 from sidecar.config import SchemaMapping
 from sidecar.jid import bare_number
 from sidecar.policy import CloseReason, Counters
-from sidecar.ports import StepFailed, StoredSession, StoreUnavailable
+from sidecar.ports import OutboxRow, StepFailed, StoredSession, StoreUnavailable
 from sidecar.records import (
     CloseTrigger,
     ClosureRecord,
@@ -24,11 +24,13 @@ from sidecar.records import (
     IncrementCounter,
     Logout,
     LogoutResult,
+    Notification,
     PhoneRef,
     ResetCounters,
     Step,
     StepOutcome,
     StepResult,
+    closed_details,
 )
 from sidecar.sqlnames import quote_identifier as q
 from sidecar.sqlnames import quote_qualified
@@ -111,6 +113,32 @@ class _Sql:
             "ON CONFLICT (instance_id) DO UPDATE SET position = GREATEST(j.position, EXCLUDED.position)"
         )
         self.schema_version = f"SELECT max(version) FROM {s}.schema_migrations"
+        outbox = f"{s}.outbox"
+        self.enqueue = (
+            f"INSERT INTO {outbox} (notification_id, event, organization_id, organization_phone_id, occurred_at, "
+            "stats, reason, details, trace_id) VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8::jsonb, $9) "
+            "ON CONFLICT (notification_id) DO NOTHING"
+        )
+        # The oldest pending notification of each session, if it is due: later ones of a session wait, so a
+        # receiver sees a session's events in order. The lease makes another replica (or a restart) retry
+        # a delivery that never reported back.
+        self.claim_due = (
+            f"UPDATE {outbox} AS o SET next_attempt_at = now() + make_interval(secs => $2) "
+            f"WHERE o.notification_id IN (SELECT c.notification_id FROM {outbox} AS c "
+            "WHERE c.status = 'pending' AND c.next_attempt_at <= now() AND NOT EXISTS ("
+            f"SELECT 1 FROM {outbox} AS e WHERE e.status = 'pending' "
+            "AND e.organization_phone_id = c.organization_phone_id AND e.seq < c.seq) "
+            "ORDER BY c.seq LIMIT $1 FOR UPDATE SKIP LOCKED) RETURNING o.*"
+        )
+        self.finish = (
+            f"UPDATE {outbox} SET status = $2, attempts = $3, last_error = $4, team = $5, "
+            "next_attempt_at = now() + make_interval(secs => $6), "
+            "delivered_at = CASE WHEN $2 = 'delivered' THEN now() ELSE delivered_at END WHERE notification_id = $1"
+        )
+        self.list_notifications = (
+            f"SELECT * FROM {outbox} WHERE ($1::text IS NULL OR status = $1) ORDER BY seq DESC LIMIT $2"
+        )
+        self.outbox_depth = f"SELECT count(*) FROM {outbox} WHERE status = 'pending'"
         self.read_journal_position = f"SELECT position FROM {s}.journal_positions WHERE instance_id = $1"
 
 
@@ -208,10 +236,12 @@ class PostgresStore:
         if isinstance(step, IncrementCounter):
             p = step.phone
             await conn.execute(sql.increment[step.kind], p.organization_phone_id, p.organization_id, p.phone_user)
+            await self._enqueue(conn, p, step.notification, {})
             return None
         if isinstance(step, ResetCounters):
             p = step.phone
             await conn.execute(sql.set_counters, p.organization_phone_id, p.organization_id, p.phone_user, None)
+            await self._enqueue(conn, p, step.notification, {})
             return None
         if isinstance(step, DeleteKeys):
             user = await self._bare_number(conn, step.phone)
@@ -285,7 +315,52 @@ class PostgresStore:
             record.started_at,
         )
         timings["closureRecord"] = (started, time.time_ns())
+        await self._enqueue(conn, phone, step.notification, closed_details(record, keys_deleted))
         return LogoutResult(keys_deleted, steps, timings)
+
+    async def _enqueue(
+        self, conn: Connection, phone: PhoneRef, notification: Notification | None, details: dict[str, Any]
+    ) -> None:
+        if notification is None:
+            return
+        await conn.execute(
+            self._sql.enqueue,
+            notification.notification_id,
+            str(notification.event),
+            phone.organization_id,
+            phone.organization_phone_id,
+            notification.occurred_at,
+            json.dumps(notification.stats),
+            notification.reason,
+            json.dumps(details),
+            notification.trace_id,
+        )
+
+    async def claim_due(self, limit: int, lease_seconds: float) -> list[OutboxRow]:
+        async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_SECONDS) as conn:
+            rows = await conn.fetch(self._sql.claim_due, limit, lease_seconds)
+        return sorted((_outbox_row(row) for row in rows), key=lambda row: row.seq)
+
+    async def finish(
+        self,
+        notification_id: str,
+        status: str,
+        attempts: int,
+        error: str | None,
+        team: str | None,
+        retry_in: float | None = None,
+    ) -> None:
+        async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_SECONDS) as conn:
+            await conn.execute(self._sql.finish, notification_id, status, attempts, error, team, retry_in or 0.0)
+
+    async def list_notifications(self, status: str | None, limit: int) -> list[OutboxRow]:
+        async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_SECONDS) as conn:
+            rows = await conn.fetch(self._sql.list_notifications, status, limit)
+        return [_outbox_row(row) for row in rows]
+
+    async def outbox_depth(self) -> int:
+        async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_SECONDS) as conn:
+            return int(await conn.fetchval(self._sql.outbox_depth))
 
 
 def _closure_from_row(row: asyncpg.Record) -> ClosureRecord:
@@ -301,4 +376,24 @@ def _closure_from_row(row: asyncpg.Record) -> ClosureRecord:
         keys_deleted=row["keys_deleted"],
         steps=json.loads(row["steps"]),
         duration_seconds=row["duration_seconds"],
+    )
+
+
+def _outbox_row(row: asyncpg.Record) -> OutboxRow:
+    return OutboxRow(
+        notification_id=row["notification_id"],
+        event=row["event"],
+        organization_id=row["organization_id"],
+        organization_phone_id=row["organization_phone_id"],
+        occurred_at=row["occurred_at"],
+        stats=json.loads(row["stats"]),
+        reason=row["reason"],
+        details=json.loads(row["details"]),
+        trace_id=row["trace_id"],
+        status=row["status"],
+        attempts=row["attempts"],
+        last_error=row["last_error"],
+        team=row["team"],
+        delivered_at=row["delivered_at"],
+        seq=row["seq"],
     )

@@ -26,6 +26,9 @@ CLOSE_DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.
 # for minutes. Buckets from 1 ms to 10 min show both.
 STEP_WAIT_BUCKETS = (0.001, 0.005, 0.025, 0.1, 0.5, 2.5, 10.0, 60.0, 300.0, 600.0)
 
+# A direct delivery takes milliseconds; retries with backoff take seconds to hours.
+NOTIFICATION_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0, 30.0, 300.0, 3600.0)
+
 EVENT_TYPES = ("connection.update", "decrypt.error", "command.ack")
 CHANNELS = ("websocket", "http")
 REJECT_REASONS = ("invalid", "malformed", "too_many_events", "binary")
@@ -77,6 +80,21 @@ class SidecarMetrics:
             "whatsapp_sidecar_events_throttled",
             "Events refused with 429 because the pending queue was full (nothing of them was applied)",
             registry=registry,
+        )
+        self.owner_notifications = Counter(
+            "whatsapp_owner_notifications",
+            "Owner webhook deliveries by outcome (delivered, retried, dead, skipped)",
+            ["team", "event", "outcome"],
+            registry=registry,
+        )
+        self.notification_latency = Histogram(
+            "whatsapp_owner_notification_latency_seconds",
+            "From the state change to the owner's webhook answering 2xx",
+            buckets=NOTIFICATION_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.outbox_depth = Gauge(
+            "whatsapp_owner_outbox_depth", "Owner notifications waiting for delivery", registry=registry
         )
         self.close_duration = Histogram(
             "whatsapp_session_close_duration_seconds",

@@ -34,7 +34,7 @@ def escape_label_value(value: str) -> str:
 
 
 class SessionFamilies(BaseObserver):
-    def __init__(self, limits: Limits, team_of: Callable[[int], str]) -> None:
+    def __init__(self, limits: Limits, team_of: Callable[[int, int], str]) -> None:
         self._limits = limits
         self._team_of = team_of
         self._labels: dict[int, str] = {}
@@ -42,7 +42,7 @@ class SessionFamilies(BaseObserver):
     def labels(self, phone: PhoneRef) -> str:
         cached = self._labels.get(phone.organization_phone_id)
         if cached is None:
-            team = escape_label_value(self._team_of(phone.organization_id))
+            team = escape_label_value(self._team_of(phone.organization_id, phone.organization_phone_id))
             cached = (
                 f'{{organization_id="{phone.organization_id}",'
                 f'organization_phone_id="{phone.organization_phone_id}",team="{team}"}}'

@@ -1,0 +1,1 @@
+"""Owner notifications: the owners file, the outbox and signed webhook delivery."""

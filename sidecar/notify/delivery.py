@@ -1,0 +1,203 @@
+"""Signed webhook delivery of owner notifications from the outbox, with retries and dead letters.
+
+Each request carries `X-Sidecar-Timestamp: <unix seconds>` and
+`X-Sidecar-Signature: sha256=<hex HMAC-SHA256 of "<timestamp>.<raw body>">` under the team's secret, so a
+receiver can reject forgeries and replays. Delivery is at least once; the body's `id` lets receivers drop
+repeats. 2xx: delivered. 4xx other than 408/429: dead at once (retrying cannot help). Anything else
+(5xx, 408, 429, timeouts, refused connections): retried with exponential backoff and jitter, dead after
+`max_attempts`. Dead letters stay in the outbox (`GET /v1/notifications?status=dead`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
+
+from sidecar import __version__
+from sidecar.notify.owners import Owners, Team
+from sidecar.ports import Outbox, OutboxRow, StoreUnavailable
+from sidecar.telemetry.metrics import SidecarMetrics
+
+log = logging.getLogger("sidecar.notify")
+
+LEASE_SECONDS = 60.0
+IDLE_POLL_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class DeliveryPolicy:
+    max_attempts: int = 8
+    attempt_timeout: float = 5.0
+    backoff_initial: float = 1.0
+    backoff_max: float = 300.0
+    concurrency: int = 16
+
+    def backoff(self, attempts: int) -> float:
+        """Exponential with full jitter between half and all of the step."""
+        step: float = min(self.backoff_max, self.backoff_initial * 2.0 ** max(0, attempts - 1))
+        return step * random.uniform(0.5, 1.0)
+
+
+def sign(secret: bytes, timestamp: str, body: bytes) -> str:
+    return "sha256=" + hmac.new(secret, timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+
+
+def payload(row: OutboxRow, team: str, instance: str) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "event": row.event,
+        "id": row.notification_id,
+        "occurredAt": row.occurred_at.isoformat(),
+        "organizationId": row.organization_id,
+        "organizationPhoneId": row.organization_phone_id,
+        "team": team,
+        "stats": row.stats,
+        "reason": row.reason,
+        "instance": instance,
+        "traceId": row.trace_id,
+    }
+    if row.details:
+        body["close"] = row.details
+    return body
+
+
+class Delivery:
+    def __init__(
+        self,
+        outbox: Outbox,
+        owners: Callable[[], Owners],
+        metrics: SidecarMetrics,
+        tracer: trace.Tracer,
+        instance: str,
+        policy: DeliveryPolicy | None = None,
+    ) -> None:
+        self._outbox = outbox
+        self._owners = owners
+        self._metrics = metrics
+        self._tracer = tracer
+        self._instance = instance
+        self.policy = policy or DeliveryPolicy()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._http: aiohttp.ClientSession | None = None
+        self.depth = 0
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def start(self) -> None:
+        self._http = aiohttp.ClientSession(headers={"User-Agent": f"whatsapp-session-sidecar/{__version__}"})
+        self._task = asyncio.create_task(self._run(), name="owner-notifications")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._http is not None:
+            await self._http.close()
+
+    async def _run(self) -> None:
+        limit = asyncio.Semaphore(self.policy.concurrency)
+        while True:
+            self._wake.clear()
+            try:
+                rows = await self._outbox.claim_due(self.policy.concurrency * 4, LEASE_SECONDS)
+                if rows:
+
+                    async def bounded(row: OutboxRow) -> None:
+                        async with limit:
+                            await self._deliver(row)
+
+                    await asyncio.gather(*(bounded(row) for row in rows))
+                self.depth = await self._outbox.outbox_depth()
+            except (StoreUnavailable, OSError, TimeoutError) as error:
+                log.warning("outbox unreachable: %s", error)
+                rows = []
+            except Exception:
+                log.exception("owner notification delivery failed unexpectedly")
+                rows = []
+            if rows:
+                continue  # more may be due right away
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), IDLE_POLL_SECONDS)
+
+    async def _deliver(self, row: OutboxRow) -> None:
+        owners = self._owners()
+        team_name = owners.team_name(row.organization_id, row.organization_phone_id)
+        team = owners.teams.get(team_name)
+        attempts = row.attempts + 1
+        if team is None:
+            await self._outbox.finish(
+                row.notification_id, "skipped", row.attempts, "no webhook for this team", team_name
+            )
+            self._count(team_name, row.event, "skipped")
+            return
+        with self._tracer.start_as_current_span(
+            "owner.notify",
+            attributes={
+                "whatsapp.notification.event": row.event,
+                "whatsapp.team": team_name,
+                "whatsapp.organization_phone_id": row.organization_phone_id,
+                "whatsapp.notification.attempt": attempts,
+            },
+        ) as span:
+            status, error = await self._post(team, row, team_name)
+            if status is not None:
+                span.set_attribute("http.response.status_code", status)
+            if status is not None and 200 <= status < 300:
+                await self._outbox.finish(row.notification_id, "delivered", attempts, None, team_name)
+                self._count(team_name, row.event, "delivered")
+                latency = (datetime.now(UTC) - row.occurred_at).total_seconds()
+                self._metrics.notification_latency.observe(max(0.0, latency))
+                return
+            span.set_status(Status(StatusCode.ERROR, error))
+            span.set_attribute("error.type", str(status) if status is not None else error.split(":")[0])
+        permanent = status is not None and 400 <= status < 500 and status not in (408, 429)
+        if permanent or attempts >= self.policy.max_attempts:
+            await self._outbox.finish(row.notification_id, "dead", attempts, error, team_name)
+            self._count(team_name, row.event, "dead")
+            log.error(
+                "owner notification dead-lettered",
+                extra={"fields": {"id": row.notification_id, "team": team_name, "attempts": attempts, "error": error}},
+            )
+            return
+        await self._outbox.finish(
+            row.notification_id, "pending", attempts, error, team_name, retry_in=self.policy.backoff(attempts)
+        )
+        self._count(team_name, row.event, "retried")
+
+    async def _post(self, team: Team, row: OutboxRow, team_name: str) -> tuple[int | None, str]:
+        assert self._http is not None
+        body = json.dumps(payload(row, team_name, self._instance), separators=(",", ":")).encode()
+        timestamp = str(int(time.time()))
+        headers = {
+            "Content-Type": "application/json",
+            "X-Sidecar-Event": row.event,
+            "X-Sidecar-Delivery": row.notification_id,
+            "X-Sidecar-Timestamp": timestamp,
+            "X-Sidecar-Signature": sign(team.secret, timestamp, body),
+        }
+        try:
+            timeout = aiohttp.ClientTimeout(total=self.policy.attempt_timeout)
+            async with self._http.post(team.webhook_url, data=body, headers=headers, timeout=timeout) as response:
+                await response.read()
+                return response.status, f"HTTP {response.status}"
+        except (aiohttp.ClientError, TimeoutError, OSError) as error:
+            return None, f"{type(error).__name__}: {error}"
+
+    def _count(self, team: str, event: str, outcome: str) -> None:
+        self._metrics.owner_notifications.labels(team, event, outcome).inc()

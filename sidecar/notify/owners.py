@@ -1,0 +1,196 @@
+"""The owners file: which team owns each organization (or single phone), and each team's webhook.
+
+    defaultTeam: platform
+    teams:
+      platform: {webhookUrl: https://hooks.example.com/platform, secretEnv: PLATFORM_WEBHOOK_SECRET}
+      sales:    {webhookUrl: https://hooks.example.com/sales, secretFile: /run/secrets/sales}
+    organizations: {"7": sales}
+    phones: {"42": platform}          # optional override by organizationPhoneId
+
+Secrets never sit in the file: each team names an environment variable or a file. A file that does not
+validate is refused with the key that is wrong; `OwnersWatcher` keeps the previous mapping in force then.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+log = logging.getLogger("sidecar.owners")
+
+UNASSIGNED = "unassigned"
+_TEAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_TOP_LEVEL = {"defaultTeam", "teams", "organizations", "phones"}
+
+
+class OwnersError(ValueError):
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class Team:
+    name: str
+    webhook_url: str
+    secret: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Owners:
+    default_team: str | None = None
+    teams: Mapping[str, Team] = field(default_factory=dict)
+    organizations: Mapping[int, str] = field(default_factory=dict)
+    phones: Mapping[int, str] = field(default_factory=dict)
+
+    def team_name(self, organization_id: int, organization_phone_id: int | None = None) -> str:
+        if organization_phone_id is not None and organization_phone_id in self.phones:
+            return self.phones[organization_phone_id]
+        return self.organizations.get(organization_id) or self.default_team or UNASSIGNED
+
+    def team(self, organization_id: int, organization_phone_id: int | None = None) -> Team | None:
+        return self.teams.get(self.team_name(organization_id, organization_phone_id))
+
+
+def _mapping(value: object, key: str) -> dict[Any, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise OwnersError(key, "must be a mapping")
+    return value
+
+
+def _id(raw: object, key: str) -> int:
+    text = str(raw)
+    if isinstance(raw, bool) or not text.isdigit() or int(text) < 1:
+        raise OwnersError(key, f"{raw!r} is not a positive integer id")
+    return int(text)
+
+
+def _secret(spec: dict[Any, Any], key: str, env: Mapping[str, str]) -> bytes:
+    if "secret" in spec:
+        raise OwnersError(f"{key}.secret", "secrets never sit in the owners file; use secretEnv or secretFile")
+    has_env, has_file = "secretEnv" in spec, "secretFile" in spec
+    if has_env == has_file:
+        raise OwnersError(key, "needs exactly one of secretEnv or secretFile")
+    if has_env:
+        name = spec["secretEnv"]
+        if not isinstance(name, str) or not name:
+            raise OwnersError(f"{key}.secretEnv", "must name an environment variable")
+        value = env.get(name)
+        if not value:
+            raise OwnersError(f"{key}.secretEnv", f"environment variable {name} is not set or empty")
+        return value.encode()
+    path = spec["secretFile"]
+    if not isinstance(path, str) or not path:
+        raise OwnersError(f"{key}.secretFile", "must be a file path")
+    try:
+        secret = Path(path).read_bytes().strip()
+    except OSError as error:
+        raise OwnersError(f"{key}.secretFile", f"cannot read {path}: {error.strerror}") from None
+    if not secret:
+        raise OwnersError(f"{key}.secretFile", f"{path} is empty")
+    return secret
+
+
+def parse_owners(text: str, env: Mapping[str, str]) -> Owners:
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise OwnersError("(file)", f"not valid YAML: {error}") from None
+    root = _mapping(document, "(file)")
+    unknown = set(root) - _TOP_LEVEL
+    if unknown:
+        raise OwnersError(sorted(map(str, unknown))[0], f"unknown key; expected {', '.join(sorted(_TOP_LEVEL))}")
+    teams: dict[str, Team] = {}
+    for name, spec in _mapping(root.get("teams"), "teams").items():
+        key = f"teams.{name}"
+        if not isinstance(name, str) or not _TEAM_NAME.match(name):
+            raise OwnersError(key, "team names are 1-63 letters, digits, '_', '-' or '.'")
+        spec = _mapping(spec, key)
+        url = spec.get("webhookUrl")
+        parts = urlsplit(url) if isinstance(url, str) else None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
+            raise OwnersError(f"{key}.webhookUrl", "must be an http(s) URL")
+        extra = set(spec) - {"webhookUrl", "secretEnv", "secretFile", "secret"}
+        if extra:
+            raise OwnersError(f"{key}.{sorted(map(str, extra))[0]}", "unknown key")
+        teams[name] = Team(name, str(url), _secret(spec, key, env))
+
+    def team_ref(value: object, key: str) -> str:
+        if not isinstance(value, str) or value not in teams:
+            raise OwnersError(key, f"unknown team {value!r}; teams: {', '.join(sorted(teams)) or '(none)'}")
+        return value
+
+    default = root.get("defaultTeam")
+    default_team = team_ref(default, "defaultTeam") if default is not None else None
+    organizations = {
+        _id(org, f"organizations.{org}"): team_ref(team, f"organizations.{org}")
+        for org, team in _mapping(root.get("organizations"), "organizations").items()
+    }
+    phones = {
+        _id(phone, f"phones.{phone}"): team_ref(team, f"phones.{phone}")
+        for phone, team in _mapping(root.get("phones"), "phones").items()
+    }
+    return Owners(default_team, teams, organizations, phones)
+
+
+def load_owners(path: Path, env: Mapping[str, str] | None = None) -> Owners:
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise OwnersError("owners-file", f"cannot read {path}: {error.strerror}") from None
+    return parse_owners(text, os.environ if env is None else env)
+
+
+class OwnersWatcher:
+    """Holds the mapping in force; `reload()` (SIGHUP, or a change seen by `poll()`) swaps it if it validates."""
+
+    def __init__(self, path: Path | None, on_change: Callable[[Owners], None] | None = None) -> None:
+        self.path = path
+        self.current = load_owners(path) if path is not None else Owners()
+        self.on_change = on_change
+        self._stamp = self._file_stamp()
+        self.reloads = 0
+        self.rejected = 0
+
+    def _file_stamp(self) -> tuple[float, int] | None:
+        if self.path is None:
+            return None
+        try:
+            stat = self.path.stat()
+        except OSError:
+            return None
+        return stat.st_mtime, stat.st_size
+
+    def reload(self) -> bool:
+        if self.path is None:
+            return False
+        self._stamp = self._file_stamp()
+        try:
+            owners = load_owners(self.path)
+        except OwnersError as error:
+            self.rejected += 1
+            log.error("owners file rejected; the previous mapping stays in force: %s", error)
+            return False
+        self.current = owners
+        self.reloads += 1
+        log.info("owners file reloaded: %d teams", len(owners.teams))
+        if self.on_change is not None:
+            self.on_change(owners)
+        return True
+
+    def poll(self) -> bool:
+        """Reload when the file changed since it was last read (ConfigMap updates swap it in place)."""
+        if self.path is not None and self._file_stamp() != self._stamp:
+            return self.reload()
+        return False
