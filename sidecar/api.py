@@ -186,6 +186,20 @@ async def runtime_socket(request: web.Request) -> web.StreamResponse:
     return await components.link.serve(request)
 
 
+NOTIFICATION_STATUSES = ("pending", "delivered", "dead", "skipped")
+
+
+async def list_notifications(request: web.Request) -> web.Response:
+    status = request.query.get("status")
+    if status is not None and status not in NOTIFICATION_STATUSES:
+        raise InvalidInput("status", f"must be one of {', '.join(NOTIFICATION_STATUSES)}")
+    raw_limit = request.query.get("limit", "100")
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 1000:
+        raise InvalidInput("limit", "must be an integer from 1 to 1000")
+    rows = await _components(request).store.list_notifications(status, int(raw_limit))
+    return web.json_response({"notifications": [row.to_json() for row in rows]})
+
+
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -252,3 +266,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/sessions/{organizationPhoneId}/stats", session_stats)
     app.router.add_post("/v1/sessions/{organizationPhoneId}/close", close_session)
     app.router.add_post("/v1/events", ingest_events)
+    app.router.add_get("/v1/notifications", list_notifications)
