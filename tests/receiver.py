@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -13,14 +10,9 @@ from typing import Any
 
 from aiohttp import web
 
+from sidecar.notify.delivery import verify_signature
 
-def verify(secret: bytes, headers: dict[str, str], body: bytes, tolerance: float = 300) -> bool:
-    """What the README shows receivers: check the timestamp's age, then the HMAC of "<timestamp>.<body>"."""
-    timestamp = headers.get("X-Sidecar-Timestamp", "")
-    if not timestamp.isdigit() or abs(time.time() - int(timestamp)) > tolerance:
-        return False
-    expected = "sha256=" + hmac.new(secret, timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
-    return hmac.compare_digest(expected, headers.get("X-Sidecar-Signature", ""))
+verify = verify_signature  # the check the README shows receivers
 
 
 @dataclass

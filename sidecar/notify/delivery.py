@@ -18,7 +18,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -54,6 +54,14 @@ class DeliveryPolicy:
 
 def sign(secret: bytes, timestamp: str, body: bytes) -> str:
     return "sha256=" + hmac.new(secret, timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+
+
+def verify_signature(secret: bytes, headers: Mapping[str, str], body: bytes, tolerance: float = 300) -> bool:
+    """The receiver's check (also in the README): a fresh timestamp and the HMAC of "<timestamp>.<body>"."""
+    timestamp = headers.get("X-Sidecar-Timestamp", "")
+    if not timestamp.isdigit() or abs(time.time() - int(timestamp)) > tolerance:
+        return False
+    return hmac.compare_digest(sign(secret, timestamp, body), headers.get("X-Sidecar-Signature", ""))
 
 
 def payload(row: OutboxRow, team: str, instance: str) -> dict[str, Any]:
