@@ -72,10 +72,11 @@ async def test_bad_mac_gauges_then_series_gone_and_a_close_counted(database: str
         assert (
             registry.get_sample_value("whatsapp_decrypt_errors_total", {"kind": "bad_mac", "organization_id": "7"}) == 3
         )
-        # Two heals were decided; the second may have merged into a queued heal that the close superseded.
+        # Two heals were decided. The second ran on its own (2 + 0), or was merged into a queued round that then
+        # ran (2 + 1) or that the close superseded (1 + 1).
         heals = registry.get_sample_value("whatsapp_session_heals_total", {"kind": "bad_mac"}) or 0
         merged = registry.get_sample_value("whatsapp_session_heals_coalesced_total", {"kind": "bad_mac"}) or 0
-        assert heals >= 1 and heals + merged == 2
+        assert (heals, merged) in {(2, 0), (2, 1), (1, 1)}
         assert (registry.get_sample_value("whatsapp_auth_keys_deleted_total", {"scope": "all"}) or 0) > 0
         assert registry.get_sample_value("whatsapp_session_close_duration_seconds_count") == 1
         assert (
