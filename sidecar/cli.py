@@ -104,14 +104,21 @@ async def _run_server(config: Config) -> None:
         await runner.cleanup()
 
 
+async def _connect(url: str) -> asyncpg.Connection | None:
+    """A connection, or None after saying on stderr why there is none."""
+    try:
+        return await asyncpg.connect(url)
+    except (OSError, asyncpg.PostgresError) as error:
+        print(f"wa-sidecar: cannot connect to PostgreSQL: {error}", file=sys.stderr)
+        return None
+
+
 async def _migrate(config: Config) -> int:
     if config.database_url is None:
         print("wa-sidecar: migrate needs --database-url or WA_SIDECAR_DATABASE_URL", file=sys.stderr)
         return EXIT_CONFIG
-    try:
-        connection = await asyncpg.connect(config.database_url)
-    except (OSError, asyncpg.PostgresError) as error:
-        print(f"wa-sidecar: cannot connect to PostgreSQL: {error}", file=sys.stderr)
+    connection = await _connect(config.database_url)
+    if connection is None:
         return EXIT_UNAVAILABLE
     try:
         applied = await migrate(connection, config.schema.sidecar_schema)
@@ -143,10 +150,8 @@ async def _check_config(config: Config) -> int:
             return EXIT_CONFIG
         summary["owners"] = {"teams": sorted(owners.teams), "defaultTeam": owners.default_team}
     if config.database_url is not None:
-        try:
-            connection = await asyncpg.connect(config.database_url)
-        except (OSError, asyncpg.PostgresError) as error:
-            print(f"wa-sidecar: cannot connect to PostgreSQL: {error}", file=sys.stderr)
+        connection = await _connect(config.database_url)
+        if connection is None:
             return EXIT_UNAVAILABLE
         try:
             problems = await check_schema(connection, config.schema)
