@@ -76,8 +76,15 @@ def _components(config: Config, link: RuntimeLink, extras: Extras) -> Callable[[
         metrics = SidecarMetrics(extras.registry or CollectorRegistry(), config.policy.limits)
         link.metrics = metrics
         owners = _owners(config)
-        families = SessionFamilies(config.policy.limits, _team_of(config, owners))
-        owners.on_change = lambda _: families.reset_labels()
+        team_of = _team_of(config, owners)
+        families = SessionFamilies(config.policy.limits, team_of)
+        metrics.team_of = lambda organization_id: team_of(organization_id, 0)
+
+        def teams_changed(_: object) -> None:
+            families.reset_labels()
+            metrics.teams_changed()
+
+        owners.on_change = teams_changed
         store = await open_store(config, clock)
         journal = Journal(config.state_dir) if config.state_dir and config.database_url else None
         pending = PendingSteps(store, config.pending_steps_limit, journal, on_wait=metrics.step_wait.observe)

@@ -120,6 +120,12 @@ class SidecarMetrics:
         self.tracked_sessions = Gauge(
             "whatsapp_sidecar_sessions", "Sessions the sidecar tracks, by state", ["state"], registry=registry
         )
+        self.organization_team = Gauge(
+            "whatsapp_organization_team_info",
+            "The team that owns each organization seen (join on organization_id to label fleet series by team)",
+            ["organization_id", "team"],
+            registry=registry,
+        )
         build = Gauge("whatsapp_sidecar_build_info", "Build of this sidecar", ["version"], registry=registry)
         build.labels(__version__).set(1)
         # Known label values start at zero so rate() and absent() behave from the first scrape.
@@ -134,6 +140,13 @@ class SidecarMetrics:
         for reason in REJECT_REASONS:
             self.events_rejected.labels(reason)
         self._organizations: set[int] = set()
+        self.team_of: Callable[[int], str] = lambda _: "unassigned"
+
+    def teams_changed(self) -> None:
+        """After an owners reload: the info series follow the new mapping."""
+        self.organization_team.clear()
+        for organization_id in self._organizations:
+            self.organization_team.labels(str(organization_id), self.team_of(organization_id)).set(1)
 
     def bind(
         self,
@@ -156,6 +169,7 @@ class SidecarMetrics:
                 self.decrypt_errors.labels(str(kind), label)
             for reason in CloseReason:
                 self.closes.labels(str(reason), label)
+            self.organization_team.labels(label, self.team_of(organization_id)).set(1)
         return label
 
 
