@@ -1,0 +1,408 @@
+"""Builds the Grafana dashboards from code; the JSON beside this file is the committed output.
+
+    python -m dashboards.generate          # rewrite dashboards/*.json
+    python -m dashboards.generate --check  # exit 1 when the committed JSON differs (CI)
+
+Every panel states its unit; every rate uses $__rate_interval; every query filters on $job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).parent
+SCHEMA_VERSION = 39
+DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+RATE = "[$__rate_interval]"
+SESSION = 'job=~"$job", organization_id=~"$organization_id", team=~"$team"'
+ORGANIZATION = 'job=~"$job", organization_id=~"$organization_id"'
+JOB = 'job=~"$job"'
+CRYPTO_CLOSE = 'reason=~"bad_mac_limit|bad_decrypt_limit"'
+
+Json = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Query:
+    expr: str
+    legend: str = ""
+    instant: bool = False
+
+
+@dataclass(frozen=True)
+class Panel:
+    title: str
+    unit: str
+    queries: tuple[Query, ...]
+    kind: str = "timeseries"
+    width: int = 12
+    height: int = 8
+    description: str = ""
+    overrides: tuple[Json, ...] = field(default_factory=tuple)
+
+
+def query(expr: str, legend: str = "", instant: bool = False) -> Query:
+    return Query(expr, legend, instant)
+
+
+def _target(item: Query, ref: str) -> Json:
+    target: Json = {"datasource": DATASOURCE, "expr": item.expr, "refId": ref}
+    if item.legend:
+        target["legendFormat"] = item.legend
+    if item.instant:
+        target |= {"instant": True, "range": False, "format": "table"}
+    return target
+
+
+def _panel(panel: Panel, panel_id: int, x: int, y: int) -> Json:
+    built: Json = {
+        "id": panel_id,
+        "type": panel.kind,
+        "title": panel.title,
+        "datasource": DATASOURCE,
+        "gridPos": {"h": panel.height, "w": panel.width, "x": x, "y": y},
+        "fieldConfig": {"defaults": {"unit": panel.unit}, "overrides": list(panel.overrides)},
+        "targets": [_target(item, chr(ord("A") + index)) for index, item in enumerate(panel.queries)],
+        "options": {},
+    }
+    if panel.description:
+        built["description"] = panel.description
+    if panel.kind == "table":
+        built["transformations"] = [{"id": "organize", "options": {"excludeByName": {"Time": True}}}]
+    return built
+
+
+def _variable(name: str, label: str, definition: str, multi: bool = True) -> Json:
+    return {
+        "name": name,
+        "label": label,
+        "type": "query",
+        "datasource": DATASOURCE,
+        "query": {"query": definition, "refId": f"{name}-query"},
+        "definition": definition,
+        "refresh": 2,
+        "includeAll": multi,
+        "multi": multi,
+        "allValue": ".*",
+        "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
+        "sort": 3,
+    }
+
+
+def _dashboard(uid: str, title: str, description: str, variables: list[Json], panels: list[Panel]) -> Json:
+    laid_out: list[Json] = []
+    x = y = row_height = 0
+    for panel_id, panel in enumerate(panels, start=1):
+        if x + panel.width > 24:
+            x, y, row_height = 0, y + row_height, 0
+        laid_out.append(_panel(panel, panel_id, x, y))
+        x, row_height = x + panel.width, max(row_height, panel.height)
+    datasource = {
+        "name": "datasource",
+        "label": "Data source",
+        "type": "datasource",
+        "query": "prometheus",
+        "current": {"selected": False, "text": "default", "value": "default"},
+    }
+    return {
+        "uid": uid,
+        "title": title,
+        "description": description,
+        "tags": ["whatsapp", "whatsapp-session-sidecar"],
+        "editable": True,
+        "graphTooltip": 1,
+        "refresh": "30s",
+        "schemaVersion": SCHEMA_VERSION,
+        "time": {"from": "now-6h", "to": "now"},
+        "timezone": "browser",
+        "templating": {"list": [datasource, *variables]},
+        "annotations": {"list": []},
+        "links": [],
+        "panels": laid_out,
+    }
+
+
+def _common_variables() -> list[Json]:
+    return [
+        _variable("job", "Job", "label_values(whatsapp_sidecar_build_info, job)"),
+        _variable(
+            "organization_id", "Organization", f"label_values(whatsapp_decrypt_errors_total{{{JOB}}}, organization_id)"
+        ),
+        _variable("team", "Team", f"label_values(whatsapp_organization_team_info{{{JOB}}}, team)"),
+    ]
+
+
+def _by_team(series: str) -> str:
+    """Joins an organization-level series with the owning team, so fleet panels follow $team too."""
+    return (
+        f"({series}) * on (job, instance, organization_id) group_left (team) "
+        f'whatsapp_organization_team_info{{{JOB}, team=~"$team"}}'
+    )
+
+
+def fleet_overview() -> Json:
+    closes = f"increase(whatsapp_session_closes_total{{{ORGANIZATION}}}[1d])"
+    panels = [
+        Panel(
+            "Tracked sessions by state",
+            "short",
+            (query(f"sum by (state) (whatsapp_sidecar_sessions{{{JOB}}})", "{{state}}"),),
+            width=8,
+        ),
+        Panel(
+            "Connected and unhealthy sessions",
+            "short",
+            (
+                query(f"sum(whatsapp_session_connected{{{SESSION}}})", "connected"),
+                query(f"count(whatsapp_session_healthy{{{SESSION}}} == 0) or vector(0)", "unhealthy"),
+            ),
+            width=8,
+        ),
+        Panel(
+            "QR re-scans needed per day",
+            "short",
+            (query(f"sum by (team) ({_by_team(closes)})", "{{team}}"),),
+            width=8,
+            description="Every close logs the phone out; each one needs a QR re-scan by the customer.",
+        ),
+        Panel(
+            "Unhealthy sessions",
+            "short",
+            (
+                query(
+                    "max by (organization_id, organization_phone_id, team) "
+                    f"(whatsapp_session_bad_mac_errors{{{SESSION}}})"
+                    " and on (organization_id, organization_phone_id, team) "
+                    f"(whatsapp_session_healthy{{{SESSION}}} == 0)",
+                    instant=True,
+                ),
+            ),
+            kind="table",
+            width=24,
+            description="Sessions one error short of a limit (value: current Bad MAC counter); no phone numbers.",
+        ),
+        Panel(
+            "Decrypt errors by class",
+            "ops",
+            (query(f"sum by (kind) (rate(whatsapp_decrypt_errors_total{{{ORGANIZATION}}}{RATE}))", "{{kind}}"),),
+        ),
+        Panel(
+            "Closes by reason",
+            "short",
+            (
+                query(
+                    f"sum by (reason) (increase(whatsapp_session_closes_total{{{ORGANIZATION}}}{RATE}))", "{{reason}}"
+                ),
+            ),
+        ),
+        Panel(
+            "Heals and coalesced heals",
+            "ops",
+            (
+                query(f"sum by (kind) (rate(whatsapp_session_heals_total{{{JOB}}}{RATE}))", "heal {{kind}}"),
+                query(
+                    f"sum by (kind) (rate(whatsapp_session_heals_coalesced_total{{{JOB}}}{RATE}))", "coalesced {{kind}}"
+                ),
+            ),
+        ),
+        Panel(
+            "Auth keys deleted by scope",
+            "short",
+            (query(f"sum by (scope) (increase(whatsapp_auth_keys_deleted_total{{{JOB}}}{RATE}))", "{{scope}}"),),
+        ),
+        Panel(
+            "Owner notifications by outcome",
+            "ops",
+            (
+                query(
+                    f'sum by (team, outcome) (rate(whatsapp_owner_notifications_total{{{JOB}, team=~"$team"}}{RATE}))',
+                    "{{team}} {{outcome}}",
+                ),
+            ),
+            width=8,
+        ),
+        Panel(
+            "Owner notification latency p99",
+            "s",
+            (
+                query(
+                    "histogram_quantile(0.99, sum by (le) "
+                    f"(rate(whatsapp_owner_notification_latency_seconds_bucket{{{JOB}}}{RATE})))",
+                    "p99",
+                ),
+            ),
+            width=8,
+        ),
+        Panel(
+            "Owner outbox depth", "short", (query(f"sum(whatsapp_owner_outbox_depth{{{JOB}}})", "waiting"),), width=8
+        ),
+        Panel(
+            "Sidecar health",
+            "short",
+            (
+                query(f"up{{{JOB}}}", "up {{instance}}"),
+                query(f"whatsapp_sidecar_runtime_connections{{{JOB}}}", "runtime connections {{instance}}"),
+                query(f"whatsapp_sidecar_pending_database_steps{{{JOB}}}", "pending database steps {{instance}}"),
+            ),
+            width=8,
+        ),
+        Panel(
+            "Events received and rejected",
+            "ops",
+            (
+                query(
+                    f"sum by (type, channel) (rate(whatsapp_sidecar_events_total{{{JOB}}}{RATE}))",
+                    "{{type}} {{channel}}",
+                ),
+                query(
+                    f"sum by (reason) (rate(whatsapp_sidecar_events_rejected_total{{{JOB}}}{RATE}))",
+                    "rejected {{reason}}",
+                ),
+            ),
+            width=8,
+        ),
+        Panel(
+            "Close duration p50 / p99",
+            "s",
+            (
+                query(
+                    "histogram_quantile(0.5, sum by (le) "
+                    f"(rate(whatsapp_session_close_duration_seconds_bucket{{{JOB}}}{RATE})))",
+                    "p50",
+                ),
+                query(
+                    "histogram_quantile(0.99, sum by (le) "
+                    f"(rate(whatsapp_session_close_duration_seconds_bucket{{{JOB}}}{RATE})))",
+                    "p99",
+                ),
+            ),
+            width=8,
+        ),
+    ]
+    return _dashboard(
+        "wa-fleet-overview",
+        "WhatsApp fleet",
+        "Session health of a WhatsApp fleet as the session sidecar sees it: errors, heals, closes, notifications.",
+        _common_variables(),
+        panels,
+    )
+
+
+def session_drilldown() -> Json:
+    phone = 'job=~"$job", organization_phone_id=~"$organization_phone_id"'
+    limit_line = (
+        {
+            "matcher": {"id": "byRegexp", "options": "limit.*"},
+            "properties": [{"id": "custom.lineStyle", "value": {"fill": "dash", "dash": [10, 10]}}],
+        },
+    )
+    variables = [
+        *_common_variables(),
+        _variable(
+            "organization_phone_id",
+            "Organization phone",
+            f"label_values(whatsapp_session_bad_mac_errors{{{SESSION}}}, organization_phone_id)",
+            multi=False,
+        ),
+    ]
+    panels = [
+        Panel(
+            "Bad MAC errors against the limit",
+            "short",
+            (
+                query(
+                    f"max by (organization_phone_id) (whatsapp_session_bad_mac_errors{{{phone}}})",
+                    "bad MAC {{organization_phone_id}}",
+                ),
+                query(f'max(whatsapp_session_error_limit{{{JOB}, kind="bad_mac"}})', "limit"),
+            ),
+            overrides=limit_line,
+        ),
+        Panel(
+            "Bad decrypt errors against the limit",
+            "short",
+            (
+                query(
+                    f"max by (organization_phone_id) (whatsapp_session_bad_decrypt_errors{{{phone}}})",
+                    "bad decrypt {{organization_phone_id}}",
+                ),
+                query(f'max(whatsapp_session_error_limit{{{JOB}, kind="bad_decrypt"}})', "limit"),
+            ),
+            overrides=limit_line,
+        ),
+        Panel(
+            "Healthy and connected",
+            "bool",
+            (
+                query(f"min(whatsapp_session_healthy{{{phone}}})", "healthy"),
+                query(f"max(whatsapp_session_connected{{{phone}}})", "connected"),
+            ),
+            width=8,
+        ),
+        Panel(
+            "Last decryption error",
+            "dateTimeAsIso",
+            (query(f"max(whatsapp_session_last_error_timestamp_seconds{{{phone}}}) * 1000", "last error"),),
+            kind="stat",
+            width=8,
+        ),
+        Panel(
+            "Organization closes by reason",
+            "short",
+            (
+                query(
+                    f"sum by (reason) (increase(whatsapp_session_closes_total{{{ORGANIZATION}}}{RATE}))", "{{reason}}"
+                ),
+            ),
+            width=8,
+        ),
+        Panel(
+            "Organization decrypt errors by class",
+            "ops",
+            (query(f"sum by (kind) (rate(whatsapp_decrypt_errors_total{{{ORGANIZATION}}}{RATE}))", "{{kind}}"),),
+            width=24,
+        ),
+    ]
+    return _dashboard(
+        "wa-session-drilldown",
+        "WhatsApp session",
+        "One organization phone: its counters against the limits, health, errors and closes. "
+        "A closed session's series end at the close.",
+        variables,
+        panels,
+    )
+
+
+DASHBOARDS = {"whatsapp-fleet-overview.json": fleet_overview, "whatsapp-session-drilldown.json": session_drilldown}
+
+
+def rendered() -> dict[str, str]:
+    return {name: json.dumps(build(), indent=2, sort_keys=True) + "\n" for name, build in DASHBOARDS.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="fail when the committed JSON is not what the code builds")
+    args = parser.parse_args(argv)
+    stale = [
+        name for name, text in rendered().items() if not (HERE / name).exists() or (HERE / name).read_text() != text
+    ]
+    if args.check:
+        for name in stale:
+            print(
+                f"dashboards/{name} differs from what dashboards/generate.py builds; run python -m dashboards.generate"
+            )
+        return 1 if stale else 0
+    for name, text in rendered().items():
+        (HERE / name).write_text(text)
+    print(f"wrote {len(DASHBOARDS)} dashboards ({len(stale)} changed)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
