@@ -63,6 +63,8 @@ async def test_bad_mac_gauges_then_series_gone_and_a_close_counted(database: str
             assert session_value(text, "whatsapp_session_bad_mac_errors", pid) == expected
             assert session_value(text, "whatsapp_session_healthy", pid) == (1 if expected < 2 else 0)
         assert 'team="sales"' in text
+        team_info = ("whatsapp_organization_team_info", {"organization_id": "7", "team": "sales"})
+        assert registry.get_sample_value(*team_info) == 1
         assert session_value(text, "whatsapp_session_last_error_timestamp_seconds", pid) is not None
         await post_events(served, [decrypt_error(7, pid, JID, "Bad MAC")])
         await served.components.runtime.settle()
