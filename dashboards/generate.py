@@ -84,7 +84,6 @@ def _variable(name: str, label: str, definition: str, multi: bool = True) -> Jso
         "type": "query",
         "datasource": DATASOURCE,
         "query": {"query": definition, "refId": f"{name}-query"},
-        "definition": definition,
         "refresh": 2,
         "includeAll": multi,
         "multi": multi,
