@@ -5,7 +5,8 @@
 One run, same flips, two paths to two receiver routes of one loopback receiver:
 - direct: the sidecar's own `session.unhealthy` webhook (PostgreSQL outbox, signed, verified on arrival);
 - alerting: a real Prometheus (1 s scrape and evaluation, alerts/whatsapp-session.rules.yml) and a real
-  Alertmanager (group_wait 1 s, grouped by organization) sending WhatsAppSessionUnhealthy to a webhook.
+  Alertmanager (group_wait 1 s, grouped by organization) sending WhatsAppSessionBadMacErrors (the shipped
+  rule for the same flip: 2 Bad MAC errors; WhatsAppSessionUnhealthy waits `for: 2m`) to a webhook.
 Each session is flipped unhealthy (two Bad MAC errors) at a recorded time; latency is first arrival of that
 session on each path minus that time. Prints p50/p99 per path and their ratio. A measurement, not a test.
 """
@@ -21,36 +22,19 @@ import tempfile
 import time
 from pathlib import Path
 
-import aiohttp
 from aiohttp import web
 
-from bench.common import ROOT, free_port, seeded_database, sidecar_process
+from bench.common import free_port, seeded_database, sidecar_process
 from sidecar.client import RuntimeClient, connection_update, decrypt_error
 from sidecar.notify.delivery import verify_signature
+from tests.monitoring import alertmanager, prometheus
 
 SECRET = b"bench-secret"
-PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
-ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager") or "alertmanager"
 
 
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[max(0, int(len(ordered) * fraction) - 1)]
-
-
-async def wait_http(url: str, deadline: float = 30) -> None:
-    end = time.monotonic() + deadline
-    async with aiohttp.ClientSession() as http:
-        while True:
-            try:
-                async with http.get(url) as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            if time.monotonic() > end:
-                raise RuntimeError(f"{url} did not come up")
-            await asyncio.sleep(0.1)
 
 
 async def run(sessions: int, rate: float) -> None:
@@ -72,7 +56,7 @@ async def run(sessions: int, rate: float) -> None:
     async def on_alertmanager(request: web.Request) -> web.Response:
         now = time.time()
         for alert in (await request.json())["alerts"]:
-            if alert["labels"].get("alertname") == "WhatsAppSessionUnhealthy":
+            if alert["labels"].get("alertname") == "WhatsAppSessionBadMacErrors":
                 alerting.setdefault(int(alert["labels"]["organization_phone_id"]), now)
         return web.Response()
 
@@ -89,70 +73,38 @@ async def run(sessions: int, rate: float) -> None:
         f"defaultTeam: platform\nteams:\n  platform:\n    webhookUrl: http://127.0.0.1:{receiver_port}/direct\n"
         f"    secretFile: {work / 'secret'}\n"
     )
-    am_port, prom_port = free_port(), free_port()
-    (work / "alertmanager.yml").write_text(
+    am_config = (
         "route:\n  receiver: hook\n  group_by: [organization_id]\n  group_wait: 1s\n  group_interval: 1s\n"
         "  repeat_interval: 1h\nreceivers:\n  - name: hook\n    webhook_configs:\n"
         f"      - url: http://127.0.0.1:{receiver_port}/alertmanager\n        send_resolved: false\n"
     )
-    processes: list[asyncio.subprocess.Process] = []
     try:
         async with (
             seeded_database(sessions) as (dsn, phones),
             sidecar_process(dsn, "--owners-file", str(work / "owners.yaml")) as sidecar,
+            alertmanager(am_config) as manager,
+            prometheus([sidecar.base.removeprefix("http://")], manager.base) as server,
+            RuntimeClient(sidecar.ws_url) as client,
         ):
-            port = sidecar.base.rsplit(":", 1)[1]
-            (work / "prometheus.yml").write_text(
-                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-                f"rule_files: [{ROOT / 'alerts' / 'whatsapp-session.rules.yml'}]\n"
-                f"alerting:\n  alertmanagers:\n    - static_configs:\n        - targets: ['127.0.0.1:{am_port}']\n"
-                f"scrape_configs:\n  - job_name: sidecar\n    static_configs:\n      - targets: ['127.0.0.1:{port}']\n"
-            )
-            processes.append(
-                await asyncio.create_subprocess_exec(
-                    ALERTMANAGER,
-                    f"--config.file={work / 'alertmanager.yml'}",
-                    f"--storage.path={work / 'am'}",
-                    f"--web.listen-address=127.0.0.1:{am_port}",
-                    "--cluster.listen-address=",
-                    stdout=asyncio.subprocess.DEVNULL,
-                    stderr=asyncio.subprocess.DEVNULL,
+            for phone in phones:
+                await client.send(
+                    connection_update(phone.organization_id, phone.organization_phone_id, phone.jid, "open")
                 )
-            )
-            processes.append(
-                await asyncio.create_subprocess_exec(
-                    PROMETHEUS,
-                    f"--config.file={work / 'prometheus.yml'}",
-                    f"--storage.tsdb.path={work / 'prom'}",
-                    f"--web.listen-address=127.0.0.1:{prom_port}",
-                    stdout=asyncio.subprocess.DEVNULL,
-                    stderr=asyncio.subprocess.DEVNULL,
-                )
-            )
-            await wait_http(f"http://127.0.0.1:{am_port}/-/ready")
-            await wait_http(f"http://127.0.0.1:{prom_port}/-/ready")
-            async with RuntimeClient(sidecar.ws_url) as client:
-                for phone in phones:
-                    await client.send(
-                        connection_update(phone.organization_id, phone.organization_phone_id, phone.jid, "open")
-                    )
+            await client.flush()
+            while not await server.query(f"count(whatsapp_session_healthy == 1) == {sessions}"):  # noqa: ASYNC110
+                await asyncio.sleep(0.1)  # until Prometheus has scraped every healthy session
+            flipped: dict[int, float] = {}
+            for phone in phones:
+                ids = (phone.organization_id, phone.organization_phone_id, phone.jid)
+                await client.send(decrypt_error(*ids, "Bad MAC"))
+                flipped[phone.organization_phone_id] = time.time()
+                await client.send(decrypt_error(*ids, "Bad MAC"))
                 await client.flush()
-                await asyncio.sleep(3)  # Prometheus has scraped the healthy sessions
-                flipped: dict[int, float] = {}
-                for phone in phones:
-                    ids = (phone.organization_id, phone.organization_phone_id, phone.jid)
-                    await client.send(decrypt_error(*ids, "Bad MAC"))
-                    flipped[phone.organization_phone_id] = time.time()
-                    await client.send(decrypt_error(*ids, "Bad MAC"))
-                    await client.flush()
-                    await asyncio.sleep(1 / rate)
-                deadline = time.monotonic() + 60
-                while (len(direct) < sessions or len(alerting) < sessions) and time.monotonic() < deadline:  # noqa: ASYNC110
-                    await asyncio.sleep(0.1)
+                await asyncio.sleep(1 / rate)
+            deadline = time.monotonic() + 60
+            while (len(direct) < sessions or len(alerting) < sessions) and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.1)
     finally:
-        for process in processes:
-            process.terminate()
-            await process.wait()
         await runner.cleanup()
         shutil.rmtree(work, ignore_errors=True)
     direct_ms = [1000 * (direct[p] - flipped[p]) for p in direct]

@@ -36,3 +36,4 @@ async def test_leak_benchmark_runs() -> None:
 async def test_notify_latency_benchmark_runs() -> None:
     output = await bench("-m", "bench.notify_latency", "--sessions", "5", "--rate", "50")
     assert "direct webhook: 5 arrived" in output and "forged signatures seen: 0" in output
+    assert "prometheus+alertmanager: 5 arrived" in output
