@@ -1,0 +1,24 @@
+# The image the Helm chart runs by default (repository whatsapp-session-sidecar, tag = the chart's appVersion):
+#   docker build -t whatsapp-session-sidecar:0.1.0 .
+# Multi-stage: the build stage compiles nothing the runtime keeps; the final stage holds a venv and runs as an
+# unprivileged user (UID 10001, matching the chart's securityContext) on a read-only root filesystem.
+ARG PYTHON_IMAGE=python:3.11.7-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY sidecar ./sidecar
+RUN python -m venv /opt/wa-sidecar && /opt/wa-sidecar/bin/pip install .
+
+FROM ${PYTHON_IMAGE}
+RUN groupadd --gid 10001 sidecar && useradd --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin sidecar
+COPY --from=build /opt/wa-sidecar /opt/wa-sidecar
+ENV PATH=/opt/wa-sidecar/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    WA_SIDECAR_LISTEN=0.0.0.0:9464
+USER 10001:10001
+EXPOSE 9464
+ENTRYPOINT ["wa-sidecar"]
+CMD ["serve"]
