@@ -74,6 +74,13 @@ def _serve(config: Config) -> int:
     return 0
 
 
+def _bound_url(config: Config, runner: web.AppRunner) -> str:
+    """The address actually bound: with port 0 the system picks one, and callers need to know which."""
+    port = runner.addresses[0][1] if runner.addresses else config.listen_port
+    host = f"[{config.listen_host}]" if ":" in config.listen_host else config.listen_host
+    return f"http://{host}:{port}"
+
+
 async def _run_server(config: Config) -> None:
     runner = web.AppRunner(create_app(config), access_log=None, handle_signals=False)
     await runner.setup()
@@ -84,7 +91,7 @@ async def _run_server(config: Config) -> None:
             "serving",
             extra={
                 "fields": {
-                    "listen": f"http://{config.listen_host}:{config.listen_port}",
+                    "listen": _bound_url(config, runner),
                     "store": "postgresql" if config.database_url else "embedded (not durable)",
                     "maxBadMacErrors": config.policy.limits.max_bad_mac_errors,
                     "maxBadDecryptErrors": config.policy.limits.max_bad_decrypt_errors,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import subprocess
 import sys
 
+import aiohttp
 import asyncpg
 import pytest
 
@@ -109,3 +111,25 @@ def test_migrate_without_a_database_is_a_clear_error() -> None:
     assert result.returncode == 2 and "--database-url" in result.stderr
     result = wa_sidecar("migrate", "--database-url", "postgresql://postgres@127.0.0.1:1/test")
     assert result.returncode == 3 and "cannot connect" in result.stderr
+
+
+async def test_serve_on_port_zero_reports_the_port_it_bound() -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sidecar", "serve", "--listen", "127.0.0.1:0",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        while True:
+            line = await asyncio.wait_for(process.stdout.readline(), 30)
+            assert line, "serve exited before it reported its address"
+            record = json.loads(line)
+            if record["msg"] == "serving":
+                break
+        url = record["listen"]
+        assert not url.endswith(":0")
+        async with aiohttp.ClientSession() as http, http.get(url + "/healthz") as response:
+            assert response.status == 200
+    finally:
+        process.terminate()
+        await process.wait()

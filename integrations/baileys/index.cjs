@@ -1,0 +1,265 @@
+'use strict'
+// Wires one Baileys socket to the whatsapp-session-sidecar runtime link (protocol v1).
+//
+//   const logger = sidecarLogger(pino())                      // optional: app-state failures are log lines
+//   const sock = makeWASocket({ auth, logger })
+//   attachSidecar(sock, { organizationId: 7, organizationPhoneId: 42, url, token, logger })
+//
+// It never blocks or crashes the backend: events are buffered (bounded) while the sidecar is away and sent in
+// batches; every failure of the link is logged and retried with backoff. Works with Baileys 6.x and 7.x.
+
+const WebSocket = require('ws')
+
+const CIPHERTEXT = 2 // proto.WebMessageInfo.StubType.CIPHERTEXT
+const LOGGED_OUT = 401 // DisconnectReason.loggedOut
+const USER_JID = /^[0-9]{1,20}(:[0-9]{1,4})?@(s\.whatsapp\.net|c\.us|lid|hosted|hosted\.lid)$/
+const APP_STATE_PATCH_NAMES = ['critical_block', 'critical_unblock_low', 'regular_high', 'regular_low', 'regular']
+const APP_STATE_DEDUP_MS = 10_000
+
+// App-state failures reach only the logger: Baileys 6.x logs them at info level, 7.x (with
+// appStateMacVerification) at warn level. One failure can log twice (retry from scratch, then give up).
+function appStateFailure(record) {
+  if (!record || typeof record !== 'object') return null
+  const msg = typeof record.msg === 'string' ? record.msg : ''
+  if (!msg.startsWith('failed to sync state from version') && msg !== 'failed to decode patch, skipping') return null
+  const error = record.error ?? record.err
+  const text = typeof error === 'string' ? error : error?.stack || error?.message || ''
+  if (!/bad decrypt|ERR_OSSL_BAD_DECRYPT|Invalid patch mac|wrong final block length/i.test(text)) return null
+  return { error: text.split('\n')[0], collection: record.name ?? '' }
+}
+
+// A pino-compatible logger that forwards everything to `base` and lets attached sidecar links see app-state
+// failures. Pass it to makeWASocket and to attachSidecar.
+function sidecarLogger(base, bindings = {}, taps = new Set()) {
+  const wrap = (level) => (obj, ...rest) => {
+    const record = typeof obj === 'object' && obj !== null ? { ...bindings, ...obj, msg: rest[0] } : null
+    const failure = appStateFailure(record)
+    if (failure) for (const tap of taps) tap(failure)
+    return base[level](obj, ...rest)
+  }
+  const logger = {
+    get level() { return base.level },
+    set level(value) { base.level = value },
+    child(more, options) { return sidecarLogger(base.child(more, options), { ...bindings, ...more }, taps) },
+    trace: wrap('trace'), debug: wrap('debug'), info: wrap('info'), warn: wrap('warn'), error: wrap('error'),
+    fatal: wrap(typeof base.fatal === 'function' ? 'fatal' : 'error'),
+    [Symbol.for('wa-sidecar.taps')]: taps,
+  }
+  return logger
+}
+
+function loggedOutError(reason) {
+  const error = new Error(`Logged out by whatsapp-session-sidecar: ${reason}`)
+  // A Boom-shaped error: backends test lastDisconnect.error.output.statusCode === DisconnectReason.loggedOut.
+  error.isBoom = true
+  error.output = { statusCode: LOGGED_OUT, payload: { statusCode: LOGGED_OUT, error: 'Unauthorized', message: error.message }, headers: {} }
+  error.data = { reason, by: 'whatsapp-session-sidecar' }
+  return error
+}
+
+function attachSidecar(sock, options) {
+  const {
+    organizationId, organizationPhoneId, url, token,
+    logger = console, keyCache, clearKeys,
+    batchSize = 100, maxBuffered = 10_000, flushIntervalMs = 50,
+    reconnectInitialMs = 500, reconnectMaxMs = 30_000,
+  } = options
+  if (!Number.isInteger(organizationId) || organizationId < 1) throw new TypeError('organizationId must be a positive integer')
+  if (!Number.isInteger(organizationPhoneId) || organizationPhoneId < 1) throw new TypeError('organizationPhoneId must be a positive integer')
+  if (typeof url !== 'string' || !/^wss?:\/\//.test(url)) throw new TypeError('url must be ws://host:port/v1/runtime')
+
+  const log = typeof logger.child === 'function' ? logger.child({ component: 'wa-sidecar-link', organizationPhoneId }) : logger
+  const buffer = []
+  const seenStubs = new Map() // message ids already reported: re-upserts (append, history) are not new faults
+  const seenAppState = new Map()
+  const stats = { sent: 0, dropped: 0, connects: 0, commands: 0 }
+  let ws = null
+  let closed = false
+  let reconnectDelay = reconnectInitialMs
+  let reconnectTimer = null
+  let flushTimer = null
+
+  const phoneJid = () => {
+    const jid = options.phoneJid || sock.user?.id || sock.authState?.creds?.me?.id
+    return typeof jid === 'string' && USER_JID.test(jid) ? jid : null
+  }
+
+  function enqueue(event) {
+    const jid = phoneJid()
+    if (!jid) return log.debug?.({ event: event.type }, 'no phone JID yet; event not reported')
+    if (buffer.length >= maxBuffered) {
+      buffer.shift()
+      stats.dropped++
+    }
+    buffer.push({ ...event, organizationId, organizationPhoneId, phoneJid: jid, at: new Date().toISOString() })
+    if (!flushTimer) flushTimer = setTimeout(flush, flushIntervalMs)
+  }
+
+  function flush() {
+    flushTimer = null
+    if (!ws || ws.readyState !== WebSocket.OPEN) return
+    while (buffer.length) {
+      const batch = buffer.splice(0, batchSize)
+      ws.send(JSON.stringify(batch), (error) => {
+        if (error) {
+          buffer.unshift(...batch) // not sent: keep it for the next connection
+          log.warn?.({ err: error.message }, 'sidecar send failed')
+        } else {
+          stats.sent += batch.length
+        }
+      })
+    }
+  }
+
+  function onConnectionUpdate(update) {
+    if (!update?.connection) return
+    const event = { type: 'connection.update', connection: update.connection }
+    const statusCode = update.lastDisconnect?.error?.output?.statusCode
+    if (Number.isInteger(statusCode) && statusCode >= 100 && statusCode <= 599) event.statusCode = statusCode
+    enqueue(event)
+  }
+
+  function onMessagesUpsert({ messages } = {}) {
+    for (const message of messages || []) {
+      if (message?.messageStubType !== CIPHERTEXT) continue
+      const error = message.messageStubParameters?.[0]
+      if (typeof error !== 'string' || !error) continue
+      const id = `${message.key?.remoteJid}/${message.key?.id}`
+      if (seenStubs.has(id)) continue
+      seenStubs.set(id, true)
+      if (seenStubs.size > 5_000) seenStubs.delete(seenStubs.keys().next().value)
+      const event = { type: 'decrypt.error', error, source: 'message' }
+      const peer = message.key?.participant || message.key?.remoteJid
+      if (typeof peer === 'string' && USER_JID.test(peer)) event.peerJid = peer
+      enqueue(event)
+    }
+  }
+
+  function onAppStateFailure({ error, collection }) {
+    const now = Date.now()
+    if (now - (seenAppState.get(collection) ?? -Infinity) < APP_STATE_DEDUP_MS) return
+    seenAppState.set(collection, now)
+    enqueue({ type: 'decrypt.error', error, source: 'app-state' })
+  }
+
+  async function clearCachedKeys(prefixes) {
+    const matches = (type, id) => prefixes.some((prefix) => `${type}-${id}`.startsWith(prefix))
+    const split = (cacheKey) => [cacheKey.slice(0, cacheKey.indexOf('.')), cacheKey.slice(cacheKey.indexOf('.') + 1)]
+    const cached = async () => (keyCache && typeof keyCache.keys === 'function' ? await keyCache.keys() : [])
+    const doomed = {}
+    const doom = (type, id) => { (doomed[type] ??= {})[id] = null }
+    // Ids to delete from the store: those the cache has seen, plus the app-state ids Baileys knows without a
+    // listing (the collections and the current sync key).
+    for (const cacheKey of await cached()) {
+      const [type, id] = split(cacheKey)
+      if (type && matches(type, id)) doom(type, id)
+    }
+    for (const name of APP_STATE_PATCH_NAMES) if (matches('app-state-sync-version', name)) doom('app-state-sync-version', name)
+    const keyId = sock.authState?.creds?.myAppStateKeyId
+    if (keyId && matches('app-state-sync-key', keyId)) doom('app-state-sync-key', keyId)
+    const store = sock.authState?.keys
+    if (store && Object.keys(doomed).length) await store.set(doomed)
+    // Last, the cache itself: a cacheable store's set() caches the nulls it was given.
+    let removed = 0
+    for (const cacheKey of await cached()) {
+      const [type, id] = split(cacheKey)
+      if (type && matches(type, id)) {
+        await keyCache.del(cacheKey)
+        removed++
+      }
+    }
+    if (typeof clearKeys === 'function') removed += Number(await clearKeys(prefixes)) || 0
+    return removed
+  }
+
+  async function obey(command) {
+    stats.commands++
+    let ok = true
+    let error = null
+    try {
+      if (command.organizationPhoneId !== organizationPhoneId) throw new Error(`not this socket's session (${command.organizationPhoneId})`)
+      if (command.type === 'auth.clear') {
+        const removed = await clearCachedKeys(command.keyPrefixes || [])
+        log.info?.({ keyPrefixes: command.keyPrefixes, removed }, 'sidecar: cached keys dropped')
+      } else if (command.type === 'session.end') {
+        log.warn?.({ reason: command.reason }, 'sidecar: ending the session (logged out; do not reconnect)')
+        detachListeners()
+        sock.end(loggedOutError(command.reason))
+      } else {
+        throw new Error(`unknown command ${command.type}`)
+      }
+    } catch (failure) {
+      ok = false
+      error = String(failure?.message || failure)
+    }
+    if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify({ type: 'command.ack', commandId: command.commandId, ok, error }))
+    if (command.type === 'session.end' && ok) stop()
+  }
+
+  function connect() {
+    reconnectTimer = null
+    if (closed) return
+    const socket = new WebSocket(url, { headers: token ? { Authorization: `Bearer ${token}` } : {}, handshakeTimeout: 10_000 })
+    ws = socket
+    socket.on('open', () => {
+      stats.connects++
+      reconnectDelay = reconnectInitialMs
+      flush()
+    })
+    socket.on('message', (data) => {
+      let frame
+      try {
+        frame = JSON.parse(String(data))
+      } catch {
+        return
+      }
+      for (const item of Array.isArray(frame) ? frame : [frame]) {
+        if (item?.type === 'error') log.warn?.({ error: item.error, details: item.details }, 'sidecar refused events')
+        else if (item?.type === 'session.end' || item?.type === 'auth.clear') obey(item)
+      }
+    })
+    socket.on('error', (error) => log.debug?.({ err: error.message }, 'sidecar link error'))
+    socket.on('close', () => {
+      if (ws === socket) ws = null
+      if (closed) return
+      const delay = Math.min(reconnectDelay, reconnectMaxMs) * (0.5 + Math.random() / 2)
+      reconnectDelay = Math.min(reconnectDelay * 2, reconnectMaxMs)
+      reconnectTimer = setTimeout(connect, delay)
+      reconnectTimer.unref?.()
+    })
+  }
+
+  const taps = options.logger?.[Symbol.for('wa-sidecar.taps')]
+  sock.ev.on('connection.update', onConnectionUpdate)
+  sock.ev.on('messages.upsert', onMessagesUpsert)
+  taps?.add(onAppStateFailure)
+
+  function detachListeners() {
+    sock.ev.off('connection.update', onConnectionUpdate)
+    sock.ev.off('messages.upsert', onMessagesUpsert)
+    taps?.delete(onAppStateFailure)
+  }
+
+  function stop() {
+    flush()
+    closed = true
+    clearTimeout(reconnectTimer)
+    clearTimeout(flushTimer)
+    const socket = ws
+    // Let queued frames (the ack) go out before closing.
+    if (socket) setTimeout(() => socket.close(1000), 50).unref?.()
+  }
+
+  connect()
+  return {
+    stats,
+    get buffered() { return buffer.length },
+    get connected() { return !!ws && ws.readyState === WebSocket.OPEN },
+    detach() {
+      detachListeners()
+      stop()
+    },
+  }
+}
+
+module.exports = { attachSidecar, sidecarLogger, appStateFailure, loggedOutError }

@@ -1,0 +1,273 @@
+// The adapter against the real @whiskeysockets/baileys (7.0.0-rc14) and a real sidecar process.
+// Errors are genuine: two real Signal parties built with Baileys' libsignal repository, a tampered message
+// decrypted by Baileys' own decryptMessageNode, which yields the CIPHERTEXT stub a live socket upserts.
+import { test, before, after } from 'node:test'
+import assert from 'node:assert/strict'
+import { spawn } from 'node:child_process'
+import { createRequire } from 'node:module'
+import fs from 'node:fs'
+import os from 'node:os'
+import path from 'node:path'
+import { fileURLToPath } from 'node:url'
+import * as B from '@whiskeysockets/baileys'
+import pino from 'pino'
+
+const require = createRequire(import.meta.url)
+const { attachSidecar, sidecarLogger, appStateFailure } = require('../index.cjs')
+const NodeCache = require('@cacheable/node-cache').default ?? require('@cacheable/node-cache')
+
+const HERE = path.dirname(fileURLToPath(import.meta.url))
+const REPO = path.resolve(HERE, '..', '..', '..')
+const PYTHON = process.env.WA_SIDECAR_PYTHON || path.join(REPO, '.venv', 'bin', 'python')
+const TOKEN = 'runtime-token-for-tests'
+const quiet = pino({ level: 'silent' })
+
+async function eventually(condition, what, deadlineMs = 20_000) {
+  const end = Date.now() + deadlineMs
+  for (;;) {
+    const value = await condition()
+    if (value) return value
+    if (Date.now() > end) throw new Error(`not within ${deadlineMs} ms: ${what}`)
+    await new Promise((resolve) => setTimeout(resolve, 50))
+  }
+}
+
+// ---- a real sidecar -------------------------------------------------------------------------------------
+async function startSidecar(port = 0) {
+  const stateDir = fs.mkdtempSync(path.join(os.tmpdir(), 'wa-adapter-'))
+  const child = spawn(PYTHON, ['-m', 'sidecar', 'serve', '--listen', `127.0.0.1:${port}`, '--closure-log', path.join(stateDir, 'closures.jsonl')], {
+    cwd: REPO,
+    env: { ...process.env, WA_SIDECAR_RUNTIME_TOKEN: TOKEN, WA_SIDECAR_API_TOKEN: 'api-token' },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  })
+  let output = ''
+  child.stdout.on('data', (chunk) => { output += chunk })
+  child.stderr.on('data', (chunk) => { output += chunk })
+  const base = await eventually(() => {
+    const line = output.split('\n').find((l) => l.includes('"msg":"serving"'))
+    return line && JSON.parse(line).listen
+  }, `sidecar started: ${output}`)
+  return {
+    base, child, stateDir,
+    ws: base.replace('http://', 'ws://') + '/v1/runtime',
+    log: () => output,
+    async get(p) { return (await fetch(base + p)).json() },
+    async metrics() { return (await fetch(base + '/metrics')).text() },
+    async stop() { child.kill('SIGTERM'); await new Promise((resolve) => child.once('exit', resolve)) },
+  }
+}
+
+// ---- genuine Signal failures ----------------------------------------------------------------------------
+function memStore() {
+  const data = {}
+  const keys = {
+    async get(type, ids) {
+      const out = {}
+      for (const id of ids) {
+        let value = data[type]?.[id]
+        if (value !== undefined && value !== null) {
+          if (type === 'app-state-sync-key') value = B.proto.Message.AppStateSyncKeyData.fromObject(value)
+          out[id] = value
+        }
+      }
+      return out
+    },
+    async set(changes) {
+      for (const type in changes) {
+        data[type] ??= {}
+        for (const id in changes[type]) {
+          if (changes[type][id]) data[type][id] = changes[type][id]
+          else delete data[type][id]
+        }
+      }
+    },
+  }
+  return { data, keys }
+}
+
+function party(jid) {
+  const creds = B.initAuthCreds()
+  creds.me = { id: jid, name: 'x' }
+  const store = memStore()
+  const auth = { creds, keys: B.addTransactionCapability(store.keys, quiet, { maxCommitRetries: 2, delayBetweenTriesMs: 10 }) }
+  const pnToLid = async (pns) => pns.map((pn) => ({ pn, lid: '2' + pn.split('@')[0].slice(1) + '7@lid' }))
+  return { jid, creds, store, auth, repo: B.DEFAULT_CONNECTION_CONFIG.makeSignalRepository(auth, quiet, pnToLid) }
+}
+
+async function bundleOf(p) {
+  const { update, preKeys } = await B.getNextPreKeys(p.auth, 3)
+  Object.assign(p.creds, update)
+  const [id] = Object.keys(preKeys)
+  return {
+    registrationId: p.creds.registrationId,
+    identityKey: B.generateSignalPubKey(p.creds.signedIdentityKey.public),
+    signedPreKey: { keyId: p.creds.signedPreKey.keyId, publicKey: B.generateSignalPubKey(p.creds.signedPreKey.keyPair.public), signature: p.creds.signedPreKey.signature },
+    preKey: { keyId: +id, publicKey: B.generateSignalPubKey(preKeys[id].public) },
+  }
+}
+
+const plaintext = (text) => Buffer.concat([Buffer.from(B.proto.Message.encode({ conversation: text }).finish()), Buffer.alloc(3, 3)])
+
+const { PreKeyWhisperMessage } = require('libsignal/src/protobufs.js')
+const flipLastByte = (buffer) => {
+  const copy = Buffer.from(buffer)
+  copy[copy.length - 1] ^= 0xff
+  return copy
+}
+// Flip the MAC trailer of the WhisperMessage inside a PreKeyWhisperMessage (the framing stays valid).
+function tamperPkmsg(buffer) {
+  const outer = PreKeyWhisperMessage.decode(buffer.subarray(1))
+  outer.message = flipLastByte(outer.message)
+  return Buffer.concat([buffer.subarray(0, 1), Buffer.from(PreKeyWhisperMessage.encode(outer).finish())])
+}
+
+// `count` stubs of messages whose MAC was flipped, each from a new sender (pkmsg path: libsignal's raw Bad MAC).
+async function badMacStubs(receiver, count) {
+  const stubs = []
+  for (let i = 0; i < count; i++) {
+    const sender = party(`1555000${String(100 + i).padStart(4, '0')}@s.whatsapp.net`)
+    await sender.repo.injectE2ESession({ jid: receiver.jid, session: await bundleOf(receiver) })
+    const sent = await sender.repo.encryptMessage({ jid: receiver.jid, data: plaintext(`hello ${i}`) })
+    const tampered = sent.type === 'pkmsg' ? tamperPkmsg(sent.ciphertext) : flipLastByte(sent.ciphertext)
+    const node = {
+      tag: 'message',
+      attrs: { from: sender.jid, type: 'text', id: `3EB0${String(i).padStart(16, '0')}`, t: '1764043200', notify: 'x' },
+      content: [{ tag: 'enc', attrs: { v: '2', type: sent.type }, content: tampered }],
+    }
+    const { fullMessage, decrypt } = B.decryptMessageNode(node, receiver.creds.me.id, '', receiver.repo, quiet)
+    await decrypt()
+    stubs.push(fullMessage)
+  }
+  return stubs
+}
+
+// A socket-shaped object: Baileys' real event emitter, auth state, and end() that reports the close the way
+// makeWASocket does (connection.update close with lastDisconnect).
+function socketShaped(jid, keys) {
+  const ev = B.makeEventBuffer(quiet)
+  const off = ev.off.bind(ev)
+  const sock = {
+    ev,
+    removed: [],
+    user: { id: jid },
+    authState: { creds: { me: { id: jid }, myAppStateKeyId: 'AAAAAFBQ' }, keys },
+    ended: null,
+    end(error) {
+      sock.ended = error
+      ev.emit('connection.update', { connection: 'close', lastDisconnect: { error, date: new Date() } })
+    },
+  }
+  ev.off = (name, listener) => {
+    sock.removed.push(name)
+    return off(name, listener)
+  }
+  return sock
+}
+
+let sidecar
+before(async () => { sidecar = await startSidecar() })
+after(async () => { await sidecar?.stop() })
+
+test('three genuine Bad MAC stubs end the session with a loggedOut close the backend does not undo', async () => {
+  const me = party('79001110010@s.whatsapp.net')
+  const stubs = await badMacStubs(me, 3)
+  assert.equal(stubs[0].messageStubType, B.proto.WebMessageInfo.StubType.CIPHERTEXT)
+  assert.match(stubs[0].messageStubParameters[0], /Bad MAC/)
+  const sock = socketShaped(me.jid, memStore().keys)
+  let reconnects = 0
+  // The usual backend branch: reconnect unless logged out.
+  sock.ev.on('connection.update', ({ connection, lastDisconnect }) => {
+    if (connection === 'close' && lastDisconnect?.error?.output?.statusCode !== B.DisconnectReason.loggedOut) reconnects++
+  })
+  const link = attachSidecar(sock, { organizationId: 7, organizationPhoneId: 4201, url: sidecar.ws, token: TOKEN, logger: quiet })
+  await eventually(() => link.connected, 'link connected')
+  sock.ev.emit('connection.update', { connection: 'open' })
+  sock.ev.emit('messages.upsert', { messages: [stubs[0]], type: 'notify' })
+  const after1 = await eventually(async () => {
+    const stats = await sidecar.get('/v1/sessions/4201/stats')
+    return stats.badMacErrors === 1 && stats
+  }, 'first Bad MAC counted')
+  assert.equal(after1.isHealthy, true)
+  sock.ev.emit('messages.upsert', { messages: [stubs[0]], type: 'append' }) // the same stub again: not a new fault
+  sock.ev.emit('messages.upsert', { messages: [stubs[1], stubs[2]], type: 'notify' })
+  await eventually(() => sock.ended, 'session.end obeyed')
+  assert.equal(sock.ended.output.statusCode, B.DisconnectReason.loggedOut)
+  assert.equal(reconnects, 0, 'the backend did not reconnect after the sidecar logout')
+  const closure = await eventually(() => {
+    const file = path.join(sidecar.stateDir, 'closures.jsonl')
+    const line = fs.existsSync(file) && fs.readFileSync(file, 'utf8').split('\n').find((l) => l.includes('"organizationPhoneId":4201'))
+    return line && JSON.parse(line)
+  }, 'closure recorded')
+  assert.equal(closure.reason, 'bad_mac_limit')
+  assert.equal(closure.badMacErrors, 3, 'the duplicate stub was not counted')
+  assert.equal(closure.socket, 'ended', 'the runtime acked the session.end')
+  const metrics = await sidecar.metrics()
+  assert.match(metrics, /whatsapp_session_closes_total\{organization_id="7",reason="bad_mac_limit"\} 1\.0|whatsapp_session_closes_total\{reason="bad_mac_limit",organization_id="7"\} 1\.0/)
+  assert.deepEqual(sock.removed.sort(), ['connection.update', 'messages.upsert'], 'the adapter removed its listeners')
+})
+
+test('an app-state bad decrypt logged by Baileys makes the sidecar heal: cached app-state keys are dropped', async () => {
+  const base = memStore()
+  const cache = new NodeCache({ stdTTL: 300, useClones: false })
+  const keys = B.makeCacheableSignalKeyStore(base.keys, quiet, cache)
+  await keys.set({
+    'app-state-sync-key': { AAAAAFBQ: { keyData: Buffer.alloc(32, 1), timestamp: 1 } },
+    'app-state-sync-version': { regular_high: { version: 2, hash: Buffer.alloc(128), indexValueMap: {} } },
+    session: { '15550002222.0': Buffer.from('session') },
+  })
+  await keys.get('app-state-sync-key', ['AAAAAFBQ']) // cached now
+  const logger = sidecarLogger(quiet)
+  const sock = socketShaped('79001110011@s.whatsapp.net', keys)
+  const link = attachSidecar(sock, { organizationId: 7, organizationPhoneId: 4202, url: sidecar.ws, token: TOKEN, logger, keyCache: cache })
+  await eventually(() => link.connected, 'link connected')
+  sock.ev.emit('connection.update', { connection: 'open' })
+  // Baileys 6.x logs a failed app-state sync at info level with the OpenSSL error's stack; this one is genuine.
+  let opensslError
+  try {
+    B.aesDecrypt(B.aesEncrypt(Buffer.from('{"index":["mute"]}'), Buffer.alloc(32, 1)), Buffer.alloc(32, 2))
+  } catch (error) {
+    opensslError = error
+  }
+  assert.equal(opensslError?.code, 'ERR_OSSL_BAD_DECRYPT')
+  const child = logger.child({ class: 'baileys' })
+  child.info({ name: 'regular_high', error: opensslError.stack }, 'failed to sync state from version, removing and trying from scratch')
+  child.info({ name: 'regular_high', error: opensslError.stack }, 'failed to sync state from version') // same failure, given up
+  await eventually(async () => (await sidecar.get('/v1/sessions/4202/stats')).badDecryptErrors === 1, 'one bad decrypt counted')
+  await eventually(async () => (await cache.keys()).every((k) => !k.startsWith('app-state-sync-')), 'cache purged')
+  assert.ok((await cache.keys()).includes('session.15550002222.0'), 'other cached keys stay')
+  await eventually(() => !base.data['app-state-sync-key']?.AAAAAFBQ && !base.data['app-state-sync-version']?.regular_high, 'store purged')
+  assert.ok(base.data.session['15550002222.0'], 'peer sessions stay')
+  assert.equal(sock.ended, null, 'the session stays up')
+  link.detach()
+})
+
+test('the golden Baileys lines: app-state failures are recognised, everything else is not', () => {
+  const golden = fs.readFileSync(path.join(REPO, 'tests', 'fixtures', 'baileys', 'golden_lines.jsonl'), 'utf8').trim().split('\n').map((l) => JSON.parse(l))
+  const recognised = golden.filter((g) => appStateFailure(g.line)).map((g) => g.label).sort()
+  assert.deepEqual(recognised, ['appstate.bad_decrypt_giving_up', 'appstate.bad_decrypt_retrying', 'appstate.invalid_patch_mac_skipped'])
+})
+
+test('with the sidecar away the backend is unaffected; events wait and arrive once it is up', async () => {
+  const probe = await startSidecar()
+  const port = Number(new URL(probe.base).port)
+  await probe.stop()
+  const sock = socketShaped('79001110012@s.whatsapp.net', memStore().keys)
+  const link = attachSidecar(sock, { organizationId: 8, organizationPhoneId: 4203, url: `ws://127.0.0.1:${port}/v1/runtime`, token: TOKEN, logger: quiet, reconnectInitialMs: 100, reconnectMaxMs: 300 })
+  sock.ev.emit('connection.update', { connection: 'open' })
+  const [stub] = await badMacStubs(party('79001110013@s.whatsapp.net'), 1)
+  sock.ev.emit('messages.upsert', { messages: [stub], type: 'notify' })
+  await new Promise((resolve) => setTimeout(resolve, 300))
+  assert.equal(link.connected, false)
+  assert.equal(link.buffered, 2, 'both events wait in the bounded buffer')
+  const late = await startSidecar(port)
+  try {
+    await eventually(async () => {
+      const response = await fetch(late.base + '/v1/sessions/4203/stats').catch(() => null)
+      return response?.status === 200 && (await response.json()).badMacErrors === 1
+    }, 'buffered events delivered after the sidecar came up')
+    assert.ok(link.stats.connects >= 1)
+  } finally {
+    link.detach()
+    await late.stop()
+  }
+})

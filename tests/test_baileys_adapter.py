@@ -1,0 +1,32 @@
+"""The Baileys adapter's own tests (node --test) against the real @whiskeysockets/baileys and a real sidecar.
+
+npm ci installs the pinned packages (integrations/baileys/package-lock.json) when they are missing; the node
+tests start `python -m sidecar serve` with this interpreter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+ADAPTER = Path(__file__).parent.parent / "integrations" / "baileys"
+
+
+async def _run(*argv: str, timeout: float) -> tuple[int, str]:
+    env = {**os.environ, "WA_SIDECAR_PYTHON": sys.executable}
+    process = await asyncio.create_subprocess_exec(
+        *argv, cwd=ADAPTER, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), timeout)
+    return int(process.returncode or 0), output.decode()
+
+
+async def test_the_adapter_passes_its_node_tests_against_real_baileys() -> None:
+    if not (ADAPTER / "node_modules" / "@whiskeysockets" / "baileys").exists():
+        code, output = await _run("npm", "ci", "--no-audit", "--no-fund", timeout=600)
+        assert code == 0, output
+    code, output = await _run("node", "--test", "--test-reporter=tap", timeout=300)
+    assert code == 0, output[-6000:]
+    assert "# fail 0" in output and "# pass 0" not in output, output[-3000:]
