@@ -14,19 +14,19 @@ from pathlib import Path
 ADAPTER = Path(__file__).parent.parent / "integrations" / "baileys"
 
 
-async def _run(*argv: str, timeout: float) -> tuple[int, str]:
+async def _run(*argv: str, deadline: float) -> tuple[int, str]:
     env = {**os.environ, "WA_SIDECAR_PYTHON": sys.executable}
     process = await asyncio.create_subprocess_exec(
         *argv, cwd=ADAPTER, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
     )
-    output, _ = await asyncio.wait_for(process.communicate(), timeout)
+    output, _ = await asyncio.wait_for(process.communicate(), deadline)
     return int(process.returncode or 0), output.decode()
 
 
 async def test_the_adapter_passes_its_node_tests_against_real_baileys() -> None:
     if not (ADAPTER / "node_modules" / "@whiskeysockets" / "baileys").exists():
-        code, output = await _run("npm", "ci", "--no-audit", "--no-fund", timeout=600)
+        code, output = await _run("npm", "ci", "--no-audit", "--no-fund", deadline=600)
         assert code == 0, output
-    code, output = await _run("node", "--test", "--test-reporter=tap", timeout=300)
+    code, output = await _run("node", "--test", "--test-reporter=tap", deadline=300)
     assert code == 0, output[-6000:]
     assert "# fail 0" in output and "# pass 0" not in output, output[-3000:]
