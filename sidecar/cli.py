@@ -1,4 +1,4 @@
-"""wa-sidecar: serve, migrate, check-config."""
+"""wa-sidecar: serve, migrate, check-config, ingest-logs."""
 
 from __future__ import annotations
 
@@ -9,15 +9,19 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
 
 import asyncpg
 from aiohttp import web
 
 from sidecar import __version__
 from sidecar.app import StartupError, create_app
-from sidecar.components import COMPONENTS
+from sidecar.components import COMPONENTS, Components
 from sidecar.config import Config, ConfigError, add_config_arguments, config_from_args
+from sidecar.ingest.baileys_log import BaileysLogReader
+from sidecar.ingest.command import SessionMapError, announce, lines_of, load_session_map, pump, summary_line
 from sidecar.logs import configure_logging
 from sidecar.notify.owners import OwnersError, load_owners
 from sidecar.store.migrations import migrate
@@ -28,6 +32,8 @@ log = logging.getLogger("sidecar.cli")
 EXIT_CONFIG = 2
 EXIT_UNAVAILABLE = 3
 
+Work = Callable[[Components], Coroutine[Any, Any, None]]
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wa-sidecar", description="WhatsApp session health sidecar")
@@ -37,8 +43,18 @@ def build_parser() -> argparse.ArgumentParser:
         ("serve", "run the sidecar: session runtime, HTTP API, health endpoints"),
         ("migrate", "create or upgrade the sidecar's own tables in PostgreSQL"),
         ("check-config", "validate the configuration (and, with a database URL, the configured tables)"),
+        ("ingest-logs", "feed the runtime from a Baileys backend's log (pino JSON + libsignal output)"),
     ):
-        add_config_arguments(commands.add_parser(name, help=text, description=text))
+        command = commands.add_parser(name, help=text, description=text)
+        add_config_arguments(command)
+        if name == "ingest-logs":
+            command.add_argument("source", nargs="?", default="-", help="log file, or - for stdin (default)")
+            command.add_argument("--follow", action="store_true", help="keep reading as the file grows or rotates")
+            command.add_argument("--from-end", action="store_true", help="start at the end of the file")
+            command.add_argument(
+                "--sessions", type=Path, help="YAML/JSON mapping a binding's value to organizationId, "
+                "organizationPhoneId and phoneJid (when the log lines carry no such bindings)"
+            )
     return parser
 
 
@@ -52,19 +68,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(config.log_level)
     if args.command == "serve":
         return _serve(config)
+    if args.command == "ingest-logs":
+        return _ingest_logs(config, args)
     if args.command == "migrate":
         return asyncio.run(_migrate(config))
     return asyncio.run(_check_config(config))
 
 
-def _serve(config: Config) -> int:
+def _ingest_logs(config: Config, args: argparse.Namespace) -> int:
+    reader = BaileysLogReader()
+    if args.sessions is not None:
+        try:
+            reader.session_map = load_session_map(args.sessions)
+        except SessionMapError as error:
+            print(f"wa-sidecar: --sessions {error}", file=sys.stderr)
+            return EXIT_CONFIG
+    if args.source != "-" and not Path(args.source).is_file():
+        print(f"wa-sidecar: {args.source}: no such log file", file=sys.stderr)
+        return EXIT_CONFIG
+    announce(args.source, args.follow)
+
+    async def work(components: Components) -> None:
+        stats = await pump(components, lines_of(args.source, args.follow, args.from_end), reader)
+        print(summary_line(stats), flush=True)
+
+    return _serve(config, work)
+
+
+def _serve(config: Config, work: Work | None = None) -> int:
     try:
         config.check_exposure()
     except ConfigError as error:
         print(f"wa-sidecar: refusing to start: {error}", file=sys.stderr)
         return EXIT_CONFIG
     try:
-        asyncio.run(_run_server(config))
+        asyncio.run(_run_server(config, work))
     except StartupError as error:
         print(f"wa-sidecar: {error}", file=sys.stderr)
         return EXIT_CONFIG
@@ -81,7 +119,8 @@ def _bound_url(config: Config, runner: web.AppRunner) -> str:
     return f"http://{host}:{port}"
 
 
-async def _run_server(config: Config) -> None:
+async def _run_server(config: Config, work: Work | None = None) -> None:
+    """Serves until SIGINT/SIGTERM, or until `work` (given the live components) is done."""
     runner = web.AppRunner(create_app(config), access_log=None, handle_signals=False)
     await runner.setup()
     try:
@@ -105,7 +144,15 @@ async def _run_server(config: Config) -> None:
             loop.add_signal_handler(signum, stop.set)
         components = runner.app[COMPONENTS]
         loop.add_signal_handler(signal.SIGHUP, components.owners.reload)
-        await stop.wait()
+        waiters: list[asyncio.Task[Any]] = [asyncio.create_task(stop.wait())]
+        if work is not None:
+            waiters.append(asyncio.create_task(work(components)))
+        done, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for task in done:
+            task.result()
         log.info("stopping")
     finally:
         await runner.cleanup()

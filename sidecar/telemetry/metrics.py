@@ -30,7 +30,7 @@ STEP_WAIT_BUCKETS = (0.001, 0.005, 0.025, 0.1, 0.5, 2.5, 10.0, 60.0, 300.0, 600.
 NOTIFICATION_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0, 30.0, 300.0, 3600.0)
 
 EVENT_TYPES = ("connection.update", "decrypt.error", "command.ack")
-CHANNELS = ("websocket", "http")
+CHANNELS = ("websocket", "http", "logs")
 REJECT_REASONS = ("invalid", "malformed", "too_many_events", "binary")
 HEAL_KINDS = ("bad_mac", "bad_decrypt")
 

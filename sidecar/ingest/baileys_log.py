@@ -1,0 +1,305 @@
+"""Reads a Baileys backend's log: pino JSON lines and libsignal's multi-line console output, into runtime link
+v1 events (the same dicts a runtime would send, validated the same way). Pure: no I/O, no clock.
+
+What becomes an event:
+- `failed to decrypt message` (Baileys, level 50): a decrypt error with `err.message`, the sender as peer and the
+  message type; once per message id (Baileys retries a failed message and logs it again).
+- app-state sync failures: `failed to sync state from version…` (6.x, info level, OpenSSL's bad decrypt in the
+  stack) and `failed to decode patch, skipping` (7.x, `Invalid patch mac`); one failure that logs twice
+  (retry, then give up) counts once per collection within APP_STATE_REPEAT_SECONDS.
+- connections: Baileys' `opened connection to WA` and `connection errored` (a known Boom message gives the
+  status code), and an app's own logged `connection.update` events (`event`, `update.connection`).
+- libsignal's console block (`Session error:<Type>: <message>`) names the real cause behind Baileys'
+  `No matching sessions found for message` on the msg path: a Bad MAC, or only a duplicate (`Key used already or
+  never filled`). The next such record takes that cause, so redeliveries are not counted as Bad MAC.
+
+Session identity comes from pino bindings (`organizationId`, `organizationPhoneId`, `phoneJid`), or from a mapping
+of one binding's value to those ids (SessionMap).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sidecar.jid import InvalidJid, parse_jid
+
+# One cheap test per line before any JSON parsing: most lines of a busy backend are none of these.
+INTERESTING = re.compile(
+    r"failed to (?:decrypt message|sync state|decode patch)|opened connection to WA|connection errored"
+    r"|connection\.update|Session error:"
+)
+APP_STATE_TEXT = re.compile(r"bad decrypt|ERR_OSSL_BAD_DECRYPT|Invalid patch mac|wrong final block length", re.I)
+SESSION_ERROR = re.compile(r"^Session error:(?P<type>\w+): (?P<message>.*?)(?: (?P=type): (?P=message))?\s*$")
+NO_MATCHING_SESSIONS = "No matching sessions found for message"
+APP_STATE_REPEAT_SECONDS = 10.0
+LIBSIGNAL_CAUSE_LINES = 50  # a console block explains a Baileys record at most this many lines later
+SEEN_MESSAGES = 10_000
+# Baileys' Boom messages whose status code is fixed (a <failure reason=…> says only "Connection Failure").
+CLOSE_CODES = {
+    "Stream Errored (restart required)": 515,
+    "Connection Terminated": 428,
+    "Connection Closed": 428,
+    "Stream Errored (conflict)": 440,
+    "Timed Out": 408,
+    "Connection was lost": 408,
+    "Intentional Logout": 401,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class SessionIds:
+    organization_id: int
+    organization_phone_id: int
+    phone_jid: str
+
+
+@dataclass(frozen=True)
+class SessionMap:
+    """Names sessions when the log carries no ids: `field`'s value (e.g. a `sessionId` binding) -> ids."""
+
+    field: str
+    sessions: dict[str, SessionIds]
+
+    @classmethod
+    def from_document(cls, document: object) -> SessionMap:
+        """From {"field": "...", "sessions": {"<value>": {organizationId, organizationPhoneId, phoneJid}}}."""
+        if not isinstance(document, dict) or not isinstance(document.get("field"), str) or not document["field"]:
+            raise ValueError("field: must name the binding that identifies a session")
+        entries = document.get("sessions")
+        if not isinstance(entries, dict) or not entries:
+            raise ValueError("sessions: must map binding values to {organizationId, organizationPhoneId, phoneJid}")
+        sessions = {}
+        for value, entry in entries.items():
+            ids = _ids(entry) if isinstance(entry, dict) else None
+            if ids is None:
+                raise ValueError(
+                    f"sessions.{value}: needs organizationId and organizationPhoneId (positive integers) "
+                    "and phoneJid (a user JID)"
+                )
+            sessions[str(value)] = ids
+        return cls(document["field"], sessions)
+
+
+def _ids(record: dict[str, Any]) -> SessionIds | None:
+    organization = record.get("organizationId", record.get("organization_id"))
+    phone = record.get("organizationPhoneId", record.get("organization_phone_id"))
+    jid = record.get("phoneJid", record.get("phone_jid"))
+    if isinstance(organization, str) and organization.isdigit():
+        organization = int(organization)
+    if isinstance(phone, str) and phone.isdigit():
+        phone = int(phone)
+    if not (isinstance(organization, int) and organization > 0 and isinstance(phone, int) and phone > 0):
+        return None
+    if not isinstance(jid, str) or not _is_user_jid(jid):
+        return None
+    return SessionIds(organization, phone, jid)
+
+
+def _is_user_jid(text: str) -> bool:
+    try:
+        parse_jid(text)
+    except InvalidJid:
+        return False
+    return True
+
+
+def _timestamp(value: object) -> tuple[str | None, float | None]:
+    """pino's `time`: epoch milliseconds (the default) or an ISO string (Baileys' own logger)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        moment = datetime.fromtimestamp(value / 1000, UTC)
+    elif isinstance(value, str):
+        try:
+            moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return None, None
+        if moment.tzinfo is None:
+            return None, None
+    else:
+        return None, None
+    return moment.isoformat().replace("+00:00", "Z"), moment.timestamp()
+
+
+def _close_code(record: dict[str, Any], update: dict[str, Any]) -> int | None:
+    """A Boom's status code: `output.statusCode` on the live object; logged, it is often flattened."""
+    error = (update.get("lastDisconnect") or {}).get("error")
+    candidates: list[object] = []
+    if isinstance(error, dict):
+        output, payload = error.get("output"), error.get("payload")
+        candidates += [
+            output.get("statusCode") if isinstance(output, dict) else None,
+            error.get("statusCode"),
+            payload.get("statusCode") if isinstance(payload, dict) else None,
+        ]
+    candidates.append(record.get("statusCode"))
+    return next((c for c in candidates if isinstance(c, int) and not isinstance(c, bool)), None)
+
+
+@dataclass
+class ReadStats:
+    lines: int = 0
+    parsed: int = 0
+    events: int = 0
+    unattributed: int = 0
+    duplicates: int = 0
+    libsignal_blocks: int = 0
+    causes_applied: int = 0
+
+
+@dataclass
+class BaileysLogReader:
+    session_map: SessionMap | None = None
+    stats: ReadStats = field(default_factory=ReadStats)
+    _seen: OrderedDict[tuple[int, str], None] = field(default_factory=OrderedDict)
+    _app_state: dict[tuple[int, str], float] = field(default_factory=dict)
+    _cause: str | None = None
+    _cause_age: int = 0
+
+    def feed(self, line: str) -> dict[str, Any] | None:
+        """One line of the log; returns the event it means, or None."""
+        self.stats.lines += 1
+        if self._cause is not None:
+            self._cause_age += 1
+            if self._cause_age > LIBSIGNAL_CAUSE_LINES:
+                self._cause = None
+        if not INTERESTING.search(line):
+            return None
+        text = line.strip()
+        if text.startswith("Session error:"):
+            self._libsignal_cause(text)
+            return None
+        if not text.startswith("{"):
+            return None
+        try:
+            record = json.loads(text)
+        except ValueError:
+            return None
+        if not isinstance(record, dict):
+            return None
+        self.stats.parsed += 1
+        event = self._event(record)
+        if event is not None:
+            self.stats.events += 1
+        return event
+
+    def _libsignal_cause(self, text: str) -> None:
+        match = SESSION_ERROR.match(text)
+        if match is None:
+            return
+        self.stats.libsignal_blocks += 1
+        # libsignal tries each known session of the peer and prints one block per failure; a Bad MAC among the
+        # blocks of one message is the fault that matters, so a recent Bad MAC is not replaced by a lesser cause.
+        recent_bad_mac = self._cause is not None and "Bad MAC" in self._cause and self._cause_age <= 10
+        if not recent_bad_mac:
+            self._cause = match.group("message")
+        self._cause_age = 0
+
+    def _session(self, record: dict[str, Any]) -> SessionIds | None:
+        if self.session_map is not None:
+            value = record.get(self.session_map.field)
+            if value is not None:
+                return self.session_map.sessions.get(str(value))
+        return _ids(record)
+
+    def _event(self, record: dict[str, Any]) -> dict[str, Any] | None:
+        message = record.get("msg")
+        if message == "failed to decrypt message":
+            return self._decrypt_failure(record)
+        if isinstance(message, str) and (
+            message.startswith("failed to sync state from version") or message == "failed to decode patch, skipping"
+        ):
+            return self._app_state_failure(record)
+        if message == "opened connection to WA":
+            return self._connection(record, "open", None)
+        if message == "connection errored":
+            trace = str(record.get("trace") or record.get("err") or "")
+            boom = trace.split("\n", 1)[0].removeprefix("Error: ")
+            return self._connection(record, "close", CLOSE_CODES.get(boom))
+        update = record.get("update")
+        if record.get("event") == "connection.update" and isinstance(update, dict):
+            connection = update.get("connection")
+            if connection not in ("connecting", "open", "close"):
+                return None
+            return self._connection(record, str(connection), _close_code(record, update))
+        return None
+
+    def _base(self, record: dict[str, Any], kind: str) -> dict[str, Any] | None:
+        ids = self._session(record)
+        if ids is None:
+            self.stats.unattributed += 1
+            return None
+        event: dict[str, Any] = {
+            "type": kind,
+            "organizationId": ids.organization_id,
+            "organizationPhoneId": ids.organization_phone_id,
+            "phoneJid": ids.phone_jid,
+        }
+        at, _ = _timestamp(record.get("time"))
+        if at is not None:
+            event["at"] = at
+        return event
+
+    def _connection(self, record: dict[str, Any], connection: str, code: int | None) -> dict[str, Any] | None:
+        event = self._base(record, "connection.update")
+        if event is not None:
+            event["connection"] = connection
+            if code is not None and 100 <= code <= 599:
+                event["statusCode"] = code
+        return event
+
+    def _decrypt_failure(self, record: dict[str, Any]) -> dict[str, Any] | None:
+        error = record.get("err")
+        text = error.get("message") if isinstance(error, dict) else error
+        if not isinstance(text, str) or not text:
+            return None
+        cause, self._cause = self._cause, None
+        if text == NO_MATCHING_SESSIONS and cause is not None:
+            text = cause
+            self.stats.causes_applied += 1
+        event = self._base(record, "decrypt.error")
+        if event is None:
+            return None
+        raw_key = record.get("key")
+        key: dict[str, Any] = raw_key if isinstance(raw_key, dict) else {}
+        message_id = key.get("id")
+        if isinstance(message_id, str):
+            seen = (event["organizationPhoneId"], f"{key.get('remoteJid')}/{message_id}")
+            if seen in self._seen:
+                self.stats.duplicates += 1
+                return None
+            self._seen[seen] = None
+            if len(self._seen) > SEEN_MESSAGES:
+                self._seen.popitem(last=False)
+        event["error"] = text
+        event["source"] = "message"
+        peer = key.get("participant") or key.get("remoteJid")
+        if isinstance(peer, str) and _is_user_jid(peer):
+            event["peerJid"] = peer
+        if record.get("messageType") in ("pkmsg", "msg", "skmsg"):
+            event["messageType"] = record["messageType"]
+        return event
+
+    def _app_state_failure(self, record: dict[str, Any]) -> dict[str, Any] | None:
+        error = record.get("error", record.get("err"))
+        if isinstance(error, dict):
+            error = error.get("stack") or error.get("message")
+        if not isinstance(error, str) or not APP_STATE_TEXT.search(error):
+            return None
+        event = self._base(record, "decrypt.error")
+        if event is None:
+            return None
+        _, moment = _timestamp(record.get("time"))
+        collection = (event["organizationPhoneId"], str(record.get("name", "")))
+        last = self._app_state.get(collection)
+        if moment is not None and last is not None and moment - last < APP_STATE_REPEAT_SECONDS:
+            self.stats.duplicates += 1
+            return None
+        if moment is not None:
+            self._app_state[collection] = moment
+        event["error"] = error.split("\n", 1)[0]
+        event["source"] = "app-state"
+        return event

@@ -1,0 +1,95 @@
+"""`wa-sidecar ingest-logs`: the zero-code path. A Baileys backend's log feeds the runtime in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import asdict
+from pathlib import Path
+
+import yaml
+
+from sidecar.components import Components
+from sidecar.ingest.baileys_log import BaileysLogReader, SessionMap
+from sidecar.ingest.source import file_lines, stdin_lines
+from sidecar.link.dispatch import apply_event
+from sidecar.link.protocol import CommandAck, FrameInvalid, parse_messages
+
+log = logging.getLogger("sidecar.ingest")
+
+YIELD_EVERY = 2_000  # lines between yields to the event loop, so the API stays responsive
+
+
+class SessionMapError(ValueError):
+    pass
+
+
+def load_session_map(path: Path) -> SessionMap:
+    try:
+        document = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise SessionMapError(f"{path}: {error}") from None
+    try:
+        return SessionMap.from_document(document)
+    except ValueError as error:
+        raise SessionMapError(f"{path}: {error}") from None
+
+
+def lines_of(source: str, follow: bool, from_end: bool) -> AsyncIterator[list[str]]:
+    return stdin_lines() if source == "-" else file_lines(Path(source), follow, from_end)
+
+
+async def pump(components: Components, lines: AsyncIterator[list[str]], reader: BaileysLogReader) -> dict[str, object]:
+    """Feeds every event the log holds to the runtime; returns what it read. Waits when the pending queue is full
+    (apply_event waits for room), so a fast log slows down instead of growing memory."""
+    await components.restored.wait()
+    started = time.perf_counter()
+    since_yield = 0
+    async for batch in lines:
+        for line in batch:
+            event = reader.feed(line)
+            if event is not None:
+                await _apply(components, event)
+        since_yield += len(batch)
+        if since_yield >= YIELD_EVERY:
+            since_yield = 0
+            await asyncio.sleep(0)
+    await components.runtime.settle()
+    seconds = time.perf_counter() - started
+    stats = asdict(reader.stats)
+    rate = round(reader.stats.lines / seconds) if seconds else 0
+    return stats | {"seconds": round(seconds, 3), "linesPerSecond": rate}
+
+
+async def _apply(components: Components, event: dict[str, object]) -> None:
+    try:
+        messages = parse_messages(event)
+    except FrameInvalid as invalid:
+        components.link.rejected(invalid.reason)
+        log.warning("log event refused", extra={"fields": {"error": invalid.error, "details": invalid.details}})
+        return
+    for message in messages:
+        components.link.counted(message, "logs")
+        if not isinstance(message, CommandAck):
+            await apply_event(components.runtime, message)
+
+
+def announce(source: str, follow: bool) -> None:
+    log.warning(
+        "ingest-logs: observing a Baileys log; commands cannot be delivered on this path",
+        extra={
+            "fields": {
+                "source": "stdin" if source == "-" else source,
+                "follow": follow,
+                "note": "errors are counted, alerted, notified and the database is updated, but no socket is "
+                "ended and no cached key is dropped in the runtime; use the runtime link (adapter) for that",
+            }
+        },
+    )
+
+
+def summary_line(stats: dict[str, object]) -> str:
+    return json.dumps({"ingest": stats})
