@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
 from pathlib import Path
 
@@ -37,3 +38,11 @@ async def test_notify_latency_benchmark_runs() -> None:
     output = await bench("-m", "bench.notify_latency", "--sessions", "5", "--rate", "50")
     assert "direct webhook: 5 arrived" in output and "forged signatures seen: 0" in output
     assert "prometheus+alertmanager: 5 arrived" in output
+
+
+async def test_ingest_logs_benchmark_runs() -> None:
+    output = await bench("-m", "bench.ingest_logs", "--lines", "3000", "--sessions", "20", "--runs", "1")
+    assert "ingest-logs:" in output and "mtail:" in output
+    truth = re.search(r"ground truth: (\d+) real Bad MACs", output)
+    counted = re.search(r"counted: ingest-logs bad_mac (\d+)", output)
+    assert truth and counted and truth.group(1) == counted.group(1), output

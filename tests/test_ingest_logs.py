@@ -43,16 +43,21 @@ def bound(record: dict[str, Any], phone: SeededPhone | None = None, **bindings: 
     return json.dumps({"level": record.get("level", 30), **ids, **bindings, **record})
 
 
+def first(events: list[dict[str, Any]]) -> dict[str, Any] | None:
+    assert len(events) <= 1, events
+    return events[0] if events else None
+
+
 def test_golden_shapes_become_the_right_events() -> None:
     events: dict[str, dict[str, Any] | None] = {}
     for version in ("6.7.24", "7.0.0-rc14"):  # one reader per backend: each version's lines share message ids
         reader = BaileysLogReader()
-        events |= {label: reader.feed(bound(item["line"])) for label, item in golden(version).items()}
+        events |= {label: first(reader.feed(bound(item["line"]) + "\n")) for label, item in golden(version).items()}
         assert reader.stats.unattributed == 0
-    first = events["decrypt_fail.pkmsg_bad_mac"]
-    assert first is not None
-    assert first["error"] == "Bad MAC" and first["source"] == "message" and first["messageType"] == "pkmsg"
-    assert first["peerJid"] == "15550002222@s.whatsapp.net" and first["at"].startswith("2026-11-25T03:52:29")
+    pkmsg = events["decrypt_fail.pkmsg_bad_mac"]
+    assert pkmsg is not None
+    assert pkmsg["error"] == "Bad MAC" and pkmsg["source"] == "message" and pkmsg["messageType"] == "pkmsg"
+    assert pkmsg["peerJid"] == "15550002222@s.whatsapp.net" and pkmsg["at"].startswith("2026-11-25T03:52:29")
     group = events["decrypt_fail.group_no_sender_key"]
     assert group is not None and group["peerJid"] == "15550002222@s.whatsapp.net", "the participant, not the group"
     retry, give_up = events["appstate.bad_decrypt_retrying"], events["appstate.bad_decrypt_giving_up"]
@@ -75,7 +80,7 @@ def test_golden_shapes_become_the_right_events() -> None:
 def test_lines_without_identity_are_counted_as_unattributed_and_a_session_map_names_them() -> None:
     line = golden()["decrypt_fail.pkmsg_bad_mac"]["line"]
     reader = BaileysLogReader()
-    assert reader.feed(json.dumps(line)) is None
+    assert reader.feed(json.dumps(line) + "\n") == []
     assert reader.stats.unattributed == 1
     from sidecar.ingest.baileys_log import SessionMap
 
@@ -83,7 +88,7 @@ def test_lines_without_identity_are_counted_as_unattributed_and_a_session_map_na
         {"field": "sessionId", "sessions": {"acme-1": {"organizationId": 3, "organizationPhoneId": 9,
                                                         "phoneJid": "79005550000@s.whatsapp.net"}}}
     )  # fmt: skip
-    named = BaileysLogReader(session_map=mapping).feed(json.dumps({"sessionId": "acme-1", **line}))
+    named = first(BaileysLogReader(session_map=mapping).feed(json.dumps({"sessionId": "acme-1", **line})))
     assert named is not None and (named["organizationId"], named["organizationPhoneId"]) == (3, 9)
 
 

@@ -28,10 +28,16 @@ from typing import Any
 
 from sidecar.jid import InvalidJid, parse_jid
 
-# One cheap test per line before any JSON parsing: most lines of a busy backend are none of these.
-INTERESTING = re.compile(
-    r"failed to (?:decrypt message|sync state|decode patch)|opened connection to WA|connection errored"
-    r"|connection\.update|Session error:"
+# Most lines of a busy backend are none of these: a chunk of the log is searched for them (str.find runs in C)
+# and only the lines that hold one are parsed; the rest are only counted.
+NEEDLES = (
+    "failed to decrypt message",
+    "failed to sync state",
+    "failed to decode patch",
+    "opened connection to WA",
+    "connection errored",
+    "connection.update",
+    "Session error:",
 )
 APP_STATE_TEXT = re.compile(r"bad decrypt|ERR_OSSL_BAD_DECRYPT|Invalid patch mac|wrong final block length", re.I)
 SESSION_ERROR = re.compile(r"^Session error:(?P<type>\w+): (?P<message>.*?)(?: (?P=type): (?P=message))?\s*$")
@@ -159,15 +165,37 @@ class BaileysLogReader:
     _cause: str | None = None
     _cause_age: int = 0
 
-    def feed(self, line: str) -> dict[str, Any] | None:
-        """One line of the log; returns the event it means, or None."""
-        self.stats.lines += 1
+    def feed(self, text: str) -> list[dict[str, Any]]:
+        """Whole lines of the log (one or many); returns the events they mean, in order."""
+        starts: set[int] = set()
+        for needle in NEEDLES:
+            found = text.find(needle)
+            while found >= 0:
+                starts.add(text.rfind("\n", 0, found) + 1)
+                line_end = text.find("\n", found)
+                found = text.find(needle, line_end) if line_end >= 0 else -1
+        events = []
+        position = 0
+        for start in sorted(starts):
+            self._skip(text.count("\n", position, start))
+            end = text.find("\n", start)
+            position = end + 1 if end >= 0 else len(text)
+            self._skip(1)
+            event = self._line(text[start:position])
+            if event is not None:
+                events.append(event)
+        self._skip(text.count("\n", position) + (1 if position < len(text) and not text.endswith("\n") else 0))
+        return events
+
+    def _skip(self, lines: int) -> None:
+        """Lines read: counted, and they age a libsignal cause that no Baileys record has taken."""
+        self.stats.lines += lines
         if self._cause is not None:
-            self._cause_age += 1
+            self._cause_age += lines
             if self._cause_age > LIBSIGNAL_CAUSE_LINES:
                 self._cause = None
-        if not INTERESTING.search(line):
-            return None
+
+    def _line(self, line: str) -> dict[str, Any] | None:
         text = line.strip()
         if text.startswith("Session error:"):
             self._libsignal_cause(text)

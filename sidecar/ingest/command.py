@@ -6,12 +6,14 @@ import asyncio
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import asdict
 from pathlib import Path
 
 import yaml
 
+from sidecar.classification import ErrorSource, classify
 from sidecar.components import Components
 from sidecar.ingest.baileys_log import BaileysLogReader, SessionMap
 from sidecar.ingest.source import file_lines, stdin_lines
@@ -19,8 +21,6 @@ from sidecar.link.dispatch import apply_event
 from sidecar.link.protocol import CommandAck, FrameInvalid, parse_messages
 
 log = logging.getLogger("sidecar.ingest")
-
-YIELD_EVERY = 2_000  # lines between yields to the event loop, so the API stays responsive
 
 
 class SessionMapError(ValueError):
@@ -38,30 +38,28 @@ def load_session_map(path: Path) -> SessionMap:
         raise SessionMapError(f"{path}: {error}") from None
 
 
-def lines_of(source: str, follow: bool, from_end: bool) -> AsyncIterator[list[str]]:
+def lines_of(source: str, follow: bool, from_end: bool) -> AsyncIterator[str]:
     return stdin_lines() if source == "-" else file_lines(Path(source), follow, from_end)
 
 
-async def pump(components: Components, lines: AsyncIterator[list[str]], reader: BaileysLogReader) -> dict[str, object]:
+async def pump(components: Components, lines: AsyncIterator[str], reader: BaileysLogReader) -> dict[str, object]:
     """Feeds every event the log holds to the runtime; returns what it read. Waits when the pending queue is full
     (apply_event waits for room), so a fast log slows down instead of growing memory."""
     await components.restored.wait()
     started = time.perf_counter()
-    since_yield = 0
-    async for batch in lines:
-        for line in batch:
-            event = reader.feed(line)
-            if event is not None:
-                await _apply(components, event)
-        since_yield += len(batch)
-        if since_yield >= YIELD_EVERY:
-            since_yield = 0
-            await asyncio.sleep(0)
+    by_class: Counter[str] = Counter()
+    async for chunk in lines:
+        for event in reader.feed(chunk):
+            if event["type"] == "decrypt.error":
+                source = event.get("source")
+                by_class[classify(str(event["error"]), ErrorSource(source) if source else None)] += 1
+            await _apply(components, event)
+        await asyncio.sleep(0)  # a chunk is at most 1 MB of log: yield so the API stays responsive
     await components.runtime.settle()
     seconds = time.perf_counter() - started
     stats = asdict(reader.stats)
     rate = round(reader.stats.lines / seconds) if seconds else 0
-    return stats | {"seconds": round(seconds, 3), "linesPerSecond": rate}
+    return stats | {"decryptErrors": dict(by_class), "seconds": round(seconds, 3), "linesPerSecond": rate}
 
 
 async def _apply(components: Components, event: dict[str, object]) -> None:

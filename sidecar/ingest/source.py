@@ -14,16 +14,14 @@ CHUNK_BYTES = 1 << 20
 FOLLOW_POLL_SECONDS = 0.25
 
 
-def _split(carry: bytes, chunk: bytes) -> tuple[list[str], bytes]:
-    """Whole lines of carry+chunk, and the unfinished rest (a writer may be mid-line)."""
+def _split(carry: bytes, chunk: bytes) -> tuple[str, bytes]:
+    """The whole lines of carry+chunk as text, and the unfinished rest (a writer may be mid-line)."""
     data = carry + chunk
-    end = data.rfind(b"\n")
-    if end < 0:
-        return [], data
-    return data[:end].decode("utf-8", "replace").split("\n"), data[end + 1 :]
+    end = data.rfind(b"\n") + 1
+    return data[:end].decode("utf-8", "replace"), data[end:]
 
 
-async def stdin_lines() -> AsyncIterator[list[str]]:
+async def stdin_lines() -> AsyncIterator[str]:
     loop = asyncio.get_running_loop()
     stream = cast(io.BufferedReader, sys.stdin.buffer)  # read1: whatever a pipe holds, without waiting for more
     carry = b""
@@ -32,11 +30,11 @@ async def stdin_lines() -> AsyncIterator[list[str]]:
         if lines:
             yield lines
     if carry:
-        yield [carry.decode("utf-8", "replace")]
+        yield carry.decode("utf-8", "replace")
 
 
-async def file_lines(path: Path, follow: bool, from_end: bool = False) -> AsyncIterator[list[str]]:
-    """Batches of lines. Following, it notices rotation (the path now names another file: the old one is read
+async def file_lines(path: Path, follow: bool, from_end: bool = False) -> AsyncIterator[str]:
+    """Chunks of whole lines. Following, it notices rotation (the path now names another file: the old one is read
     to its end first) and truncation (copytruncate: read again from the start), and waits while nothing is new."""
     handle: BinaryIO = path.open("rb")
     if from_end:
@@ -67,6 +65,6 @@ async def file_lines(path: Path, follow: bool, from_end: bool = False) -> AsyncI
             else:
                 await asyncio.sleep(FOLLOW_POLL_SECONDS)
         if carry:
-            yield [carry.decode("utf-8", "replace")]
+            yield carry.decode("utf-8", "replace")
     finally:
         handle.close()
