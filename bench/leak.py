@@ -17,14 +17,14 @@ from typing import Any
 
 import aiohttp
 
-from bench.common import rss_mb, seeded_database, sidecar_process
+from bench.common import NO_BREAKER, rss_mb, seeded_database, sidecar_process
 from sidecar.client import RuntimeClient, connection_update, decrypt_error
 
 
 async def run(phones_count: int, cycles: int, warmup: int) -> None:
     rounds = max(1, cycles // phones_count)
     warmup_rounds = max(1, warmup // phones_count)
-    async with seeded_database(phones_count) as (dsn, phones), sidecar_process(dsn) as sidecar:
+    async with seeded_database(phones_count) as (dsn, phones), sidecar_process(dsn, *NO_BREAKER) as sidecar:
         ended = 0
 
         def on_end(command: dict[str, Any]) -> None:
@@ -40,7 +40,7 @@ async def run(phones_count: int, cycles: int, warmup: int) -> None:
             for round_number in range(rounds):
                 for phone in phones:
                     ids = (phone.organization_id, phone.organization_phone_id, phone.jid)
-                    await client.send(connection_update(*ids, "open"))
+                    await client.send(connection_update(*ids, "open", new_login=True))
                     for _ in range(3):
                         await client.send(decrypt_error(*ids, "Bad MAC"))
                 while True:  # every session of the round closed and forgotten

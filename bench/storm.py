@@ -21,14 +21,14 @@ from typing import Any
 import aiohttp
 import asyncpg
 
-from bench.common import Phone, RssSampler, rss_mb, seeded_database, sidecar_process
+from bench.common import NO_BREAKER, Phone, RssSampler, rss_mb, seeded_database, sidecar_process
 from sidecar.client import RuntimeClient, connection_update, decrypt_error
 
 BAD_DECRYPT = "Error: error:1C800064:Provider routines::bad decrypt"
 
 
 async def run(sessions: int, errors: int, connections: int) -> None:
-    async with seeded_database(sessions) as (dsn, phones), sidecar_process(dsn) as sidecar:
+    async with seeded_database(sessions) as (dsn, phones), sidecar_process(dsn, *NO_BREAKER) as sidecar:
         ends: collections.Counter[int] = collections.Counter()
         last_end = 0.0
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -14,7 +12,9 @@ from typing import Any
 from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
-from sidecar.components import COMPONENTS, Components
+from sidecar import api_safety
+from sidecar.api_common import api_auth_error, bearer_matches, components_of, error_response, json_body
+from sidecar.components import Components
 from sidecar.link.dispatch import apply_event
 from sidecar.link.protocol import MAX_ID, CommandAck, FrameInvalid, parse_messages
 from sidecar.link.server import YIELD_EVERY
@@ -28,12 +28,6 @@ MAX_BODY_BYTES = 4 * 1024 * 1024
 OPENAPI_PATH = Path(__file__).parent / "openapi.json"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def error_response(
-    status: int, error: str, details: list[Any] | None = None, headers: dict[str, str] | None = None
-) -> web.Response:
-    return web.json_response({"error": error, "details": details or []}, status=status, headers=headers)
 
 
 @web.middleware
@@ -54,18 +48,8 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return error_response(500, "internal error; see the sidecar's log")
 
 
-def _components(request: web.Request) -> Components:
-    return request.app[COMPONENTS]
-
-
-def _bearer_matches(request: web.Request, expected: str) -> bool:
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), expected.encode())
-
-
 def runtime_auth_error(request: web.Request, token: str | None) -> web.Response | None:
-    if token is not None and not _bearer_matches(request, token):
+    if token is not None and not bearer_matches(request, token):
         return error_response(
             401,
             "missing or wrong runtime token (Authorization: Bearer <WA_SIDECAR_RUNTIME_TOKEN>)",
@@ -100,10 +84,10 @@ def session_json(components: Components, session: Session) -> dict[str, Any]:
 
 
 async def list_sessions(request: web.Request) -> web.Response:
-    components = _components(request)
+    components = components_of(request)
     state = request.query.get("state")
-    if state is not None and state not in ("active", "closing"):
-        raise InvalidInput("state", "must be active or closing (closed sessions are forgotten)")
+    if state is not None and state not in ("active", "held", "closing"):
+        raise InvalidInput("state", "must be active, held or closing (closed sessions are forgotten)")
     healthy = request.query.get("healthy")
     if healthy is not None and healthy not in ("true", "false"):
         raise InvalidInput("healthy", "must be true or false")
@@ -116,21 +100,16 @@ async def list_sessions(request: web.Request) -> web.Response:
 
 
 async def session_stats(request: web.Request) -> web.Response:
-    stats = _components(request).runtime.get_session_error_stats(_phone_id(request))
+    stats = components_of(request).runtime.get_session_error_stats(_phone_id(request))
     return web.json_response(stats)
 
 
 async def close_session(request: web.Request) -> web.Response:
-    components = _components(request)
-    token = components.config.api_token
-    if token is None:
-        return error_response(
-            403, "force close is disabled: set WA_SIDECAR_API_TOKEN and send it as Authorization: Bearer <token>"
-        )
-    if not _bearer_matches(request, token):
-        return error_response(401, "missing or wrong API token", headers={"WWW-Authenticate": "Bearer"})
+    components = components_of(request)
+    if (refused := api_auth_error(request, "force close")) is not None:
+        return refused
     phone_id = _phone_id(request)
-    body = await _json_body(request)
+    body = await json_body(request)
     if not isinstance(body, dict):
         raise InvalidInput("body", 'must be a JSON object such as {"reason": "Maintenance restart"}')
     reason = body.get("reason")
@@ -142,11 +121,11 @@ async def close_session(request: web.Request) -> web.Response:
 
 
 async def ingest_events(request: web.Request) -> web.Response:
-    components = _components(request)
+    components = components_of(request)
     if (refused := runtime_auth_error(request, components.config.runtime_token)) is not None:
         return refused
     try:
-        messages = parse_messages(await _json_body(request))
+        messages = parse_messages(await json_body(request))
     except FrameInvalid as invalid:
         components.link.rejected(invalid.reason)
         return error_response(400, invalid.error, list(invalid.details))
@@ -169,18 +148,8 @@ async def ingest_events(request: web.Request) -> web.Response:
     return web.json_response({"accepted": len(messages)}, status=202)
 
 
-async def _json_body(request: web.Request) -> object:
-    raw = await request.read()
-    try:
-        return json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise FrameInvalid("body is not UTF-8 text", reason="malformed") from None
-    except (json.JSONDecodeError, RecursionError) as error:
-        raise FrameInvalid(f"body is not JSON: {error}", reason="malformed") from None
-
-
 async def runtime_socket(request: web.Request) -> web.StreamResponse:
-    components = _components(request)
+    components = components_of(request)
     if (refused := runtime_auth_error(request, components.config.runtime_token)) is not None:
         return refused
     return await components.link.serve(request)
@@ -196,7 +165,7 @@ async def list_notifications(request: web.Request) -> web.Response:
     raw_limit = request.query.get("limit", "100")
     if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 1000:
         raise InvalidInput("limit", "must be an integer from 1 to 1000")
-    rows = await _components(request).store.list_notifications(status, int(raw_limit))
+    rows = await components_of(request).store.list_notifications(status, int(raw_limit))
     return web.json_response({"notifications": [row.to_json() for row in rows]})
 
 
@@ -205,7 +174,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    components = _components(request)
+    components = components_of(request)
     reason = components.pending.unavailable_reason
     if reason is None:
         try:
@@ -221,7 +190,7 @@ async def readyz(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.StreamResponse:
     """prometheus_client's content negotiation and encoder for the fleet metrics, then the per-session
     families streamed in chunks from the session registry (see sidecar.telemetry.session_families)."""
-    components = _components(request)
+    components = components_of(request)
     encoder, content_type = choose_encoder(",".join(request.headers.getall("Accept", [])))
     fleet: bytes = encoder(components.metrics.registry)
     eof = b"# EOF\n"
@@ -267,3 +236,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/sessions/{organizationPhoneId}/close", close_session)
     app.router.add_post("/v1/events", ingest_events)
     app.router.add_get("/v1/notifications", list_notifications)
+    api_safety.add_routes(app)

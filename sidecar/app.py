@@ -22,7 +22,8 @@ from sidecar.notify.owners import OwnersError, OwnersWatcher
 from sidecar.observers import ActionLog, ClosureLogFile, RuntimeObserver
 from sidecar.pending import PendingSteps
 from sidecar.ports import SessionStore, StoreUnavailable
-from sidecar.runtime import SessionRuntime
+from sidecar.runtime import Safety, SessionRuntime
+from sidecar.safety import Breaker
 from sidecar.store.memory import MemoryStore
 from sidecar.store.postgres import PostgresStore
 from sidecar.telemetry.metrics import MetricsObserver, SidecarMetrics
@@ -103,6 +104,12 @@ def _components(config: Config, link: RuntimeLink, extras: Extras) -> Callable[[
             database_step_timeout=config.database_step_timeout,
             tracer=tracing.tracer,
             notifications=config.owners_file is not None,
+            safety=Safety(
+                breaker=Breaker(config.breaker),
+                mode=config.mode,
+                observe_organizations=config.observe_organizations,
+                logout_stick_seconds=config.logout_stick_seconds,
+            ),
         )
         link.runtime = runtime
         delivery: Delivery | None = None
@@ -116,6 +123,12 @@ def _components(config: Config, link: RuntimeLink, extras: Extras) -> Callable[[
             lambda: pending.depth,
             lambda: runtime.session_count,
             lambda: runtime.closed_count,
+        )
+        metrics.bind_safety(
+            lambda: runtime.safety.breaker.tripped,
+            lambda: runtime.held_count,
+            lambda: runtime.safety.mode,
+            lambda: len(runtime.safety.observe_organizations),
         )
         components = Components(config, store, pending, runtime, link, metrics, families, tracing, owners, delivery)
         app[COMPONENTS] = components

@@ -52,8 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--follow", action="store_true", help="keep reading as the file grows or rotates")
             command.add_argument("--from-end", action="store_true", help="start at the end of the file")
             command.add_argument(
-                "--sessions", type=Path, help="YAML/JSON mapping a binding's value to organizationId, "
-                "organizationPhoneId and phoneJid (when the log lines carry no such bindings)"
+                "--sessions",
+                type=Path,
+                help="YAML/JSON mapping a binding's value to organizationId, "
+                "organizationPhoneId and phoneJid (when the log lines carry no such bindings)",
             )
     return parser
 

@@ -43,6 +43,7 @@ def connection_update(
     phone_jid: str,
     connection: str,
     status_code: int | None = None,
+    new_login: bool = False,
 ) -> dict[str, Any]:
     event: dict[str, Any] = {
         "type": "connection.update",
@@ -54,6 +55,8 @@ def connection_update(
     }
     if status_code is not None:
         event["statusCode"] = status_code
+    if new_login:
+        event["isNewLogin"] = True
     return event
 
 

@@ -11,7 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from sidecar.policy import DEFAULT_CRITICAL_STATUS_CODES, Limits, PolicyConfig
+from sidecar.policy import DEFAULT_CRITICAL_STATUS_CODES, HealthPolicy, Limits, PolicyConfig
+from sidecar.safety import BreakerConfig, Mode
 from sidecar.sqlnames import InvalidIdentifier, quote_identifier, quote_qualified
 
 ENV_PREFIX = "WA_SIDECAR_"
@@ -84,6 +85,10 @@ class Config:
     webhook_max_attempts: int = 8
     webhook_timeout: float = 5.0
     webhook_backoff_initial: float = 1.0
+    mode: Mode = Mode.ENFORCE
+    observe_organizations: frozenset[int] = frozenset()
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    logout_stick_seconds: float = 3600.0
 
     def team_of(self, organization_id: int) -> str:
         return self.organization_teams.get(organization_id, DEFAULT_TEAM)
@@ -136,6 +141,15 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     add("--webhook-timeout", help="seconds per webhook attempt (default 5)")
     add("--webhook-backoff-initial", help="first retry delay in seconds, doubled per attempt (default 1)")
     add("--insecure", action="store_true", default=None, help="allow a non-loopback listener without tokens")
+    add("--mode", help="enforce (default) or observe: decide and report everything, delete no key, end no socket")
+    add("--observe-organizations", help="organization ids kept in observe mode while the rest enforce, comma-separated")
+    add("--breaker-max-closes", help="automatic logouts allowed per breaker window before it trips (default 20)")
+    add("--breaker-max-share", help="... or this share of live sessions, whichever is larger (default 0.1)")
+    add("--breaker-window", help="circuit breaker window in seconds (default 300)")
+    add("--logout-stick-seconds", help="an open this soon after a sidecar logout, without a new login, is an incident "
+        "and is ended again (default 3600)")  # fmt: skip
+    add("--health-policy", help="counters (the seed's, default) or windowed (distinct failing peers in a window)")
+    add("--health-window", help="the windowed policy's window in seconds (default 600)")
 
 
 def _setting(args: argparse.Namespace, env: Mapping[str, str], name: str) -> str | None:
@@ -246,6 +260,12 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = N
     if (raw := setting("max_bad_decrypt_errors")) is not None:
         limits = replace(limits, max_bad_decrypt_errors=_positive_int("max-bad-decrypt-errors", raw))
     policy = PolicyConfig(limits=limits)
+    if (raw := setting("health_policy")) is not None:
+        if raw not in {item.value for item in HealthPolicy}:
+            raise ConfigError("health-policy", f"must be counters or windowed, got {raw!r}")
+        policy = replace(policy, health=HealthPolicy(raw))
+    if (raw := setting("health_window")) is not None:
+        policy = replace(policy, window_seconds=_positive_float("health-window", raw))
     if (raw := setting("delete_prekeys_on_heal")) is not None:
         policy = replace(policy, delete_prekeys_on_heal=_boolean("delete-prekeys-on-heal", raw))
     raw = setting("critical_status_codes")
@@ -284,4 +304,24 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = N
     changes["runtime_token"] = env.get(ENV_PREFIX + "RUNTIME_TOKEN") or None
     if (raw := setting("insecure")) is not None:
         changes["insecure"] = _boolean("insecure", raw)
+    if (raw := setting("mode")) is not None:
+        if raw not in {item.value for item in Mode}:
+            raise ConfigError("mode", f"must be enforce or observe, got {raw!r}")
+        changes["mode"] = Mode(raw)
+    if (raw := setting("observe_organizations")) is not None:
+        ids = [part.strip() for part in raw.split(",") if part.strip()]
+        changes["observe_organizations"] = frozenset(_positive_int("observe-organizations", item) for item in ids)
+    breaker = BreakerConfig()
+    if (raw := setting("breaker_max_closes")) is not None:
+        breaker = replace(breaker, max_closes=_positive_int("breaker-max-closes", raw))
+    if (raw := setting("breaker_max_share")) is not None:
+        share = _positive_float("breaker-max-share", raw)
+        if share > 1:
+            raise ConfigError("breaker-max-share", f"must be a share from 0 to 1, got {raw!r}")
+        breaker = replace(breaker, max_share=share)
+    if (raw := setting("breaker_window")) is not None:
+        breaker = replace(breaker, window_seconds=_positive_float("breaker-window", raw))
+    changes["breaker"] = breaker
+    if (raw := setting("logout_stick_seconds")) is not None:
+        changes["logout_stick_seconds"] = _positive_float("logout-stick-seconds", raw)
     return replace(config, **changes)  # type: ignore[arg-type]

@@ -12,7 +12,7 @@ from typing import Protocol
 
 from sidecar.classification import ErrorClass
 from sidecar.policy import Counters, ErrorStats, Heal
-from sidecar.records import ClosureRecord, PhoneRef
+from sidecar.records import ClosureRecord, PhoneRef, RecordDecision
 
 
 class RuntimeObserver(Protocol):
@@ -41,6 +41,8 @@ class RuntimeObserver(Protocol):
     def closed(self, record: ClosureRecord) -> None: ...
 
     def forgotten(self, phone: PhoneRef) -> None: ...
+
+    def decided(self, decision: RecordDecision) -> None: ...
 
 
 class BaseObserver:
@@ -79,6 +81,9 @@ class BaseObserver:
         return None
 
     def forgotten(self, phone: PhoneRef) -> None:
+        return None
+
+    def decided(self, decision: RecordDecision) -> None:
         return None
 
 
@@ -122,6 +127,11 @@ class ActionLog(BaseObserver):
     def closed(self, record: ClosureRecord) -> None:
         self._log.warning("session closed", extra={"fields": {"action": "close", **record.to_json()}})
 
+    def decided(self, decision: RecordDecision) -> None:
+        self._log.warning(
+            f"safety decision: {decision.decision}", extra={"fields": {"action": "decision", **decision.to_json()}}
+        )
+
 
 class ClosureLogFile(BaseObserver):
     """Appends every closure as one JSON line to its own file (the seed's 'log every close separately')."""
@@ -131,8 +141,15 @@ class ClosureLogFile(BaseObserver):
         self._path = path
 
     def closed(self, record: ClosureRecord) -> None:
+        self._append(record.to_json())
+
+    def decided(self, decision: RecordDecision) -> None:
+        """Breaker decisions, held sessions and incidents go to the same log, marked by `decision`."""
+        self._append(decision.to_json())
+
+    def _append(self, line: dict[str, object]) -> None:
         with self._path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record.to_json(), separators=(",", ":")) + "\n")
+            handle.write(json.dumps(line, separators=(",", ":")) + "\n")
 
 
 def _ids(phone: PhoneRef) -> dict[str, int]:

@@ -28,8 +28,22 @@ class KeyScope(StrEnum):
 
 class Phase(StrEnum):
     ACTIVE = "active"
+    # At a limit while the fleet circuit breaker forbids automatic logouts: counters keep counting, no heal,
+    # no close, until the phone opens again or an operator closes it.
+    HELD = "held"
     CLOSING = "closing"
     CLOSED = "closed"
+
+
+class HealthPolicy(StrEnum):
+    """`counters`: the seed's counters, reset on open. `windowed`: errors within a sliding window, Bad MAC counted
+    once per distinct failing peer, so one broken contact is healed but never logs the phone out."""
+
+    COUNTERS = "counters"
+    WINDOWED = "windowed"
+
+
+CRYPTO_LIMIT_REASONS = frozenset({CloseReason.BAD_MAC_LIMIT, CloseReason.BAD_DECRYPT_LIMIT})
 
 
 APP_STATE_SYNC_PREFIX = "app-state-sync-"
@@ -60,6 +74,8 @@ class PolicyConfig:
     # Deleting pre-keys on a Bad MAC heal makes peers fail with "Invalid PreKey ID"; off unless asked for.
     delete_prekeys_on_heal: bool = False
     critical_status_codes: frozenset[int] = DEFAULT_CRITICAL_STATUS_CODES
+    health: HealthPolicy = HealthPolicy.COUNTERS
+    window_seconds: float = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,9 +88,18 @@ ZERO = Counters()
 
 
 @dataclass(frozen=True, slots=True)
+class Recent:
+    """The windowed policy's memory: when each counted error happened, and from which peer (None: unnamed)."""
+
+    bad_mac: tuple[tuple[float, str | None], ...] = ()
+    bad_decrypt: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class SessionState:
     counters: Counters = ZERO
     phase: Phase = Phase.ACTIVE
+    recent: Recent = Recent()
 
 
 # Events -----------------------------------------------------------------------------------------------
@@ -82,14 +107,18 @@ class SessionState:
 
 @dataclass(frozen=True, slots=True)
 class BadMac:
-    """A Bad MAC class failure; `peer_user` is the failing peer's bare number when the runtime named it."""
+    """A Bad MAC class failure; `peer_user` is the failing peer's bare number when the runtime named it.
+    `at` (epoch seconds, given by the caller) matters only to the windowed policy."""
 
     peer_user: str | None = None
+    at: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
 class BadDecrypt:
     """An app-state 'bad decrypt' class failure."""
+
+    at: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +169,16 @@ class Close:
     counters: Counters
 
 
-Decision = NoAction | Heal | Close
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """A limit was reached but automatic logouts are suspended (the fleet circuit breaker is open)."""
+
+    reason: CloseReason
+    detail: str
+    counters: Counters
+
+
+Decision = NoAction | Heal | Close | Hold
 
 NOTHING = NoAction()
 
@@ -198,8 +236,11 @@ def bad_mac_heal_prefixes(peer_user: str | None, config: PolicyConfig) -> tuple[
     return prefixes
 
 
-def decide(state: SessionState, event: Event, config: PolicyConfig) -> Transition:
-    """Apply one event to a session and say what must happen."""
+def decide(
+    state: SessionState, event: Event, config: PolicyConfig, *, automatic_closes_allowed: bool = True
+) -> Transition:
+    """Apply one event to a session and say what must happen. With `automatic_closes_allowed` False (the fleet
+    circuit breaker is open) a crypto limit holds the session instead of closing it."""
     counters = state.counters
     limits = config.limits
 
@@ -211,25 +252,30 @@ def decide(state: SessionState, event: Event, config: PolicyConfig) -> Transitio
     if isinstance(event, CloseCompleted):
         return Transition(SessionState(ZERO, Phase.CLOSED), NOTHING)
 
+    if state.phase is Phase.HELD:
+        if isinstance(event, OperatorClose):
+            return _close(counters, CloseReason.FORCED, event.reason)
+        if isinstance(event, BadMac | BadDecrypt):
+            held = _counted(state, event, config)
+            return Transition(replace(held, phase=Phase.HELD), NOTHING)
+        return Transition(state, NOTHING)
+
     if state.phase is not Phase.ACTIVE:
         # Closing or closed: nothing more happens until the phone opens again.
         return Transition(state, NOTHING)
 
-    if isinstance(event, BadMac):
-        counters = replace(counters, bad_mac_errors=counters.bad_mac_errors + 1)
-        if counters.bad_mac_errors >= limits.max_bad_mac_errors:
+    if isinstance(event, BadMac | BadDecrypt):
+        counted = _counted(state, event, config)
+        counters = counted.counters
+        if isinstance(event, BadMac) and counters.bad_mac_errors >= limits.max_bad_mac_errors:
             detail = f"{counters.bad_mac_errors} Bad MAC errors (limit {limits.max_bad_mac_errors})"
-            return _close(counters, CloseReason.BAD_MAC_LIMIT, detail)
-        heal = Heal(KeyScope.PEER_SESSION, bad_mac_heal_prefixes(event.peer_user, config))
-        return Transition(SessionState(counters, Phase.ACTIVE), heal)
-
-    if isinstance(event, BadDecrypt):
-        counters = replace(counters, bad_decrypt_errors=counters.bad_decrypt_errors + 1)
-        if counters.bad_decrypt_errors >= limits.max_bad_decrypt_errors:
+            return _limit(counted, CloseReason.BAD_MAC_LIMIT, detail, automatic_closes_allowed)
+        if isinstance(event, BadDecrypt) and counters.bad_decrypt_errors >= limits.max_bad_decrypt_errors:
             detail = f"{counters.bad_decrypt_errors} bad decrypt errors (limit {limits.max_bad_decrypt_errors})"
-            return _close(counters, CloseReason.BAD_DECRYPT_LIMIT, detail)
-        heal = Heal(KeyScope.APP_STATE_SYNC, (APP_STATE_SYNC_PREFIX,))
-        return Transition(SessionState(counters, Phase.ACTIVE), heal)
+            return _limit(counted, CloseReason.BAD_DECRYPT_LIMIT, detail, automatic_closes_allowed)
+        if isinstance(event, BadMac):
+            return Transition(counted, Heal(KeyScope.PEER_SESSION, bad_mac_heal_prefixes(event.peer_user, config)))
+        return Transition(counted, Heal(KeyScope.APP_STATE_SYNC, (APP_STATE_SYNC_PREFIX,)))
 
     if isinstance(event, ConnectionClosed):
         if event.status_code is not None and event.status_code in config.critical_status_codes:
@@ -244,3 +290,39 @@ def decide(state: SessionState, event: Event, config: PolicyConfig) -> Transitio
 
 def _close(counters: Counters, reason: CloseReason, detail: str) -> Transition:
     return Transition(SessionState(counters, Phase.CLOSING), Close(reason, detail, counters))
+
+
+def _limit(counted: SessionState, reason: CloseReason, detail: str, allowed: bool) -> Transition:
+    if allowed:
+        return _close(counted.counters, reason, detail)
+    return Transition(replace(counted, phase=Phase.HELD), Hold(reason, detail, counted.counters))
+
+
+def _counted(state: SessionState, event: BadMac | BadDecrypt, config: PolicyConfig) -> SessionState:
+    """The state with this error counted, by the configured health policy."""
+    counters = state.counters
+    if config.health is HealthPolicy.COUNTERS:
+        if isinstance(event, BadMac):
+            return replace(state, counters=replace(counters, bad_mac_errors=counters.bad_mac_errors + 1))
+        return replace(state, counters=replace(counters, bad_decrypt_errors=counters.bad_decrypt_errors + 1))
+    return windowed(state, event, config.window_seconds)
+
+
+def windowed(
+    state: SessionState, event: BadMac | BadDecrypt | None, window: float, now: float | None = None
+) -> SessionState:
+    """The windowed policy: forget errors older than `window` seconds, then count this one. Bad MAC counts
+    distinct failing peers (unnamed peers count each), bad decrypt counts errors."""
+    at = event.at if event is not None else (now or 0.0)
+    cutoff = at - window
+    bad_mac = tuple(item for item in state.recent.bad_mac if item[0] > cutoff)
+    bad_decrypt = tuple(moment for moment in state.recent.bad_decrypt if moment > cutoff)
+    if isinstance(event, BadMac):
+        # One entry per named peer: its latest error. Unnamed errors cannot be told apart, so each counts.
+        if event.peer_user is not None:
+            bad_mac = tuple(item for item in bad_mac if item[1] != event.peer_user)
+        bad_mac += ((event.at, event.peer_user),)
+    elif isinstance(event, BadDecrypt):
+        bad_decrypt += (event.at,)
+    counters = Counters(bad_mac_errors=len(bad_mac), bad_decrypt_errors=len(bad_decrypt))
+    return replace(state, counters=counters, recent=Recent(bad_mac, bad_decrypt))

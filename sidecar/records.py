@@ -41,6 +41,12 @@ class NotificationEvent(StrEnum):
     UNHEALTHY = "session.unhealthy"
     RECOVERED = "session.recovered"
     CLOSED = "session.closed"
+    HELD = "session.held"  # a limit was reached while the circuit breaker holds automatic logouts
+    RECONNECTED_AFTER_LOGOUT = "session.reconnected_after_logout"
+    RECONNECT_LOOP = "session.reconnect_loop"
+    CREDENTIALS_CONFLICT = "session.credentials_conflict"
+    BREAKER_TRIPPED = "breaker.tripped"  # fleet-level: organizationId and organizationPhoneId are 0
+    BREAKER_RELEASED = "breaker.released"
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,11 +97,35 @@ class ResetCounters:
 
 @dataclass(frozen=True, slots=True)
 class DeleteKeys:
-    """A heal: delete the phone's keys starting with any of `key_prefixes`."""
+    """A heal: delete the phone's keys starting with any of `key_prefixes` (observe: only count them)."""
 
     phone: PhoneRef
     scope: KeyScope
     key_prefixes: tuple[str, ...]
+    observe: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RecordDecision:
+    """A safety decision for the closure log: breaker tripped/released/kept, a session held, an incident.
+    `phone` is None for fleet-level decisions."""
+
+    decision_id: str
+    decision: str
+    decided_at: datetime
+    phone: PhoneRef | None
+    detail: dict[str, Any]
+    notification: Notification | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "decisionId": self.decision_id,
+            "decision": self.decision,
+            "decidedAt": self.decided_at.isoformat(),
+            "organizationId": self.phone.organization_id if self.phone else None,
+            "organizationPhoneId": self.phone.organization_phone_id if self.phone else None,
+            "detail": self.detail,
+        }
 
 
 @dataclass(slots=True)
@@ -150,13 +180,15 @@ class ClosureRecord:
 @dataclass(frozen=True, slots=True)
 class Logout:
     """The database half of a close: delete all keys, mark logged_out, record the closure, clear counters,
-    and (with `notification`) put the `session.closed` notification in the outbox."""
+    and (with `notification`) put the `session.closed` notification in the outbox. Observe: keys are counted,
+    not deleted, and the phone's status is left alone; the closure record says what would have happened."""
 
     record: ClosureRecord
     notification: Notification | None = None
+    observe: bool = False
 
 
-Step = IncrementCounter | ResetCounters | DeleteKeys | Logout
+Step = IncrementCounter | ResetCounters | DeleteKeys | Logout | RecordDecision
 
 
 def closed_details(record: ClosureRecord, keys_deleted: int | None) -> dict[str, Any]:
@@ -188,7 +220,17 @@ def step_to_json(step: Step) -> str:
     notification = pending.to_json() if pending is not None else None
     if isinstance(step, Logout):
         record = step.record.to_json()
-        return json.dumps({"logout": record, "phoneUser": step.record.phone.phone_user, "notification": notification})
+        return json.dumps(
+            {
+                "logout": record,
+                "phoneUser": step.record.phone.phone_user,
+                "notification": notification,
+                "observe": step.observe,
+            }
+        )
+    if isinstance(step, RecordDecision):
+        phone = asdict(step.phone) if step.phone else None
+        return json.dumps({"decision": step.to_json(), "phone": phone, "notification": notification})
     payload = asdict(step)
     payload["step"] = type(step).__name__
     payload["notification"] = notification
@@ -200,7 +242,19 @@ def step_from_json(text: str) -> Step:
     raw = data.get("notification")
     notification = Notification.from_json(raw) if raw else None
     if "logout" in data:
-        return Logout(ClosureRecord.from_json(data["logout"], data["phoneUser"]), notification)
+        return Logout(
+            ClosureRecord.from_json(data["logout"], data["phoneUser"]), notification, data.get("observe", False)
+        )
+    if "decision" in data:
+        decision = data["decision"]
+        return RecordDecision(
+            decision["decisionId"],
+            decision["decision"],
+            datetime.fromisoformat(decision["decidedAt"]),
+            PhoneRef(**data["phone"]) if data["phone"] else None,
+            decision["detail"],
+            notification,
+        )
     phone = PhoneRef(**data["phone"])
     kind = data["step"]
     if kind == "IncrementCounter":
@@ -208,5 +262,5 @@ def step_from_json(text: str) -> Step:
     if kind == "ResetCounters":
         return ResetCounters(phone, notification)
     if kind == "DeleteKeys":
-        return DeleteKeys(phone, KeyScope(data["scope"]), tuple(data["key_prefixes"]))
+        return DeleteKeys(phone, KeyScope(data["scope"]), tuple(data["key_prefixes"]), data.get("observe", False))
     raise ValueError(f"unknown journal step {kind!r}")

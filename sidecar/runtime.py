@@ -24,15 +24,19 @@ from sidecar.jid import parse_jid
 from sidecar.observers import RuntimeObserver
 from sidecar.pending import PendingSteps
 from sidecar.policy import (
+    CRYPTO_LIMIT_REASONS,
     BadDecrypt,
     BadMac,
     Close,
     CloseCompleted,
     ConnectionClosed,
     ConnectionOpened,
+    Counters,
     ErrorStats,
     Event,
     Heal,
+    HealthPolicy,
+    Hold,
     KeyScope,
     OperatorClose,
     Phase,
@@ -41,6 +45,7 @@ from sidecar.policy import (
     decide,
     error_stats,
     is_healthy,
+    windowed,
 )
 from sidecar.ports import SessionStore, SocketCommandFailed, SocketController, SocketUnreachable
 from sidecar.records import (
@@ -54,9 +59,11 @@ from sidecar.records import (
     Notification,
     NotificationEvent,
     PhoneRef,
+    RecordDecision,
     ResetCounters,
     StepOutcome,
 )
+from sidecar.safety import Breaker, BreakerConfig, IncidentKind, LoopDetector, Mode, is_reconnect_after_logout
 
 DATABASE_PARTS = ("authKeys", "phoneStatus", "closureRecord", "counters")
 DATABASE_SPANS = {
@@ -105,6 +112,34 @@ class CloseOutcome:
 
 CONNECTION_STATES = ("connecting", "open", "close")
 
+INCIDENT_EVENTS = {
+    IncidentKind.RECONNECTED_AFTER_LOGOUT: NotificationEvent.RECONNECTED_AFTER_LOGOUT,
+    IncidentKind.RECONNECT_LOOP: NotificationEvent.RECONNECT_LOOP,
+    IncidentKind.CREDENTIALS_CONFLICT: NotificationEvent.CREDENTIALS_CONFLICT,
+}
+
+
+@dataclass
+class Safety:
+    """The fleet safety state the runtime consults; operators change it through the API without a restart."""
+
+    breaker: Breaker = field(default_factory=lambda: Breaker(BreakerConfig()))
+    loops: LoopDetector = field(default_factory=LoopDetector)
+    mode: Mode = Mode.ENFORCE
+    observe_organizations: frozenset[int] = frozenset()
+    logout_stick_seconds: float = 3600.0
+
+    def observing(self, organization_id: int) -> bool:
+        return self.mode is Mode.OBSERVE or organization_id in self.observe_organizations
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedOut:
+    """When the sidecar logged a phone out, and whether only in observe mode (nothing was really ended)."""
+
+    at: float
+    observed: bool
+
 
 class SessionRuntime:
     def __init__(
@@ -120,8 +155,12 @@ class SessionRuntime:
         database_step_timeout: float = 5.0,
         tracer: trace.Tracer | None = None,
         notifications: bool = False,
+        safety: Safety | None = None,
     ) -> None:
         self._notifications = notifications
+        self.safety = safety or Safety()
+        self._logged_out: dict[int, LoggedOut] = {}
+        self._breaker_just_tripped = False
         self.policy = policy
         self._tracer = tracer or trace.NoOpTracerProvider().get_tracer("whatsapp-session-sidecar")
         self._store = store
@@ -159,13 +198,23 @@ class SessionRuntime:
     def background_tasks(self) -> int:
         return len(self._background)
 
+    @property
+    def held_count(self) -> int:
+        return sum(1 for session in self._sessions.values() if session.state.phase is Phase.HELD)
+
     def get_session_error_stats(self, organization_phone_id: int) -> ErrorStats:
         session = self._sessions.get(organization_phone_id)
         if session is not None:
-            return error_stats(session.state.counters, self.policy.limits)
+            return error_stats(self.current_counters(session), self.policy.limits)
         if organization_phone_id in self._closed:
             return error_stats(SessionState().counters, self.policy.limits)
         raise UnknownSession(organization_phone_id)
+
+    def current_counters(self, session: Session) -> Counters:
+        """The counters now: the windowed policy forgets errors that left the window since the last event."""
+        if self.policy.health is HealthPolicy.WINDOWED:
+            return windowed(session.state, None, self.policy.window_seconds, self._clock().timestamp()).counters
+        return session.state.counters
 
     # Restart ------------------------------------------------------------------------------------------
 
@@ -228,10 +277,11 @@ class SessionRuntime:
             for observer in self._observers:
                 observer.decrypt_error(phone, error_class)
             continues = True
+            now = self._clock().timestamp()
             if error_class is ErrorClass.BAD_MAC:
-                continues, _ = await self._apply(phone, BadMac(peer_user), CounterKind.BAD_MAC)
+                continues, _ = await self._apply(phone, BadMac(peer_user, now), CounterKind.BAD_MAC)
             elif error_class is ErrorClass.BAD_DECRYPT:
-                continues, _ = await self._apply(phone, BadDecrypt(), CounterKind.BAD_DECRYPT)
+                continues, _ = await self._apply(phone, BadDecrypt(now), CounterKind.BAD_DECRYPT)
             elif phone.organization_phone_id not in self._closed:
                 # Counted-only classes change no counter, but the session is now known and has a last error.
                 self._session_for(phone).last_error_at = self._clock().timestamp()
@@ -267,11 +317,24 @@ class SessionRuntime:
         phone_jid: str,
         connection: str,
         status_code: int | None = None,
+        new_login: bool = False,
     ) -> None:
+        """`new_login`: the runtime paired this phone anew (a QR scan) since it last closed."""
         if connection not in CONNECTION_STATES:
             raise InvalidInput("connection", f"must be one of {', '.join(CONNECTION_STATES)}, got {connection!r}")
         phone = self._phone_ref(organization_id, organization_phone_id, phone_jid)
+        now = self._clock().timestamp()
         if connection == "open":
+            logged_out = self._logged_out.get(organization_phone_id)
+            if (
+                logged_out is not None
+                and not logged_out.observed
+                and organization_phone_id in self._closed
+                and is_reconnect_after_logout(logged_out.at, now, self.safety.logout_stick_seconds, new_login)
+            ):
+                await self._logout_did_not_stick(self._closed[organization_phone_id], now - logged_out.at)
+                return
+            self._logged_out.pop(organization_phone_id, None)
             reopened = self._closed.pop(organization_phone_id, None) is not None
             session = self._session_for(phone)
             had_counts = session.state.counters != SessionState().counters
@@ -283,8 +346,38 @@ class SessionRuntime:
             session_or_none = self._sessions.get(organization_phone_id)
             if session_or_none is not None:
                 self._set_connected(session_or_none, False)
+            for kind in self.safety.loops.on_close(organization_phone_id, now, status_code):
+                await self._record(phone, str(kind), {"statusCode": status_code}, INCIDENT_EVENTS[kind])
             if organization_phone_id not in self._closed:
                 await self._apply(phone, ConnectionClosed(status_code), None)
+
+    async def _logout_did_not_stick(self, phone: PhoneRef, seconds_after: float) -> None:
+        """Some runtime reconnected a phone the sidecar logged out: say so, and end it again."""
+        detail = {"secondsAfterLogout": round(seconds_after, 3)}
+        await self._record(
+            phone, str(IncidentKind.RECONNECTED_AFTER_LOGOUT), detail, NotificationEvent.RECONNECTED_AFTER_LOGOUT
+        )
+        reason = "reconnected after a sidecar logout without a new login"
+        self._spawn(
+            self._socket_command(
+                self._sockets.end_session(phone.organization_phone_id, "reconnected_after_logout", reason), "ended"
+            )
+        )
+
+    async def _record(
+        self, phone: PhoneRef | None, decision: str, detail: dict[str, Any], event: NotificationEvent | None
+    ) -> None:
+        """A safety decision: to the closure log (database and file), the observers, and the owners."""
+        stats: dict[str, Any] = {}
+        if phone is not None:
+            session = self._sessions.get(phone.organization_phone_id)
+            counters = self.current_counters(session) if session is not None else SessionState().counters
+            stats = dict(error_stats(counters, self.policy.limits))
+        notification = self._notification(event, stats, decision) if event is not None else None
+        step = RecordDecision(uuid.uuid4().hex, decision, self._clock(), phone, detail, notification)
+        for observer in self._observers:
+            observer.decided(step)
+        await self._pending.submit(step)
 
     async def force_close_session(self, organization_phone_id: int, reason: str) -> CloseOutcome:
         """The seed's forceCloseSession: the same close, started by an operator. Waits for it to finish."""
@@ -305,6 +398,40 @@ class SessionRuntime:
             self._transition(session, OperatorClose(reason), CloseTrigger.OPERATOR)  # the close task inherits the span
         assert session.close_task is not None
         return CloseOutcome(await asyncio.shield(session.close_task), already_closed=False)
+
+    # Operator controls (fleet safety) -------------------------------------------------------------------
+
+    def breaker_status(self) -> Any:
+        return self.safety.breaker.status(self._clock().timestamp(), len(self._sessions), self.held_count)
+
+    async def release_breaker(self, operator: str, close_held: bool) -> list[ClosureRecord]:
+        """Resume automatic logouts; with `close_held`, close the sessions held meanwhile (reason forced)."""
+        self.safety.breaker.release()
+        held = [session for session in self._sessions.values() if session.state.phase is Phase.HELD]
+        detail = {"operator": operator, "closeHeld": close_held, "held": len(held)}
+        await self._record(None, "breaker.released", detail, NotificationEvent.BREAKER_RELEASED)
+        if not close_held:
+            return []
+        for session in held:
+            reason = f"held by the circuit breaker; closed on release by {operator}"
+            self._transition(session, OperatorClose(reason), CloseTrigger.OPERATOR)
+        tasks = [session.close_task for session in held if session.close_task is not None]
+        return list(await asyncio.gather(*tasks))
+
+    async def keep_breaker(self, operator: str) -> None:
+        self.safety.breaker.keep(operator)
+        await self._record(None, "breaker.kept", {"operator": operator}, None)
+
+    async def trip_breaker(self, operator: str) -> None:
+        was_tripped = self.safety.breaker.tripped
+        self.safety.breaker.trip(self._clock().timestamp(), operator)
+        if not was_tripped:
+            await self._record(None, "breaker.tripped", {"operator": operator}, NotificationEvent.BREAKER_TRIPPED)
+
+    async def set_mode(self, mode: Mode, observe_organizations: frozenset[int], operator: str) -> None:
+        self.safety.mode, self.safety.observe_organizations = mode, observe_organizations
+        detail = {"operator": operator, "mode": str(mode), "observeOrganizations": sorted(observe_organizations)}
+        await self._record(None, "mode.changed", detail, None)
 
     async def settle(self) -> None:
         """Wait for every background effect started so far (tests, shutdown)."""
@@ -365,13 +492,30 @@ class SessionRuntime:
             session.last_error_at = self._clock().timestamp()
         trigger = CloseTrigger.AUTOMATIC if counted is not None else CloseTrigger.CONNECTION
         decision, flip = self._transition(session, event, trigger)
-        if counted is not None and session.state.counters != before.counters:
+        if counted is not None and _count(session.state.counters, counted) > _count(before.counters, counted):
             await self._pending.submit(IncrementCounter(session.phone, counted, flip))
-        return not isinstance(decision, Close) and session.state.phase is Phase.ACTIVE, flip
+        if isinstance(decision, Hold):
+            detail = {"reason": str(decision.reason), "detail": decision.detail}
+            await self._record(session.phone, "session.held", detail, NotificationEvent.HELD)
+        if self._breaker_just_tripped:
+            self._breaker_just_tripped = False
+            status = self.breaker_status()
+            detail = {"closesInWindow": status.closes_in_window, "allowedInWindow": status.allowed_in_window}
+            await self._record(None, "breaker.tripped", detail, NotificationEvent.BREAKER_TRIPPED)
+        return not isinstance(decision, Close | Hold) and session.state.phase is Phase.ACTIVE, flip
 
     def _transition(self, session: Session, event: Event, trigger: CloseTrigger) -> tuple[object, Notification | None]:
         before = session.state
         transition = decide(before, event, self.policy)
+        if (
+            trigger is CloseTrigger.AUTOMATIC
+            and isinstance(transition.decision, Close)
+            and transition.decision.reason in CRYPTO_LIMIT_REASONS
+        ):
+            was_tripped = self.safety.breaker.tripped
+            if not self.safety.breaker.admit(self._clock().timestamp(), len(self._sessions)):
+                self._breaker_just_tripped = not was_tripped
+                transition = decide(before, event, self.policy, automatic_closes_allowed=False)
         session.state = transition.state
         healthy_before = is_healthy(before.counters, self.policy.limits)
         healthy_after = is_healthy(transition.state.counters, self.policy.limits)
@@ -430,7 +574,8 @@ class SessionRuntime:
 
     async def _heal_in_span(self, session: Session, heal: Heal, span: Span) -> None:
         started = time.monotonic()
-        future = await self._pending.submit(DeleteKeys(session.phone, heal.scope, heal.key_prefixes))
+        observe = self.safety.observing(session.phone.organization_id)
+        future = await self._pending.submit(DeleteKeys(session.phone, heal.scope, heal.key_prefixes, observe))
         keys_deleted: int | None = None
         outcome = StepOutcome.OK
         try:
@@ -440,7 +585,10 @@ class SessionRuntime:
             outcome = StepOutcome.PENDING
         except Exception as error:
             outcome = f"{StepOutcome.FAILED}: {type(error).__name__}: {error}"  # type: ignore[assignment]
-        if session.state.phase is Phase.ACTIVE:
+        if observe:
+            socket = f"{StepOutcome.SKIPPED}: observe mode"
+            keys_deleted = None  # only counted: nothing was deleted
+        elif session.state.phase is Phase.ACTIVE:
             socket = await self._socket_command(
                 self._sockets.clear_cached_keys(session.organization_phone_id, heal.key_prefixes), "cleared"
             )
@@ -474,6 +622,7 @@ class SessionRuntime:
         Every step is attempted whatever happened to the ones before; the session is forgotten in any case.
         """
         started = time.monotonic()
+        observe = self.safety.observing(session.phone.organization_id)
         record = ClosureRecord(
             closure_id=uuid.uuid4().hex,
             phone=session.phone,
@@ -488,18 +637,24 @@ class SessionRuntime:
                 for observer in self._observers:
                     observer.closing(record)
                 with self._tracer.start_as_current_span("runtime.end_socket") as socket_span:
-                    record.socket = await self._socket_command(
-                        self._sockets.end_session(session.organization_phone_id, str(decision.reason), decision.detail),
-                        "ended",
-                    )
-                    if record.socket != "ended":
-                        _fail(socket_span, record.socket)
+                    if observe:
+                        record.socket = f"{StepOutcome.SKIPPED}: observe mode"
+                    else:
+                        record.socket = await self._socket_command(
+                            self._sockets.end_session(
+                                session.organization_phone_id, str(decision.reason), decision.detail
+                            ),
+                            "ended",
+                        )
+                        if record.socket != "ended":
+                            _fail(socket_span, record.socket)
                 record.steps["socket"] = record.socket
-                database_steps, record.keys_deleted, timings = await self._logout(record)
+                database_steps, record.keys_deleted, timings = await self._logout(record, observe)
                 record.steps.update(database_steps)
                 self._trace_database_parts(record.steps, timings)
             finally:
                 record.duration_seconds = time.monotonic() - started
+                self._logged_out[session.organization_phone_id] = LoggedOut(self._clock().timestamp(), observe)
                 self._forget(session)
                 if span.is_recording():
                     span.set_attributes(
@@ -521,13 +676,15 @@ class SessionRuntime:
                 _fail(span, steps[part])
             span.end(end_time=ended)
 
-    async def _logout(self, record: ClosureRecord) -> tuple[dict[str, str], int | None, dict[str, tuple[int, int]]]:
+    async def _logout(
+        self, record: ClosureRecord, observe: bool = False
+    ) -> tuple[dict[str, str], int | None, dict[str, tuple[int, int]]]:
         """The database half of a close; waits a bounded time, then reports it as pending."""
         try:
             closed = self._notification(
                 NotificationEvent.CLOSED, dict(error_stats(record.counters, self.policy.limits)), str(record.reason)
             )
-            future = await self._pending.submit(Logout(replace(record, steps=dict(record.steps)), closed))
+            future = await self._pending.submit(Logout(replace(record, steps=dict(record.steps)), closed, observe))
             result = await asyncio.wait_for(asyncio.shield(future), self._database_step_timeout)
         except TimeoutError:
             return dict.fromkeys(DATABASE_PARTS, StepOutcome.PENDING), None, {}
@@ -540,6 +697,7 @@ class SessionRuntime:
     def _forget(self, session: Session) -> None:
         session.state = decide(session.state, CloseCompleted(), self.policy).state
         self._sessions.pop(session.organization_phone_id, None)
+        self.safety.loops.forget(session.organization_phone_id)
         self._closed[session.organization_phone_id] = session.phone
         for observer in self._observers:
             observer.forgotten(session.phone)
@@ -565,3 +723,7 @@ def _fail(span: Span, outcome: str) -> None:
     error_type = parts[1] if parts[0] == StepOutcome.FAILED and len(parts) > 2 else parts[0]
     span.set_status(Status(StatusCode.ERROR, outcome))
     span.set_attribute("error.type", error_type)
+
+
+def _count(counters: Counters, kind: CounterKind) -> int:
+    return counters.bad_mac_errors if kind is CounterKind.BAD_MAC else counters.bad_decrypt_errors

@@ -345,6 +345,7 @@ async def test_the_embedded_store_follows_the_same_rules() -> None:
             await h.runtime.handle_bad_mac_error(7, 42, "79001112233@s.whatsapp.net")
         await h.runtime.settle()
         assert socket.ended and h.runtime.is_closed(42)
-        await h.runtime.on_connection_update(7, 42, "79001112233@s.whatsapp.net", "open")
+        # The customer re-scanned the QR code: a new login reopens the phone.
+        await h.runtime.on_connection_update(7, 42, "79001112233@s.whatsapp.net", "open", new_login=True)
         assert not h.runtime.is_closed(42)
         assert h.runtime.get_session_error_stats(42)["badMacErrors"] == 0

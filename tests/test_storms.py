@@ -15,11 +15,14 @@ from sidecar.client import RuntimeClient, connection_update, decrypt_error
 from sidecar.observers import BaseObserver
 from sidecar.policy import Heal
 from sidecar.records import PhoneRef
+from sidecar.safety import BreakerConfig
 from tests.harness import runtime_over
 from tests.pgcluster import free_port
 from tests.seed import add_phone
 from tests.server import serving, sidecar_config
 from tests.waiting import eventually
+
+NO_BREAKER = BreakerConfig(max_closes=1_000_000)
 
 BAD_DECRYPT = "error:1C800064:Provider routines::bad decrypt"
 
@@ -104,7 +107,8 @@ async def test_small_storm_closes_every_session_exactly_once(database: str, db: 
         ends[command["organizationPhoneId"]] += 1
 
     stats_statuses: list[int] = []
-    async with serving(sidecar_config(database)) as served:
+    # A fleet-wide storm is what the circuit breaker holds; these tests measure the close path, so it stays open.
+    async with serving(sidecar_config(database, breaker=NO_BREAKER)) as served:
         clients = [RuntimeClient(served.ws_url, on_session_end=ended) for _ in range(4)]
         for client in clients:
             await client.start()
@@ -150,13 +154,14 @@ async def test_small_storm_closes_every_session_exactly_once(database: str, db: 
 
 async def test_open_error_close_cycles_leave_nothing_behind(database: str, db: asyncpg.Connection) -> None:
     phones = [await add_phone(db, 1, f"7911{i:07d}", keys=("creds",)) for i in range(30)]
-    async with serving(sidecar_config(database)) as served:
+    # A fleet-wide storm is what the circuit breaker holds; these tests measure the close path, so it stays open.
+    async with serving(sidecar_config(database, breaker=NO_BREAKER)) as served:
         ends: list[int] = []
         async with RuntimeClient(served.ws_url, on_session_end=lambda c: ends.append(c["organizationPhoneId"])) as rc:
             for cycle in range(10):
                 for phone in phones:
                     args = (phone.organization_id, phone.organization_phone_id, phone.phone_jid)
-                    await rc.send(connection_update(*args, "open"))
+                    await rc.send(connection_update(*args, "open", new_login=True))
                     for _ in range(3):
                         await rc.send(decrypt_error(*args, "Bad MAC"))
                 expected = (cycle + 1) * len(phones)

@@ -10,7 +10,12 @@ from sidecar.telemetry.tracing import context_from_traceparent
 async def apply_event(runtime: SessionRuntime, event: SessionEvent) -> None:
     if isinstance(event, ConnectionUpdate):
         await runtime.on_connection_update(
-            event.organization_id, event.organization_phone_id, event.phone_jid, event.connection, event.status_code
+            event.organization_id,
+            event.organization_phone_id,
+            event.phone_jid,
+            event.connection,
+            event.status_code,
+            event.new_login,
         )
     else:
         await runtime.handle_decrypt_error(

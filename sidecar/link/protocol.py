@@ -49,6 +49,9 @@ class ConnectionUpdate:
     status_code: int | None = None
     at: datetime | None = None
     traceparent: str | None = None
+    # The runtime paired this phone anew (QR scan) since it last closed: an open after a sidecar logout is
+    # then a real re-login, not a logout that failed to stick.
+    new_login: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,10 +184,13 @@ def _read(index: int, item: object, problems: list[Problem]) -> InboundMessage |
     if kind == "connection.update":
         connection = r.choice("connection", CONNECTION_STATES, required=True)
         status_code = r.status_code()
+        new_login = item.get("isNewLogin", False)
+        if not isinstance(new_login, bool):
+            r.fail("isNewLogin", "must be true or false")
         if len(problems) > before:
             return None
         return ConnectionUpdate(
-            organization_id, phone_id, str(phone_jid), str(connection), status_code, at, traceparent
+            organization_id, phone_id, str(phone_jid), str(connection), status_code, at, traceparent, bool(new_login)
         )
     error_text = r.text("error", max_length=MAX_ERROR_TEXT)
     source = r.choice("source", tuple(s.value for s in ErrorSource), required=False)

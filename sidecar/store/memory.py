@@ -20,6 +20,7 @@ from sidecar.records import (
     LogoutResult,
     Notification,
     PhoneRef,
+    RecordDecision,
     ResetCounters,
     Step,
     StepOutcome,
@@ -52,6 +53,7 @@ class MemoryStore:
         self.phones: dict[int, PhoneRow] = {}
         self.counters: dict[int, CounterRow] = {}
         self.closures: list[ClosureRecord] = []
+        self.decisions: list[RecordDecision] = []
         self.outbox: dict[str, OutboxRow] = {}
         self._leases: dict[str, float] = {}
         self._seq = 0
@@ -143,7 +145,11 @@ class MemoryStore:
             self.counters[step.phone.organization_phone_id] = CounterRow(step.phone)
             return None
         if isinstance(step, DeleteKeys):
-            return self._delete_keys(step.phone, step.key_prefixes)
+            return self._delete_keys(step.phone, step.key_prefixes, only_count=step.observe)
+        if isinstance(step, RecordDecision):
+            self.decisions.append(step)
+            self._enqueue(step.phone or PhoneRef(0, 0), step.notification, step.detail)
+            return None
         return self._logout(step)
 
     def _bare_number(self, phone: PhoneRef) -> str | None:
@@ -157,14 +163,15 @@ class MemoryStore:
         except InvalidJid:
             return None
 
-    def _delete_keys(self, phone: PhoneRef, prefixes: Sequence[str] | None) -> int:
+    def _delete_keys(self, phone: PhoneRef, prefixes: Sequence[str] | None, only_count: bool = False) -> int:
         user = self._bare_number(phone)
         keys = self.auth_keys.get((phone.organization_id, user)) if user else None
         if not keys:
             return 0
         doomed = [key for key in keys if prefixes is None or key.startswith(tuple(prefixes))]
-        for key in doomed:
-            del keys[key]
+        if not only_count:
+            for key in doomed:
+                del keys[key]
         return len(doomed)
 
     def _logout(self, step: Logout) -> LogoutResult:
@@ -172,10 +179,14 @@ class MemoryStore:
         phone = record.phone
         steps = dict(record.steps)
         started = time.time_ns()
-        keys_deleted = self._delete_keys(phone, None)
+        keys_deleted: int | None = self._delete_keys(phone, None, only_count=step.observe)
         steps["authKeys"] = StepOutcome.OK
         row = self.phones.get(phone.organization_phone_id)
-        if row is None:
+        if step.observe:
+            steps["authKeys"] = f"{StepOutcome.SKIPPED}: observe mode, would delete {keys_deleted}"
+            steps["phoneStatus"] = f"{StepOutcome.SKIPPED}: observe mode"
+            keys_deleted = None
+        elif row is None:
             steps["phoneStatus"] = "skipped: phone not found"
         else:
             row.status, row.qr_code, row.last_connected_at = self._logged_out_status, None, self._clock()

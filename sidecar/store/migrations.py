@@ -66,6 +66,18 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX outbox_phone_idx ON {schema}.outbox (organization_phone_id, seq) WHERE status = 'pending';
     CREATE INDEX outbox_status_idx ON {schema}.outbox (status, seq);
     """,
+    """
+    -- Safety decisions (circuit breaker, held sessions, incidents) beside the closures: the closure log.
+    CREATE TABLE {schema}.decisions (
+        decision_id           TEXT PRIMARY KEY,
+        decision              TEXT NOT NULL,
+        decided_at            TIMESTAMPTZ NOT NULL,
+        organization_id       BIGINT,
+        organization_phone_id BIGINT,
+        detail                JSONB NOT NULL DEFAULT '{{}}'
+    );
+    CREATE INDEX decisions_decided_idx ON {schema}.decisions (decided_at);
+    """,
 )
 
 

@@ -26,6 +26,7 @@ from sidecar.records import (
     LogoutResult,
     Notification,
     PhoneRef,
+    RecordDecision,
     ResetCounters,
     Step,
     StepOutcome,
@@ -69,6 +70,15 @@ class _Sql:
             f"DELETE FROM {auth} WHERE {a_org} = $1 AND {a_phone} = $2 AND {a_key} LIKE ANY($3::text[])"
         )
         self.delete_all = f"DELETE FROM {auth} WHERE {a_org} = $1 AND {a_phone} = $2"
+        # Observe mode: what a heal or a logout would delete, counted.
+        self.count_prefixed = (
+            f"SELECT count(*) FROM {auth} WHERE {a_org} = $1 AND {a_phone} = $2 AND {a_key} LIKE ANY($3::text[])"
+        )
+        self.count_all = f"SELECT count(*) FROM {auth} WHERE {a_org} = $1 AND {a_phone} = $2"
+        self.insert_decision = (
+            f"INSERT INTO {s}.decisions (decision_id, decision, decided_at, organization_id, organization_phone_id, "
+            "detail) VALUES ($1, $2, $3, $4, $5, $6::jsonb) ON CONFLICT (decision_id) DO NOTHING"
+        )
         updated = f", {q(m.phone_updated_column)} = now()" if m.phone_updated_column else ""
         self.mark_logged_out = (
             f"UPDATE {phone} SET {q(m.phone_status_column)} = $2, {q(m.phone_qr_column)} = NULL, "
@@ -248,8 +258,23 @@ class PostgresStore:
             if user is None:
                 return 0
             patterns = [like_prefix(prefix) for prefix in step.key_prefixes]
+            if step.observe:
+                return int(await conn.fetchval(sql.count_prefixed, step.phone.organization_id, user, patterns))
             status = await conn.execute(sql.delete_prefixed, step.phone.organization_id, user, patterns)
             return _deleted_rows(status)
+        if isinstance(step, RecordDecision):
+            phone = step.phone
+            await conn.execute(
+                sql.insert_decision,
+                step.decision_id,
+                step.decision,
+                step.decided_at,
+                phone.organization_id if phone else None,
+                phone.organization_phone_id if phone else None,
+                json.dumps(step.detail),
+            )
+            await self._enqueue(conn, phone or PhoneRef(0, 0), step.notification, step.detail)
+            return None
         return await self._logout(conn, step)
 
     async def _bare_number(self, conn: Connection, phone: PhoneRef) -> str | None:
@@ -282,13 +307,20 @@ class PostgresStore:
             return status
 
         user = await self._bare_number(conn, phone)
-        if user is None:
+        if step.observe:
+            would = int(await conn.fetchval(sql.count_all, phone.organization_id, user)) if user else 0
+            steps["authKeys"] = f"{StepOutcome.SKIPPED}: observe mode, would delete {would}"
+            steps["phoneStatus"] = f"{StepOutcome.SKIPPED}: observe mode"
+        elif user is None:
             steps["authKeys"] = "skipped: phone not found"
         elif (status := await part("authKeys", sql.delete_all, phone.organization_id, user)) is not None:
             keys_deleted = _deleted_rows(status)
-        status = await part("phoneStatus", sql.mark_logged_out, phone.organization_phone_id, self._logged_out_status)
-        if status is not None and _deleted_rows(status) == 0:
-            steps["phoneStatus"] = "skipped: phone not found"
+        if not step.observe:
+            status = await part(
+                "phoneStatus", sql.mark_logged_out, phone.organization_phone_id, self._logged_out_status
+            )
+            if status is not None and _deleted_rows(status) == 0:
+                steps["phoneStatus"] = "skipped: phone not found"
         await part(
             "counters",
             sql.set_counters,

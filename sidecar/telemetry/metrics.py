@@ -15,8 +15,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from sidecar import __version__
 from sidecar.classification import ErrorClass
 from sidecar.observers import BaseObserver
-from sidecar.policy import CloseReason, Heal, KeyScope, Limits
-from sidecar.records import ClosureRecord, PhoneRef
+from sidecar.policy import CRYPTO_LIMIT_REASONS, CloseReason, Heal, KeyScope, Limits
+from sidecar.records import ClosureRecord, PhoneRef, RecordDecision
+from sidecar.safety import IncidentKind, Mode
 
 # A close waits on the runtime (usually 1-50 ms, up to --socket-end-timeout, 5 s by default) and on one
 # PostgreSQL transaction (1-20 ms). Buckets from 1 ms to 10 s resolve both the healthy path and timeouts.
@@ -126,6 +127,32 @@ class SidecarMetrics:
             ["organization_id", "team"],
             registry=registry,
         )
+        self.breaker_tripped = Gauge(
+            "whatsapp_sidecar_breaker_tripped",
+            "1 while the fleet circuit breaker holds automatic logouts (an operator must release it)",
+            registry=registry,
+        )
+        self.held_sessions = Gauge(
+            "whatsapp_sidecar_held_sessions", "Sessions at a limit, held by the circuit breaker", registry=registry
+        )
+        self.mode = Gauge(
+            "whatsapp_sidecar_mode", "1 for the mode in force (enforce or observe)", ["mode"], registry=registry
+        )
+        self.observed_organizations = Gauge(
+            "whatsapp_sidecar_observed_organizations",
+            "Organizations kept in observe mode while the rest enforce",
+            registry=registry,
+        )
+        self.holds = Counter(
+            "whatsapp_session_holds", "Limits reached while the breaker held automatic logouts", ["reason"],
+            registry=registry,
+        )  # fmt: skip
+        self.incidents = Counter(
+            "whatsapp_session_incidents",
+            "Logouts that did not stick, reconnect loops, credentials shared by two runtimes",
+            ["kind"],
+            registry=registry,
+        )
         build = Gauge("whatsapp_sidecar_build_info", "Build of this sidecar", ["version"], registry=registry)
         build.labels(__version__).set(1)
         # Known label values start at zero so rate() and absent() behave from the first scrape.
@@ -139,6 +166,10 @@ class SidecarMetrics:
                 self.events.labels(event_type, channel)
         for reason in REJECT_REASONS:
             self.events_rejected.labels(reason)
+        for kind in IncidentKind:
+            self.incidents.labels(str(kind))
+        for reason in CRYPTO_LIMIT_REASONS:
+            self.holds.labels(str(reason))
         self._organizations: set[int] = set()
         self.team_of: Callable[[int], str] = lambda _: "unassigned"
 
@@ -161,6 +192,19 @@ class SidecarMetrics:
         self.tracked_sessions.labels("active").set_function(active)
         self.tracked_sessions.labels("closed").set_function(closed)
 
+    def bind_safety(
+        self,
+        tripped: Callable[[], bool],
+        held: Callable[[], int],
+        mode: Callable[[], Mode],
+        observed_organizations: Callable[[], int],
+    ) -> None:
+        self.breaker_tripped.set_function(lambda: float(tripped()))
+        self.held_sessions.set_function(lambda: float(held()))
+        for each in Mode:
+            self.mode.labels(str(each)).set_function(_is_mode(mode, each))
+        self.observed_organizations.set_function(lambda: float(observed_organizations()))
+
     def organization_seen(self, organization_id: int) -> str:
         label = str(organization_id)
         if organization_id not in self._organizations:
@@ -171,6 +215,10 @@ class SidecarMetrics:
                 self.closes.labels(str(reason), label)
             self.organization_team.labels(label, self.team_of(organization_id)).set(1)
         return label
+
+
+def _is_mode(current: Callable[[], Mode], mode: Mode) -> Callable[[], float]:
+    return lambda: float(current() is mode)
 
 
 class MetricsObserver(BaseObserver):
@@ -195,6 +243,12 @@ class MetricsObserver(BaseObserver):
 
     def heal_coalesced(self, phone: PhoneRef, heal: Heal) -> None:
         self._m.heals_coalesced.labels("bad_decrypt" if heal.scope is KeyScope.APP_STATE_SYNC else "bad_mac").inc()
+
+    def decided(self, decision: RecordDecision) -> None:
+        if decision.decision in {str(kind) for kind in IncidentKind}:
+            self._m.incidents.labels(decision.decision).inc()
+        elif decision.decision == "session.held":
+            self._m.holds.labels(str(decision.detail.get("reason"))).inc()
 
     def closed(self, record: ClosureRecord) -> None:
         organization = self._m.organization_seen(record.phone.organization_id)

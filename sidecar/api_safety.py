@@ -1,0 +1,110 @@
+"""HTTP API v1, fleet safety: the circuit breaker and the enforce/observe mode. Changes need the API token."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+
+from sidecar.api_common import api_auth_error, components_of, json_body
+from sidecar.components import Components
+from sidecar.link.protocol import MAX_ID
+from sidecar.runtime import InvalidInput
+from sidecar.safety import Mode
+
+BREAKER_ACTIONS = ("release", "keep", "trip")
+
+
+def _breaker_json(components: Components) -> dict[str, Any]:
+    status = components.runtime.breaker_status()
+    config = components.runtime.safety.breaker.config
+    return {
+        "tripped": status.tripped,
+        "trippedAt": datetime.fromtimestamp(status.tripped_at, UTC).isoformat() if status.tripped_at else None,
+        "keptBy": status.kept_by,
+        "closesInWindow": status.closes_in_window,
+        "allowedInWindow": status.allowed_in_window,
+        "heldSessions": status.held,
+        "config": {
+            "maxCloses": config.max_closes,
+            "maxShare": config.max_share,
+            "windowSeconds": config.window_seconds,
+        },
+    }
+
+
+def _mode_json(components: Components) -> dict[str, Any]:
+    safety = components.runtime.safety
+    return {"mode": str(safety.mode), "observeOrganizations": sorted(safety.observe_organizations)}
+
+
+async def _operator_body(request: web.Request) -> dict[str, Any]:
+
+    body = await json_body(request)
+    if not isinstance(body, dict):
+        raise InvalidInput("body", "must be a JSON object")
+    operator = body.get("operator")
+    if not isinstance(operator, str) or not operator.strip() or len(operator) > 100:
+        raise InvalidInput("operator", "is required: who decides (1 to 100 characters), for the closure log")
+    return body
+
+
+async def get_breaker(request: web.Request) -> web.Response:
+    return web.json_response(_breaker_json(components_of(request)))
+
+
+async def post_breaker(request: web.Request) -> web.Response:
+
+    if (refused := api_auth_error(request, "breaker control")) is not None:
+        return refused
+    body = await _operator_body(request)
+    action = body.get("action")
+    if not isinstance(action, str) or action not in BREAKER_ACTIONS:
+        raise InvalidInput("action", f"must be one of {', '.join(BREAKER_ACTIONS)}")
+    close_held = body.get("closeHeld", False)
+    if not isinstance(close_held, bool):
+        raise InvalidInput("closeHeld", "must be true or false")
+    if close_held and action != "release":
+        raise InvalidInput("closeHeld", "applies only to action release")
+    components = components_of(request)
+    runtime, operator = components.runtime, body["operator"].strip()
+    closed: list[dict[str, Any]] = []
+    if action == "release":
+        closed = [record.to_json() for record in await runtime.release_breaker(operator, close_held)]
+    elif action == "keep":
+        if not runtime.safety.breaker.tripped:
+            raise InvalidInput("action", "keep applies to a tripped breaker; it is not tripped")
+        await runtime.keep_breaker(operator)
+    else:
+        await runtime.trip_breaker(operator)
+    return web.json_response({**_breaker_json(components), "closed": closed})
+
+
+async def get_mode(request: web.Request) -> web.Response:
+    return web.json_response(_mode_json(components_of(request)))
+
+
+async def post_mode(request: web.Request) -> web.Response:
+
+    if (refused := api_auth_error(request, "mode change")) is not None:
+        return refused
+    body = await _operator_body(request)
+    mode = body.get("mode")
+    if not isinstance(mode, str) or mode not in {item.value for item in Mode}:
+        raise InvalidInput("mode", "must be enforce or observe")
+    raw = body.get("observeOrganizations", [])
+    if not isinstance(raw, list) or not all(
+        isinstance(item, int) and not isinstance(item, bool) and 1 <= item <= MAX_ID for item in raw
+    ):
+        raise InvalidInput("observeOrganizations", "must be a list of organization ids (positive integers)")
+    components = components_of(request)
+    await components.runtime.set_mode(Mode(mode), frozenset(raw), body["operator"].strip())
+    return web.json_response(_mode_json(components))
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/v1/breaker", get_breaker)
+    app.router.add_post("/v1/breaker", post_breaker)
+    app.router.add_get("/v1/mode", get_mode)
+    app.router.add_post("/v1/mode", post_mode)

@@ -1,0 +1,151 @@
+"""Fleet safety rules, pure (the caller passes the time): the circuit breaker that stops logout storms, and the
+detectors of logouts that do not stick and of reconnect loops.
+
+A WhatsApp-side incident hits many tenants at once; logging them all out would turn an outage into thousands of
+QR re-scans. The breaker lets automatic crypto-limit closes through until too many happen within a window
+(an absolute count, or a share of the live sessions), then holds every further one until an operator decides.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class Mode(StrEnum):
+    ENFORCE = "enforce"
+    OBSERVE = "observe"  # decide, count, trace, alert and notify; delete no key and end no socket
+
+
+class IncidentKind(StrEnum):
+    RECONNECTED_AFTER_LOGOUT = "reconnected_after_logout"
+    RECONNECT_LOOP = "reconnect_loop"
+    CREDENTIALS_CONFLICT = "credentials_conflict"
+
+
+CONFLICT_STATUS = 440  # DisconnectReason.connectionReplaced: another client took the same credentials
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerConfig:
+    max_closes: int = 20  # automatic crypto closes allowed within the window
+    max_share: float = 0.1  # ... or this share of the live sessions, whichever is larger
+    window_seconds: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.max_closes < 1:
+            raise ValueError("breaker max closes must be at least 1")
+        if not 0 < self.max_share <= 1:
+            raise ValueError("breaker max share must be in (0, 1]")
+        if self.window_seconds <= 0:
+            raise ValueError("breaker window must be positive")
+
+    def allowed(self, live_sessions: int) -> int:
+        return max(self.max_closes, int(self.max_share * live_sessions))
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerStatus:
+    tripped: bool
+    tripped_at: float | None
+    closes_in_window: int
+    allowed_in_window: int
+    held: int
+    kept_by: str | None
+
+
+@dataclass
+class Breaker:
+    config: BreakerConfig
+    tripped_at: float | None = None
+    kept_by: str | None = None  # the operator who chose to keep it tripped
+    _closes: deque[float] = field(default_factory=deque)
+
+    @property
+    def tripped(self) -> bool:
+        return self.tripped_at is not None
+
+    def admit(self, now: float, live_sessions: int) -> bool:
+        """May one more automatic crypto close happen now? A refusal that crosses the threshold trips it."""
+        self._forget_before(now - self.config.window_seconds)
+        if self.tripped:
+            return False
+        if len(self._closes) + 1 > self.config.allowed(live_sessions):
+            self.tripped_at = now
+            return False
+        self._closes.append(now)
+        return True
+
+    def release(self) -> None:
+        """The operator resumes automatic logouts; the window starts empty."""
+        self.tripped_at, self.kept_by = None, None
+        self._closes.clear()
+
+    def keep(self, operator: str) -> None:
+        self.kept_by = operator
+
+    def trip(self, now: float, operator: str) -> None:
+        """An operator stops automatic logouts by hand."""
+        if self.tripped_at is None:
+            self.tripped_at = now
+        self.kept_by = operator
+
+    def status(self, now: float, live_sessions: int, held: int) -> BreakerStatus:
+        self._forget_before(now - self.config.window_seconds)
+        return BreakerStatus(
+            self.tripped, self.tripped_at, len(self._closes), self.config.allowed(live_sessions), held, self.kept_by
+        )
+
+    def _forget_before(self, cutoff: float) -> None:
+        while self._closes and self._closes[0] <= cutoff:
+            self._closes.popleft()
+
+
+@dataclass(frozen=True, slots=True)
+class LoopConfig:
+    closes: int = 5  # this many closes of one phone within the window is a reconnect loop
+    conflicts: int = 2  # this many 440 closes within the window: two runtimes share the credentials
+    window_seconds: float = 120.0
+
+
+@dataclass
+class LoopDetector:
+    """Per phone, the recent closes; reports each incident once until the phone has been quiet for a window."""
+
+    config: LoopConfig = field(default_factory=LoopConfig)
+    _closes: dict[int, deque[tuple[float, int | None]]] = field(default_factory=dict)
+    _reported: dict[tuple[int, IncidentKind], float] = field(default_factory=dict)
+
+    def on_close(self, phone_id: int, now: float, status_code: int | None) -> list[IncidentKind]:
+        history = self._closes.setdefault(phone_id, deque(maxlen=max(self.config.closes, self.config.conflicts)))
+        history.append((now, status_code))
+        cutoff = now - self.config.window_seconds
+        recent = [code for moment, code in history if moment > cutoff]
+        found = []
+        if len(recent) >= self.config.closes:
+            found.append(IncidentKind.RECONNECT_LOOP)
+        if sum(1 for code in recent if code == CONFLICT_STATUS) >= self.config.conflicts:
+            found.append(IncidentKind.CREDENTIALS_CONFLICT)
+        fresh = []
+        for kind in found:
+            last = self._reported.get((phone_id, kind))
+            if last is None or last <= cutoff:
+                fresh.append(kind)
+            self._reported[(phone_id, kind)] = now
+        return fresh
+
+    def forget(self, phone_id: int) -> None:
+        self._closes.pop(phone_id, None)
+        for kind in IncidentKind:
+            self._reported.pop((phone_id, kind), None)
+
+    @property
+    def tracked(self) -> int:
+        return len(self._closes)
+
+
+def is_reconnect_after_logout(logged_out_at: float | None, now: float, stick_seconds: float, new_login: bool) -> bool:
+    """An `open` soon after the sidecar logged the phone out, without a new login (QR pairing), means some
+    runtime reconnected with credentials that should be dead: the logout did not stick."""
+    return logged_out_at is not None and not new_login and now - logged_out_at <= stick_seconds
