@@ -257,3 +257,15 @@ async def test_follow_reads_across_rotation_and_truncation(tmp_path: Path) -> No
         await eventually(lambda: counted(4), what="lines of the old and the new file read")
         log.write_text(error_line(5))  # copytruncate: the same file, now shorter than what was read
         await eventually(lambda: counted(5), what="read again after truncation")
+
+
+def test_a_pairing_marks_the_next_open_as_a_new_login() -> None:
+    reader = BaileysLogReader()
+    opened = {"level": 30, "time": "2026-11-25T03:52:28.512Z", "msg": "opened connection to WA"}
+    paired = {
+        "level": 30,
+        "time": "2026-11-25T03:52:20.000Z",
+        "msg": "pairing configured successfully, expect to restart the connection...",
+    }
+    events = reader.feed("".join(bound(record) + "\n" for record in (paired, opened, opened)))
+    assert [event.get("isNewLogin") for event in events] == [True, None]

@@ -15,6 +15,9 @@ const LOGGED_OUT = 401 // DisconnectReason.loggedOut
 const USER_JID = /^[0-9]{1,20}(:[0-9]{1,4})?@(s\.whatsapp\.net|c\.us|lid|hosted|hosted\.lid)$/
 const APP_STATE_PATCH_NAMES = ['critical_block', 'critical_unblock_low', 'regular_high', 'regular_low', 'regular']
 const APP_STATE_DEDUP_MS = 10_000
+// Phones that showed a QR code or completed a pairing: their next `open` is a new login. Kept per phone
+// across sockets, because Baileys restarts the socket (515) right after pairing.
+const pairedPhones = new Set()
 
 // App-state failures reach only the logger: Baileys 6.x logs them at info level, 7.x (with
 // appStateMacVerification) at warn level. One failure can log twice (retry from scratch, then give up).
@@ -112,8 +115,10 @@ function attachSidecar(sock, options) {
   }
 
   function onConnectionUpdate(update) {
+    if (update?.isNewLogin || update?.qr) pairedPhones.add(organizationPhoneId)
     if (!update?.connection) return
     const event = { type: 'connection.update', connection: update.connection }
+    if (update.connection === 'open' && pairedPhones.delete(organizationPhoneId)) event.isNewLogin = true
     const statusCode = update.lastDisconnect?.error?.output?.statusCode
     if (Number.isInteger(statusCode) && statusCode >= 100 && statusCode <= 599) event.statusCode = statusCode
     enqueue(event)

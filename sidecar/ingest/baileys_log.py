@@ -38,6 +38,7 @@ NEEDLES = (
     "connection errored",
     "connection.update",
     "Session error:",
+    "pairing configured successfully",
 )
 APP_STATE_TEXT = re.compile(r"bad decrypt|ERR_OSSL_BAD_DECRYPT|Invalid patch mac|wrong final block length", re.I)
 SESSION_ERROR = re.compile(r"^Session error:(?P<type>\w+): (?P<message>.*?)(?: (?P=type): (?P=message))?\s*$")
@@ -164,6 +165,8 @@ class BaileysLogReader:
     _app_state: dict[tuple[int, str], float] = field(default_factory=dict)
     _cause: str | None = None
     _cause_age: int = 0
+    # Phones paired anew (a QR shown or a pairing completed): their next `open` is a new login.
+    _paired: set[int] = field(default_factory=set)
 
     def feed(self, text: str) -> list[dict[str, Any]]:
         """Whole lines of the log (one or many); returns the events they mean, in order."""
@@ -241,6 +244,9 @@ class BaileysLogReader:
             message.startswith("failed to sync state from version") or message == "failed to decode patch, skipping"
         ):
             return self._app_state_failure(record)
+        if isinstance(message, str) and message.startswith("pairing configured successfully"):
+            self._pair(record)
+            return None
         if message == "opened connection to WA":
             return self._connection(record, "open", None)
         if message == "connection errored":
@@ -249,6 +255,8 @@ class BaileysLogReader:
             return self._connection(record, "close", CLOSE_CODES.get(boom))
         update = record.get("update")
         if record.get("event") == "connection.update" and isinstance(update, dict):
+            if update.get("isNewLogin") or update.get("qr"):
+                self._pair(record)
             connection = update.get("connection")
             if connection not in ("connecting", "open", "close"):
                 return None
@@ -271,12 +279,20 @@ class BaileysLogReader:
             event["at"] = at
         return event
 
+    def _pair(self, record: dict[str, Any]) -> None:
+        ids = self._session(record)
+        if ids is not None:
+            self._paired.add(ids.organization_phone_id)
+
     def _connection(self, record: dict[str, Any], connection: str, code: int | None) -> dict[str, Any] | None:
         event = self._base(record, "connection.update")
         if event is not None:
             event["connection"] = connection
             if code is not None and 100 <= code <= 599:
                 event["statusCode"] = code
+            if connection == "open" and event["organizationPhoneId"] in self._paired:
+                self._paired.discard(event["organizationPhoneId"])
+                event["isNewLogin"] = True
         return event
 
     def _decrypt_failure(self, record: dict[str, Any]) -> dict[str, Any] | None:

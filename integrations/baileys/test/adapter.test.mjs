@@ -164,6 +164,21 @@ function socketShaped(jid, keys) {
   return sock
 }
 
+// Every frame the adapter sends, decoded (the adapter and the test share the `ws` module).
+const WebSocketSpy = {
+  capture(into) {
+    const WebSocket = require('ws')
+    const original = WebSocket.prototype.send
+    WebSocket.prototype.send = function (data, ...rest) {
+      try {
+        into.push(...[].concat(JSON.parse(String(data))))
+      } catch {}
+      return original.call(this, data, ...rest)
+    }
+    return { restore: () => { WebSocket.prototype.send = original } }
+  },
+}
+
 let sidecar
 before(async () => { sidecar = await startSidecar() })
 after(async () => { await sidecar?.stop() })
@@ -270,4 +285,29 @@ test('with the sidecar away the backend is unaffected; events wait and arrive on
     link.detach()
     await late.stop()
   }
+})
+
+test('a QR pairing makes the next open a new login, on the socket Baileys restarts to', async () => {
+  const jid = '79001110014@s.whatsapp.net'
+  const first = socketShaped(jid, memStore().keys)
+  const before = attachSidecar(first, { organizationId: 9, organizationPhoneId: 4204, url: sidecar.ws, token: TOKEN, logger: quiet })
+  await eventually(() => before.connected, 'link connected')
+  first.ev.emit('connection.update', { qr: '2@abc' })
+  first.ev.emit('connection.update', { isNewLogin: true })
+  first.ev.emit('connection.update', { connection: 'close', lastDisconnect: { error: { output: { statusCode: 515 } } } })
+  before.detach()
+  const second = socketShaped(jid, memStore().keys)
+  const sent = []
+  const after = attachSidecar(second, { organizationId: 9, organizationPhoneId: 4204, url: sidecar.ws, token: TOKEN, logger: quiet })
+  const send = WebSocketSpy.capture(sent)
+  await eventually(() => after.connected, 'link connected')
+  second.ev.emit('connection.update', { connection: 'open' })
+  second.ev.emit('connection.update', { connection: 'close' })
+  second.ev.emit('connection.update', { connection: 'open' })
+  await eventually(() => sent.filter((e) => e.connection === 'open').length === 2, 'both opens sent')
+  const opens = sent.filter((e) => e.connection === 'open')
+  assert.equal(opens[0].isNewLogin, true, 'the open after pairing is a new login')
+  assert.equal(opens[1].isNewLogin, undefined, 'a later reconnect is not')
+  send.restore()
+  after.detach()
 })
