@@ -34,6 +34,7 @@ EVENT_TYPES = ("connection.update", "decrypt.error", "command.ack")
 CHANNELS = ("websocket", "http", "logs")
 REJECT_REASONS = ("invalid", "malformed", "too_many_events", "binary")
 HEAL_KINDS = ("bad_mac", "bad_decrypt")
+INCIDENT_KINDS = frozenset(str(kind) for kind in IncidentKind)
 
 
 class SidecarMetrics:
@@ -144,13 +145,15 @@ class SidecarMetrics:
             registry=registry,
         )
         self.holds = Counter(
-            "whatsapp_session_holds", "Limits reached while the breaker held automatic logouts", ["reason"],
+            "whatsapp_session_holds",
+            "Limits reached while the breaker held automatic logouts",
+            ["reason", "organization_id"],
             registry=registry,
-        )  # fmt: skip
+        )
         self.incidents = Counter(
             "whatsapp_session_incidents",
             "Logouts that did not stick, reconnect loops, credentials shared by two runtimes",
-            ["kind"],
+            ["kind", "organization_id"],
             registry=registry,
         )
         build = Gauge("whatsapp_sidecar_build_info", "Build of this sidecar", ["version"], registry=registry)
@@ -166,10 +169,6 @@ class SidecarMetrics:
                 self.events.labels(event_type, channel)
         for reason in REJECT_REASONS:
             self.events_rejected.labels(reason)
-        for kind in IncidentKind:
-            self.incidents.labels(str(kind))
-        for reason in CRYPTO_LIMIT_REASONS:
-            self.holds.labels(str(reason))
         self._organizations: set[int] = set()
         self.team_of: Callable[[int], str] = lambda _: "unassigned"
 
@@ -213,6 +212,10 @@ class SidecarMetrics:
                 self.decrypt_errors.labels(str(kind), label)
             for reason in CloseReason:
                 self.closes.labels(str(reason), label)
+            for incident in INCIDENT_KINDS:
+                self.incidents.labels(incident, label)
+            for reason in CRYPTO_LIMIT_REASONS:
+                self.holds.labels(str(reason), label)
             self.organization_team.labels(label, self.team_of(organization_id)).set(1)
         return label
 
@@ -245,10 +248,13 @@ class MetricsObserver(BaseObserver):
         self._m.heals_coalesced.labels("bad_decrypt" if heal.scope is KeyScope.APP_STATE_SYNC else "bad_mac").inc()
 
     def decided(self, decision: RecordDecision) -> None:
-        if decision.decision in {str(kind) for kind in IncidentKind}:
-            self._m.incidents.labels(decision.decision).inc()
+        if decision.phone is None:
+            return
+        organization = self._m.organization_seen(decision.phone.organization_id)
+        if decision.decision in INCIDENT_KINDS:
+            self._m.incidents.labels(decision.decision, organization).inc()
         elif decision.decision == "session.held":
-            self._m.holds.labels(str(decision.detail.get("reason"))).inc()
+            self._m.holds.labels(str(decision.detail.get("reason")), organization).inc()
 
     def closed(self, record: ClosureRecord) -> None:
         organization = self._m.organization_seen(record.phone.organization_id)
