@@ -283,6 +283,29 @@ def fleet_overview() -> Json:
             width=8,
         ),
     ]
+    panels += [
+        Panel(
+            "Circuit breaker and held sessions",
+            "short",
+            (
+                query(f"max(whatsapp_sidecar_breaker_tripped{{{JOB}}})", "breaker tripped"),
+                query(f"sum(whatsapp_sidecar_held_sessions{{{JOB}}})", "held sessions"),
+                query(f'max(whatsapp_sidecar_mode{{{JOB}, mode="observe"}})', "observe mode"),
+            ),
+            description="While tripped, sessions at a limit are held instead of logged out until an operator decides.",
+        ),
+        Panel(
+            "Safety incidents by kind",
+            "short",
+            (
+                query(
+                    f"sum by (kind) (increase(whatsapp_session_incidents_total{{{ORGANIZATION}}}{RATE}))",
+                    "{{kind}}",
+                ),
+            ),
+            description="Logouts that did not stick, reconnect loops, credentials shared by two runtimes.",
+        ),
+    ]
     return _dashboard(
         "wa-fleet-overview",
         "WhatsApp fleet",
