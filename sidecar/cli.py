@@ -7,9 +7,11 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +19,14 @@ import asyncpg
 from aiohttp import web
 
 from sidecar import __version__
-from sidecar.app import StartupError, create_app
+from sidecar.app import Extras, StartupError, create_app
 from sidecar.components import COMPONENTS, Components
 from sidecar.config import Config, ConfigError, add_config_arguments, config_from_args
 from sidecar.ingest.baileys_log import BaileysLogReader
 from sidecar.ingest.command import SessionMapError, announce, lines_of, load_session_map, pump, summary_line
 from sidecar.logs import configure_logging
 from sidecar.notify.owners import OwnersError, load_owners
+from sidecar.sim.demo import DemoTally, add_demo_arguments, fleet_config, run_demo
 from sidecar.store.migrations import migrate
 from sidecar.store.schema_check import check_schema
 
@@ -32,7 +35,7 @@ log = logging.getLogger("sidecar.cli")
 EXIT_CONFIG = 2
 EXIT_UNAVAILABLE = 3
 
-Work = Callable[[Components], Coroutine[Any, Any, None]]
+Work = Callable[[Components, str], Coroutine[Any, Any, None]]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("migrate", "create or upgrade the sidecar's own tables in PostgreSQL"),
         ("check-config", "validate the configuration (and, with a database URL, the configured tables)"),
         ("ingest-logs", "feed the runtime from a Baileys backend's log (pino JSON + libsignal output)"),
+        ("demo", "the sidecar and a simulated fleet with real cryptography, in one process, with a live view"),
     ):
         command = commands.add_parser(name, help=text, description=text)
         add_config_arguments(command)
@@ -57,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                 help="YAML/JSON mapping a binding's value to organizationId, "
                 "organizationPhoneId and phoneJid (when the log lines carry no such bindings)",
             )
+        if name == "demo":
+            add_demo_arguments(command)
     return parser
 
 
@@ -67,11 +73,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"wa-sidecar: configuration error: {error}", file=sys.stderr)
         return EXIT_CONFIG
+    if args.command == "demo" and args.log_level is None and "WA_SIDECAR_LOG_LEVEL" not in os.environ:
+        config = replace(config, log_level="ERROR")  # the live view is the demo's output
     configure_logging(config.log_level)
     if args.command == "serve":
         return _serve(config)
     if args.command == "ingest-logs":
         return _ingest_logs(config, args)
+    if args.command == "demo":
+        return _demo(config, args)
     if args.command == "migrate":
         return asyncio.run(_migrate(config))
     return asyncio.run(_check_config(config))
@@ -90,21 +100,31 @@ def _ingest_logs(config: Config, args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     announce(args.source, args.follow)
 
-    async def work(components: Components) -> None:
+    async def work(components: Components, base: str) -> None:
         stats = await pump(components, lines_of(args.source, args.follow, args.from_end), reader)
         print(summary_line(stats), flush=True)
 
     return _serve(config, work)
 
 
-def _serve(config: Config, work: Work | None = None) -> int:
+def _demo(config: Config, args: argparse.Namespace) -> int:
+    tally = DemoTally()
+    fleet = fleet_config(args)
+
+    async def work(components: Components, base: str) -> None:
+        await run_demo(components, tally, base, fleet, args.duration)
+
+    return _serve(config, work, Extras(observers=[tally]))
+
+
+def _serve(config: Config, work: Work | None = None, extras: Extras | None = None) -> int:
     try:
         config.check_exposure()
     except ConfigError as error:
         print(f"wa-sidecar: refusing to start: {error}", file=sys.stderr)
         return EXIT_CONFIG
     try:
-        asyncio.run(_run_server(config, work))
+        asyncio.run(_run_server(config, work, extras))
     except StartupError as error:
         print(f"wa-sidecar: {error}", file=sys.stderr)
         return EXIT_CONFIG
@@ -121,9 +141,9 @@ def _bound_url(config: Config, runner: web.AppRunner) -> str:
     return f"http://{host}:{port}"
 
 
-async def _run_server(config: Config, work: Work | None = None) -> None:
-    """Serves until SIGINT/SIGTERM, or until `work` (given the live components) is done."""
-    runner = web.AppRunner(create_app(config), access_log=None, handle_signals=False)
+async def _run_server(config: Config, work: Work | None = None, extras: Extras | None = None) -> None:
+    """Serves until SIGINT/SIGTERM, or until `work` (given the live components and the base URL) is done."""
+    runner = web.AppRunner(create_app(config, extras), access_log=None, handle_signals=False)
     await runner.setup()
     try:
         site = web.TCPSite(runner, config.listen_host, config.listen_port)
@@ -148,7 +168,7 @@ async def _run_server(config: Config, work: Work | None = None) -> None:
         loop.add_signal_handler(signal.SIGHUP, components.owners.reload)
         waiters: list[asyncio.Task[Any]] = [asyncio.create_task(stop.wait())]
         if work is not None:
-            waiters.append(asyncio.create_task(work(components)))
+            waiters.append(asyncio.create_task(work(components, _bound_url(config, runner))))
         done, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         for task in pending:
             task.cancel()

@@ -1,0 +1,140 @@
+"""`wa-sidecar demo`: the sidecar and a simulated fleet in one process on loopback, with a live terminal view."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import TextIO
+
+from prometheus_client import CollectorRegistry
+
+from sidecar.components import Components
+from sidecar.observers import BaseObserver
+from sidecar.policy import ErrorStats
+from sidecar.records import ClosureRecord, PhoneRef
+from sidecar.sim.fleet import FaultRates, FleetConfig, FleetStats, SimFleet
+
+REFRESH_SECONDS = 1.0
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--sessions", type=_number(int, "sessions", 1, 1_000_000), default=50, help="simulated phones (50)")
+    add("--duration", type=_number(float, "duration", 0.1, 1e9), help="seconds (default: until Ctrl-C)")
+    add("--bad-mac-rate", type=_number(float, "bad-mac-rate", 0, 1), default=0.01,
+        help="chance a message finds its peer session desynchronized (0.01)")  # fmt: skip
+    add("--bad-decrypt-rate", type=_number(float, "bad-decrypt-rate", 0, 1), default=0.05,
+        help="chance an app-state sync finds its cached key corrupted (0.05)")  # fmt: skip
+    add("--flap-rate", type=_number(float, "flap-rate", 0, 1), default=0.001,
+        help="chance per session and tick of a network flap (0.001)")  # fmt: skip
+    add("--rescan-seconds", type=_number(float, "rescan-seconds", 0.1, 1e6), default=3.0,
+        help="a logged-out phone comes back after a QR re-scan this long after (3)")  # fmt: skip
+    add("--seed", type=int, help="random seed for a repeatable fleet")
+
+
+def fleet_config(args: argparse.Namespace) -> FleetConfig:
+    faults = FaultRates(bad_mac=args.bad_mac_rate, bad_decrypt=args.bad_decrypt_rate, flap=args.flap_rate)
+    return FleetConfig(sessions=args.sessions, faults=faults, rescan_seconds=args.rescan_seconds, seed=args.seed)
+
+
+def _number(kind: Callable[[str], float], name: str, low: float, high: float) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            value = kind(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name}: {raw!r} is not a number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{name} must be from {low:g} to {high:g}, got {raw!r}")
+        return value
+
+    return parse
+
+
+class DemoTally(BaseObserver):
+    """What the view shows besides the metrics: health flips (the owner notifications a team would get)."""
+
+    def __init__(self) -> None:
+        self.notifications: Counter[str] = Counter()
+
+    def health_changed(self, phone: PhoneRef, stats: ErrorStats) -> None:
+        self.notifications["session.recovered" if stats["isHealthy"] else "session.unhealthy"] += 1
+
+    def closed(self, record: ClosureRecord) -> None:
+        self.notifications["session.closed"] += 1
+
+
+def _totals(registry: CollectorRegistry, family: str, label: str) -> Counter[str]:
+    totals: Counter[str] = Counter()
+    for metric in registry.collect():
+        if metric.name == family:
+            for sample in metric.samples:
+                if sample.name.endswith("_total"):
+                    totals[sample.labels[label]] += int(sample.value)
+    return totals
+
+
+def _line(counts: Counter[str]) -> str:
+    shown = [f"{key} {value}" for key, value in sorted(counts.items()) if value]
+    return ", ".join(shown) or "none"
+
+
+def view(components: Components, tally: DemoTally, fleet: FleetStats, base: str, elapsed: float) -> str:
+    runtime, registry = components.runtime, components.metrics.registry
+    sessions = list(runtime.sessions())
+    unhealthy = sum(1 for s in sessions if not runtime.get_session_error_stats(s.organization_phone_id)["isHealthy"])
+    connected = sum(1 for s in sessions if s.connected)
+    ratio = fleet.heal_ratio
+    breaker = "TRIPPED (logouts held)" if runtime.safety.breaker.tripped else "closed"
+    return "\n".join(
+        [
+            f"whatsapp-session-sidecar demo  {elapsed:5.0f} s   metrics {base}/metrics   API {base}/v1/sessions",
+            f"  sessions   open {connected}, unhealthy {unhealthy}, held {runtime.held_count}, "
+            f"logged out {runtime.closed_count} (re-scans so far {fleet.rescans})",
+            f"  errors     {_line(_totals(registry, 'whatsapp_decrypt_errors', 'kind'))}",
+            f"  heals      {_line(_totals(registry, 'whatsapp_session_heals', 'kind'))}",
+            f"  closes     {_line(_totals(registry, 'whatsapp_session_closes', 'reason'))}",
+            f"  notified   {_line(tally.notifications)}",
+            f"  fleet      {fleet.messages} messages, {fleet.patches} app-state patches, {fleet.faults_injected} "
+            f"faults injected, {fleet.faults_healed} healed, {fleet.faults_logged_out} ended in a logout"
+            + (f" (heal ratio {ratio:.0%})" if ratio is not None else ""),
+            f"  breaker    {breaker}",
+        ]
+    )
+
+
+async def run_demo(
+    components: Components,
+    tally: DemoTally,
+    base: str,
+    config: FleetConfig,
+    duration: float | None,
+    out: TextIO = sys.stdout,
+) -> FleetStats:
+    """Runs the fleet against the served app until `duration` passes or the task is cancelled (Ctrl-C), refreshing
+    the view every second; prints the summary either way."""
+    fleet = SimFleet(base.replace("http://", "ws://") + "/v1/runtime", config, components.config.runtime_token)
+    started = time.monotonic()
+    tty = out.isatty()
+    fleet_task = asyncio.create_task(fleet.run(duration))
+    try:
+        while not fleet_task.done():
+            await asyncio.wait({fleet_task}, timeout=REFRESH_SECONDS)
+            screen = view(components, tally, fleet.stats, base, time.monotonic() - started)
+            out.write(("\x1b[H\x1b[2J" + screen + "\n") if tty else screen + "\n\n")
+            out.flush()
+        await fleet_task
+    finally:
+        if not fleet_task.done():
+            fleet_task.cancel()
+            await asyncio.gather(fleet_task, return_exceptions=True)
+        await components.runtime.settle()
+        out.write("\nsummary\n" + view(components, tally, fleet.stats, base, time.monotonic() - started) + "\n")
+        ratio = fleet.stats.heal_ratio
+        verdict = "no fault settled yet" if ratio is None else f"{ratio:.0%} of settled faults healed without a logout"
+        out.write(f"  heal ratio {verdict}\n")
+        out.flush()
+    return fleet.stats

@@ -1,0 +1,205 @@
+"""A simulated runtime fleet: N organization phones, each receiving end-to-end encrypted messages from several
+peers and app-state patches, with faults injected at the key level. Its errors are real decryption failures
+(sidecar.sim.crypto), reported over the runtime link with the Python SDK exactly as a runtime would; it obeys the
+sidecar's commands, so a heal really heals and a logout really logs out (until a simulated QR re-scan).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass, field
+
+from sidecar.client import Command, RuntimeClient, connection_update, decrypt_error
+from sidecar.sim.crypto import AppStateKey, ChainSide, DecryptFailure, corrupt, desynchronize, new_session
+
+TICK_SECONDS = 0.1
+APP_STATE_PREFIX = "app-state-sync-"
+
+
+@dataclass(frozen=True)
+class FaultRates:
+    bad_mac: float = 0.01  # chance a message finds its peer session desynchronized
+    bad_decrypt: float = 0.05  # chance an app-state sync finds the cached key corrupted
+    flap: float = 0.001  # chance per session and tick of a network flap (close 428, then open)
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    sessions: int = 50
+    organizations: int = 5
+    peers: int = 4
+    messages_per_second: float = 2.0  # per session
+    patches_per_second: float = 0.2  # per session
+    rescan_seconds: float = 3.0  # a logged-out phone comes back after a QR re-scan this long after
+    runtimes: int = 2  # runtime processes (SDK connections) the phones are spread over
+    faults: FaultRates = field(default_factory=FaultRates)
+    first_phone_id: int = 1
+    seed: int | None = None
+
+
+@dataclass
+class FleetStats:
+    messages: int = 0
+    patches: int = 0
+    faults_injected: int = 0
+    faults_healed: int = 0  # fixed by an auth.clear, the session kept
+    faults_logged_out: int = 0  # still broken when the sidecar ended the session
+    errors_reported: int = 0
+    heals_obeyed: int = 0
+    logouts_obeyed: int = 0
+    rescans: int = 0
+    flaps: int = 0
+
+    @property
+    def heal_ratio(self) -> float | None:
+        settled = self.faults_healed + self.faults_logged_out
+        return self.faults_healed / settled if settled else None
+
+
+class SimPhone:
+    def __init__(self, organization_id: int, phone_id: int, peers: int, rng: random.Random) -> None:
+        self.organization_id, self.phone_id = organization_id, phone_id
+        self.jid = f"7900{phone_id:07d}@s.whatsapp.net"
+        self.peer_users = [f"1555{phone_id:05d}{index:02d}" for index in range(peers)]
+        self.rng = rng
+        self.logged_out_until: float | None = None
+        self.reset_keys()
+
+    def reset_keys(self) -> None:
+        """Fresh sessions with every peer and a fresh app-state key (a new login)."""
+        self.sessions: dict[str, tuple[ChainSide, ChainSide]] = {peer: new_session() for peer in self.peer_users}
+        self.broken_peers: set[str] = set()
+        self.server_key = AppStateKey()
+        self.cached_key = self.server_key
+        self.app_state_broken = False
+
+    @property
+    def ids(self) -> tuple[int, int, str]:
+        return self.organization_id, self.phone_id, self.jid
+
+    @property
+    def outstanding_faults(self) -> int:
+        return len(self.broken_peers) + int(self.app_state_broken)
+
+
+class SimFleet:
+    def __init__(self, url: str, config: FleetConfig, token: str | None = None) -> None:
+        self.config = config
+        self.stats = FleetStats()
+        rng = random.Random(config.seed)
+        self.rng = rng
+        self.phones = {
+            config.first_phone_id + index: SimPhone(
+                1 + index % config.organizations, config.first_phone_id + index, config.peers, rng
+            )
+            for index in range(config.sessions)
+        }
+        self.clients = [
+            RuntimeClient(url, token, on_session_end=self._on_session_end, on_auth_clear=self._on_auth_clear)
+            for _ in range(max(1, config.runtimes))
+        ]
+        self._flapping: dict[int, float] = {}
+
+    def _client(self, phone: SimPhone) -> RuntimeClient:
+        return self.clients[phone.phone_id % len(self.clients)]
+
+    async def run(self, duration: float | None = None, stop: asyncio.Event | None = None) -> FleetStats:
+        for client in self.clients:
+            await client.start()
+        try:
+            for phone in self.phones.values():
+                await self._client(phone).send(connection_update(*phone.ids, "open"))
+            deadline = None if duration is None else time.monotonic() + duration
+            while not (stop is not None and stop.is_set()) and (deadline is None or time.monotonic() < deadline):
+                await self.tick(time.monotonic())
+                await asyncio.sleep(TICK_SECONDS)
+            for client in self.clients:
+                await client.flush()
+        finally:
+            for client in self.clients:
+                await client.stop()
+        return self.stats
+
+    async def tick(self, now: float) -> None:
+        rates, config = self.config.faults, self.config
+        for phone in self.phones.values():
+            if phone.logged_out_until is not None:
+                if now >= phone.logged_out_until:
+                    await self._rescan(phone)
+                continue
+            if phone.phone_id in self._flapping:
+                if now >= self._flapping.pop(phone.phone_id):
+                    await self._client(phone).send(connection_update(*phone.ids, "open"))
+                continue
+            if self.rng.random() < rates.flap:
+                self.stats.flaps += 1
+                self._flapping[phone.phone_id] = now + 0.3
+                await self._client(phone).send(connection_update(*phone.ids, "close", 428))
+                continue
+            if self.rng.random() < config.messages_per_second * TICK_SECONDS:
+                await self._message(phone)
+            if self.rng.random() < config.patches_per_second * TICK_SECONDS:
+                await self._patch(phone)
+
+    async def _message(self, phone: SimPhone) -> None:
+        self.stats.messages += 1
+        peer = self.rng.choice(phone.peer_users)
+        sender, receiver = phone.sessions[peer]
+        if peer not in phone.broken_peers and self.rng.random() < self.config.faults.bad_mac:
+            desynchronize(receiver)
+            phone.broken_peers.add(peer)
+            self.stats.faults_injected += 1
+        try:
+            receiver.decrypt(sender.encrypt(b"hello from " + peer.encode()))
+        except DecryptFailure as failure:
+            self.stats.errors_reported += 1
+            event = decrypt_error(*phone.ids, str(failure), source="message", peer_jid=f"{peer}@s.whatsapp.net")
+            await self._client(phone).send(event | {"messageType": "msg"})
+
+    async def _patch(self, phone: SimPhone) -> None:
+        self.stats.patches += 1
+        if not phone.app_state_broken and self.rng.random() < self.config.faults.bad_decrypt:
+            phone.cached_key = corrupt(phone.cached_key)
+            phone.app_state_broken = True
+            self.stats.faults_injected += 1
+        patch = phone.server_key.encrypt(b'{"index":["mute","15550000000@s.whatsapp.net"],"value":true}')
+        try:
+            phone.cached_key.decrypt(patch)
+        except DecryptFailure as failure:
+            self.stats.errors_reported += 1
+            await self._client(phone).send(decrypt_error(*phone.ids, str(failure), source="app-state"))
+
+    async def _on_auth_clear(self, command: Command) -> None:
+        phone = self.phones.get(int(command["organizationPhoneId"]))
+        if phone is None or phone.logged_out_until is not None:
+            return
+        self.stats.heals_obeyed += 1
+        prefixes = tuple(command.get("keyPrefixes") or ())
+        if any(prefix.startswith(APP_STATE_PREFIX) for prefix in prefixes) and phone.app_state_broken:
+            phone.cached_key = phone.server_key  # dropped, then synced fresh from the server
+            phone.app_state_broken = False
+            self.stats.faults_healed += 1
+        for peer in list(phone.broken_peers):
+            # `session-<peer>.` for a named peer, `session-` for all of them: the session is re-established.
+            if any(f"session-{peer}.".startswith(prefix) for prefix in prefixes):
+                phone.sessions[peer] = new_session()
+                phone.broken_peers.discard(peer)
+                self.stats.faults_healed += 1
+
+    async def _on_session_end(self, command: Command) -> None:
+        phone = self.phones.get(int(command["organizationPhoneId"]))
+        if phone is None or phone.logged_out_until is not None:
+            return
+        self.stats.logouts_obeyed += 1
+        self.stats.faults_logged_out += phone.outstanding_faults
+        phone.logged_out_until = time.monotonic() + self.config.rescan_seconds
+        self._flapping.pop(phone.phone_id, None)
+
+    async def _rescan(self, phone: SimPhone) -> None:
+        """The customer scanned the QR code: new credentials, new sessions, a new login."""
+        phone.logged_out_until = None
+        phone.reset_keys()
+        self.stats.rescans += 1
+        await self._client(phone).send(connection_update(*phone.ids, "open", new_login=True))

@@ -1,0 +1,92 @@
+"""The simulated fleet: real decryption failures, classified by the sidecar, healed by its commands; the demo."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sys
+from dataclasses import replace
+
+import pytest
+
+from sidecar.classification import ErrorClass, ErrorSource, classify
+from sidecar.sim.crypto import AppStateKey, DecryptFailure, corrupt, desynchronize, new_session
+from sidecar.sim.fleet import FaultRates, FleetConfig, SimFleet
+from tests.server import serving, sidecar_config
+from tests.waiting import eventually
+
+
+def test_a_desynchronized_session_fails_with_bad_mac_and_a_new_one_heals() -> None:
+    sender, receiver = new_session()
+    assert receiver.decrypt(sender.encrypt(b"hello")) == b"hello"
+    desynchronize(receiver)
+    with pytest.raises(DecryptFailure) as failure:
+        receiver.decrypt(sender.encrypt(b"hello again"))
+    assert str(failure.value) == "Bad MAC"
+    assert classify(str(failure.value), ErrorSource.MESSAGE) is ErrorClass.BAD_MAC
+    sender, receiver = new_session()
+    assert receiver.decrypt(sender.encrypt(b"healed")) == b"healed"
+
+
+def test_a_corrupted_app_state_key_fails_like_openssl_and_media_never_counts() -> None:
+    server = AppStateKey()
+    patch = server.encrypt(b'{"index":["mute"]}')
+    assert server.decrypt(patch) == b'{"index":["mute"]}'
+    texts = set()
+    for _ in range(300):  # a wrong key fails the padding, or (rarely) passes it and fails the patch MAC
+        with pytest.raises(DecryptFailure) as failure:
+            corrupt(server).decrypt(server.encrypt(b'{"index":["mute"]}'))
+        texts.add(str(failure.value))
+        assert classify(str(failure.value), ErrorSource.APP_STATE) is ErrorClass.BAD_DECRYPT
+        assert classify(str(failure.value), ErrorSource.MEDIA) is ErrorClass.MEDIA
+    assert "error:1C800064:Provider routines::bad decrypt" in texts
+
+
+async def test_the_sidecar_classifies_a_real_bad_mac_and_its_heal_really_heals() -> None:
+    async with serving(sidecar_config(None)) as served:
+        config = FleetConfig(sessions=1, peers=1, messages_per_second=10, patches_per_second=0, runtimes=1,
+                             faults=FaultRates(bad_mac=1.0, bad_decrypt=0, flap=0), seed=3)  # fmt: skip
+        fleet = SimFleet(served.ws_url, config)
+        phone = next(iter(fleet.phones.values()))
+        for client in fleet.clients:
+            await client.start()
+        try:
+            await fleet.clients[0].send({"type": "connection.update", "organizationId": phone.organization_id,
+                                         "organizationPhoneId": phone.phone_id, "phoneJid": phone.jid,
+                                         "connection": "open"})  # fmt: skip
+            await fleet.tick(0.0)  # one message, on a desynchronized session
+            await fleet.clients[0].flush()
+            runtime = served.components.runtime
+            await eventually(
+                lambda: runtime.get_session_error_stats(phone.phone_id)["badMacErrors"] == 1, what="counted"
+            )
+            await eventually(
+                lambda: fleet.stats.faults_healed == 1, what="the auth.clear reached the simulated runtime"
+            )
+            assert not phone.broken_peers
+            fleet.config = replace(config, faults=FaultRates(bad_mac=0, bad_decrypt=0, flap=0))
+            for moment in range(5):
+                await fleet.tick(float(moment))
+            await fleet.clients[0].flush()
+            assert fleet.stats.messages == 6 and fleet.stats.errors_reported == 1, "healed: later messages decrypt"
+        finally:
+            for client in fleet.clients:
+                await client.stop()
+
+
+async def test_the_demo_runs_and_shows_heals_and_closes() -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sidecar", "demo", "--listen", "127.0.0.1:0", "--sessions", "20", "--duration", "4",
+        "--bad-mac-rate", "0.3", "--bad-decrypt-rate", "0.3", "--seed", "11",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    output, errors = await asyncio.wait_for(process.communicate(), 60)
+    text = output.decode()
+    assert process.returncode == 0, errors.decode()[-3000:]
+    summary = text.split("\nsummary\n", 1)[1]
+    heals = sum(
+        int(n) for n in re.findall(r"(?:bad_mac|bad_decrypt) (\d+)", summary.split("heals", 1)[1].split("\n")[0])
+    )
+    closes = re.search(r"closes\s+bad_mac_limit (\d+)", summary)
+    assert heals >= 1 and closes and int(closes.group(1)) >= 1, summary
+    assert "/metrics" in text and "heal ratio" in summary
