@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -45,6 +46,9 @@ class CounterRow:
     closed: bool = False
 
 
+HISTORY = 10_000
+
+
 class MemoryStore:
     def __init__(self, clock: Callable[[], datetime], logged_out_status: str = "logged_out") -> None:
         self._clock = clock
@@ -52,10 +56,13 @@ class MemoryStore:
         self.auth_keys: dict[tuple[int, str], dict[str, str]] = {}
         self.phones: dict[int, PhoneRow] = {}
         self.counters: dict[int, CounterRow] = {}
-        self.closures: list[ClosureRecord] = []
-        self.decisions: list[RecordDecision] = []
+        # The embedded store is not durable anyway: it keeps a bounded recent history, never a growing log
+        # (the --closure-log file is the full record).
+        self.closures: deque[ClosureRecord] = deque(maxlen=HISTORY)
+        self.decisions: deque[RecordDecision] = deque(maxlen=HISTORY)
         self.outbox: dict[str, OutboxRow] = {}
         self._leases: dict[str, float] = {}
+        self._finished: deque[str] = deque()
         self._seq = 0
 
     async def apply(self, steps: Sequence[Step], journal: tuple[str, Sequence[int]] | None = None) -> list[StepResult]:
@@ -125,6 +132,9 @@ class MemoryStore:
         self._leases[notification_id] = time.monotonic() + (retry_in or 0.0)
         if status != "pending":
             self._leases.pop(notification_id, None)
+            self._finished.append(notification_id)
+            while len(self._finished) > HISTORY:  # finished rows beyond the recent history go; pending ones never
+                self.outbox.pop(self._finished.popleft(), None)
 
     async def list_notifications(self, status: str | None, limit: int) -> list[OutboxRow]:
         rows = [r for r in sorted(self.outbox.values(), key=lambda r: -r.seq) if status is None or r.status == status]
