@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 # Users live on these servers; groups (@g.us) and broadcasts are not sessions or peers of a 1:1 Signal session.
 _USER_SERVERS = ("s.whatsapp.net", "c.us", "lid", "hosted", "hosted.lid")
@@ -28,6 +29,7 @@ class Jid:
         return self.user
 
 
+@lru_cache(maxsize=65_536)  # a fleet's JIDs repeat on every event; the result is immutable
 def parse_jid(text: str) -> Jid:
     match = _JID.match(text)
     if match is None:

@@ -11,13 +11,14 @@ import asyncio
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import Span, Status, StatusCode
+from opentelemetry.trace import INVALID_SPAN, Span, Status, StatusCode
 
 from sidecar.classification import ErrorClass, ErrorSource, classify
 from sidecar.jid import parse_jid
@@ -163,6 +164,7 @@ class SessionRuntime:
         self._breaker_just_tripped = False
         self.policy = policy
         self._tracer = tracer or trace.NoOpTracerProvider().get_tracer("whatsapp-session-sidecar")
+        self._traced = not isinstance(self._tracer, trace.NoOpTracer)
         self._store = store
         self._pending = pending
         self._sockets = sockets
@@ -273,18 +275,24 @@ class SessionRuntime:
     async def _decrypt_error(
         self, phone: PhoneRef, error_class: ErrorClass, peer_user: str | None, trace_context: Context | None
     ) -> bool:
-        with self._tracer.start_as_current_span("session.decrypt_error", context=trace_context) as span:
+        # Without an exporter the tracer is a no-op; skipping even its context handling keeps ingest cheap.
+        span_scope = (
+            self._tracer.start_as_current_span("session.decrypt_error", context=trace_context)
+            if self._traced
+            else nullcontext(INVALID_SPAN)
+        )
+        with span_scope as span:
             for observer in self._observers:
                 observer.decrypt_error(phone, error_class)
             continues = True
             now = self._clock().timestamp()
             if error_class is ErrorClass.BAD_MAC:
-                continues, _ = await self._apply(phone, BadMac(peer_user, now), CounterKind.BAD_MAC)
+                continues, _ = await self._apply(phone, BadMac(peer_user, now), CounterKind.BAD_MAC, now)
             elif error_class is ErrorClass.BAD_DECRYPT:
-                continues, _ = await self._apply(phone, BadDecrypt(now), CounterKind.BAD_DECRYPT)
+                continues, _ = await self._apply(phone, BadDecrypt(now), CounterKind.BAD_DECRYPT, now)
             elif phone.organization_phone_id not in self._closed:
                 # Counted-only classes change no counter, but the session is now known and has a last error.
-                self._session_for(phone).last_error_at = self._clock().timestamp()
+                self._session_for(phone).last_error_at = now
             if span.is_recording():
                 session = self._sessions.get(phone.organization_phone_id)
                 counters = session.state.counters if session is not None else SessionState().counters
@@ -478,7 +486,7 @@ class SessionRuntime:
                 observer.connection_changed(session.phone, connected)
 
     async def _apply(
-        self, phone: PhoneRef, event: Event, counted: CounterKind | None
+        self, phone: PhoneRef, event: Event, counted: CounterKind | None, now: float | None = None
     ) -> tuple[bool, Notification | None]:
         """Decide (synchronously), then persist the count with the health flip it caused, if any.
 
@@ -489,7 +497,7 @@ class SessionRuntime:
         session = self._session_for(phone)
         before = session.state
         if counted is not None:
-            session.last_error_at = self._clock().timestamp()
+            session.last_error_at = now if now is not None else self._clock().timestamp()
         trigger = CloseTrigger.AUTOMATIC if counted is not None else CloseTrigger.CONNECTION
         decision, flip = self._transition(session, event, trigger)
         if counted is not None and _count(session.state.counters, counted) > _count(before.counters, counted):

@@ -46,3 +46,8 @@ async def test_ingest_logs_benchmark_runs() -> None:
     truth = re.search(r"ground truth: (\d+) real Bad MACs", output)
     counted = re.search(r"counted: ingest-logs bad_mac (\d+)", output)
     assert truth and counted and truth.group(1) == counted.group(1), output
+
+
+async def test_ingest_benchmark_runs() -> None:
+    output = await bench("-m", "bench.ingest", "--connections", "2", "--events", "2000", "--rate", "2000", "--runs", "1")
+    assert "one event per frame: sidecar" in output and "event -> decision -> command" in output, output

@@ -19,6 +19,7 @@ MAX_EVENTS_PER_FRAME = 10_000
 MAX_ID = 2**31 - 1  # the seed schema's ids are PostgreSQL INTEGER
 MAX_ERROR_TEXT = 16_384
 CONNECTION_STATES = ("connecting", "open", "close")
+SOURCES = tuple(source.value for source in ErrorSource)
 MESSAGE_TYPES = ("pkmsg", "msg", "skmsg")
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
 
@@ -193,7 +194,7 @@ def _read(index: int, item: object, problems: list[Problem]) -> InboundMessage |
             organization_id, phone_id, str(phone_jid), str(connection), status_code, at, traceparent, bool(new_login)
         )
     error_text = r.text("error", max_length=MAX_ERROR_TEXT)
-    source = r.choice("source", tuple(s.value for s in ErrorSource), required=False)
+    source = r.choice("source", SOURCES, required=False)
     peer_jid = r.jid("peerJid", required=False)
     message_type = r.choice("messageType", MESSAGE_TYPES, required=False)
     if len(problems) > before:

@@ -17,10 +17,19 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from sidecar.link.dispatch import apply_event
-from sidecar.link.protocol import CommandAck, ConnectionUpdate, FrameInvalid, InboundMessage, parse_text
+from sidecar.link.protocol import (
+    CommandAck,
+    ConnectionUpdate,
+    DecryptError,
+    FrameInvalid,
+    InboundMessage,
+    parse_text,
+)
 from sidecar.ports import SocketCommandFailed, SocketUnreachable
 from sidecar.runtime import SessionRuntime
 from sidecar.telemetry.metrics import SidecarMetrics
+
+EVENT_NAMES = {CommandAck: "command.ack", ConnectionUpdate: "connection.update", DecryptError: "decrypt.error"}
 
 log = logging.getLogger("sidecar.link")
 
@@ -49,6 +58,7 @@ class RuntimeLink:
         self.frames_rejected = 0
         self.ownership_changes = 0
         self.metrics: SidecarMetrics | None = None
+        self._event_children: dict[tuple[type, str], Any] = {}
 
     def rejected(self, reason: str) -> None:
         self.frames_rejected += 1
@@ -57,12 +67,12 @@ class RuntimeLink:
 
     def counted(self, message: InboundMessage, channel: str) -> None:
         if self.metrics is not None:
-            kind = (
-                "command.ack"
-                if isinstance(message, CommandAck)
-                else ("connection.update" if isinstance(message, ConnectionUpdate) else "decrypt.error")
-            )
-            self.metrics.events.labels(kind, channel).inc()
+            kind = type(message)
+            child = self._event_children.get((kind, channel))
+            if child is None:
+                name = EVENT_NAMES[kind]
+                child = self._event_children[(kind, channel)] = self.metrics.events.labels(name, channel)
+            child.inc()
 
     @property
     def connection_count(self) -> int:

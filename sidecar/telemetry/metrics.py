@@ -8,6 +8,7 @@ under the goal and makes a forgotten session's series disappear by construction.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from opentelemetry import trace
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -229,13 +230,18 @@ class MetricsObserver(BaseObserver):
 
     def __init__(self, metrics: SidecarMetrics) -> None:
         self._m = metrics
+        self._decrypt_children: dict[tuple[ErrorClass, int], Any] = {}
 
     def connection_changed(self, phone: PhoneRef, connected: bool) -> None:
         self._m.organization_seen(phone.organization_id)
 
     def decrypt_error(self, phone: PhoneRef, error_class: ErrorClass) -> None:
-        organization = self._m.organization_seen(phone.organization_id)
-        self._m.decrypt_errors.labels(str(error_class), organization).inc()
+        key = (error_class, phone.organization_id)
+        child = self._decrypt_children.get(key)
+        if child is None:  # labels() takes a lock and builds a key; once per class and organization is enough
+            organization = self._m.organization_seen(phone.organization_id)
+            child = self._decrypt_children[key] = self._m.decrypt_errors.labels(str(error_class), organization)
+        child.inc()
 
     def healed(
         self, phone: PhoneRef, heal: Heal, keys_deleted: int | None, database: str, socket: str, duration: float

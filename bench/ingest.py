@@ -1,0 +1,211 @@
+"""Ingest over the runtime link: events/s, one event per frame and batched, side by side with a bare aiohttp
+WebSocket sink (parses each frame as JSON and counts: the ceiling of this stack), same client, same run; then
+event -> decision latency at a fixed rate.
+
+    python -m bench.ingest [--connections 4] [--events 200000] [--batch 100] [--rate 10000] [--runs 3]
+
+- Servers are separate processes: `wa-sidecar serve` (embedded store, no tracing exporter) and `bench.sink`.
+- The client (`websockets`, one asyncio task per connection) sends pre-built frames as fast as it can; the run
+  ends when the server has counted every event (the sidecar's whatsapp_sidecar_events_total, the sink's /count).
+  Events: decrypt errors of a counted-only class ("No session record") over 1,000 sessions, so each one is
+  validated, classified, counted and applied without database work.
+- Latency: at `--rate` events/s, every 100th event is a Bad MAC for a fresh session; its heal decision comes back
+  as an `auth.clear` command on the same connection. Send -> command received is event -> decision -> command,
+  an upper bound of event -> decision.
+A measurement, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import aiohttp
+from websockets.asyncio.client import ClientConnection, connect
+
+from bench.common import free_port
+
+SESSIONS = 1000
+PROBE_BASE = 100_000
+
+
+def event(phone: int, error: str = "No session record") -> dict[str, object]:
+    return {"type": "decrypt.error", "organizationId": 1 + phone % 20, "organizationPhoneId": phone,
+            "phoneJid": f"7900{phone:07d}@s.whatsapp.net", "error": error}  # fmt: skip
+
+
+def frames(total: int, batch: int, offset: int) -> list[str]:
+    events = [event(1 + (offset + index) % SESSIONS) for index in range(total)]
+    if batch <= 1:
+        return [json.dumps(item) for item in events]
+    return [json.dumps(events[start : start + batch]) for start in range(0, total, batch)]
+
+
+@asynccontextmanager
+async def server(argv: list[str], port: int) -> AsyncIterator[str]:
+    process = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    try:
+        async with aiohttp.ClientSession() as http:
+            while True:
+                try:
+                    async with http.get(base + ("/healthz" if "sidecar" in argv else "/count")) as response:
+                        if response.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{argv} did not start")
+                await asyncio.sleep(0.05)
+        yield base
+    finally:
+        process.terminate()
+        await process.wait()
+
+
+MARKER_BASE = 900_000
+_markers = iter(range(MARKER_BASE, MARKER_BASE + 1_000_000))
+
+
+async def sink_count(http: aiohttp.ClientSession, base: str) -> int:
+    async with http.get(base + "/count") as response:
+        return int((await response.json())["events"])
+
+
+async def marker_applied(http: aiohttp.ClientSession, base: str, phone: int) -> bool:
+    async with http.get(f"{base}/v1/sessions/{phone}/stats") as response:
+        return response.status == 200 and (await response.json())["badMacErrors"] >= 1
+
+
+async def throughput(base: str, sidecar: bool, connections: int, total: int, batch: int) -> float:
+    """Events/s until the server has taken every event: the sink's count, or, for the sidecar, each connection's
+    final marker (a Bad MAC of a fresh session) applied; a connection's frames are applied in order."""
+    per_connection = total // connections
+    prepared = [frames(per_connection, batch, index * per_connection) for index in range(connections)]
+    markers = [next(_markers) for _ in range(connections)]
+    if sidecar:
+        for items, marker in zip(prepared, markers, strict=True):
+            items.append(json.dumps(event(marker, "Bad MAC")))
+    url = base.replace("http://", "ws://") + "/v1/runtime"
+    async with aiohttp.ClientSession() as http:
+        before = 0 if sidecar else await sink_count(http, base)
+        sockets = [await connect(url, max_size=None, compression=None) for _ in range(connections)]
+        try:
+            started = time.perf_counter()
+
+            async def pump(ws: ClientConnection, items: list[str]) -> None:
+                for frame in items:
+                    await ws.send(frame)
+
+            await asyncio.gather(*(pump(ws, items) for ws, items in zip(sockets, prepared, strict=True)))
+            if sidecar:
+                for marker in markers:
+                    while not await marker_applied(http, base, marker):  # noqa: ASYNC110 - polling another process
+                        await asyncio.sleep(0.002)
+            else:
+                while await sink_count(http, base) < before + per_connection * connections:  # noqa: ASYNC110
+                    await asyncio.sleep(0.002)
+            elapsed = time.perf_counter() - started
+        finally:
+            for ws in sockets:
+                await ws.close()
+    return per_connection * connections / elapsed
+
+
+async def latency(base: str, connections: int, rate: float, seconds: float) -> list[float]:
+    """Event -> decision -> command round trips (ms) of Bad MAC probes sent among a steady `rate` of events."""
+    url = base.replace("http://", "ws://") + "/v1/runtime"
+    sent: dict[int, float] = {}
+    received: dict[int, float] = {}
+    sockets = [await connect(url, max_size=None, compression=None) for _ in range(connections)]
+
+    async def listen(ws: ClientConnection) -> None:
+        async for raw in ws:
+            now = time.perf_counter()
+            text = raw if isinstance(raw, str) else raw.decode()
+            for command in [*json.loads(text)] if text.startswith("[") else [json.loads(text)]:
+                if command.get("type") == "auth.clear":
+                    received.setdefault(int(command["organizationPhoneId"]), now)
+                if "commandId" in command:
+                    ack = {"type": "command.ack", "commandId": command["commandId"], "ok": True, "error": None}
+                    await ws.send(json.dumps(ack))
+
+    listeners = [asyncio.create_task(listen(ws)) for ws in sockets]
+    sequence, probe = 0, 0
+    started = time.perf_counter()
+    try:
+        while (elapsed := time.perf_counter() - started) < seconds:
+            while sequence < rate * elapsed:  # paced by the clock: the rate holds whatever a loop turn costs
+                ws = sockets[sequence % connections]
+                if sequence % 100 == 0:
+                    probe += 1
+                    phone = PROBE_BASE + probe
+                    sent[phone] = time.perf_counter()
+                    await ws.send(json.dumps(event(phone, "Bad MAC")))
+                else:
+                    await ws.send(json.dumps(event(1 + sequence % SESSIONS)))
+                sequence += 1
+            await asyncio.sleep(0.001)
+        deadline = time.perf_counter() + 10
+        while len(received) < len(sent) and time.perf_counter() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        achieved = sequence / (time.perf_counter() - started)
+        print(f"  (sent {sequence} events in {seconds:.0f} s = {achieved:,.0f}/s; {len(received)}/{len(sent)} probes)")
+    finally:
+        for task in listeners:
+            task.cancel()
+        for ws in sockets:
+            await ws.close()
+    return [1000 * (received[phone] - sent[phone]) for phone in sent if phone in received]
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
+
+
+async def run(connections: int, events: int, batch: int, rate: float, runs: int) -> None:
+    sidecar_port, sink_port = free_port(), free_port()
+    sidecar_argv = [sys.executable, "-m", "sidecar", "serve", "--listen", f"127.0.0.1:{sidecar_port}",
+                    "--log-level", "ERROR"]  # fmt: skip
+    sink_argv = [sys.executable, "-m", "bench.sink", "--port", str(sink_port)]
+    results: dict[tuple[str, int], list[float]] = {}
+    async with server(sidecar_argv, sidecar_port) as sidecar, server(sink_argv, sink_port) as sink:
+        for _ in range(runs):
+            for size in (1, batch):
+                for name, base in (("sidecar", sidecar), ("sink", sink)):
+                    count = events if size > 1 else events // 4
+                    results.setdefault((name, size), []).append(
+                        await throughput(base, name == "sidecar", connections, count, size)
+                    )
+        print(f"ingest: {connections} connections, medians of {runs} runs (events/s)")
+        for size in (1, batch):
+            mine, ceiling = statistics.median(results[("sidecar", size)]), statistics.median(results[("sink", size)])
+            label = "one event per frame" if size == 1 else f"batches of {size}"
+            print(f"  {label:>20}: sidecar {mine:>10,.0f}   bare sink {ceiling:>10,.0f}   ratio {mine / ceiling:.2f}x")
+        samples = await latency(sidecar, connections, rate, seconds=5)
+    if samples:
+        print(f"  event -> decision -> command at {rate:,.0f} events/s: {len(samples)} probes, "
+              f"p50 {statistics.median(samples):.2f} ms, p99 {percentile(samples, 0.99):.2f} ms")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--connections", type=int, default=4)
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--rate", type=float, default=10_000)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    asyncio.run(run(args.connections, args.events, args.batch, args.rate, args.runs))
+
+
+if __name__ == "__main__":
+    main()
