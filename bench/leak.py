@@ -1,6 +1,8 @@
 """Leak check: open -> 3 Bad MAC -> close cycles over a fixed pool of phones on PostgreSQL, RSS sampled.
 
-    python bench/leak.py [--phones 1000] [--cycles 20000] [--warmup 2000]
+    python -m bench.leak [--phones 1000] [--cycles 20000] [--warmup 2000] [--embedded]
+
+`--embedded` runs the sidecar on its in-memory store (no PostgreSQL): fast enough for 1,000,000 cycles.
 
 Each round opens every phone of the pool, sends it three Bad MAC errors, and waits until the sidecar has
 closed and forgotten all of them (its API lists no session) before the next round logs them in again. The
@@ -13,18 +15,29 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
 
-from bench.common import NO_BREAKER, rss_mb, seeded_database, sidecar_process
+from bench.common import NO_BREAKER, Phone, rss_mb, seeded_database, sidecar_process
 from sidecar.client import RuntimeClient, connection_update, decrypt_error
 
 
-async def run(phones_count: int, cycles: int, warmup: int) -> None:
+@asynccontextmanager
+async def pool(phones_count: int, embedded: bool) -> AsyncIterator[tuple[str | None, list[Phone]]]:
+    if embedded:
+        yield None, [Phone(1 + n % 20, n, f"7900{n:07d}@s.whatsapp.net") for n in range(1, phones_count + 1)]
+    else:
+        async with seeded_database(phones_count) as seeded:
+            yield seeded
+
+
+async def run(phones_count: int, cycles: int, warmup: int, embedded: bool) -> None:
     rounds = max(1, cycles // phones_count)
     warmup_rounds = max(1, warmup // phones_count)
-    async with seeded_database(phones_count) as (dsn, phones), sidecar_process(dsn, *NO_BREAKER) as sidecar:
+    async with pool(phones_count, embedded) as (dsn, phones), sidecar_process(dsn, *NO_BREAKER) as sidecar:
         ended = 0
 
         def on_end(command: dict[str, Any]) -> None:
@@ -53,11 +66,14 @@ async def run(phones_count: int, cycles: int, warmup: int) -> None:
     done = rounds * phones_count
     after_warmup = samples[warmup_rounds - 1]
     growth = (samples[-1] - after_warmup) / after_warmup * 100
+    store = "embedded store" if embedded else "PostgreSQL"
     print(
-        f"leak: {done} open -> 3 Bad MAC -> close cycles over {phones_count} phones in {elapsed:.1f} s "
+        f"leak: {done} open -> 3 Bad MAC -> close cycles over {phones_count} phones ({store}) in {elapsed:.1f} s "
         f"({done / elapsed:,.0f} cycles/s)"
     )
-    print("  RSS per round (MB): " + " ".join(f"{value:.1f}" for value in samples))
+    step = max(1, len(samples) // 25)
+    shown = samples[::step] if samples[-1:] == samples[::step][-1:] else [*samples[::step], samples[-1]]
+    print(f"  RSS every {step} round(s) of {phones_count} (MB): " + " ".join(f"{value:.1f}" for value in shown))
     print(
         f"  after warm-up ({warmup_rounds * phones_count} cycles) {after_warmup:.1f} MB, "
         f"at the end {samples[-1]:.1f} MB, "
@@ -70,8 +86,9 @@ def main() -> None:
     parser.add_argument("--phones", type=int, default=1000)
     parser.add_argument("--cycles", type=int, default=20_000)
     parser.add_argument("--warmup", type=int, default=2_000)
+    parser.add_argument("--embedded", action="store_true", help="the in-memory store instead of PostgreSQL")
     args = parser.parse_args()
-    asyncio.run(run(args.phones, args.cycles, args.warmup))
+    asyncio.run(run(args.phones, args.cycles, args.warmup, args.embedded))
 
 
 if __name__ == "__main__":
