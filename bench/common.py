@@ -56,7 +56,9 @@ class Phone:
 
 
 @asynccontextmanager
-async def seeded_database(phones: int) -> AsyncIterator[tuple[str, list[Phone]]]:
+async def seeded_database(
+    phones: int, keys_per_phone: tuple[str, ...] = KEYS_PER_PHONE
+) -> AsyncIterator[tuple[str, list[Phone]]]:
     name = f"wa_bench_{uuid.uuid4().hex[:10]}"
     admin = await asyncpg.connect(ADMIN_DSN)
     await admin.execute(f'CREATE DATABASE "{name}"')
@@ -71,7 +73,7 @@ async def seeded_database(phones: int) -> AsyncIterator[tuple[str, list[Phone]]]
         keys = [
             (row["organizationId"], row["phoneJid"].split("@")[0], key, "eyJ4IjoxfQ==", "base64_json")
             for row in stored
-            for key in KEYS_PER_PHONE
+            for key in keys_per_phone
         ]
         await db.copy_records_to_table("baileys_auth", records=keys)
         result = [Phone(row["organizationId"], row["id"], row["phoneJid"]) for row in stored]

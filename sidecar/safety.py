@@ -57,10 +57,14 @@ class BreakerStatus:
 
 @dataclass
 class Breaker:
+    """Closes are counted per second of the window, so its memory is bounded by the window's length, not by how
+    many closes a storm brings (one timestamp per close grew by 25 MB at 2,600 closes/s in a 5-minute window)."""
+
     config: BreakerConfig
     tripped_at: float | None = None
     kept_by: str | None = None  # the operator who chose to keep it tripped
-    _closes: deque[float] = field(default_factory=deque)
+    _buckets: deque[list[float]] = field(default_factory=deque)  # [second, closes], oldest first
+    _in_window: int = 0
 
     @property
     def tripped(self) -> bool:
@@ -71,16 +75,22 @@ class Breaker:
         self._forget_before(now - self.config.window_seconds)
         if self.tripped:
             return False
-        if len(self._closes) + 1 > self.config.allowed(live_sessions):
+        if self._in_window + 1 > self.config.allowed(live_sessions):
             self.tripped_at = now
             return False
-        self._closes.append(now)
+        second = float(int(now))
+        if self._buckets and self._buckets[-1][0] == second:
+            self._buckets[-1][1] += 1
+        else:
+            self._buckets.append([second, 1])
+        self._in_window += 1
         return True
 
     def release(self) -> None:
         """The operator resumes automatic logouts; the window starts empty."""
         self.tripped_at, self.kept_by = None, None
-        self._closes.clear()
+        self._buckets.clear()
+        self._in_window = 0
 
     def keep(self, operator: str) -> None:
         self.kept_by = operator
@@ -94,12 +104,17 @@ class Breaker:
     def status(self, now: float, live_sessions: int, held: int) -> BreakerStatus:
         self._forget_before(now - self.config.window_seconds)
         return BreakerStatus(
-            self.tripped, self.tripped_at, len(self._closes), self.config.allowed(live_sessions), held, self.kept_by
+            self.tripped, self.tripped_at, self._in_window, self.config.allowed(live_sessions), held, self.kept_by
         )
 
     def _forget_before(self, cutoff: float) -> None:
-        while self._closes and self._closes[0] <= cutoff:
-            self._closes.popleft()
+        """Drops the seconds that left the window (a bucket goes once its whole second is out)."""
+        while self._buckets and self._buckets[0][0] + 1 <= cutoff:
+            self._in_window -= int(self._buckets.popleft()[1])
+
+    @property
+    def buckets(self) -> int:
+        return len(self._buckets)
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,5 +49,7 @@ async def test_ingest_logs_benchmark_runs() -> None:
 
 
 async def test_ingest_benchmark_runs() -> None:
-    output = await bench("-m", "bench.ingest", "--connections", "2", "--events", "2000", "--rate", "2000", "--runs", "1")
+    output = await bench(
+        "-m", "bench.ingest", "--connections", "2", "--events", "2000", "--rate", "2000", "--runs", "1"
+    )
     assert "one event per frame: sidecar" in output and "event -> decision -> command" in output, output

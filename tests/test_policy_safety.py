@@ -154,3 +154,10 @@ def test_a_reconnect_after_logout_is_an_open_soon_after_without_a_new_login() ->
     assert not is_reconnect_after_logout(100.0, 103.0, 3600, new_login=True)
     assert not is_reconnect_after_logout(100.0, 100.0 + 3601, 3600, new_login=False)
     assert not is_reconnect_after_logout(None, 103.0, 3600, new_login=False)
+
+
+def test_breaker_memory_is_bounded_by_the_window_not_by_the_close_rate() -> None:
+    breaker = Breaker(BreakerConfig(max_closes=10_000_000, window_seconds=60))
+    for index in range(200_000):
+        assert breaker.admit(index / 1000, 10)  # 1,000 closes a second for 200 seconds
+    assert breaker.buckets <= 61 and breaker.status(200.0, 10, 0).closes_in_window <= 61_000
