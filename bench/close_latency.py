@@ -5,7 +5,7 @@
 The seed schema holds `--phones` phones with `--keys` Baileys auth rows each (creds, app-state keys and
 versions, pre-keys, peer sessions, sender keys: a few hundred per phone in a real store), 2,000,000 rows by
 default. The sidecar runs as its own process with a runtime connected over the link that acks session.end at
-once. Phones are closed one at a time (open, 3 Bad MAC, wait for the close): the closure record's duration, from
+once. Phones are closed one at a time (open, 3 Bad MAC, wait until the closure is recorded): the closure record's duration, from
 the close decision to the record written (socket end + all keys deleted + status + record, one transaction), is
 the figure. p50/p99 over the closes. A measurement, not a test (goal: p99 <= 20 ms).
 """
@@ -22,6 +22,8 @@ import asyncpg
 
 from bench.common import NO_BREAKER, seeded_database, sidecar_process
 from sidecar.client import RuntimeClient, connection_update, decrypt_error
+
+RECORDED = "SELECT EXISTS (SELECT 1 FROM wa_sidecar.closures WHERE organization_phone_id = $1)"
 
 
 def realistic_keys(count: int) -> tuple[str, ...]:
@@ -57,6 +59,10 @@ async def run(phones_count: int, keys: int, closes: int) -> None:
                         await client.send(decrypt_error(*ids, "Bad MAC"))
                     await client.flush()
                     await asyncio.wait_for(ended.wait(), 30)
+                    # One close at a time: the next phone starts once this closure is recorded, so the figure is a
+                    # close's own latency, not queueing behind the previous ones.
+                    while not await db.fetchval(RECORDED, phone.organization_phone_id):  # noqa: ASYNC110
+                        await asyncio.sleep(0.001)
                 deadline = time.monotonic() + 60
                 while await db.fetchval("SELECT count(*) FROM wa_sidecar.closures") < closes:
                     if time.monotonic() > deadline:
