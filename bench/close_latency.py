@@ -6,8 +6,8 @@ The seed schema holds `--phones` phones with `--keys` Baileys auth rows each (cr
 versions, pre-keys, peer sessions, sender keys: a few hundred per phone in a real store), 2,000,000 rows by
 default. The sidecar runs as its own process with a runtime connected over the link that acks session.end at
 once. Phones are closed one at a time (open, 3 Bad MAC, wait until the closure is recorded): the closure
-record's duration, from the close decision to the record written (socket end + all keys deleted + status + record, one transaction), is
-the figure. p50/p99 over the closes. A measurement, not a test (goal: p99 <= 20 ms).
+record's duration, from the close decision to the record written (socket end + all keys deleted + status +
+record, one transaction), is the figure. p50/p99 over the closes. A measurement, not a test (goal: p99 <= 20 ms).
 """
 
 from __future__ import annotations
