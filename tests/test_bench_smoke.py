@@ -53,3 +53,18 @@ async def test_ingest_benchmark_runs() -> None:
         "-m", "bench.ingest", "--connections", "2", "--events", "2000", "--rate", "2000", "--runs", "1"
     )
     assert "one event per frame: sidecar" in output and "event -> decision -> command" in output, output
+
+
+async def test_memory_benchmark_runs() -> None:
+    output = await bench("-m", "bench.memory", "--sizes", "500")
+    assert "bytes per session" in output
+
+
+async def test_close_latency_benchmark_runs() -> None:
+    output = await bench("-m", "bench.close_latency", "--phones", "50", "--keys", "20", "--closes", "5")
+    assert "5 closes: p50" in output and "auth rows left 900 (expected 900)" in output, output
+
+
+async def test_leak_benchmark_runs_on_the_embedded_store() -> None:
+    output = await bench("-m", "bench.leak", "--embedded", "--phones", "20", "--cycles", "60", "--warmup", "20")
+    assert "(embedded store)" in output and "growth" in output
