@@ -56,6 +56,16 @@ def ids(phone: SeededPhone) -> tuple[int, int, str]:
     return phone.organization_id, phone.organization_phone_id, phone.phone_jid
 
 
+async def fail_until_closed(served: Served, runtime: RuntimeClient, phone: SeededPhone) -> None:
+    """Open the phone, send it three Bad MAC errors, wait until the sidecar has closed it and settled."""
+    await runtime.send(connection_update(*ids(phone), "open"))
+    for _ in range(3):
+        await runtime.send(decrypt_error(*ids(phone), "Bad MAC"))
+    await runtime.flush()
+    await eventually(lambda: served.components.runtime.is_closed(phone.organization_phone_id), what="closed")
+    await served.components.runtime.settle()
+
+
 async def logged_out(db: asyncpg.Connection) -> int:
     return int(await db.fetchval("""SELECT count(*) FROM "OrganizationPhone" WHERE status = 'logged_out'"""))
 
@@ -121,12 +131,7 @@ async def test_the_breaker_trips_holds_the_rest_and_an_operator_releases_it(
 
             # Released: automatic logouts work again.
             fresh = await add_phone(db, 9, "79009999999")
-            await runtime.send(connection_update(*ids(fresh), "open"))
-            for _ in range(3):
-                await runtime.send(decrypt_error(*ids(fresh), "Bad MAC"))
-            await runtime.flush()
-            await eventually(lambda: served.components.runtime.is_closed(fresh.organization_phone_id), what="closed")
-            await served.components.runtime.settle()
+            await fail_until_closed(served, runtime, fresh)
             assert (await phone_row(db, fresh))["status"] == "logged_out"
         decisions = Counter(
             line["decision"] for line in map(json.loads, (tmp_path / "closures.jsonl").read_text().splitlines())
@@ -215,12 +220,7 @@ async def test_the_mode_switches_without_a_restart_and_per_organization(database
         status, body = await api(served, "POST", "/v1/mode", {"mode": "observe", "operator": "bob"})
         assert status == 200 and body == {"mode": "observe", "observeOrganizations": []}
         late = await add_phone(db, 7, "79003330003")
-        await runtime.send(connection_update(*ids(late), "open"))
-        for _ in range(3):
-            await runtime.send(decrypt_error(*ids(late), "Bad MAC"))
-        await runtime.flush()
-        await eventually(lambda: served.components.runtime.is_closed(late.organization_phone_id), what="closed")
-        await served.components.runtime.settle()
+        await fail_until_closed(served, runtime, late)
         assert (await phone_row(db, late))["status"] == "connected", "observe now applies to everyone"
         assert await db.fetchval("SELECT count(*) FROM wa_sidecar.decisions WHERE decision = 'mode.changed'") == 1
 
