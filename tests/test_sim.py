@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
 import sys
 from dataclasses import replace
 
@@ -90,3 +91,17 @@ async def test_the_demo_runs_and_shows_heals_and_closes() -> None:
     closes = re.search(r"closes\s+bad_mac_limit (\d+)", summary)
     assert heals >= 1 and closes and int(closes.group(1)) >= 1, summary
     assert "/metrics" in text and "heal ratio" in summary
+
+
+async def test_ctrl_c_stops_the_demo_cleanly_with_a_summary() -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sidecar", "demo", "--listen", "127.0.0.1:0", "--sessions", "5",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stdout is not None
+    first = await asyncio.wait_for(process.stdout.readline(), 30)
+    assert b"whatsapp-session-sidecar demo" in first, "the live view is drawn"
+    process.send_signal(signal.SIGINT)
+    rest, errors = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, errors.decode()[-2000:]
+    assert b"\nsummary\n" in rest and b"heal ratio" in rest
