@@ -39,8 +39,10 @@ def _mode_json(components: Components) -> dict[str, Any]:
     return {"mode": str(safety.mode), "observeOrganizations": sorted(safety.observe_organizations)}
 
 
-async def _operator_body(request: web.Request) -> dict[str, Any]:
-
+async def _operator_request(request: web.Request, what: str) -> web.Response | dict[str, Any]:
+    """The API token check, then the JSON body with its `operator`: a refusal to send back, or the body."""
+    if (refused := api_auth_error(request, what)) is not None:
+        return refused
     body = await json_body(request)
     if not isinstance(body, dict):
         raise InvalidInput("body", "must be a JSON object")
@@ -55,10 +57,9 @@ async def get_breaker(request: web.Request) -> web.Response:
 
 
 async def post_breaker(request: web.Request) -> web.Response:
-
-    if (refused := api_auth_error(request, "breaker control")) is not None:
-        return refused
-    body = await _operator_body(request)
+    body = await _operator_request(request, "breaker control")
+    if isinstance(body, web.Response):
+        return body
     action = body.get("action")
     if not isinstance(action, str) or action not in BREAKER_ACTIONS:
         raise InvalidInput("action", f"must be one of {', '.join(BREAKER_ACTIONS)}")
@@ -86,10 +87,9 @@ async def get_mode(request: web.Request) -> web.Response:
 
 
 async def post_mode(request: web.Request) -> web.Response:
-
-    if (refused := api_auth_error(request, "mode change")) is not None:
-        return refused
-    body = await _operator_body(request)
+    body = await _operator_request(request, "mode change")
+    if isinstance(body, web.Response):
+        return body
     mode = body.get("mode")
     if not isinstance(mode, str) or mode not in {item.value for item in Mode}:
         raise InvalidInput("mode", "must be enforce or observe")

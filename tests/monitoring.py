@@ -51,15 +51,23 @@ async def wait_ready(url: str, process: asyncio.subprocess.Process, deadline_sec
             await asyncio.sleep(0.1)
 
 
-async def run_tool(*argv: str, stdin: bytes | None = None) -> tuple[int, str]:
-    """A CLI tool (promtool, amtool) as an asyncio subprocess: exit code and combined output."""
+async def run_tool(
+    *argv: str,
+    stdin: bytes | None = None,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    deadline: float = 120,
+) -> tuple[int, str]:
+    """A CLI tool (promtool, amtool, npm, node) as an asyncio subprocess: exit code and combined output."""
     process = await asyncio.create_subprocess_exec(
         *argv,
         stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
+        cwd=cwd,
+        env=env,
     )
-    output, _ = await asyncio.wait_for(process.communicate(stdin), 120)
+    output, _ = await asyncio.wait_for(process.communicate(stdin), deadline)
     return int(process.returncode or 0), output.decode()
 
 

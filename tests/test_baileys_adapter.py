@@ -6,21 +6,18 @@ tests start `python -m sidecar serve` with this interpreter.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 from pathlib import Path
+
+from tests.monitoring import run_tool
 
 ADAPTER = Path(__file__).parent.parent / "integrations" / "baileys"
 
 
 async def _run(*argv: str, deadline: float) -> tuple[int, str]:
     env = {**os.environ, "WA_SIDECAR_PYTHON": sys.executable}
-    process = await asyncio.create_subprocess_exec(
-        *argv, cwd=ADAPTER, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
-    )
-    output, _ = await asyncio.wait_for(process.communicate(), deadline)
-    return int(process.returncode or 0), output.decode()
+    return await run_tool(*argv, cwd=ADAPTER, env=env, deadline=deadline)
 
 
 async def test_the_adapter_passes_its_node_tests_against_real_baileys() -> None:

@@ -3,7 +3,6 @@ dashboard types (npm @grafana/schema, checked by tsc) accept them. Live queries:
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 import pytest
 
 from dashboards.generate import DASHBOARDS, HERE, main, rendered
+from tests.monitoring import run_tool
 
 TYPECHECK = HERE / "typecheck"
 TSC = TYPECHECK / "node_modules" / "typescript" / "bin" / "tsc"
@@ -49,17 +49,8 @@ def test_house_rules() -> None:
 
 async def _tsc(tmp_path: Path, dashboards: dict[str, dict[str, Any]]) -> tuple[int, str]:
     if not TSC.exists():
-        npm = await asyncio.create_subprocess_exec(
-            "npm",
-            "ci",
-            "--no-audit",
-            "--no-fund",
-            cwd=TYPECHECK,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-        output, _ = await asyncio.wait_for(npm.communicate(), 300)
-        assert npm.returncode == 0, output.decode()
+        code, output = await run_tool("npm", "ci", "--no-audit", "--no-fund", cwd=TYPECHECK, deadline=300)
+        assert code == 0, output
     (tmp_path / "node_modules").symlink_to(TYPECHECK / "node_modules")
     files = []
     for name, dashboard in dashboards.items():
@@ -70,25 +61,8 @@ async def _tsc(tmp_path: Path, dashboards: dict[str, dict[str, Any]]) -> tuple[i
             f"const dashboard: Dashboard = {json.dumps(dashboard, indent=2)};\nexport default dashboard;\n"
         )
         files.append(str(path))
-    tsc = await asyncio.create_subprocess_exec(
-        "node",
-        str(TSC),
-        "--noEmit",
-        "--strict",
-        "--skipLibCheck",
-        "--module",
-        "esnext",
-        "--moduleResolution",
-        "bundler",
-        "--target",
-        "es2022",
-        *files,
-        cwd=tmp_path,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    output, _ = await asyncio.wait_for(tsc.communicate(), 300)
-    return int(tsc.returncode or 0), output.decode()
+    options = ["--noEmit", "--strict", "--skipLibCheck", "--module", "esnext", "--moduleResolution", "bundler"]
+    return await run_tool("node", str(TSC), *options, "--target", "es2022", *files, cwd=tmp_path, deadline=300)
 
 
 async def test_dashboards_type_check_against_grafana_schema(tmp_path: Path) -> None:
