@@ -12,20 +12,21 @@ from datetime import UTC, datetime
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from sidecar import api
+from sidecar import http
 from sidecar.components import COMPONENTS, Components
 from sidecar.config import Config
-from sidecar.journal import Journal
 from sidecar.link.server import RuntimeLink
 from sidecar.notify.delivery import Delivery, DeliveryPolicy
 from sidecar.notify.owners import OwnersError, OwnersWatcher
-from sidecar.observers import ActionLog, ClosureLogFile, RuntimeObserver
-from sidecar.pending import PendingSteps
 from sidecar.ports import SessionStore, StoreUnavailable
+from sidecar.rules.safety import Breaker
 from sidecar.runtime import Safety, SessionRuntime
-from sidecar.safety import Breaker
+from sidecar.runtime.observer import RuntimeObserver
+from sidecar.store.journal import Journal
 from sidecar.store.memory import MemoryStore
+from sidecar.store.pending import PendingSteps
 from sidecar.store.postgres import PostgresStore
+from sidecar.telemetry.action_log import ActionLog, ClosureLogFile
 from sidecar.telemetry.metrics import MetricsObserver, SidecarMetrics
 from sidecar.telemetry.session_families import SessionFamilies
 from sidecar.telemetry.tracing import Tracing, TracingUnavailable, tracing_from_env
@@ -55,7 +56,7 @@ class Extras:
 
 def create_app(config: Config, extras: Extras | None = None) -> web.Application:
     """The one factory: builds every part and owns its lifecycle (cleanup_ctx), for `serve` and the tests."""
-    app = web.Application(client_max_size=api.MAX_BODY_BYTES)
+    app = web.Application(client_max_size=http.MAX_BODY_BYTES)
     link = RuntimeLink()
     app.cleanup_ctx.append(_components(config, link, extras or Extras()))
 
@@ -63,7 +64,7 @@ def create_app(config: Config, extras: Extras | None = None) -> web.Application:
         await link.close_all()
 
     app.on_shutdown.append(close_runtime_connections)
-    api.add_routes(app)
+    http.add_routes(app)
     return app
 
 
@@ -125,10 +126,10 @@ def _components(config: Config, link: RuntimeLink, extras: Extras) -> Callable[[
             lambda: runtime.closed_count,
         )
         metrics.bind_safety(
-            lambda: runtime.safety.breaker.tripped,
+            lambda: runtime.safety_view().breaker.tripped,
             lambda: runtime.held_count,
-            lambda: runtime.safety.mode,
-            lambda: len(runtime.safety.observe_organizations),
+            lambda: runtime.safety_view().mode,
+            lambda: len(runtime.safety_view().observe_organizations),
         )
         components = Components(config, store, pending, runtime, link, metrics, families, tracing, owners, delivery)
         app[COMPONENTS] = components

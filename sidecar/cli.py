@@ -24,11 +24,11 @@ from sidecar.components import COMPONENTS, Components
 from sidecar.config import Config, ConfigError, add_config_arguments, config_from_args
 from sidecar.ingest.baileys_log import BaileysLogReader
 from sidecar.ingest.command import SessionMapError, announce, lines_of, load_session_map, pump, summary_line
-from sidecar.logs import configure_logging
 from sidecar.notify.owners import OwnersError, load_owners
 from sidecar.sim.demo import DemoTally, add_demo_arguments, fleet_config, run_demo
 from sidecar.store.migrations import migrate
 from sidecar.store.schema_check import check_schema
+from sidecar.telemetry.logs import configure_logging
 
 log = logging.getLogger("sidecar.cli")
 

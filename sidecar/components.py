@@ -11,9 +11,9 @@ from sidecar.config import Config
 from sidecar.link.server import RuntimeLink
 from sidecar.notify.delivery import Delivery
 from sidecar.notify.owners import OwnersWatcher
-from sidecar.pending import PendingSteps
 from sidecar.ports import SessionStore
 from sidecar.runtime import SessionRuntime
+from sidecar.store.pending import PendingSteps
 from sidecar.telemetry.metrics import SidecarMetrics
 from sidecar.telemetry.session_families import SessionFamilies
 from sidecar.telemetry.tracing import Tracing

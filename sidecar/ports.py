@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
-from sidecar.policy import Counters
-from sidecar.records import ClosureRecord, PhoneRef, Step, StepResult
+from sidecar.rules.policy import Counters
+from sidecar.rules.records import ClosureRecord, PhoneRef, Step, StepResult
+
+
+class StepQueue(Protocol):
+    """The ordered, durable queue of database steps the runtime hands its effects to (sidecar.store.pending).
+
+    `submit` accepts a step, waiting for room while the queue is full, and returns the future of its result;
+    steps are applied in the order they were accepted.
+    """
+
+    async def submit(self, step: Step) -> asyncio.Future[StepResult]: ...
 
 
 class SocketUnreachable(Exception):

@@ -10,14 +10,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from sidecar.config import SchemaMapping
-from sidecar.journal import Journal
-from sidecar.local_sockets import LocalSocketController
-from sidecar.observers import RuntimeObserver
-from sidecar.pending import PendingSteps
-from sidecar.policy import PolicyConfig
+from sidecar.link.local_sockets import LocalSocketController
 from sidecar.ports import SessionStore
+from sidecar.rules.policy import PolicyConfig
 from sidecar.runtime import SessionRuntime
+from sidecar.runtime.observer import RuntimeObserver
+from sidecar.store.journal import Journal
 from sidecar.store.memory import MemoryStore
+from sidecar.store.pending import PendingSteps
 from sidecar.store.postgres import PostgresStore
 
 

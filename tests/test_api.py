@@ -12,8 +12,8 @@ import aiohttp
 import asyncpg
 from openapi_spec_validator import validate
 
-from sidecar.api import MAX_BODY_BYTES, OPENAPI_PATH
 from sidecar.client import connection_update, decrypt_error
+from sidecar.http import MAX_BODY_BYTES, OPENAPI_PATH
 from tests.pgcluster import free_port
 from tests.seed import add_phone, keys_of
 from tests.server import serving, sidecar_config

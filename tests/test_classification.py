@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from sidecar.classification import CLASSIFICATION_TABLE, ErrorClass, ErrorSource, classify
+from sidecar.rules.classification import CLASSIFICATION_TABLE, ErrorClass, ErrorSource, classify
 from tests.conftest import FIXTURES
 
 BAILEYS = FIXTURES / "baileys"

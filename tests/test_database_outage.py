@@ -12,9 +12,9 @@ import asyncpg
 import pytest
 
 from sidecar.config import SchemaMapping
-from sidecar.journal import JOURNAL_FILE, Journal
-from sidecar.pending import PendingSteps
+from sidecar.store.journal import JOURNAL_FILE, Journal
 from sidecar.store.migrations import migrate
+from sidecar.store.pending import PendingSteps
 from sidecar.store.postgres import PostgresStore
 from tests.conftest import SEED_SCHEMA
 from tests.harness import runtime_over

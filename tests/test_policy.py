@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.policy import (
+from sidecar.rules.policy import (
     APP_STATE_SYNC_PREFIX,
     BadDecrypt,
     BadMac,

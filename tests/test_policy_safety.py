@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sidecar.policy import (
+from sidecar.rules.policy import (
     BadDecrypt,
     BadMac,
     Close,
@@ -23,7 +23,7 @@ from sidecar.policy import (
     SessionState,
     decide,
 )
-from sidecar.safety import (
+from sidecar.rules.safety import (
     Breaker,
     BreakerConfig,
     IncidentKind,

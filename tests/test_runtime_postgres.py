@@ -10,10 +10,10 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from sidecar.classification import ErrorClass, ErrorSource
-from sidecar.observers import ClosureLogFile
-from sidecar.policy import Limits, PolicyConfig
+from sidecar.rules.classification import ErrorClass, ErrorSource
+from sidecar.rules.policy import Limits, PolicyConfig
 from sidecar.runtime import InvalidInput, SessionRuntime, UnknownSession
+from sidecar.telemetry.action_log import ClosureLogFile
 from tests.harness import runtime_over
 from tests.seed import KEY_NAMES, add_phone, keys_of, phone_row
 

@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from sidecar.app import Extras
 from sidecar.client import RuntimeClient, connection_update, decrypt_error
-from sidecar.safety import BreakerConfig, Mode
+from sidecar.rules.safety import BreakerConfig, Mode
 from tests.receiver import Receiver, receiving
 from tests.seed import SeededPhone, add_phone, keys_of, phone_row
 from tests.server import Served, serving, sidecar_config

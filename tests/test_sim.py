@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import pytest
 
-from sidecar.classification import ErrorClass, ErrorSource, classify
+from sidecar.rules.classification import ErrorClass, ErrorSource, classify
 from sidecar.sim.crypto import AppStateKey, DecryptFailure, corrupt, desynchronize, new_session
 from sidecar.sim.fleet import FaultRates, FleetConfig, SimFleet
 from tests.server import serving, sidecar_config

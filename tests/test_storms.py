@@ -12,10 +12,10 @@ import aiohttp
 import asyncpg
 
 from sidecar.client import RuntimeClient, connection_update, decrypt_error
-from sidecar.observers import BaseObserver
-from sidecar.policy import Heal
-from sidecar.records import PhoneRef
-from sidecar.safety import BreakerConfig
+from sidecar.rules.policy import Heal
+from sidecar.rules.records import PhoneRef
+from sidecar.rules.safety import BreakerConfig
+from sidecar.runtime.observer import BaseObserver
 from tests.harness import runtime_over
 from tests.pgcluster import free_port
 from tests.seed import add_phone

@@ -1,5 +1,6 @@
 """Reads a Baileys backend's log: pino JSON lines and libsignal's multi-line console output, into runtime link
-v1 events (the same dicts a runtime would send, validated the same way). Pure: no I/O, no clock.
+v1 events (the same dicts a runtime would send, validated the same way). Pure: no I/O, no clock. Over 300
+lines: the pino and libsignal readers share the per-message dedup state and are tested as one reader.
 
 What becomes an event:
 - `failed to decrypt message` (Baileys, level 50): a decrypt error with `err.message`, the sender as peer and the
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sidecar.jid import InvalidJid, parse_jid
+from sidecar.rules.jid import InvalidJid, parse_jid
 
 # Most lines of a busy backend are none of these: a chunk of the log is searched for them (str.find runs in C)
 # and only the lines that hold one are parsed; the rest are only counted.

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import yaml
 
-from sidecar.classification import ErrorSource, classify
 from sidecar.components import Components
 from sidecar.ingest.baileys_log import BaileysLogReader, SessionMap
 from sidecar.ingest.source import file_lines, stdin_lines
 from sidecar.link.dispatch import apply_event
 from sidecar.link.protocol import CommandAck, FrameInvalid, parse_messages
+from sidecar.rules.classification import ErrorSource, classify
 
 log = logging.getLogger("sidecar.ingest")
 

@@ -12,13 +12,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypedDict
 
-from sidecar.classification import ErrorSource
-from sidecar.jid import InvalidJid, parse_jid
+from sidecar.rules.classification import ErrorSource
+from sidecar.rules.inputs import CONNECTION_STATES, JID_PROBLEM, id_problem, user_of_jid
+from sidecar.rules.jid import InvalidJid
 
 MAX_EVENTS_PER_FRAME = 10_000
-MAX_ID = 2**31 - 1  # the seed schema's ids are PostgreSQL INTEGER
 MAX_ERROR_TEXT = 16_384
-CONNECTION_STATES = ("connecting", "open", "close")
 SOURCES = tuple(source.value for source in ErrorSource)
 MESSAGE_TYPES = ("pkmsg", "msg", "skmsg")
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
@@ -90,9 +89,11 @@ class _Reader:
 
     def positive_int(self, field: str) -> int:
         value = self.item.get(field)
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_ID:
-            self.fail(field, f"must be a positive integer up to {MAX_ID}" if field in self.item else "is required")
+        problem = id_problem(value)
+        if problem is not None:
+            self.fail(field, problem if field in self.item else "is required")
             return 0
+        assert isinstance(value, int)
         return value
 
     def text(self, field: str, *, required: bool = True, max_length: int = 256) -> str | None:
@@ -120,9 +121,9 @@ class _Reader:
         value = self.text(field, required=required)
         if value is not None:
             try:
-                parse_jid(value)
+                user_of_jid(value)
             except InvalidJid:
-                self.fail(field, "must be a user JID such as 79001112233@s.whatsapp.net")
+                self.fail(field, JID_PROBLEM)
                 return None
         return value
 

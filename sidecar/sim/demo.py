@@ -13,9 +13,9 @@ from typing import TextIO
 from prometheus_client import CollectorRegistry
 
 from sidecar.components import Components
-from sidecar.observers import BaseObserver
-from sidecar.policy import ErrorStats
-from sidecar.records import ClosureRecord, PhoneRef
+from sidecar.rules.policy import ErrorStats
+from sidecar.rules.records import ClosureRecord, PhoneRef
+from sidecar.runtime.observer import BaseObserver
 from sidecar.sim.fleet import FaultRates, FleetConfig, FleetStats, SimFleet
 
 REFRESH_SECONDS = 1.0
@@ -88,7 +88,7 @@ def view(components: Components, tally: DemoTally, fleet: FleetStats, base: str,
     unhealthy = sum(1 for s in sessions if not runtime.get_session_error_stats(s.organization_phone_id)["isHealthy"])
     connected = sum(1 for s in sessions if s.connected)
     ratio = fleet.heal_ratio
-    breaker = "TRIPPED (logouts held)" if runtime.safety.breaker.tripped else "closed"
+    breaker = "TRIPPED (logouts held)" if runtime.safety_view().breaker.tripped else "closed"
     return "\n".join(
         [
             f"whatsapp-session-sidecar demo  {elapsed:5.0f} s   metrics {base}/metrics   API {base}/v1/sessions",

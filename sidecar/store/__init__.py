@@ -1,1 +1,3 @@
-"""Stores: the embedded in-memory default and PostgreSQL on asyncpg."""
+"""Store adapters: the embedded in-memory default (memory.py) and PostgreSQL on asyncpg (postgres.py), the
+ordered queue of database steps that feeds them (pending.py, the runtime's StepQueue port) with its local
+journal (journal.py), migrations, the seed-schema check and SQL identifier quoting."""

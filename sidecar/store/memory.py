@@ -9,10 +9,10 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from sidecar.jid import InvalidJid, parse_jid
-from sidecar.policy import ZERO, Counters
 from sidecar.ports import OutboxRow, StoredSession
-from sidecar.records import (
+from sidecar.rules.jid import InvalidJid, parse_jid
+from sidecar.rules.policy import ZERO, Counters
+from sidecar.rules.records import (
     ClosureRecord,
     CounterKind,
     DeleteKeys,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncpg
 
-from sidecar.sqlnames import quote_identifier
+from sidecar.store.sqlnames import quote_identifier
 
 # Each entry is applied once, in order, inside one transaction; {schema} is the quoted schema name.
 MIGRATIONS: tuple[str, ...] = (

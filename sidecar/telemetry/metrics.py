@@ -14,11 +14,11 @@ from opentelemetry import trace
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from sidecar import __version__
-from sidecar.classification import ErrorClass
-from sidecar.observers import BaseObserver
-from sidecar.policy import CRYPTO_LIMIT_REASONS, CloseReason, Heal, KeyScope, Limits
-from sidecar.records import ClosureRecord, PhoneRef, RecordDecision
-from sidecar.safety import IncidentKind, Mode
+from sidecar.rules.classification import ErrorClass
+from sidecar.rules.policy import CRYPTO_LIMIT_REASONS, CloseReason, Heal, KeyScope, Limits
+from sidecar.rules.records import ClosureRecord, PhoneRef, RecordDecision
+from sidecar.rules.safety import IncidentKind, Mode
+from sidecar.runtime.observer import BaseObserver
 
 # A close waits on the runtime (usually 1-50 ms, up to --socket-end-timeout, 5 s by default) and on one
 # PostgreSQL transaction (1-20 ms). Buckets from 1 ms to 10 s resolve both the healthy path and timeouts.

@@ -12,10 +12,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterable
 
-from sidecar.observers import BaseObserver
-from sidecar.policy import Limits, is_healthy
-from sidecar.records import PhoneRef
-from sidecar.runtime import Session
+from sidecar.rules.policy import Limits, is_healthy
+from sidecar.rules.records import PhoneRef
+from sidecar.runtime import SessionView
+from sidecar.runtime.observer import BaseObserver
 
 CHUNK = 500
 DEFAULT_TEAM = "unassigned"
@@ -62,7 +62,7 @@ class SessionFamilies(BaseObserver):
     def cached_labels(self) -> int:
         return len(self._labels)
 
-    async def render(self, sessions: Iterable[Session]) -> AsyncIterator[bytes]:
+    async def render(self, sessions: Iterable[SessionView]) -> AsyncIterator[bytes]:
         """The five families as chunks of text, yielding to the event loop between chunks."""
         snapshot = list(sessions)  # the dict may change while we yield
         limits, labels = self._limits, self.labels
@@ -71,11 +71,11 @@ class SessionFamilies(BaseObserver):
             for start in range(0, len(snapshot), CHUNK):
                 chunk = snapshot[start : start + CHUNK]
                 if name == "whatsapp_session_bad_mac_errors":
-                    lines = [f"{name}{labels(s.phone)} {s.state.counters.bad_mac_errors}\n" for s in chunk]
+                    lines = [f"{name}{labels(s.phone)} {s.counters.bad_mac_errors}\n" for s in chunk]
                 elif name == "whatsapp_session_bad_decrypt_errors":
-                    lines = [f"{name}{labels(s.phone)} {s.state.counters.bad_decrypt_errors}\n" for s in chunk]
+                    lines = [f"{name}{labels(s.phone)} {s.counters.bad_decrypt_errors}\n" for s in chunk]
                 elif name == "whatsapp_session_healthy":
-                    lines = [f"{name}{labels(s.phone)} {int(is_healthy(s.state.counters, limits))}\n" for s in chunk]
+                    lines = [f"{name}{labels(s.phone)} {int(is_healthy(s.counters, limits))}\n" for s in chunk]
                 elif name == "whatsapp_session_connected":
                     lines = [f"{name}{labels(s.phone)} {int(s.connected)}\n" for s in chunk]
                 else:

@@ -2,6 +2,8 @@
 
 Nothing here does I/O, reads a clock or keeps global state. `decide` takes a session's state and one event
 and returns the next state plus a decision; the runtime (sidecar.runtime) carries decisions out.
+Over 300 lines because `decide` and the windowed policy share the state types and are read (and property-
+tested) together.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sidecar.policy import CloseReason, Counters, KeyScope
+from sidecar.rules.policy import CloseReason, Counters, KeyScope
 
 
 class CounterKind(StrEnum):

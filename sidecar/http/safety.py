@@ -7,18 +7,18 @@ from typing import Any
 
 from aiohttp import web
 
-from sidecar.api_common import api_auth_error, components_of, json_body
 from sidecar.components import Components
-from sidecar.link.protocol import MAX_ID
+from sidecar.http.errors import api_auth_error, components_of, json_body
+from sidecar.rules.inputs import MAX_ID
+from sidecar.rules.safety import Mode
 from sidecar.runtime import InvalidInput
-from sidecar.safety import Mode
 
 BREAKER_ACTIONS = ("release", "keep", "trip")
 
 
 def _breaker_json(components: Components) -> dict[str, Any]:
-    status = components.runtime.breaker_status()
-    config = components.runtime.safety.breaker.config
+    view = components.runtime.safety_view()
+    status, config = view.breaker, view.breaker_config
     return {
         "tripped": status.tripped,
         "trippedAt": datetime.fromtimestamp(status.tripped_at, UTC).isoformat() if status.tripped_at else None,
@@ -35,8 +35,8 @@ def _breaker_json(components: Components) -> dict[str, Any]:
 
 
 def _mode_json(components: Components) -> dict[str, Any]:
-    safety = components.runtime.safety
-    return {"mode": str(safety.mode), "observeOrganizations": sorted(safety.observe_organizations)}
+    view = components.runtime.safety_view()
+    return {"mode": str(view.mode), "observeOrganizations": sorted(view.observe_organizations)}
 
 
 async def _operator_request(request: web.Request, what: str) -> web.Response | dict[str, Any]:
@@ -69,16 +69,14 @@ async def post_breaker(request: web.Request) -> web.Response:
     if close_held and action != "release":
         raise InvalidInput("closeHeld", "applies only to action release")
     components = components_of(request)
-    runtime, operator = components.runtime, body["operator"].strip()
+    controls, operator = components.runtime.operator, body["operator"].strip()
     closed: list[dict[str, Any]] = []
     if action == "release":
-        closed = [record.to_json() for record in await runtime.release_breaker(operator, close_held)]
+        closed = [record.to_json() for record in await controls.release_breaker(operator, close_held)]
     elif action == "keep":
-        if not runtime.safety.breaker.tripped:
-            raise InvalidInput("action", "keep applies to a tripped breaker; it is not tripped")
-        await runtime.keep_breaker(operator)
+        await controls.keep_breaker(operator)
     else:
-        await runtime.trip_breaker(operator)
+        await controls.trip_breaker(operator)
     return web.json_response({**_breaker_json(components), "closed": closed})
 
 
@@ -99,7 +97,7 @@ async def post_mode(request: web.Request) -> web.Response:
     ):
         raise InvalidInput("observeOrganizations", "must be a list of organization ids (positive integers)")
     components = components_of(request)
-    await components.runtime.set_mode(Mode(mode), frozenset(raw), body["operator"].strip())
+    await components.runtime.operator.set_mode(Mode(mode), frozenset(raw), body["operator"].strip())
     return web.json_response(_mode_json(components))
 
 

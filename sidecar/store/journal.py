@@ -13,7 +13,7 @@ import os
 import uuid
 from pathlib import Path
 
-from sidecar.records import Step, step_from_json, step_to_json
+from sidecar.rules.records import Step, step_from_json, step_to_json
 
 JOURNAL_FILE = "pending-steps.jsonl"
 INSTANCE_FILE = "instance-id"

@@ -16,11 +16,11 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from sidecar.journal import Journal
 from sidecar.ports import SessionStore, StepFailed, StoreUnavailable
-from sidecar.records import Step, StepResult, step_to_json
+from sidecar.rules.records import Step, StepResult, step_to_json
+from sidecar.store.journal import Journal
 
-log = logging.getLogger("sidecar.pending")
+log = logging.getLogger("sidecar.store.pending")
 
 BATCH_SIZE = 256
 RETRY_INITIAL_SECONDS = 0.1

@@ -1,0 +1,53 @@
+"""HTTP API v1, the runtime's way in: `POST /v1/events` (batches of events) and `GET /v1/runtime` (the
+WebSocket link). Both need the runtime token when one is configured."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from sidecar.http.errors import components_of, error_response, json_body, runtime_auth_error
+from sidecar.link.dispatch import apply_event
+from sidecar.link.protocol import CommandAck, FrameInvalid, parse_messages
+from sidecar.link.server import YIELD_EVERY
+
+
+async def ingest_events(request: web.Request) -> web.Response:
+    components = components_of(request)
+    if (refused := runtime_auth_error(request, components.config.runtime_token)) is not None:
+        return refused
+    try:
+        messages = parse_messages(await json_body(request))
+    except FrameInvalid as invalid:
+        components.link.rejected(invalid.reason)
+        return error_response(400, invalid.error, list(invalid.details))
+    # Backpressure: accept a body only when every step it can cause fits in the pending queue, so that
+    # nothing accepted (202) is ever dropped and memory stays bounded. Each event causes at most two steps.
+    if components.pending.room < 2 * len(messages):
+        components.metrics.events_throttled.inc(len(messages))
+        return error_response(
+            429, "the sidecar is busy (pending queue full); retry after the given seconds", headers={"Retry-After": "1"}
+        )
+    for message in messages:
+        components.link.counted(message, "http")
+    for index, message in enumerate(messages, start=1):
+        if isinstance(message, CommandAck):
+            components.link.acknowledge(message)
+        else:
+            await apply_event(components.runtime, message)
+        if index % YIELD_EVERY == 0:
+            await asyncio.sleep(0)
+    return web.json_response({"accepted": len(messages)}, status=202)
+
+
+async def runtime_socket(request: web.Request) -> web.StreamResponse:
+    components = components_of(request)
+    if (refused := runtime_auth_error(request, components.config.runtime_token)) is not None:
+        return refused
+    return await components.link.serve(request)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/v1/runtime", runtime_socket)
+    app.router.add_post("/v1/events", ingest_events)

@@ -1,0 +1,78 @@
+"""HTTP operations: liveness, readiness, the Prometheus scrape, the OpenAPI document, the notification outbox."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from aiohttp import web
+from prometheus_client.exposition import choose_encoder
+
+from sidecar.http.errors import components_of
+from sidecar.ports import StoreUnavailable
+from sidecar.runtime import InvalidInput
+
+OPENAPI_PATH = Path(__file__).parent / "openapi.json"
+
+
+NOTIFICATION_STATUSES = ("pending", "delivered", "dead", "skipped")
+
+
+async def list_notifications(request: web.Request) -> web.Response:
+    status = request.query.get("status")
+    if status is not None and status not in NOTIFICATION_STATUSES:
+        raise InvalidInput("status", f"must be one of {', '.join(NOTIFICATION_STATUSES)}")
+    raw_limit = request.query.get("limit", "100")
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 1000:
+        raise InvalidInput("limit", "must be an integer from 1 to 1000")
+    rows = await components_of(request).store.list_notifications(status, int(raw_limit))
+    return web.json_response({"notifications": [row.to_json() for row in rows]})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    components = components_of(request)
+    reason = components.pending.unavailable_reason
+    if reason is None:
+        try:
+            await components.store.ping()
+        except StoreUnavailable as error:
+            reason = str(error)
+    body = {"pendingSteps": components.pending.depth, "runtimeConnections": components.link.connection_count}
+    if reason is not None:
+        return web.json_response({"ready": False, "reason": f"store unreachable: {reason}", **body}, status=503)
+    return web.json_response({"ready": True, **body})
+
+
+async def metrics(request: web.Request) -> web.StreamResponse:
+    """prometheus_client's content negotiation and encoder for the fleet metrics, then the per-session
+    families streamed in chunks from the session registry (see sidecar.telemetry.session_families)."""
+    components = components_of(request)
+    encoder, content_type = choose_encoder(",".join(request.headers.getall("Accept", [])))
+    fleet: bytes = encoder(components.metrics.registry)
+    eof = b"# EOF\n"
+    openmetrics = fleet.endswith(eof)
+    response = web.StreamResponse(headers={"Content-Type": content_type})
+    response.enable_compression()
+    await response.prepare(request)
+    await response.write(fleet[: -len(eof)] if openmetrics else fleet)
+    async for chunk in components.families.render(components.runtime.sessions()):
+        await response.write(chunk)
+    if openmetrics:
+        await response.write(eof)
+    await response.write_eof()
+    return response
+
+
+async def openapi(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(OPENAPI_PATH, headers={"Content-Type": "application/json"})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/v1/openapi.json", openapi)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/v1/notifications", list_notifications)

@@ -1,0 +1,82 @@
+"""HTTP API v1, sessions: list, stats (getSessionErrorStats), force close (forceCloseSession)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+
+from sidecar.components import Components
+from sidecar.http.errors import api_auth_error, components_of, json_body
+from sidecar.rules.inputs import MAX_ID
+from sidecar.rules.policy import is_healthy
+from sidecar.runtime import InvalidInput, SessionView
+
+
+def _phone_id(request: web.Request) -> int:
+    raw = request.match_info["organizationPhoneId"]
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_ID:
+        raise InvalidInput("organizationPhoneId", f"must be a positive integer up to {MAX_ID}")
+    return int(raw)
+
+
+def _timestamp(epoch: float | None) -> str | None:
+    return None if epoch is None else datetime.fromtimestamp(epoch, UTC).isoformat()
+
+
+def session_json(components: Components, session: SessionView) -> dict[str, Any]:
+    counters = session.counters
+    return {
+        "organizationId": session.phone.organization_id,
+        "organizationPhoneId": session.organization_phone_id,
+        "state": str(session.phase),
+        "connected": session.connected,
+        "badMacErrors": counters.bad_mac_errors,
+        "badDecryptErrors": counters.bad_decrypt_errors,
+        "isHealthy": is_healthy(counters, components.runtime.policy.limits),
+        "lastErrorAt": _timestamp(session.last_error_at),
+    }
+
+
+async def list_sessions(request: web.Request) -> web.Response:
+    components = components_of(request)
+    state = request.query.get("state")
+    if state is not None and state not in ("active", "held", "closing"):
+        raise InvalidInput("state", "must be active, held or closing (closed sessions are forgotten)")
+    healthy = request.query.get("healthy")
+    if healthy is not None and healthy not in ("true", "false"):
+        raise InvalidInput("healthy", "must be true or false")
+    sessions = [session_json(components, s) for s in components.runtime.sessions()]
+    if state is not None:
+        sessions = [s for s in sessions if s["state"] == state]
+    if healthy is not None:
+        sessions = [s for s in sessions if s["isHealthy"] is (healthy == "true")]
+    return web.json_response({"sessions": sessions})
+
+
+async def session_stats(request: web.Request) -> web.Response:
+    stats = components_of(request).runtime.get_session_error_stats(_phone_id(request))
+    return web.json_response(stats)
+
+
+async def close_session(request: web.Request) -> web.Response:
+    components = components_of(request)
+    if (refused := api_auth_error(request, "force close")) is not None:
+        return refused
+    phone_id = _phone_id(request)
+    body = await json_body(request)
+    if not isinstance(body, dict):
+        raise InvalidInput("body", 'must be a JSON object such as {"reason": "Maintenance restart"}')
+    reason = body.get("reason")
+    if not isinstance(reason, str):
+        raise InvalidInput("reason", "is required and must be a string")
+    outcome = await components.runtime.force_close_session(phone_id, reason)
+    record = outcome.record.to_json() if outcome.record is not None else {"organizationPhoneId": phone_id}
+    return web.json_response({**record, "alreadyClosed": outcome.already_closed})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/v1/sessions", list_sessions)
+    app.router.add_get("/v1/sessions/{organizationPhoneId}/stats", session_stats)
+    app.router.add_post("/v1/sessions/{organizationPhoneId}/close", close_session)

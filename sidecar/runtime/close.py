@@ -1,0 +1,158 @@
+"""The close sequence: end the socket, then the database half (keys, status, record, counters), then forget.
+
+Every step is attempted whatever happened to the ones before; the session is forgotten in any case. One close
+per session at a time: `start` is only called for a session whose phase just became CLOSING.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from datetime import datetime
+
+from opentelemetry import trace
+
+from sidecar.ports import SocketController, StepQueue
+from sidecar.rules.policy import Close, CloseCompleted, PolicyConfig, decide, error_stats
+from sidecar.rules.records import CloseTrigger, ClosureRecord, Logout, LogoutResult, NotificationEvent, StepOutcome
+from sidecar.rules.safety import LoopDetector
+from sidecar.runtime.notices import Notices
+from sidecar.runtime.observer import RuntimeObserver
+from sidecar.runtime.outcomes import fail_span, socket_command, span_ids
+from sidecar.runtime.registry import LoggedOut, Session, SessionRegistry
+from sidecar.runtime.tasks import BackgroundTasks
+
+DATABASE_PARTS = ("authKeys", "phoneStatus", "closureRecord", "counters")
+DATABASE_SPANS = {
+    "authKeys": "auth.delete_keys",
+    "phoneStatus": "phone.mark_logged_out",
+    "closureRecord": "closure.record",
+}
+
+
+class CloseSequence:
+    def __init__(
+        self,
+        policy: PolicyConfig,
+        registry: SessionRegistry,
+        steps: StepQueue,
+        sockets: SocketController,
+        observers: Sequence[RuntimeObserver],
+        notices: Notices,
+        tasks: BackgroundTasks,
+        tracer: trace.Tracer,
+        clock: Callable[[], datetime],
+        observing: Callable[[int], bool],
+        loops: LoopDetector,
+        *,
+        socket_timeout: float,
+        database_timeout: float,
+    ) -> None:
+        self._policy = policy
+        self._registry = registry
+        self._steps = steps
+        self._sockets = sockets
+        self._observers = observers
+        self._notices = notices
+        self._tasks = tasks
+        self._tracer = tracer
+        self._clock = clock
+        self._observing = observing
+        self._loops = loops
+        self._socket_timeout = socket_timeout
+        self._database_timeout = database_timeout
+        self._in_flight: dict[int, asyncio.Task[ClosureRecord]] = {}
+
+    def start(self, session: Session, decision: Close, trigger: CloseTrigger) -> asyncio.Task[ClosureRecord]:
+        phone_id = session.organization_phone_id
+        task = self._tasks.spawn(self._close(session, decision, trigger))
+        self._in_flight[phone_id] = task
+        task.add_done_callback(lambda done: self._done(phone_id, done))
+        return task
+
+    def _done(self, phone_id: int, task: asyncio.Task[ClosureRecord]) -> None:
+        if self._in_flight.get(phone_id) is task:
+            del self._in_flight[phone_id]
+
+    def in_flight(self, organization_phone_id: int) -> asyncio.Task[ClosureRecord] | None:
+        return self._in_flight.get(organization_phone_id)
+
+    async def _close(self, session: Session, decision: Close, trigger: CloseTrigger) -> ClosureRecord:
+        started = time.monotonic()
+        observe = self._observing(session.phone.organization_id)
+        record = ClosureRecord(
+            closure_id=uuid.uuid4().hex,
+            phone=session.phone,
+            reason=decision.reason,
+            trigger=trigger,
+            detail=decision.detail,
+            counters=decision.counters,
+            started_at=self._clock(),
+        )
+        with self._tracer.start_as_current_span("session.close", attributes=span_ids(session.phone)) as span:
+            try:
+                for observer in self._observers:
+                    observer.closing(record)
+                with self._tracer.start_as_current_span("runtime.end_socket") as socket_span:
+                    if observe:
+                        record.socket = f"{StepOutcome.SKIPPED}: observe mode"
+                    else:
+                        command = self._sockets.end_session(
+                            session.organization_phone_id, str(decision.reason), decision.detail
+                        )
+                        record.socket = await socket_command(command, "ended", self._socket_timeout)
+                        if record.socket != "ended":
+                            fail_span(socket_span, record.socket)
+                record.steps["socket"] = record.socket
+                database_steps, record.keys_deleted, timings = await self._logout(record, observe)
+                record.steps.update(database_steps)
+                self._trace_database_parts(record.steps, timings)
+            finally:
+                record.duration_seconds = time.monotonic() - started
+                self._forget(session, LoggedOut(self._clock().timestamp(), observe))
+                if span.is_recording():
+                    span.set_attributes(
+                        {
+                            "whatsapp.close.reason": str(record.reason),
+                            "whatsapp.close.trigger": str(record.trigger),
+                            "whatsapp.auth.keys_deleted": record.keys_deleted or 0,
+                        }
+                    )
+                for observer in self._observers:
+                    observer.closed(record)
+        return record
+
+    def _trace_database_parts(self, steps: dict[str, str], timings: dict[str, tuple[int, int]]) -> None:
+        for part, span_name in DATABASE_SPANS.items():
+            started, ended = timings.get(part, (None, None))
+            span = self._tracer.start_span(span_name, start_time=started)
+            if steps.get(part, "").startswith((StepOutcome.FAILED, StepOutcome.PENDING)):
+                fail_span(span, steps[part])
+            span.end(end_time=ended)
+
+    async def _logout(
+        self, record: ClosureRecord, observe: bool
+    ) -> tuple[dict[str, str], int | None, dict[str, tuple[int, int]]]:
+        """The database half of a close; waits a bounded time, then reports it as pending."""
+        try:
+            stats = dict(error_stats(record.counters, self._policy.limits))
+            closed = self._notices.notification(NotificationEvent.CLOSED, stats, str(record.reason))
+            future = await self._steps.submit(Logout(replace(record, steps=dict(record.steps)), closed, observe))
+            result = await asyncio.wait_for(asyncio.shield(future), self._database_timeout)
+        except TimeoutError:
+            return dict.fromkeys(DATABASE_PARTS, StepOutcome.PENDING), None, {}
+        except Exception as error:
+            return dict.fromkeys(DATABASE_PARTS, f"{StepOutcome.FAILED}: {type(error).__name__}: {error}"), None, {}
+        assert isinstance(result, LogoutResult)
+        steps = {name: value for name, value in result.steps.items() if name != "socket"}
+        return steps, result.keys_deleted, result.timings
+
+    def _forget(self, session: Session, logged_out: LoggedOut) -> None:
+        session.state = decide(session.state, CloseCompleted(), self._policy).state
+        self._registry.close_out(session, logged_out)
+        self._loops.forget(session.organization_phone_id)
+        for observer in self._observers:
+            observer.forgotten(session.phone)

@@ -1,0 +1,358 @@
+"""The event engine: takes validated events, asks the pure rules for a decision, and starts its effects.
+
+Decisions are taken synchronously (no await between reading a session's state and writing the next one), so
+concurrent events for one session can never start two closes. Effects that talk to the messenger runtime run
+in tracked background tasks (heal.py, close.py), so an event handler never waits on the runtime that sent it.
+
+About 350 lines: the handlers and decide-and-apply stay together because the invariant above (no await between
+reading and writing a session's state) is theirs, and is easier to keep when it is read in one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
+from datetime import datetime
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import INVALID_SPAN
+
+from sidecar.ports import SessionStore, SocketController, StepQueue
+from sidecar.rules.classification import ErrorClass, ErrorSource, classify
+from sidecar.rules.inputs import checked_connection, peer_user, phone_ref
+from sidecar.rules.policy import (
+    CRYPTO_LIMIT_REASONS,
+    BadDecrypt,
+    BadMac,
+    Close,
+    ConnectionClosed,
+    ConnectionOpened,
+    Counters,
+    ErrorStats,
+    Event,
+    Heal,
+    HealthPolicy,
+    Hold,
+    OperatorClose,
+    Phase,
+    PolicyConfig,
+    SessionState,
+    decide,
+    error_stats,
+    is_healthy,
+    windowed,
+)
+from sidecar.rules.records import (
+    CloseTrigger,
+    CounterKind,
+    IncrementCounter,
+    Notification,
+    NotificationEvent,
+    PhoneRef,
+    ResetCounters,
+)
+from sidecar.runtime.close import CloseSequence
+from sidecar.runtime.errors import UnknownSession
+from sidecar.runtime.fleet_safety import Incidents, Safety, SafetyView
+from sidecar.runtime.heal import HealRunner
+from sidecar.runtime.notices import Notices
+from sidecar.runtime.observer import RuntimeObserver
+from sidecar.runtime.operator import OperatorControls
+from sidecar.runtime.outcomes import span_ids
+from sidecar.runtime.registry import MemorySessionRegistry, Session, SessionRegistry, SessionView
+from sidecar.runtime.tasks import BackgroundTasks
+
+ZERO_COUNTERS = SessionState().counters
+
+
+class SessionRuntime:
+    def __init__(
+        self,
+        policy: PolicyConfig,
+        store: SessionStore,
+        steps: StepQueue,
+        sockets: SocketController,
+        observers: Sequence[RuntimeObserver] = (),
+        *,
+        clock: Callable[[], datetime],
+        socket_end_timeout: float = 5.0,
+        database_step_timeout: float = 5.0,
+        tracer: trace.Tracer | None = None,
+        notifications: bool = False,
+        safety: Safety | None = None,
+        registry: SessionRegistry | None = None,
+    ) -> None:
+        self.policy = policy
+        self._safety = safety or Safety()
+        self._store = store
+        self._steps = steps
+        self._observers = list(observers)
+        self._clock = clock
+        self._tracer = tracer or trace.NoOpTracerProvider().get_tracer("whatsapp-session-sidecar")
+        self._traced = not isinstance(self._tracer, trace.NoOpTracer)
+        self._registry: SessionRegistry = registry or MemorySessionRegistry()
+        self._tasks = BackgroundTasks()
+        self._notices = Notices(notifications, clock, self._observers, steps)
+        timeouts = {"socket_timeout": socket_end_timeout, "database_timeout": database_step_timeout}
+        observing = self._safety.observing
+        self._heals = HealRunner(steps, sockets, self._observers, self._tasks, self._tracer, observing, **timeouts)
+        self._closes = CloseSequence(
+            policy, self._registry, steps, sockets, self._observers, self._notices, self._tasks, self._tracer,
+            clock, observing, self._safety.loops, **timeouts,
+        )  # fmt: skip
+        self._incidents = Incidents(
+            self._safety, self._registry, self._notices, sockets, self._tasks, self._stats_of,
+            socket_timeout=socket_end_timeout,
+        )  # fmt: skip
+        self.operator = OperatorControls(
+            self._registry, self._closes, self._safety, self._incidents, store, self._tracer,
+            lambda: self._clock().timestamp(), self._operator_close,
+        )  # fmt: skip
+        self.force_close_session = self.operator.force_close_session
+
+    def safety_view(self) -> SafetyView:
+        return self.operator.safety_view()
+
+    # Queries (read-only views) ------------------------------------------------------------------------
+
+    def sessions(self) -> Iterator[SessionView]:
+        return self._registry.sessions()
+
+    def session(self, organization_phone_id: int) -> SessionView | None:
+        return self._registry.get(organization_phone_id)
+
+    def is_closed(self, organization_phone_id: int) -> bool:
+        return self._registry.closed_phone(organization_phone_id) is not None
+
+    @property
+    def session_count(self) -> int:
+        return self._registry.session_count
+
+    @property
+    def closed_count(self) -> int:
+        return self._registry.closed_count
+
+    @property
+    def held_count(self) -> int:
+        return self._registry.held_count
+
+    @property
+    def background_tasks(self) -> int:
+        return len(self._tasks)
+
+    def get_session_error_stats(self, organization_phone_id: int) -> ErrorStats:
+        session = self._registry.get(organization_phone_id)
+        if session is not None:
+            return error_stats(self._current_counters(session), self.policy.limits)
+        if self.is_closed(organization_phone_id):
+            return error_stats(ZERO_COUNTERS, self.policy.limits)
+        raise UnknownSession(organization_phone_id)
+
+    def _current_counters(self, session: Session) -> Counters:
+        """The counters now: the windowed policy forgets errors that left the window since the last event."""
+        if self.policy.health is HealthPolicy.WINDOWED:
+            return windowed(session.state, None, self.policy.window_seconds, self._clock().timestamp()).counters
+        return session.state.counters
+
+    def _stats_of(self, phone: PhoneRef) -> ErrorStats:
+        session = self._registry.get(phone.organization_phone_id)
+        counters = self._current_counters(session) if session is not None else ZERO_COUNTERS
+        return error_stats(counters, self.policy.limits)
+
+    # Restart, background effects ----------------------------------------------------------------------
+
+    async def restore(self) -> int:
+        """Continue from the counters the store kept (a restart loses no count)."""
+        stored = await self._store.load_sessions()
+        self._registry.restore(stored)
+        return len(stored)
+
+    async def settle(self) -> None:
+        """Wait for every background effect started so far (tests, shutdown)."""
+        await self._tasks.settle()
+
+    async def shutdown(self, grace_seconds: float = 10.0) -> None:
+        """Let running closes finish (bounded), then cancel what is left."""
+        await self._tasks.shutdown(grace_seconds)
+
+    # Events -------------------------------------------------------------------------------------------
+
+    async def handle_decrypt_error(
+        self,
+        organization_id: int,
+        organization_phone_id: int,
+        phone_jid: str,
+        error: str,
+        source: ErrorSource | None = None,
+        peer_jid: str | None = None,
+        trace_context: Context | None = None,
+    ) -> ErrorClass:
+        """Classify a raw decryption error and apply it; returns its class."""
+        error_class = classify(error, source)
+        phone = phone_ref(organization_id, organization_phone_id, phone_jid)
+        await self._decrypt_error(phone, error_class, peer_user(peer_jid), trace_context)
+        return error_class
+
+    async def handle_bad_mac_error(
+        self, organization_id: int, organization_phone_id: int, phone_jid: str, peer_jid: str | None = None
+    ) -> bool:
+        """The seed's handleBadMacError: True while the session continues, False once it is being closed."""
+        phone = phone_ref(organization_id, organization_phone_id, phone_jid)
+        return await self._decrypt_error(phone, ErrorClass.BAD_MAC, peer_user(peer_jid), None)
+
+    async def handle_bad_decrypt_error(self, organization_id: int, organization_phone_id: int, phone_jid: str) -> bool:
+        """The seed's handleBadDecryptError: True while the session continues, False once it is being closed."""
+        phone = phone_ref(organization_id, organization_phone_id, phone_jid)
+        return await self._decrypt_error(phone, ErrorClass.BAD_DECRYPT, None, None)
+
+    async def _decrypt_error(
+        self, phone: PhoneRef, error_class: ErrorClass, peer_user: str | None, trace_context: Context | None
+    ) -> bool:
+        # Without an exporter the tracer is a no-op; skipping even its context handling keeps ingest cheap.
+        span_scope = (
+            self._tracer.start_as_current_span("session.decrypt_error", context=trace_context)
+            if self._traced
+            else nullcontext(INVALID_SPAN)
+        )
+        with span_scope as span:
+            for observer in self._observers:
+                observer.decrypt_error(phone, error_class)
+            continues = True
+            now = self._clock().timestamp()
+            if error_class is ErrorClass.BAD_MAC:
+                continues, _ = await self._apply(phone, BadMac(peer_user, now), CounterKind.BAD_MAC, now)
+            elif error_class is ErrorClass.BAD_DECRYPT:
+                continues, _ = await self._apply(phone, BadDecrypt(now), CounterKind.BAD_DECRYPT, now)
+            elif not self.is_closed(phone.organization_phone_id):
+                # Counted-only classes change no counter, but the session is now known and has a last error.
+                self._registry.ensure(phone).last_error_at = now
+            if span.is_recording():
+                session = self._registry.get(phone.organization_phone_id)
+                counters = session.state.counters if session is not None else ZERO_COUNTERS
+                after = (
+                    counters.bad_decrypt_errors if error_class is ErrorClass.BAD_DECRYPT else counters.bad_mac_errors
+                )
+                span.set_attributes(
+                    {
+                        **span_ids(phone),
+                        "whatsapp.error.class": str(error_class),
+                        "whatsapp.counter.after": after,
+                        "whatsapp.session.continues": continues,
+                    }
+                )
+            return continues
+
+    async def on_connection_update(
+        self,
+        organization_id: int,
+        organization_phone_id: int,
+        phone_jid: str,
+        connection: str,
+        status_code: int | None = None,
+        new_login: bool = False,
+    ) -> None:
+        """`new_login`: the runtime paired this phone anew (a QR scan) since it last closed."""
+        checked_connection(connection)
+        phone = phone_ref(organization_id, organization_phone_id, phone_jid)
+        now = self._clock().timestamp()
+        if connection == "open":
+            closed = self._incidents.reconnected_after_logout(organization_phone_id, now, new_login)
+            if closed is not None:
+                logged_out = self._registry.logged_out(organization_phone_id)
+                assert logged_out is not None
+                await self._incidents.logout_did_not_stick(closed, now - logged_out.at)
+                return
+            reopened = self._registry.reopen(organization_phone_id)
+            session = self._registry.ensure(phone)
+            had_counts = session.state.counters != ZERO_COUNTERS
+            self._set_connected(session, True)
+            _, recovered = await self._apply(phone, ConnectionOpened(), None)
+            if had_counts or reopened or recovered:
+                await self._steps.submit(ResetCounters(session.phone, recovered))
+        elif connection == "close":
+            known = self._registry.get(organization_phone_id)
+            if known is not None:
+                self._set_connected(known, False)
+            await self._incidents.connection_closed(phone, now, status_code)
+            if not self.is_closed(organization_phone_id):
+                await self._apply(phone, ConnectionClosed(status_code), None)
+
+    def _set_connected(self, session: Session, connected: bool) -> None:
+        if session.connected != connected:
+            session.connected = connected
+            for observer in self._observers:
+                observer.connection_changed(session.phone, connected)
+
+    # Decide and apply ---------------------------------------------------------------------------------
+
+    async def _apply(
+        self, phone: PhoneRef, event: Event, counted: CounterKind | None, now: float | None = None
+    ) -> tuple[bool, Notification | None]:
+        """Decide (synchronously), then persist the count with the health flip it caused, if any.
+
+        Returns whether the session continues (False once it is being closed) and that flip's notification.
+        """
+        if not isinstance(event, ConnectionOpened) and self.is_closed(phone.organization_phone_id):
+            return False, None
+        session = self._registry.ensure(phone)
+        before = session.state
+        if counted is not None:
+            session.last_error_at = now if now is not None else self._clock().timestamp()
+        trigger = CloseTrigger.AUTOMATIC if counted is not None else CloseTrigger.CONNECTION
+        decision, flip, just_tripped = self._transition(session, event, trigger)
+        if counted is not None and _count(session.state.counters, counted) > _count(before.counters, counted):
+            await self._steps.submit(IncrementCounter(session.phone, counted, flip))
+        if isinstance(decision, Hold):
+            detail = {"reason": str(decision.reason), "detail": decision.detail}
+            await self._incidents.record(session.phone, "session.held", detail, NotificationEvent.HELD)
+        if just_tripped:
+            status = self.operator.breaker_status()
+            counts = {"closesInWindow": status.closes_in_window, "allowedInWindow": status.allowed_in_window}
+            await self._incidents.record(None, "breaker.tripped", counts, NotificationEvent.BREAKER_TRIPPED)
+        return not isinstance(decision, Close | Hold) and session.state.phase is Phase.ACTIVE, flip
+
+    def _transition(
+        self, session: Session, event: Event, trigger: CloseTrigger
+    ) -> tuple[object, Notification | None, bool]:
+        """The rules' decision for this event, its state written back, its effect started. Also returns the
+        health flip's notification and whether the breaker tripped on this decision."""
+        before = session.state
+        transition = decide(before, event, self.policy)
+        just_tripped = False
+        if (
+            trigger is CloseTrigger.AUTOMATIC
+            and isinstance(transition.decision, Close)
+            and transition.decision.reason in CRYPTO_LIMIT_REASONS
+        ):
+            admitted, just_tripped = self._safety.admit_automatic_close(
+                self._clock().timestamp(), self._registry.session_count
+            )
+            if not admitted:
+                transition = decide(before, event, self.policy, automatic_closes_allowed=False)
+        session.state = transition.state
+        healthy_before = is_healthy(before.counters, self.policy.limits)
+        healthy_after = is_healthy(transition.state.counters, self.policy.limits)
+        flip: Notification | None = None
+        for observer in self._observers:
+            observer.counters_changed(session.phone, transition.state.counters)
+        if healthy_before != healthy_after and transition.state.phase is Phase.ACTIVE:
+            stats = error_stats(transition.state.counters, self.policy.limits)
+            for observer in self._observers:
+                observer.health_changed(session.phone, stats)
+            event_kind = NotificationEvent.RECOVERED if healthy_after else NotificationEvent.UNHEALTHY
+            flip = self._notices.notification(event_kind, dict(stats), None)
+        decision = transition.decision
+        if isinstance(decision, Heal):
+            self._heals.start(session, decision)
+        elif isinstance(decision, Close):
+            self._heals.supersede(session.organization_phone_id)
+            self._closes.start(session, decision, trigger)
+        return decision, flip, just_tripped
+
+    def _operator_close(self, session: Session, reason: str) -> None:
+        self._transition(session, OperatorClose(reason), CloseTrigger.OPERATOR)
+
+
+def _count(counters: Counters, kind: CounterKind) -> int:
+    return counters.bad_mac_errors if kind is CounterKind.BAD_MAC else counters.bad_decrypt_errors

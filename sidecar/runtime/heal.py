@@ -1,0 +1,108 @@
+"""Heal execution: delete the narrowest keys a heal decision names, then tell the runtime to drop its cached
+copies. At most one heal runs per session; heals decided meanwhile merge, per scope, into the next one."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+
+from opentelemetry import trace
+from opentelemetry.trace import Span
+
+from sidecar.ports import SocketController, StepQueue
+from sidecar.rules.policy import Heal, KeyScope, Phase
+from sidecar.rules.records import DeleteKeys, StepOutcome
+from sidecar.runtime.observer import RuntimeObserver
+from sidecar.runtime.outcomes import fail_span, socket_command, span_ids
+from sidecar.runtime.registry import Session
+from sidecar.runtime.tasks import BackgroundTasks
+
+
+class HealRunner:
+    def __init__(
+        self,
+        steps: StepQueue,
+        sockets: SocketController,
+        observers: Sequence[RuntimeObserver],
+        tasks: BackgroundTasks,
+        tracer: trace.Tracer,
+        observing: Callable[[int], bool],
+        *,
+        socket_timeout: float,
+        database_timeout: float,
+    ) -> None:
+        self._steps = steps
+        self._sockets = sockets
+        self._observers = observers
+        self._tasks = tasks
+        self._tracer = tracer
+        self._observing = observing  # organization id -> observe mode applies
+        self._socket_timeout = socket_timeout
+        self._database_timeout = database_timeout
+        # Sessions with a heal in flight, and the heals queued behind it (merged per scope).
+        self._queued: dict[int, dict[KeyScope, tuple[str, ...]]] = {}
+
+    def start(self, session: Session, heal: Heal) -> None:
+        queued = self._queued.get(session.organization_phone_id)
+        if queued is None:
+            self._queued[session.organization_phone_id] = {}
+            self._tasks.spawn(self._heal_until_done(session, heal))
+            return
+        waiting = queued.get(heal.scope, ())
+        queued[heal.scope] = waiting + tuple(prefix for prefix in heal.key_prefixes if prefix not in waiting)
+        for observer in self._observers:
+            observer.heal_coalesced(session.phone, heal)
+
+    def supersede(self, organization_phone_id: int) -> None:
+        """A close deletes every key: the heals queued for this session are dropped."""
+        queued = self._queued.get(organization_phone_id)
+        if queued is not None:
+            queued.clear()
+
+    async def _heal_until_done(self, session: Session, first: Heal) -> None:
+        queued = self._queued[session.organization_phone_id]
+        try:
+            heal: Heal | None = first
+            while heal is not None:
+                await self._heal(session, heal)
+                heal = None
+                if session.state.phase is Phase.ACTIVE and queued:
+                    scope, prefixes = queued.popitem()
+                    heal = Heal(scope, prefixes)
+        finally:
+            del self._queued[session.organization_phone_id]
+
+    async def _heal(self, session: Session, heal: Heal) -> None:
+        with self._tracer.start_as_current_span("session.heal", attributes=span_ids(session.phone)) as span:
+            await self._heal_in_span(session, heal, span)
+
+    async def _heal_in_span(self, session: Session, heal: Heal, span: Span) -> None:
+        started = time.monotonic()
+        observe = self._observing(session.phone.organization_id)
+        future = await self._steps.submit(DeleteKeys(session.phone, heal.scope, heal.key_prefixes, observe))
+        keys_deleted: int | None = None
+        outcome = str(StepOutcome.OK)
+        try:
+            result = await asyncio.wait_for(asyncio.shield(future), self._database_timeout)
+            keys_deleted = result if isinstance(result, int) else None
+        except TimeoutError:
+            outcome = StepOutcome.PENDING
+        except Exception as error:
+            outcome = f"{StepOutcome.FAILED}: {type(error).__name__}: {error}"
+        if observe:
+            socket = f"{StepOutcome.SKIPPED}: observe mode"
+            keys_deleted = None  # only counted: nothing was deleted
+        elif session.state.phase is Phase.ACTIVE:
+            command = self._sockets.clear_cached_keys(session.organization_phone_id, heal.key_prefixes)
+            socket = await socket_command(command, "cleared", self._socket_timeout)
+        else:
+            socket = "skipped: superseded by a close"  # the close deletes every key and ends the socket anyway
+        if span.is_recording():
+            span.set_attributes(
+                {"whatsapp.heal.scope": str(heal.scope), "whatsapp.auth.keys_deleted": keys_deleted or 0}
+            )
+            if outcome.startswith(StepOutcome.FAILED):
+                fail_span(span, outcome)
+        for observer in self._observers:
+            observer.healed(session.phone, heal, keys_deleted, str(outcome), socket, time.monotonic() - started)

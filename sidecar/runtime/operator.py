@@ -1,0 +1,117 @@
+"""Operator controls: forceCloseSession, and the fleet safety switches (breaker release/keep/trip, mode). Each
+change is recorded as a decision (closure log, observers, owners)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from opentelemetry import trace
+
+from sidecar.ports import SessionStore
+from sidecar.rules.policy import Phase
+from sidecar.rules.records import ClosureRecord, NotificationEvent
+from sidecar.rules.safety import BreakerStatus, Mode
+from sidecar.runtime.close import CloseSequence
+from sidecar.runtime.errors import InvalidInput, UnknownSession
+from sidecar.runtime.fleet_safety import Incidents, Safety, SafetyView
+from sidecar.runtime.outcomes import span_ids
+from sidecar.runtime.registry import Session, SessionRegistry
+
+MAX_REASON_LENGTH = 500
+
+
+@dataclass(frozen=True, slots=True)
+class CloseOutcome:
+    record: ClosureRecord | None
+    already_closed: bool
+
+
+class OperatorControls:
+    def __init__(
+        self,
+        registry: SessionRegistry,
+        closes: CloseSequence,
+        safety: Safety,
+        incidents: Incidents,
+        store: SessionStore,
+        tracer: trace.Tracer,
+        now: Callable[[], float],
+        operator_close: Callable[[Session, str], None],
+    ) -> None:
+        self._registry = registry
+        self._closes = closes
+        self._safety = safety
+        self._incidents = incidents
+        self._store = store
+        self._tracer = tracer
+        self._now = now
+        self._operator_close = operator_close  # decide an operator close for a session and start it
+
+    async def force_close_session(self, organization_phone_id: int, reason: str) -> CloseOutcome:
+        """The seed's forceCloseSession: the same close, started by an operator. Waits for it to finish."""
+        reason = reason.strip() if isinstance(reason, str) else ""
+        if not reason:
+            raise InvalidInput("reason", "must be a non-empty text saying why the session is closed")
+        if len(reason) > MAX_REASON_LENGTH:
+            raise InvalidInput("reason", f"must be at most {MAX_REASON_LENGTH} characters")
+        session = self._registry.get(organization_phone_id)
+        if session is None:
+            if self._registry.closed_phone(organization_phone_id) is not None:
+                return CloseOutcome(await self._last_closure(organization_phone_id), already_closed=True)
+            raise UnknownSession(organization_phone_id)
+        running = self._closes.in_flight(organization_phone_id)
+        if running is not None:
+            await asyncio.shield(running)
+            return CloseOutcome(running.result(), already_closed=True)
+        with self._tracer.start_as_current_span("session.force_close", attributes=span_ids(session.phone)):
+            self._operator_close(session, reason)  # the close task inherits the span
+        started = self._closes.in_flight(organization_phone_id)
+        assert started is not None
+        return CloseOutcome(await asyncio.shield(started), already_closed=False)
+
+    async def _last_closure(self, organization_phone_id: int) -> ClosureRecord | None:
+        try:
+            closures = await self._store.recent_closures(organization_phone_id, 1)
+        except Exception:
+            return None
+        return closures[0] if closures else None
+
+    def safety_view(self) -> SafetyView:
+        safety = self._safety
+        return SafetyView(self.breaker_status(), safety.breaker.config, safety.mode, safety.observe_organizations)
+
+    def breaker_status(self) -> BreakerStatus:
+        return self._safety.breaker.status(self._now(), self._registry.session_count, self._registry.held_count)
+
+    async def release_breaker(self, operator: str, close_held: bool) -> list[ClosureRecord]:
+        """Resume automatic logouts; with `close_held`, close the sessions held meanwhile (reason forced)."""
+        self._safety.breaker.release()
+        held = [session for session in self._registry.sessions() if session.state.phase is Phase.HELD]
+        detail = {"operator": operator, "closeHeld": close_held, "held": len(held)}
+        await self._incidents.record(None, "breaker.released", detail, NotificationEvent.BREAKER_RELEASED)
+        if not close_held:
+            return []
+        for session in held:
+            self._operator_close(session, f"held by the circuit breaker; closed on release by {operator}")
+        tasks = [self._closes.in_flight(session.organization_phone_id) for session in held]
+        return list(await asyncio.gather(*[task for task in tasks if task is not None]))
+
+    async def keep_breaker(self, operator: str) -> None:
+        if not self._safety.breaker.tripped:
+            raise InvalidInput("action", "keep applies to a tripped breaker; it is not tripped")
+        self._safety.breaker.keep(operator)
+        await self._incidents.record(None, "breaker.kept", {"operator": operator}, None)
+
+    async def trip_breaker(self, operator: str) -> None:
+        was_tripped = self._safety.breaker.tripped
+        self._safety.breaker.trip(self._now(), operator)
+        if not was_tripped:
+            detail = {"operator": operator}
+            await self._incidents.record(None, "breaker.tripped", detail, NotificationEvent.BREAKER_TRIPPED)
+
+    async def set_mode(self, mode: Mode, observe_organizations: frozenset[int], operator: str) -> None:
+        self._safety.mode, self._safety.observe_organizations = mode, observe_organizations
+        detail = {"operator": operator, "mode": str(mode), "observeOrganizations": sorted(observe_organizations)}
+        await self._incidents.record(None, "mode.changed", detail, None)

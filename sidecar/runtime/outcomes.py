@@ -1,0 +1,42 @@
+"""How an effect went, in the words the closure record, the logs and the spans use: socket-command outcomes
+('ended', 'unreachable', 'timeout', 'failed: …') and the span helpers that mark a failed step."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+
+from opentelemetry.trace import Span, Status, StatusCode
+
+from sidecar.ports import SocketCommandFailed, SocketUnreachable
+from sidecar.rules.records import PhoneRef, StepOutcome
+
+
+async def socket_command(command: Awaitable[None], done: str, wait_seconds: float) -> str:
+    """Run a command to the messenger runtime and say how it went; never raises."""
+    try:
+        await asyncio.wait_for(command, wait_seconds)
+    except SocketUnreachable:
+        return "unreachable"
+    except TimeoutError:
+        return "timeout"
+    except SocketCommandFailed as error:
+        return f"{StepOutcome.FAILED}: {error}"
+    except Exception as error:
+        return f"{StepOutcome.FAILED}: {type(error).__name__}: {error}"
+    return done
+
+
+def span_ids(phone: PhoneRef) -> dict[str, int]:
+    return {
+        "whatsapp.organization_id": phone.organization_id,
+        "whatsapp.organization_phone_id": phone.organization_phone_id,
+    }
+
+
+def fail_span(span: Span, outcome: str) -> None:
+    """Mark a span failed; `outcome` looks like 'failed: RaiseError: …', 'timeout' or 'unreachable'."""
+    parts = outcome.split(": ")
+    error_type = parts[1] if parts[0] == StepOutcome.FAILED and len(parts) > 2 else parts[0]
+    span.set_status(Status(StatusCode.ERROR, outcome))
+    span.set_attribute("error.type", error_type)
