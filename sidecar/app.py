@@ -22,6 +22,7 @@ from sidecar.ports import SessionStore, StoreUnavailable
 from sidecar.rules.safety import Breaker
 from sidecar.runtime import Safety, SessionRuntime
 from sidecar.runtime.observer import RuntimeObserver
+from sidecar.store.fleet import PostgresFleet
 from sidecar.store.journal import Journal
 from sidecar.store.memory import MemoryStore
 from sidecar.store.pending import PendingSteps
@@ -94,6 +95,9 @@ def _components(config: Config, link: RuntimeLink, extras: Extras) -> Callable[[
         if config.closure_log_path is not None:
             observers.append(ClosureLogFile(config.closure_log_path))
         observers.extend(extras.observers)
+        fleet = PostgresFleet(store, config.breaker, config.instance) if isinstance(store, PostgresStore) else None
+        if not config.fleet_mode:
+            fleet = None
         runtime = SessionRuntime(
             config.policy,
             store,
@@ -111,6 +115,8 @@ def _components(config: Config, link: RuntimeLink, extras: Extras) -> Callable[[
                 observe_organizations=config.observe_organizations,
                 logout_stick_seconds=config.logout_stick_seconds,
             ),
+            fleet=fleet,
+            backlog_limit=config.pending_steps_limit,
         )
         link.runtime = runtime
         delivery: Delivery | None = None
@@ -126,7 +132,7 @@ def _components(config: Config, link: RuntimeLink, extras: Extras) -> Callable[[
             lambda: runtime.closed_count,
         )
         metrics.bind_safety(
-            lambda: runtime.safety_view().breaker.tripped,
+            lambda: runtime.fleet.breaker_tripped if runtime.fleet else runtime.safety_view().breaker.tripped,
             lambda: runtime.held_count,
             lambda: runtime.safety_view().mode,
             lambda: len(runtime.safety_view().observe_organizations),
@@ -139,6 +145,8 @@ def _components(config: Config, link: RuntimeLink, extras: Extras) -> Callable[[
         if delivery is not None:
             await delivery.start()
         background = [asyncio.create_task(_restore(components)), asyncio.create_task(_watch_owners(owners))]
+        if fleet is not None:
+            background.append(asyncio.create_task(_watch_fleet(fleet, runtime, config)))
         try:
             yield
         finally:
@@ -146,6 +154,8 @@ def _components(config: Config, link: RuntimeLink, extras: Extras) -> Callable[[
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
             # A close needs at most the socket wait plus the database wait; past that, what is left is cancelled.
+            if runtime.fleet is not None:
+                await runtime.fleet.stop()
             await runtime.shutdown(config.socket_end_timeout + config.database_step_timeout + 1)
             await pending.stop()
             if delivery is not None:
@@ -196,6 +206,19 @@ async def open_store(config: Config, clock: Callable[[], datetime]) -> SessionSt
             f"{store.latest_schema_version}: run `wa-sidecar migrate` first"
         )
     return store
+
+
+async def _watch_fleet(fleet: PostgresFleet, runtime: SessionRuntime, config: Config) -> None:
+    """Seed the fleet's mode from this replica's flags if none is stored yet, then follow the stored one."""
+    while True:
+        try:
+            await fleet.start(config.mode, config.observe_organizations)
+            break
+        except StoreUnavailable as error:
+            log.warning("cannot read the fleet settings yet: %s", error)
+            await asyncio.sleep(RESTORE_RETRY_SECONDS)
+    assert runtime.fleet is not None
+    await runtime.fleet.watch_settings()  # reads them at once, then every SETTINGS_REFRESH_SECONDS
 
 
 async def _restore(components: Components) -> None:

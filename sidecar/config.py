@@ -92,6 +92,13 @@ class Config:
     observe_organizations: frozenset[int] = frozenset()
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
     logout_stick_seconds: float = 3600.0
+    # With a database: "fleet" (default) decides in PostgreSQL, shared by any number of replicas; "local"
+    # decides in this process (one replica only; counts and closes continue while PostgreSQL is away).
+    coordination: str = "fleet"
+
+    @property
+    def fleet_mode(self) -> bool:
+        return self.database_url is not None and self.coordination == "fleet"
 
     def team_of(self, organization_id: int) -> str:
         return self.organization_teams.get(organization_id, DEFAULT_TEAM)
@@ -144,6 +151,11 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     add("--webhook-timeout", help="seconds per webhook attempt (default 5)")
     add("--webhook-backoff-initial", help="first retry delay in seconds, doubled per attempt (default 1)")
     add("--insecure", action="store_true", default=None, help="allow a non-loopback listener without tokens")
+    add(
+        "--coordination",
+        help="with a database: fleet (default; replicas share every decision through PostgreSQL) or local "
+        "(one replica decides in memory)",
+    )
     add("--mode", help="enforce (default) or observe: decide and report everything, delete no key, end no socket")
     add("--observe-organizations", help="organization ids kept in observe mode while the rest enforce, comma-separated")
     add("--breaker-max-closes", help="automatic logouts allowed per breaker window before it trips (default 20)")
@@ -307,6 +319,10 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = N
     changes["runtime_token"] = env.get(ENV_PREFIX + "RUNTIME_TOKEN") or None
     if (raw := setting("insecure")) is not None:
         changes["insecure"] = _boolean("insecure", raw)
+    if (raw := setting("coordination")) is not None:
+        if raw not in ("fleet", "local"):
+            raise ConfigError("coordination", f"must be fleet or local, got {raw!r}")
+        changes["coordination"] = raw
     if (raw := setting("mode")) is not None:
         if raw not in {item.value for item in Mode}:
             raise ConfigError("mode", f"must be enforce or observe, got {raw!r}")

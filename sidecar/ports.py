@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
-from sidecar.rules.policy import Counters
-from sidecar.rules.records import ClosureRecord, PhoneRef, Step, StepResult
+from sidecar.rules.policy import Counters, SessionState
+from sidecar.rules.records import ClosureRecord, Notification, PhoneRef, Step, StepResult
+from sidecar.rules.safety import BreakerStatus, Mode
 
 
 class StepQueue(Protocol):
@@ -139,3 +141,62 @@ class StepFailed(Exception):
         super().__init__(f"step {index} failed: {type(error).__name__}: {error}")
         self.index = index
         self.error = error
+
+
+# Fleet mode: decision state shared by every replica (sidecar.store.fleet) ------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StoredDecision:
+    """One phone's shared decision state, as the database holds it."""
+
+    state: SessionState
+    generation: int  # bumped by every close claim; fences a stale close's database half
+    logged_out_at: float | None = None  # epoch seconds, while the phase is closed
+    logged_out_observed: bool = False
+    phone: PhoneRef | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FleetSettings:
+    mode: Mode
+    observe_organizations: frozenset[int]
+    breaker_tripped_at: float | None
+    breaker_kept_by: str | None
+
+
+class FleetBatch(Protocol):
+    """Decisions in progress: the batch's rows are locked until the block ends, then the saved states commit."""
+
+    def stored(self, organization_phone_id: int) -> StoredDecision:
+        """The phone's state as locked at the start of the batch."""
+
+    async def admit_automatic_close(self, phone: PhoneRef, now: float) -> tuple[bool, bool]:
+        """The fleet breaker's admission of one automatic logout: (admitted, this refusal tripped it)."""
+
+    def save(self, phone: PhoneRef, state: SessionState, notification: Notification | None, claim_close: bool) -> int:
+        """Write `state` (and a health flip's notification) at commit; a close claim bumps the generation,
+        which is returned (the current one otherwise)."""
+
+
+class FleetState(Protocol):
+    def deciding(self, phones: Sequence[PhoneRef]) -> AbstractAsyncContextManager[FleetBatch]:
+        """Lock the phones' rows (created on first sight) for a batch of decisions; raises StoreUnavailable."""
+
+    async def stored(self, organization_phone_id: int) -> StoredDecision | None: ...
+
+    async def settings(self) -> FleetSettings: ...
+
+    async def set_mode(self, mode: Mode, observe_organizations: frozenset[int]) -> None: ...
+
+    async def trip_breaker(self, now: float, operator: str) -> bool:
+        """Trip by hand; True if it was not tripped before."""
+
+    async def keep_breaker(self, operator: str) -> bool:
+        """False when the breaker is not tripped (nothing to keep)."""
+
+    async def release_breaker(self) -> None: ...
+
+    async def breaker_status(self, now: float) -> BreakerStatus: ...
+
+    async def held_phones(self) -> list[PhoneRef]: ...

@@ -120,18 +120,34 @@ async def test_errors_are_json_with_the_field_named(database: str) -> None:
 
 
 async def test_readyz_reports_an_unreachable_database() -> None:
+    """One replica (coordination local): events are still counted and decided while the store is away."""
     unreachable = f"postgresql://postgres@127.0.0.1:{free_port()}/test"
-    async with serving(sidecar_config(unreachable), wait_restored=False) as served:
+    async with serving(sidecar_config(unreachable, coordination="local"), wait_restored=False) as served:
         async with aiohttp.ClientSession(served.base) as http:
             async with http.get("/healthz") as response:
                 assert response.status == 200
             async with http.get("/readyz") as response:
                 assert response.status == 503
                 body = await response.json()
-        # Events are still counted and decided while the store is away.
         await served.components.runtime.handle_bad_mac_error(1, 5, "79001112233@s.whatsapp.net")
         assert served.components.runtime.get_session_error_stats(5)["badMacErrors"] == 1
     assert body["ready"] is False and body["reason"].startswith("store unreachable")
+
+
+async def test_fleet_mode_decides_nothing_while_the_database_is_unreachable() -> None:
+    """Fleet mode fails closed: an event waits (in order) for the database instead of being decided alone."""
+    unreachable = f"postgresql://postgres@127.0.0.1:{free_port()}/test"
+    async with serving(sidecar_config(unreachable), wait_restored=False) as served:
+        runtime = served.components.runtime
+        assert runtime.fleet is not None
+        assert await runtime.handle_bad_mac_error(1, 5, "79001112233@s.whatsapp.net") is True
+        assert runtime.fleet.backlog == 1 and runtime.session(5) is None
+        async with aiohttp.ClientSession(served.base) as http:
+            async with http.get("/readyz") as response:
+                assert response.status == 503
+            async with http.get("/v1/sessions/5/stats") as response:
+                assert response.status == 503
+                assert "unreachable" in (await response.json())["error"]
 
 
 async def test_readyz_is_ready_with_a_reachable_database(database: str) -> None:

@@ -73,7 +73,10 @@ async def test_a_close_supersedes_pending_heals() -> None:
 
 async def test_http_ingest_answers_429_when_the_queue_is_full_and_applies_nothing() -> None:
     unreachable = f"postgresql://postgres@127.0.0.1:{free_port()}/test"
-    config = sidecar_config(unreachable, pending_steps_limit=6, database_step_timeout=0.2, socket_end_timeout=0.2)
+    # One replica (coordination local) counts while the database is away; fleet mode's own test is in test_fleet.
+    config = sidecar_config(
+        unreachable, pending_steps_limit=6, database_step_timeout=0.2, socket_end_timeout=0.2, coordination="local"
+    )
     jid = "79001112233@s.whatsapp.net"
     async with serving(config, wait_restored=False) as served, aiohttp.ClientSession(served.base) as http:
         statuses = []

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from sidecar.components import COMPONENTS, Components
 from sidecar.link.protocol import FrameInvalid
+from sidecar.ports import StoreUnavailable
 from sidecar.runtime import InvalidInput, UnknownSession
 
 log = logging.getLogger("sidecar.api")
@@ -99,3 +100,5 @@ async def input_errors(request: web.Request, handler: Handler) -> web.StreamResp
         return error_response(400, error.error, list(error.details))
     except UnknownSession as error:
         return error_response(404, str(error))
+    except StoreUnavailable as error:
+        return error_response(503, f"PostgreSQL unreachable; fleet decisions wait for it: {error}")

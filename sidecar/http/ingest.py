@@ -24,20 +24,23 @@ async def ingest_events(request: web.Request) -> web.Response:
         return error_response(400, invalid.error, list(invalid.details))
     # Backpressure: accept a body only when every step it can cause fits in the pending queue, so that
     # nothing accepted (202) is ever dropped and memory stays bounded. Each event causes at most two steps.
-    if components.pending.room < 2 * len(messages):
+    # In fleet mode, events waiting for the database to decide them count with the steps they may cause.
+    waiting = components.runtime.fleet.backlog if components.runtime.fleet is not None else 0
+    if components.pending.room - 2 * waiting < 2 * len(messages):
         components.metrics.events_throttled.inc(len(messages))
         return error_response(
             429, "the sidecar is busy (pending queue full); retry after the given seconds", headers={"Retry-After": "1"}
         )
     for message in messages:
         components.link.counted(message, "http")
-    for index, message in enumerate(messages, start=1):
-        if isinstance(message, CommandAck):
-            components.link.acknowledge(message)
-        else:
-            await apply_event(components.runtime, message)
-        if index % YIELD_EVERY == 0:
-            await asyncio.sleep(0)
+    async with components.runtime.batch():
+        for index, message in enumerate(messages, start=1):
+            if isinstance(message, CommandAck):
+                components.link.acknowledge(message)
+            else:
+                await apply_event(components.runtime, message)
+            if index % YIELD_EVERY == 0:
+                await asyncio.sleep(0)
     return web.json_response({"accepted": len(messages)}, status=202)
 
 

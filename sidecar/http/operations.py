@@ -35,6 +35,8 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     components = components_of(request)
     reason = components.pending.unavailable_reason
+    if reason is None and components.runtime.fleet is not None:
+        reason = components.runtime.fleet.unavailable_reason
     if reason is None:
         try:
             await components.store.ping()

@@ -16,8 +16,8 @@ from sidecar.runtime import InvalidInput
 BREAKER_ACTIONS = ("release", "keep", "trip")
 
 
-def _breaker_json(components: Components) -> dict[str, Any]:
-    view = components.runtime.safety_view()
+async def _breaker_json(components: Components) -> dict[str, Any]:
+    view = await components.runtime.operator.fleet_safety_view()
     status, config = view.breaker, view.breaker_config
     return {
         "tripped": status.tripped,
@@ -34,8 +34,8 @@ def _breaker_json(components: Components) -> dict[str, Any]:
     }
 
 
-def _mode_json(components: Components) -> dict[str, Any]:
-    view = components.runtime.safety_view()
+async def _mode_json(components: Components) -> dict[str, Any]:
+    view = await components.runtime.operator.fleet_safety_view()
     return {"mode": str(view.mode), "observeOrganizations": sorted(view.observe_organizations)}
 
 
@@ -53,7 +53,7 @@ async def _operator_request(request: web.Request, what: str) -> web.Response | d
 
 
 async def get_breaker(request: web.Request) -> web.Response:
-    return web.json_response(_breaker_json(components_of(request)))
+    return web.json_response(await _breaker_json(components_of(request)))
 
 
 async def post_breaker(request: web.Request) -> web.Response:
@@ -77,11 +77,11 @@ async def post_breaker(request: web.Request) -> web.Response:
         await controls.keep_breaker(operator)
     else:
         await controls.trip_breaker(operator)
-    return web.json_response({**_breaker_json(components), "closed": closed})
+    return web.json_response({**(await _breaker_json(components)), "closed": closed})
 
 
 async def get_mode(request: web.Request) -> web.Response:
-    return web.json_response(_mode_json(components_of(request)))
+    return web.json_response(await _mode_json(components_of(request)))
 
 
 async def post_mode(request: web.Request) -> web.Response:
@@ -98,7 +98,7 @@ async def post_mode(request: web.Request) -> web.Response:
         raise InvalidInput("observeOrganizations", "must be a list of organization ids (positive integers)")
     components = components_of(request)
     await components.runtime.operator.set_mode(Mode(mode), frozenset(raw), body["operator"].strip())
-    return web.json_response(_mode_json(components))
+    return web.json_response(await _mode_json(components))
 
 
 def add_routes(app: web.Application) -> None:

@@ -56,7 +56,7 @@ async def list_sessions(request: web.Request) -> web.Response:
 
 
 async def session_stats(request: web.Request) -> web.Response:
-    stats = components_of(request).runtime.get_session_error_stats(_phone_id(request))
+    stats = await components_of(request).runtime.session_error_stats(_phone_id(request))
     return web.json_response(stats)
 
 

@@ -69,10 +69,11 @@ async def _apply(components: Components, event: dict[str, object]) -> None:
         components.link.rejected(invalid.reason)
         log.warning("log event refused", extra={"fields": {"error": invalid.error, "details": invalid.details}})
         return
-    for message in messages:
-        components.link.counted(message, "logs")
-        if not isinstance(message, CommandAck):
-            await apply_event(components.runtime, message)
+    async with components.runtime.batch():
+        for message in messages:
+            components.link.counted(message, "logs")
+            if not isinstance(message, CommandAck):
+                await apply_event(components.runtime, message)
 
 
 def announce(source: str, follow: bool) -> None:

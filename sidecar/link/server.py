@@ -164,20 +164,21 @@ class RuntimeLink:
             return 0
         assert self.runtime is not None
         applied = 0
-        for message in messages:
-            self.counted(message, "websocket")
-            if isinstance(message, CommandAck):
-                self.acknowledge(message)
-                continue
-            # Ownership follows the runtime's reports, but a phone the sidecar just closed is not re-claimed
-            # by its own late errors; only an `open` (a new login) claims it again.
-            reopening = isinstance(message, ConnectionUpdate) and message.connection == "open"
-            if reopening or not self.runtime.is_closed(message.organization_phone_id):
-                self._claim(connection, message.organization_phone_id)
-            await apply_event(self.runtime, message)
-            applied += 1
-            if applied % YIELD_EVERY == 0:
-                await asyncio.sleep(0)  # a big frame must not starve the API and the other connections
+        async with self.runtime.batch():
+            for message in messages:
+                self.counted(message, "websocket")
+                if isinstance(message, CommandAck):
+                    self.acknowledge(message)
+                    continue
+                # Ownership follows the runtime's reports, but a phone the sidecar just closed is not re-claimed
+                # by its own late errors; only an `open` (a new login) claims it again.
+                reopening = isinstance(message, ConnectionUpdate) and message.connection == "open"
+                if reopening or not self.runtime.is_closed(message.organization_phone_id):
+                    self._claim(connection, message.organization_phone_id)
+                await apply_event(self.runtime, message)
+                applied += 1
+                if applied % YIELD_EVERY == 0:
+                    await asyncio.sleep(0)  # a big frame must not starve the API and the other connections
         return applied
 
     def _disconnected(self, connection: RuntimeConnection) -> None:

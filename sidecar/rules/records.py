@@ -186,6 +186,8 @@ class Logout:
     record: ClosureRecord
     notification: Notification | None = None
     observe: bool = False
+    # Fleet mode: the close claim's generation; the step is skipped once the stored row carries another.
+    generation: int | None = None
 
 
 Step = IncrementCounter | ResetCounters | DeleteKeys | Logout | RecordDecision
@@ -226,6 +228,7 @@ def step_to_json(step: Step) -> str:
                 "phoneUser": step.record.phone.phone_user,
                 "notification": notification,
                 "observe": step.observe,
+                "generation": step.generation,
             }
         )
     if isinstance(step, RecordDecision):
@@ -243,7 +246,10 @@ def step_from_json(text: str) -> Step:
     notification = Notification.from_json(raw) if raw else None
     if "logout" in data:
         return Logout(
-            ClosureRecord.from_json(data["logout"], data["phoneUser"]), notification, data.get("observe", False)
+            ClosureRecord.from_json(data["logout"], data["phoneUser"]),
+            notification,
+            data.get("observe", False),
+            data.get("generation"),
         )
     if "decision" in data:
         decision = data["decision"]

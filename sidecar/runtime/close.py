@@ -66,9 +66,12 @@ class CloseSequence:
         self._database_timeout = database_timeout
         self._in_flight: dict[int, asyncio.Task[ClosureRecord]] = {}
 
-    def start(self, session: Session, decision: Close, trigger: CloseTrigger) -> asyncio.Task[ClosureRecord]:
+    def start(
+        self, session: Session, decision: Close, trigger: CloseTrigger, generation: int | None = None
+    ) -> asyncio.Task[ClosureRecord]:
+        """`generation`: in fleet mode, the close claim's fencing number (the database half checks it)."""
         phone_id = session.organization_phone_id
-        task = self._tasks.spawn(self._close(session, decision, trigger))
+        task = self._tasks.spawn(self._close(session, decision, trigger, generation))
         self._in_flight[phone_id] = task
         task.add_done_callback(lambda done: self._done(phone_id, done))
         return task
@@ -80,7 +83,9 @@ class CloseSequence:
     def in_flight(self, organization_phone_id: int) -> asyncio.Task[ClosureRecord] | None:
         return self._in_flight.get(organization_phone_id)
 
-    async def _close(self, session: Session, decision: Close, trigger: CloseTrigger) -> ClosureRecord:
+    async def _close(
+        self, session: Session, decision: Close, trigger: CloseTrigger, generation: int | None
+    ) -> ClosureRecord:
         started = time.monotonic()
         observe = self._observing(session.phone.organization_id)
         record = ClosureRecord(
@@ -107,7 +112,7 @@ class CloseSequence:
                         if record.socket != "ended":
                             fail_span(socket_span, record.socket)
                 record.steps["socket"] = record.socket
-                database_steps, record.keys_deleted, timings = await self._logout(record, observe)
+                database_steps, record.keys_deleted, timings = await self._logout(record, observe, generation)
                 record.steps.update(database_steps)
                 self._trace_database_parts(record.steps, timings)
             finally:
@@ -134,13 +139,14 @@ class CloseSequence:
             span.end(end_time=ended)
 
     async def _logout(
-        self, record: ClosureRecord, observe: bool
+        self, record: ClosureRecord, observe: bool, generation: int | None
     ) -> tuple[dict[str, str], int | None, dict[str, tuple[int, int]]]:
         """The database half of a close; waits a bounded time, then reports it as pending."""
         try:
             stats = dict(error_stats(record.counters, self._policy.limits))
             closed = self._notices.notification(NotificationEvent.CLOSED, stats, str(record.reason))
-            future = await self._steps.submit(Logout(replace(record, steps=dict(record.steps)), closed, observe))
+            logout = Logout(replace(record, steps=dict(record.steps)), closed, observe, generation)
+            future = await self._steps.submit(logout)
             result = await asyncio.wait_for(asyncio.shield(future), self._database_timeout)
         except TimeoutError:
             return dict.fromkeys(DATABASE_PARTS, StepOutcome.PENDING), None, {}

@@ -11,18 +11,18 @@ reading and writing a session's state) is theirs, and is easier to keep when it 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import nullcontext
+from contextlib import AbstractAsyncContextManager, nullcontext
 from datetime import datetime
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import INVALID_SPAN
+from opentelemetry.trace import INVALID_SPAN, Span
 
-from sidecar.ports import SessionStore, SocketController, StepQueue
+from sidecar.ports import FleetState, SessionStore, SocketController, StepQueue
 from sidecar.rules.classification import ErrorClass, ErrorSource, classify
 from sidecar.rules.inputs import checked_connection, peer_user, phone_ref
 from sidecar.rules.policy import (
-    CRYPTO_LIMIT_REASONS,
     BadDecrypt,
     BadMac,
     Close,
@@ -38,6 +38,7 @@ from sidecar.rules.policy import (
     Phase,
     PolicyConfig,
     SessionState,
+    Transition,
     decide,
     error_stats,
     is_healthy,
@@ -54,7 +55,8 @@ from sidecar.rules.records import (
 )
 from sidecar.runtime.close import CloseSequence
 from sidecar.runtime.errors import UnknownSession
-from sidecar.runtime.fleet_safety import Incidents, Safety, SafetyView
+from sidecar.runtime.fleet import FleetDecisions, Traced
+from sidecar.runtime.fleet_safety import Incidents, Safety, SafetyView, needs_admission
 from sidecar.runtime.heal import HealRunner
 from sidecar.runtime.notices import Notices
 from sidecar.runtime.observer import RuntimeObserver
@@ -82,7 +84,10 @@ class SessionRuntime:
         notifications: bool = False,
         safety: Safety | None = None,
         registry: SessionRegistry | None = None,
+        fleet: FleetState | None = None,
+        backlog_limit: int = 100_000,
     ) -> None:
+        """`fleet`: fleet mode, decisions taken in PostgreSQL and shared by every replica (runtime/fleet.py)."""
         self.policy = policy
         self._safety = safety or Safety()
         self._store = store
@@ -105,9 +110,18 @@ class SessionRuntime:
             self._safety, self._registry, self._notices, sockets, self._tasks, self._stats_of,
             socket_timeout=socket_end_timeout,
         )  # fmt: skip
+        now = lambda: self._clock().timestamp()  # noqa: E731
+        self._fleet = (
+            FleetDecisions(
+                fleet, self, policy, self._registry, self._closes, self._incidents, self._safety, now,
+                backlog_limit=backlog_limit,
+            )
+            if fleet is not None
+            else None
+        )  # fmt: skip
         self.operator = OperatorControls(
-            self._registry, self._closes, self._safety, self._incidents, store, self._tracer,
-            lambda: self._clock().timestamp(), self._operator_close,
+            self._registry, self._closes, self._safety, self._incidents, store, self._tracer, now,
+            self._operator_close, self._fleet,
         )  # fmt: skip
         self.force_close_session = self.operator.force_close_session
 
@@ -162,9 +176,28 @@ class SessionRuntime:
 
     # Restart, background effects ----------------------------------------------------------------------
 
+    @property
+    def fleet(self) -> FleetDecisions | None:
+        return self._fleet
+
+    def batch(self) -> AbstractAsyncContextManager[None]:
+        """Wrap the events of one frame or body: in fleet mode they are decided together (one transaction per
+        batch instead of one per event); on one replica this changes nothing."""
+        return self._fleet.batch() if self._fleet is not None else nullcontext()
+
+    async def session_error_stats(self, organization_phone_id: int) -> ErrorStats:
+        """getSessionErrorStats as the fleet sees it (the database's counters); one replica: the local ones."""
+        if self._fleet is not None:
+            return await self._fleet.session_error_stats(organization_phone_id)
+        return self.get_session_error_stats(organization_phone_id)
+
     async def restore(self) -> int:
-        """Continue from the counters the store kept (a restart loses no count)."""
+        """Continue from the counters the store kept (a restart loses no count). In fleet mode every decision
+        reads the database; this only fills the read cache (stats, sessions, metrics) of this replica."""
         stored = await self._store.load_sessions()
+        if self._fleet is not None:
+            self._registry.warm(stored)
+            return len(stored)
         self._registry.restore(stored)
         return len(stored)
 
@@ -209,6 +242,8 @@ class SessionRuntime:
     async def _decrypt_error(
         self, phone: PhoneRef, error_class: ErrorClass, peer_user: str | None, trace_context: Context | None
     ) -> bool:
+        if self._fleet is not None and self._traced:
+            return await self._fleet_decrypt_error(self._fleet, phone, error_class, peer_user, trace_context)
         # Without an exporter the tracer is a no-op; skipping even its context handling keeps ingest cheap.
         span_scope = (
             self._tracer.start_as_current_span("session.decrypt_error", context=trace_context)
@@ -227,21 +262,56 @@ class SessionRuntime:
             elif not self.is_closed(phone.organization_phone_id):
                 # Counted-only classes change no counter, but the session is now known and has a last error.
                 self._registry.ensure(phone).last_error_at = now
-            if span.is_recording():
-                session = self._registry.get(phone.organization_phone_id)
-                counters = session.state.counters if session is not None else ZERO_COUNTERS
-                after = (
-                    counters.bad_decrypt_errors if error_class is ErrorClass.BAD_DECRYPT else counters.bad_mac_errors
-                )
-                span.set_attributes(
-                    {
-                        **span_ids(phone),
-                        "whatsapp.error.class": str(error_class),
-                        "whatsapp.counter.after": after,
-                        "whatsapp.session.continues": continues,
-                    }
-                )
+            self._describe_decrypt_span(span, phone, error_class, continues)
             return continues
+
+    def _describe_decrypt_span(self, span: Span, phone: PhoneRef, error_class: ErrorClass, continues: bool) -> None:
+        if not span.is_recording():
+            return
+        session = self._registry.get(phone.organization_phone_id)
+        counters = session.state.counters if session is not None else ZERO_COUNTERS
+        after = counters.bad_decrypt_errors if error_class is ErrorClass.BAD_DECRYPT else counters.bad_mac_errors
+        span.set_attributes(
+            {
+                **span_ids(phone),
+                "whatsapp.error.class": str(error_class),
+                "whatsapp.counter.after": after,
+                "whatsapp.session.continues": continues,
+            }
+        )
+
+    async def _fleet_decrypt_error(
+        self,
+        fleet: FleetDecisions,
+        phone: PhoneRef,
+        error_class: ErrorClass,
+        peer_user: str | None,
+        trace_context: Context | None,
+    ) -> bool:
+        """Fleet mode decides at the end of a batch: the span stays open until its decision is carried out."""
+        span = self._tracer.start_span("session.decrypt_error", context=trace_context)
+        context = trace.set_span_in_context(span, trace_context)
+
+        def decided(continues: bool) -> None:
+            self._describe_decrypt_span(span, phone, error_class, continues)
+            span.end()
+
+        token = otel_context.attach(context)
+        try:
+            for observer in self._observers:
+                observer.decrypt_error(phone, error_class)
+            now = self._clock().timestamp()
+            traced = Traced(context, decided)
+            if error_class is ErrorClass.BAD_MAC:
+                return (await fleet.apply(phone, BadMac(peer_user, now), CounterKind.BAD_MAC, now, traced))[0]
+            if error_class is ErrorClass.BAD_DECRYPT:
+                return (await fleet.apply(phone, BadDecrypt(now), CounterKind.BAD_DECRYPT, now, traced))[0]
+            if not self.is_closed(phone.organization_phone_id):
+                self._registry.ensure(phone).last_error_at = now
+            decided(True)
+            return True
+        finally:
+            otel_context.detach(token)
 
     async def on_connection_update(
         self,
@@ -256,7 +326,9 @@ class SessionRuntime:
         checked_connection(connection)
         phone = phone_ref(organization_id, organization_phone_id, phone_jid)
         now = self._clock().timestamp()
-        if connection == "open":
+        if connection == "open" and self._fleet is not None:
+            await self._fleet.open(phone, now, new_login)
+        elif connection == "open":
             closed = self._incidents.reconnected_after_logout(organization_phone_id, now, new_login)
             if closed is not None:
                 logged_out = self._registry.logged_out(organization_phone_id)
@@ -266,19 +338,19 @@ class SessionRuntime:
             reopened = self._registry.reopen(organization_phone_id)
             session = self._registry.ensure(phone)
             had_counts = session.state.counters != ZERO_COUNTERS
-            self._set_connected(session, True)
+            self.set_connected(session, True)
             _, recovered = await self._apply(phone, ConnectionOpened(), None)
             if had_counts or reopened or recovered:
                 await self._steps.submit(ResetCounters(session.phone, recovered))
         elif connection == "close":
             known = self._registry.get(organization_phone_id)
             if known is not None:
-                self._set_connected(known, False)
+                self.set_connected(known, False)
             await self._incidents.connection_closed(phone, now, status_code)
             if not self.is_closed(organization_phone_id):
                 await self._apply(phone, ConnectionClosed(status_code), None)
 
-    def _set_connected(self, session: Session, connected: bool) -> None:
+    def set_connected(self, session: Session, connected: bool) -> None:
         if session.connected != connected:
             session.connected = connected
             for observer in self._observers:
@@ -289,10 +361,13 @@ class SessionRuntime:
     async def _apply(
         self, phone: PhoneRef, event: Event, counted: CounterKind | None, now: float | None = None
     ) -> tuple[bool, Notification | None]:
-        """Decide (synchronously), then persist the count with the health flip it caused, if any.
+        """Decide, then persist the count with the health flip it caused, if any. In fleet mode the decision
+        is taken inside the database transaction (fleet.py); here (one replica) it is taken synchronously.
 
         Returns whether the session continues (False once it is being closed) and that flip's notification.
         """
+        if self._fleet is not None:
+            return await self._fleet.apply(phone, event, counted, now)
         if not isinstance(event, ConnectionOpened) and self.is_closed(phone.organization_phone_id):
             return False, None
         session = self._registry.ensure(phone)
@@ -303,14 +378,18 @@ class SessionRuntime:
         decision, flip, just_tripped = self._transition(session, event, trigger)
         if counted is not None and _count(session.state.counters, counted) > _count(before.counters, counted):
             await self._steps.submit(IncrementCounter(session.phone, counted, flip))
+        await self.after_decision(session.phone, decision, just_tripped)
+        return not isinstance(decision, Close | Hold) and session.state.phase is Phase.ACTIVE, flip
+
+    async def after_decision(self, phone: PhoneRef, decision: object, just_tripped: bool) -> None:
+        """Records of a hold and of a breaker trip, once the decision stands."""
         if isinstance(decision, Hold):
             detail = {"reason": str(decision.reason), "detail": decision.detail}
-            await self._incidents.record(session.phone, "session.held", detail, NotificationEvent.HELD)
+            await self._incidents.record(phone, "session.held", detail, NotificationEvent.HELD)
         if just_tripped:
-            status = self.operator.breaker_status()
+            status = await self.operator.fleet_breaker_status()
             counts = {"closesInWindow": status.closes_in_window, "allowedInWindow": status.allowed_in_window}
             await self._incidents.record(None, "breaker.tripped", counts, NotificationEvent.BREAKER_TRIPPED)
-        return not isinstance(decision, Close | Hold) and session.state.phase is Phase.ACTIVE, flip
 
     def _transition(
         self, session: Session, event: Event, trigger: CloseTrigger
@@ -320,35 +399,51 @@ class SessionRuntime:
         before = session.state
         transition = decide(before, event, self.policy)
         just_tripped = False
-        if (
-            trigger is CloseTrigger.AUTOMATIC
-            and isinstance(transition.decision, Close)
-            and transition.decision.reason in CRYPTO_LIMIT_REASONS
-        ):
+        if needs_admission(transition, trigger):
             admitted, just_tripped = self._safety.admit_automatic_close(
                 self._clock().timestamp(), self._registry.session_count
             )
             if not admitted:
                 transition = decide(before, event, self.policy, automatic_closes_allowed=False)
-        session.state = transition.state
+        flip = self.health_flip(before, transition.state)
+        self.carry_out(session, before, transition, trigger, flip)
+        return transition.decision, flip, just_tripped
+
+    def health_flip(self, before: SessionState, after: SessionState) -> Notification | None:
+        """The owners' notification when isHealthy flips on an active session (None otherwise or unowned)."""
         healthy_before = is_healthy(before.counters, self.policy.limits)
-        healthy_after = is_healthy(transition.state.counters, self.policy.limits)
-        flip: Notification | None = None
+        healthy_after = is_healthy(after.counters, self.policy.limits)
+        if healthy_before == healthy_after or after.phase is not Phase.ACTIVE:
+            return None
+        stats = error_stats(after.counters, self.policy.limits)
+        event_kind = NotificationEvent.RECOVERED if healthy_after else NotificationEvent.UNHEALTHY
+        return self._notices.notification(event_kind, dict(stats), None)
+
+    def carry_out(
+        self,
+        session: Session,
+        before: SessionState,
+        transition: Transition,
+        trigger: CloseTrigger,
+        flip: Notification | None,
+        generation: int | None = None,
+    ) -> None:
+        """Write the decided state, tell the observers, and start the decision's effect (heal or close)."""
+        session.state = transition.state
         for observer in self._observers:
             observer.counters_changed(session.phone, transition.state.counters)
-        if healthy_before != healthy_after and transition.state.phase is Phase.ACTIVE:
+        if is_healthy(before.counters, self.policy.limits) != is_healthy(
+            transition.state.counters, self.policy.limits
+        ) and (transition.state.phase is Phase.ACTIVE):
             stats = error_stats(transition.state.counters, self.policy.limits)
             for observer in self._observers:
                 observer.health_changed(session.phone, stats)
-            event_kind = NotificationEvent.RECOVERED if healthy_after else NotificationEvent.UNHEALTHY
-            flip = self._notices.notification(event_kind, dict(stats), None)
         decision = transition.decision
         if isinstance(decision, Heal):
             self._heals.start(session, decision)
         elif isinstance(decision, Close):
             self._heals.supersede(session.organization_phone_id)
-            self._closes.start(session, decision, trigger)
-        return decision, flip, just_tripped
+            self._closes.start(session, decision, trigger, generation)
 
     def _operator_close(self, session: Session, reason: str) -> None:
         self._transition(session, OperatorClose(reason), CloseTrigger.OPERATOR)

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sidecar.ports import SocketController
-from sidecar.rules.policy import ErrorStats
-from sidecar.rules.records import NotificationEvent, PhoneRef
+from sidecar.rules.policy import CRYPTO_LIMIT_REASONS, Close, ErrorStats, Transition
+from sidecar.rules.records import CloseTrigger, NotificationEvent, PhoneRef
 from sidecar.rules.safety import (
     Breaker,
     BreakerConfig,
@@ -51,6 +51,12 @@ class Safety:
         was_tripped = self.breaker.tripped
         admitted = self.breaker.admit(now, live_sessions)
         return admitted, not admitted and not was_tripped
+
+
+def needs_admission(transition: Transition, trigger: CloseTrigger) -> bool:
+    """An automatic close at a crypto limit needs the circuit breaker's admission."""
+    decision = transition.decision
+    return trigger is CloseTrigger.AUTOMATIC and isinstance(decision, Close) and decision.reason in CRYPTO_LIMIT_REASONS
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,7 @@ from sidecar.rules.records import ClosureRecord, NotificationEvent
 from sidecar.rules.safety import BreakerStatus, Mode
 from sidecar.runtime.close import CloseSequence
 from sidecar.runtime.errors import InvalidInput, UnknownSession
+from sidecar.runtime.fleet import FleetDecisions
 from sidecar.runtime.fleet_safety import Incidents, Safety, SafetyView
 from sidecar.runtime.outcomes import span_ids
 from sidecar.runtime.registry import Session, SessionRegistry
@@ -39,6 +40,7 @@ class OperatorControls:
         tracer: trace.Tracer,
         now: Callable[[], float],
         operator_close: Callable[[Session, str], None],
+        fleet: FleetDecisions | None = None,
     ) -> None:
         self._registry = registry
         self._closes = closes
@@ -48,6 +50,7 @@ class OperatorControls:
         self._tracer = tracer
         self._now = now
         self._operator_close = operator_close  # decide an operator close for a session and start it
+        self._fleet = fleet  # fleet mode: claims, breaker and mode live in PostgreSQL
 
     async def force_close_session(self, organization_phone_id: int, reason: str) -> CloseOutcome:
         """The seed's forceCloseSession: the same close, started by an operator. Waits for it to finish."""
@@ -56,6 +59,8 @@ class OperatorControls:
             raise InvalidInput("reason", "must be a non-empty text saying why the session is closed")
         if len(reason) > MAX_REASON_LENGTH:
             raise InvalidInput("reason", f"must be at most {MAX_REASON_LENGTH} characters")
+        if self._fleet is not None:
+            return await self._fleet_force_close(self._fleet, organization_phone_id, reason)
         session = self._registry.get(organization_phone_id)
         if session is None:
             if self._registry.closed_phone(organization_phone_id) is not None:
@@ -71,6 +76,27 @@ class OperatorControls:
         assert started is not None
         return CloseOutcome(await asyncio.shield(started), already_closed=False)
 
+    async def _fleet_force_close(self, fleet: FleetDecisions, organization_phone_id: int, reason: str) -> CloseOutcome:
+        """The close is claimed in the database: exactly one replica closes; the others answer alreadyClosed."""
+        running = self._closes.in_flight(organization_phone_id)
+        if running is not None:
+            await asyncio.shield(running)
+            return CloseOutcome(running.result(), already_closed=True)
+        session = self._registry.get(organization_phone_id)
+        found = await fleet.phone_of(organization_phone_id)
+        if found is None and session is None:
+            raise UnknownSession(organization_phone_id)
+        if found is not None and found[1] in (Phase.CLOSING, Phase.CLOSED):
+            return CloseOutcome(await self._last_closure(organization_phone_id), already_closed=True)
+        phone = session.phone if session is not None else found[0] if found is not None else None
+        assert phone is not None
+        with self._tracer.start_as_current_span("session.force_close", attributes=span_ids(phone)):
+            claimed = await fleet.claim_operator_close(phone, reason)
+        started = self._closes.in_flight(organization_phone_id)
+        if not claimed or started is None:
+            return CloseOutcome(await self._last_closure(organization_phone_id), already_closed=True)
+        return CloseOutcome(await asyncio.shield(started), already_closed=False)
+
     async def _last_closure(self, organization_phone_id: int) -> ClosureRecord | None:
         try:
             closures = await self._store.recent_closures(organization_phone_id, 1)
@@ -82,11 +108,27 @@ class OperatorControls:
         safety = self._safety
         return SafetyView(self.breaker_status(), safety.breaker.config, safety.mode, safety.observe_organizations)
 
+    async def fleet_safety_view(self) -> SafetyView:
+        """As `safety_view`, but in fleet mode read from the database: every replica answers the same."""
+        if self._fleet is None:
+            return self.safety_view()
+        await self._fleet.refresh_settings()
+        safety = self._safety
+        status = await self.fleet_breaker_status()
+        return SafetyView(status, safety.breaker.config, safety.mode, safety.observe_organizations)
+
+    async def fleet_breaker_status(self) -> BreakerStatus:
+        if self._fleet is None:
+            return self.breaker_status()
+        return await self._fleet.fleet.breaker_status(self._now())
+
     def breaker_status(self) -> BreakerStatus:
         return self._safety.breaker.status(self._now(), self._registry.session_count, self._registry.held_count)
 
     async def release_breaker(self, operator: str, close_held: bool) -> list[ClosureRecord]:
         """Resume automatic logouts; with `close_held`, close the sessions held meanwhile (reason forced)."""
+        if self._fleet is not None:
+            return await self._fleet_release(self._fleet, operator, close_held)
         self._safety.breaker.release()
         held = [session for session in self._registry.sessions() if session.state.phase is Phase.HELD]
         detail = {"operator": operator, "closeHeld": close_held, "held": len(held)}
@@ -98,13 +140,36 @@ class OperatorControls:
         tasks = [self._closes.in_flight(session.organization_phone_id) for session in held]
         return list(await asyncio.gather(*[task for task in tasks if task is not None]))
 
+    async def _fleet_release(self, fleet: FleetDecisions, operator: str, close_held: bool) -> list[ClosureRecord]:
+        await fleet.fleet.release_breaker()
+        await fleet.refresh_settings()
+        held = (await fleet.fleet.breaker_status(self._now())).held
+        detail = {"operator": operator, "closeHeld": close_held, "held": held}
+        await self._incidents.record(None, "breaker.released", detail, NotificationEvent.BREAKER_RELEASED)
+        if not close_held:
+            return []
+        tasks = await fleet.close_held(f"held by the circuit breaker; closed on release by {operator}")
+        return list(await asyncio.gather(*tasks))
+
     async def keep_breaker(self, operator: str) -> None:
+        if self._fleet is not None:
+            if not await self._fleet.fleet.keep_breaker(operator):
+                raise InvalidInput("action", "keep applies to a tripped breaker; it is not tripped")
+            await self._incidents.record(None, "breaker.kept", {"operator": operator}, None)
+            return
         if not self._safety.breaker.tripped:
             raise InvalidInput("action", "keep applies to a tripped breaker; it is not tripped")
         self._safety.breaker.keep(operator)
         await self._incidents.record(None, "breaker.kept", {"operator": operator}, None)
 
     async def trip_breaker(self, operator: str) -> None:
+        if self._fleet is not None:
+            fresh = await self._fleet.fleet.trip_breaker(self._now(), operator)
+            await self._fleet.refresh_settings()
+            if fresh:
+                detail = {"operator": operator}
+                await self._incidents.record(None, "breaker.tripped", detail, NotificationEvent.BREAKER_TRIPPED)
+            return
         was_tripped = self._safety.breaker.tripped
         self._safety.breaker.trip(self._now(), operator)
         if not was_tripped:
@@ -112,6 +177,8 @@ class OperatorControls:
             await self._incidents.record(None, "breaker.tripped", detail, NotificationEvent.BREAKER_TRIPPED)
 
     async def set_mode(self, mode: Mode, observe_organizations: frozenset[int], operator: str) -> None:
+        if self._fleet is not None:
+            await self._fleet.fleet.set_mode(mode, observe_organizations)
         self._safety.mode, self._safety.observe_organizations = mode, observe_organizations
         detail = {"operator": operator, "mode": str(mode), "observeOrganizations": sorted(observe_organizations)}
         await self._incidents.record(None, "mode.changed", detail, None)

@@ -92,6 +92,9 @@ class SessionRegistry(Protocol):
     def restore(self, stored: Iterable[StoredSession]) -> None:
         """Continue from stored counters; counts taken since this start are added to the stored ones."""
 
+    def warm(self, stored: Iterable[StoredSession]) -> None:
+        """Fleet mode: fill this replica's read cache with phones it has not decided on since it started."""
+
     @property
     def session_count(self) -> int: ...
 
@@ -154,6 +157,16 @@ class MemorySessionRegistry:
                     bad_decrypt_errors=session.state.counters.bad_decrypt_errors + item.counters.bad_decrypt_errors,
                 )
                 session.state = replace(session.state, counters=counters)
+
+    def warm(self, stored: Iterable[StoredSession]) -> None:
+        for item in stored:
+            phone_id = item.phone.organization_phone_id
+            if phone_id in self._sessions or phone_id in self._closed:
+                continue
+            if item.closed:
+                self._closed[phone_id] = item.phone
+            else:
+                self._sessions[phone_id] = Session(item.phone, SessionState(item.counters))
 
     @property
     def session_count(self) -> int:

@@ -78,6 +78,40 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX decisions_decided_idx ON {schema}.decisions (decided_at);
     """,
+    """
+    -- Fleet mode: the decision state every replica reads and writes in one transaction per decision.
+    -- phase: active, held, closing, closed. generation: bumped by each close claim (fencing); a close's
+    -- database half applies only while the row still carries its generation.
+    ALTER TABLE {schema}.session_counters
+        ADD COLUMN phase               TEXT NOT NULL DEFAULT 'active',
+        ADD COLUMN generation          BIGINT NOT NULL DEFAULT 0,
+        ADD COLUMN recent              JSONB,
+        ADD COLUMN logged_out_observed BOOLEAN NOT NULL DEFAULT false,
+        ADD COLUMN close_claimed_by    TEXT,
+        ADD COLUMN close_lease_until   TIMESTAMPTZ;
+    UPDATE {schema}.session_counters SET phase = 'closed' WHERE closed_at IS NOT NULL;
+    CREATE INDEX session_counters_phase_idx ON {schema}.session_counters (phase) WHERE phase <> 'closed';
+    -- One row: the fleet's mode and circuit breaker, shared by every replica.
+    CREATE TABLE {schema}.fleet_settings (
+        singleton             BOOLEAN PRIMARY KEY DEFAULT true CHECK (singleton),
+        mode                  TEXT NOT NULL DEFAULT 'enforce',
+        observe_organizations BIGINT[] NOT NULL DEFAULT '{{}}',
+        breaker_tripped_at    DOUBLE PRECISION,
+        breaker_kept_by       TEXT,
+        -- The flags the mode was last seeded from: a replica whose flags differ (a new deployment config)
+        -- applies them; one with the same flags keeps what an operator set through the API since.
+        configured_mode       TEXT,
+        configured_observe    BIGINT[],
+        changed_at            TIMESTAMPTZ NOT NULL DEFAULT now()
+    );
+    -- Every automatic logout the breaker admitted, fleet-wide; rows older than the window are pruned.
+    CREATE TABLE {schema}.breaker_ledger (
+        seq                   BIGSERIAL PRIMARY KEY,
+        closed_at             DOUBLE PRECISION NOT NULL,
+        organization_phone_id BIGINT NOT NULL
+    );
+    CREATE INDEX breaker_ledger_closed_idx ON {schema}.breaker_ledger (closed_at);
+    """,
 )
 
 

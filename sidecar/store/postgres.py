@@ -53,6 +53,7 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 ACQUIRE_TIMEOUT_SECONDS = 5.0
+LOGOUT_PARTS = ("authKeys", "phoneStatus", "closureRecord", "counters")
 
 Connection: TypeAlias = "PoolConnectionProxy[asyncpg.Record]"
 
@@ -101,12 +102,17 @@ class _Sql:
                 (CounterKind.BAD_DECRYPT, "bad_decrypt_errors"),
             )
         }
+        # Counters cleared: on `open` ($4 NULL, the phone is active) or by a close ($4 the logout's time).
         self.set_counters = (
-            f"INSERT INTO {counters} AS c (organization_phone_id, organization_id, phone_user, closed_at) "
-            "VALUES ($1, $2, $3, $4) ON CONFLICT (organization_phone_id) DO UPDATE SET "
-            "bad_mac_errors = 0, bad_decrypt_errors = 0, closed_at = EXCLUDED.closed_at, "
-            "phone_user = COALESCE(EXCLUDED.phone_user, c.phone_user), updated_at = now()"
+            f"INSERT INTO {counters} AS c (organization_phone_id, organization_id, phone_user, closed_at, phase, "
+            "logged_out_observed) VALUES ($1, $2, $3, $4, CASE WHEN $4::timestamptz IS NULL THEN 'active' "
+            "ELSE 'closed' END, $5) ON CONFLICT (organization_phone_id) DO UPDATE SET "
+            "bad_mac_errors = 0, bad_decrypt_errors = 0, closed_at = EXCLUDED.closed_at, phase = EXCLUDED.phase, "
+            "logged_out_observed = EXCLUDED.logged_out_observed, recent = NULL, close_claimed_by = NULL, "
+            "close_lease_until = NULL, phone_user = COALESCE(EXCLUDED.phone_user, c.phone_user), updated_at = now()"
         )
+        # Fleet mode: a close's database half applies only while the row still carries the close's generation.
+        self.close_fence = f"SELECT phase, generation FROM {counters} WHERE organization_phone_id = $1 FOR UPDATE"
         self.load_sessions = (
             f"SELECT organization_phone_id, organization_id, phone_user, bad_mac_errors, bad_decrypt_errors, "
             f"closed_at IS NOT NULL AS closed FROM {counters} "
@@ -164,6 +170,7 @@ class PostgresStore:
     def __init__(self, pool: asyncpg.Pool, schema: SchemaMapping) -> None:
         self._pool = pool
         self._sql = _Sql(schema)
+        self._schema = schema.sidecar_schema
         self._logged_out_status = schema.logged_out_status
 
     @classmethod
@@ -176,6 +183,21 @@ class PostgresStore:
 
     async def close(self) -> None:
         await self._pool.close()
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        """The pool, shared with the fleet decision state (sidecar.store.fleet)."""
+        return self._pool
+
+    @property
+    def schema(self) -> str:
+        return self._schema
+
+    async def enqueue(
+        self, conn: Connection, phone: PhoneRef, notification: Notification | None, details: dict[str, Any]
+    ) -> None:
+        """Put a notification in the outbox inside the caller's transaction."""
+        await self._enqueue(conn, phone, notification, details)
 
     latest_schema_version = len(MIGRATIONS)
 
@@ -254,7 +276,9 @@ class PostgresStore:
             return None
         if isinstance(step, ResetCounters):
             p = step.phone
-            await conn.execute(sql.set_counters, p.organization_phone_id, p.organization_id, p.phone_user, None)
+            await conn.execute(
+                sql.set_counters, p.organization_phone_id, p.organization_id, p.phone_user, None, False
+            )
             await self._enqueue(conn, p, step.notification, {})
             return None
         if isinstance(step, DeleteKeys):
@@ -310,6 +334,11 @@ class PostgresStore:
             steps[name] = StepOutcome.OK
             return status
 
+        if step.generation is not None:
+            fence = await conn.fetchrow(sql.close_fence, phone.organization_phone_id)
+            if fence is None or fence["phase"] != "closing" or fence["generation"] != step.generation:
+                fenced = f"{StepOutcome.SKIPPED}: fenced (the close of generation {step.generation} is not current)"
+                return LogoutResult(None, {**steps, **dict.fromkeys(LOGOUT_PARTS, fenced)}, {})
         user = await self._bare_number(conn, phone)
         if step.observe:
             would = int(await conn.fetchval(sql.count_all, phone.organization_id, user)) if user else 0
@@ -332,6 +361,7 @@ class PostgresStore:
             phone.organization_id,
             user,
             record.started_at,
+            step.observe,
         )
         steps["closureRecord"] = StepOutcome.OK
         started = time.time_ns()

@@ -1,0 +1,369 @@
+"""Fleet mode, as the runtime carries it out: every decision is taken inside a database transaction on the
+state the database returns (ports.FleetState), so any number of replicas act as one sidecar.
+
+Failing closed: while PostgreSQL is unreachable, no decision is taken. Events wait here, in order (a bounded
+backlog; past its limit callers wait, which slows the runtime link down instead of growing memory), and are
+decided with their original times once the database is back. So nothing destructive (a heal's key deletion, a
+close) happens without the database's say, and no phone is closed twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Protocol
+
+from opentelemetry import context as otel_context
+from opentelemetry.context import Context
+
+from sidecar.ports import FleetState, StoredDecision, StoreUnavailable
+from sidecar.rules.policy import (
+    Close,
+    ConnectionOpened,
+    ErrorStats,
+    Event,
+    Hold,
+    OperatorClose,
+    Phase,
+    PolicyConfig,
+    SessionState,
+    Transition,
+    decide,
+    error_stats,
+)
+from sidecar.rules.records import CloseTrigger, ClosureRecord, CounterKind, Notification, PhoneRef
+from sidecar.rules.safety import is_reconnect_after_logout
+from sidecar.runtime.close import CloseSequence
+from sidecar.runtime.errors import UnknownSession
+from sidecar.runtime.fleet_safety import Incidents, Safety, needs_admission
+from sidecar.runtime.registry import LoggedOut, Session, SessionRegistry
+
+log = logging.getLogger("sidecar.fleet")
+
+RETRY_INITIAL_SECONDS = 0.1
+RETRY_MAX_SECONDS = 2.0
+SETTINGS_REFRESH_SECONDS = 0.5
+BATCH_SIZE = 500  # decisions per transaction
+
+
+class Engine(Protocol):
+    """What fleet decisions use of the engine: the shared halves of deciding and carrying out."""
+
+    def health_flip(self, before: SessionState, after: SessionState) -> Notification | None: ...
+
+    def carry_out(
+        self,
+        session: Session,
+        before: SessionState,
+        transition: Transition,
+        trigger: CloseTrigger,
+        flip: Notification | None,
+        generation: int | None = None,
+    ) -> None: ...
+
+    async def after_decision(self, phone: PhoneRef, decision: object, just_tripped: bool) -> None: ...
+
+    def set_connected(self, session: Session, connected: bool) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Traced:
+    """An event's trace context, and what to do once its decision is carried out (describe and end its span)."""
+
+    context: Context
+    decided: Callable[[bool], None]
+
+
+@dataclass(frozen=True, slots=True)
+class _Waiting:
+    phone: PhoneRef
+    event: Event
+    counted: CounterKind | None
+    at: float
+    new_login: bool = False
+    traced: Traced | None = None
+
+
+@dataclass(slots=True)
+class _Outcome:
+    item: _Waiting
+    before: SessionState | None = None
+    transition: Transition | None = None
+    flip: Notification | None = None
+    generation: int = 0
+    just_tripped: bool = False
+    stick_seconds: float | None = None  # an `open` that shows a logout did not stick
+    logged_out: tuple[float | None, bool] = (None, False)  # a phone some replica closed: when, observed
+
+
+class FleetDecisions:
+    def __init__(
+        self,
+        fleet: FleetState,
+        engine: Engine,
+        policy: PolicyConfig,
+        registry: SessionRegistry,
+        closes: CloseSequence,
+        incidents: Incidents,
+        safety: Safety,
+        now: Callable[[], float],
+        *,
+        backlog_limit: int,
+    ) -> None:
+        self.fleet = fleet
+        self._engine = engine
+        self._policy = policy
+        self._registry = registry
+        self._closes = closes
+        self._incidents = incidents
+        self._safety = safety
+        self._now = now
+        self._collecting: list[_Waiting] | None = None
+        self._backlog: deque[_Waiting] = deque()
+        self._room = asyncio.Semaphore(backlog_limit)
+        self._drainer: asyncio.Task[None] | None = None
+        self.unavailable_reason: str | None = None
+        self.breaker_tripped = False  # the fleet's, as last read (metrics)
+
+    @property
+    def backlog(self) -> int:
+        return len(self._backlog)
+
+    # Events -------------------------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def batch(self) -> AsyncIterator[None]:
+        """Events applied inside (one frame, one HTTP body) are decided together at the end, in order, one
+        transaction per BATCH_SIZE events, instead of one transaction each."""
+        if self._collecting is not None:
+            yield
+            return
+        self._collecting = []
+        try:
+            yield
+        finally:
+            items, self._collecting = self._collecting, None
+            await self._submit(items)
+
+    async def apply(
+        self,
+        phone: PhoneRef,
+        event: Event,
+        counted: CounterKind | None,
+        now: float | None,
+        traced: Traced | None = None,
+    ) -> tuple[bool, Notification | None]:
+        item = _Waiting(phone, event, counted, now if now is not None else self._now(), traced=traced)
+        if self._collecting is not None:
+            self._collecting.append(item)
+            return True, None
+        results = await self._submit([item])
+        return results[0] if results else (True, None)  # waiting for the database: the session continues
+
+    async def open(self, phone: PhoneRef, now: float, new_login: bool) -> None:
+        item = _Waiting(phone, ConnectionOpened(), None, now, new_login)
+        if self._collecting is not None:
+            self._collecting.append(item)
+        else:
+            await self._submit([item])
+
+    async def _submit(self, items: list[_Waiting]) -> list[tuple[bool, Notification | None]]:
+        results: list[tuple[bool, Notification | None]] = []
+        done = 0
+        if not self._backlog:
+            try:
+                while done < len(items):
+                    chunk = items[done : done + BATCH_SIZE]
+                    results.extend(await self._decide(chunk))
+                    done += len(chunk)
+            except StoreUnavailable as error:
+                self._unavailable(error)
+        for item in items[done:]:
+            await self._defer(item)  # behind the events already waiting: each phone's order is kept
+        return results
+
+    async def _decide(self, chunk: list[_Waiting]) -> list[tuple[bool, Notification | None]]:
+        outcomes: list[_Outcome] = []
+        async with self.fleet.deciding([item.phone for item in chunk]) as batch:
+            current: dict[int, SessionState] = {}
+            for item in chunk:
+                phone_id = item.phone.organization_phone_id
+                stored = batch.stored(phone_id)
+                before = current.get(phone_id, stored.state)
+                outcome = _Outcome(item, before)
+                outcomes.append(outcome)
+                opening = isinstance(item.event, ConnectionOpened)
+                if before.phase is Phase.CLOSED and opening and self._did_not_stick(stored, item):
+                    outcome.stick_seconds = item.at - (stored.logged_out_at or item.at)
+                    continue
+                if before.phase is Phase.CLOSED and not opening:
+                    outcome.logged_out = (stored.logged_out_at, stored.logged_out_observed)
+                    continue  # closed by some replica and not opened since: errors change nothing
+                trigger = _trigger(item)
+                transition = decide(before, item.event, self._policy)
+                if needs_admission(transition, trigger):
+                    admitted, outcome.just_tripped = await batch.admit_automatic_close(item.phone, item.at)
+                    if not admitted:
+                        transition = decide(before, item.event, self._policy, automatic_closes_allowed=False)
+                outcome.transition = transition
+                outcome.flip = self._engine.health_flip(before, transition.state)
+                claim = isinstance(transition.decision, Close)
+                outcome.generation = batch.save(item.phone, transition.state, outcome.flip, claim)
+                current[phone_id] = transition.state
+        # Committed: the decisions stand fleet-wide; carry them out here, in order.
+        return [await self._carry_out_traced(outcome) for outcome in outcomes]
+
+    async def _carry_out_traced(self, outcome: _Outcome) -> tuple[bool, Notification | None]:
+        traced = outcome.item.traced
+        if traced is None:
+            return await self._carry_out(outcome)
+        token = otel_context.attach(traced.context)  # effects started now belong to the event's trace
+        try:
+            result = await self._carry_out(outcome)
+            traced.decided(result[0])
+            return result
+        finally:
+            otel_context.detach(token)
+
+    async def _carry_out(self, outcome: _Outcome) -> tuple[bool, Notification | None]:
+        item, transition = outcome.item, outcome.transition
+        if outcome.stick_seconds is not None:
+            await self._incidents.logout_did_not_stick(item.phone, outcome.stick_seconds)
+            return False, None
+        if transition is None or outcome.before is None:
+            self._forget_locally(item.phone, *outcome.logged_out)
+            return False, None
+        opening = isinstance(item.event, ConnectionOpened)
+        if opening:
+            self._registry.reopen(item.phone.organization_phone_id)
+        session = self._registry.ensure(item.phone)
+        if item.counted is not None:
+            session.last_error_at = item.at
+        if opening:
+            self._engine.set_connected(session, True)
+        trigger = _trigger(item)
+        self._engine.carry_out(session, outcome.before, transition, trigger, outcome.flip, outcome.generation)
+        await self._engine.after_decision(session.phone, transition.decision, outcome.just_tripped)
+        decided = transition.decision
+        return not isinstance(decided, Close | Hold) and transition.state.phase is Phase.ACTIVE, outcome.flip
+
+    def _did_not_stick(self, stored: StoredDecision, item: _Waiting) -> bool:
+        """An `open` soon after a (real, not observed) logout by any replica, without a new login."""
+        return (
+            stored.logged_out_at is not None
+            and not stored.logged_out_observed
+            and is_reconnect_after_logout(
+                stored.logged_out_at, item.at, self._safety.logout_stick_seconds, item.new_login
+            )
+        )
+
+    def _forget_locally(self, phone: PhoneRef, logged_out_at: float | None, observed: bool) -> None:
+        """Another replica closed this phone: this replica's copy goes too."""
+        session = self._registry.get(phone.organization_phone_id)
+        if session is not None and session.state.phase is not Phase.CLOSING:
+            self._registry.close_out(session, LoggedOut(logged_out_at or self._now(), observed))
+
+    # Failing closed -----------------------------------------------------------------------------------
+
+    def _unavailable(self, error: StoreUnavailable) -> None:
+        if self.unavailable_reason is None:
+            log.warning("PostgreSQL unreachable: decisions wait until it is back (%s)", error)
+        self.unavailable_reason = str(error)
+
+    async def _defer(self, item: _Waiting) -> None:
+        await self._room.acquire()
+        self._backlog.append(item)
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.create_task(self._drain(), name="fleet-backlog")
+
+    async def _drain(self) -> None:
+        delay = RETRY_INITIAL_SECONDS
+        while self._backlog:
+            chunk = [self._backlog[index] for index in range(min(BATCH_SIZE, len(self._backlog)))]
+            try:
+                await self._decide(chunk)
+            except StoreUnavailable as error:
+                self._unavailable(error)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_SECONDS)
+                continue
+            for _ in chunk:
+                self._backlog.popleft()
+                self._room.release()
+            delay = RETRY_INITIAL_SECONDS
+        if self.unavailable_reason is not None:
+            log.info("PostgreSQL is back; the waiting events were decided")
+        self.unavailable_reason = None
+
+    async def stop(self) -> None:
+        if self._drainer is not None:
+            self._drainer.cancel()
+            await asyncio.gather(self._drainer, return_exceptions=True)
+        if self._backlog:
+            log.warning("stopping with %d events not decided (PostgreSQL unreachable)", len(self._backlog))
+
+    # Queries and operator closes ----------------------------------------------------------------------
+
+    async def session_error_stats(self, organization_phone_id: int) -> ErrorStats:
+        stored = await self.fleet.stored(organization_phone_id)
+        if stored is None:
+            if self._registry.get(organization_phone_id) is not None:
+                return error_stats(SessionState().counters, self._policy.limits)
+            raise UnknownSession(organization_phone_id)
+        counters = stored.state.counters if stored.state.phase is not Phase.CLOSED else SessionState().counters
+        return error_stats(counters, self._policy.limits)
+
+    async def claim_operator_close(self, phone: PhoneRef, reason: str, held_only: bool = False) -> bool:
+        """Claim a close for the operator; False when another replica (or an earlier call) already did."""
+        claimed: tuple[SessionState, Transition, int] | None = None
+        async with self.fleet.deciding([phone]) as batch:
+            before = batch.stored(phone.organization_phone_id).state
+            if before.phase in (Phase.ACTIVE, Phase.HELD) and not (held_only and before.phase is not Phase.HELD):
+                transition = decide(before, OperatorClose(reason), self._policy)
+                if isinstance(transition.decision, Close):
+                    claimed = before, transition, batch.save(phone, transition.state, None, True)
+        if claimed is None:
+            return False
+        before, transition, generation = claimed
+        session = self._registry.ensure(phone)
+        self._engine.carry_out(session, before, transition, CloseTrigger.OPERATOR, None, generation)
+        return True
+
+    async def phone_of(self, organization_phone_id: int) -> tuple[PhoneRef, Phase] | None:
+        stored = await self.fleet.stored(organization_phone_id)
+        if stored is None or stored.phone is None:
+            return None
+        return stored.phone, stored.state.phase
+
+    async def close_held(self, reason: str) -> list[Awaitable[ClosureRecord]]:
+        tasks: list[Awaitable[ClosureRecord]] = []
+        for phone in await self.fleet.held_phones():
+            if await self.claim_operator_close(phone, reason, held_only=True):
+                task = self._closes.in_flight(phone.organization_phone_id)
+                if task is not None:
+                    tasks.append(task)
+        return tasks
+
+    # Fleet settings -----------------------------------------------------------------------------------
+
+    async def refresh_settings(self) -> None:
+        settings = await self.fleet.settings()
+        self._safety.mode, self._safety.observe_organizations = settings.mode, settings.observe_organizations
+        self.breaker_tripped = settings.breaker_tripped_at is not None
+
+    async def watch_settings(self) -> None:
+        """Mode and breaker changes made through any replica apply here within SETTINGS_REFRESH_SECONDS."""
+        while True:
+            try:
+                await self.refresh_settings()
+            except StoreUnavailable as error:
+                self._unavailable(error)
+            await asyncio.sleep(SETTINGS_REFRESH_SECONDS)
+
+
+def _trigger(item: _Waiting) -> CloseTrigger:
+    return CloseTrigger.AUTOMATIC if item.counted is not None else CloseTrigger.CONNECTION
