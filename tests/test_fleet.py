@@ -1,0 +1,130 @@
+"""Fleet mode: several real `wa-sidecar serve` processes on one PostgreSQL database act as one sidecar."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from functools import partial
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+
+from sidecar.client import connection_update, decrypt_error
+from tests.replicas import Replica, replicas, settled
+from tests.seed import add_phone, keys_of, phone_row
+from tests.waiting import eventually
+
+BAD_MAC = "Bad MAC"
+
+
+async def closures_of(db: asyncpg.Connection, phone_id: int) -> list[asyncpg.Record]:
+    return list(await db.fetch("SELECT * FROM wa_sidecar.closures WHERE organization_phone_id = $1", phone_id))
+
+
+async def closure_count(db: asyncpg.Connection) -> int:
+    return int(await db.fetchval("SELECT count(*) FROM wa_sidecar.closures"))
+
+
+async def test_errors_spread_round_robin_close_the_phone_exactly_once(
+    database: str, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    phone = await add_phone(db, 1, "79001112233")
+    pid, jid = phone.organization_phone_id, phone.phone_jid
+    async with replicas(3, database, tmp_path) as fleet:
+        await fleet[0].events([connection_update(1, pid, jid, "open")])
+        for index in range(2):  # 1 error to a, 1 to b: no replica alone has seen two
+            await fleet[index].events([decrypt_error(1, pid, jid, BAD_MAC)])
+        status, stats = await fleet[2].request("GET", f"/v1/sessions/{pid}/stats")
+        assert status == 200 and stats["badMacErrors"] == 2 and stats["isHealthy"] is False
+        await fleet[2].events([decrypt_error(1, pid, jid, BAD_MAC)])  # the third, on c: the limit
+        await eventually(lambda: _closed(db, pid), what="the close recorded")
+        # More errors on every replica after the close, and an operator close through another one.
+        for replica in fleet:
+            await replica.events([decrypt_error(1, pid, jid, BAD_MAC)])
+        status, answer = await fleet[1].request("POST", f"/v1/sessions/{pid}/close", {"reason": "Maintenance"})
+        assert status == 200 and answer["alreadyClosed"] is True
+        await eventually(lambda: settled(fleet), what="no close in flight anywhere")
+    [closure] = await closures_of(db, pid)
+    assert closure["reason"] == "bad_mac_limit" and closure["bad_mac_errors"] == 3
+    assert await keys_of(db, phone) == set()
+    assert (await phone_row(db, phone))["status"] == "logged_out"
+
+
+async def _closed(db: asyncpg.Connection, phone_id: int) -> bool:
+    return len(await closures_of(db, phone_id)) > 0
+
+
+async def test_the_breaker_is_the_fleets_and_survives_a_sigkill(
+    database: str, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    phones = [await add_phone(db, 1 + index % 4, f"7900{index:07d}", keys=("creds",)) for index in range(200)]
+    extra = ["--breaker-max-closes", "20", "--breaker-max-share", "0.1"]
+    async with replicas(3, database, tmp_path, extra) as fleet:
+        opens = [connection_update(p.organization_id, p.organization_phone_id, p.phone_jid, "open") for p in phones]
+        await fleet[0].events(opens)
+        for round_ in range(3):  # each phone's errors spread over the replicas, all phones at once
+            await asyncio.gather(
+                *(
+                    fleet[(round_ + index) % 3].events(
+                        [decrypt_error(p.organization_id, p.organization_phone_id, p.phone_jid, BAD_MAC)]
+                    )
+                    for index, p in enumerate(phones)
+                )
+            )
+        await eventually(lambda: settled(fleet), what="every admitted close done")
+        assert await closure_count(db) == 20
+        held = await db.fetchval("SELECT count(*) FROM wa_sidecar.session_counters WHERE phase = 'held'")
+        assert held == 180
+        answers = [await replica.request("GET", "/v1/breaker") for replica in fleet]
+        for status, breaker in answers:
+            assert status == 200
+            assert breaker["tripped"] is True and breaker["heldSessions"] == 180 and breaker["closesInWindow"] == 20
+
+        # A crashed replica comes back still tripped: a fresh phone at its limit is held, not logged out.
+        fleet[0].kill()
+        await fleet[0].wait_exited()
+        await fleet[0].start()
+        fresh = await add_phone(db, 9, "79009999999", keys=("creds",))
+        await fleet[0].events([connection_update(9, fresh.organization_phone_id, fresh.phone_jid, "open")])
+        await fleet[0].events([decrypt_error(9, fresh.organization_phone_id, fresh.phone_jid, BAD_MAC)] * 3)
+        await eventually(lambda: settled(fleet), what="no close in flight")
+        status, breaker = await fleet[0].request("GET", "/v1/breaker")
+        assert breaker["tripped"] is True and breaker["heldSessions"] == 181
+        assert await closure_count(db) == 20
+        assert await keys_of(db, fresh) == {"creds"}
+
+        # Released with closeHeld through another replica: every held phone is closed exactly once.
+        status, released = await fleet[1].request(
+            "POST", "/v1/breaker", {"action": "release", "operator": "oncall", "closeHeld": True}
+        )
+        assert status == 200 and len(released["closed"]) == 181
+        await eventually(lambda: settled(fleet), what="the held phones closed")
+    assert await closure_count(db) == 201
+    per_phone = await db.fetch("SELECT organization_phone_id, count(*) FROM wa_sidecar.closures GROUP BY 1")
+    assert len(per_phone) == 201 and {row["count"] for row in per_phone} == {1}
+
+
+async def test_a_mode_change_through_one_replica_holds_on_the_others_within_a_second(
+    database: str, tmp_path: Path
+) -> None:
+    async with replicas(3, database, tmp_path) as fleet:
+        status, _ = await fleet[0].request("POST", "/v1/mode", {"mode": "observe", "operator": "oncall"})
+        assert status == 200
+        changed = time.monotonic()
+        seen: dict[str, float] = {}
+
+        async def observing(replica: Replica) -> bool:
+            async with aiohttp.ClientSession() as http, http.get(replica.base + "/metrics") as response:
+                text = await response.text()
+            if 'whatsapp_sidecar_mode{mode="observe"} 1.0' in text:
+                seen.setdefault(replica.name, time.monotonic() - changed)
+                return True
+            return False
+
+        for replica in fleet[1:]:
+            await eventually(partial(observing, replica), deadline_seconds=5, interval=0.02)
+        assert max(seen.values()) <= 1.0, seen
+        for replica in fleet:
+            status, mode = await replica.request("GET", "/v1/mode")
+            assert status == 200 and mode["mode"] == "observe"
