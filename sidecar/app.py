@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -15,15 +16,17 @@ from prometheus_client import CollectorRegistry
 from sidecar import http
 from sidecar.components import COMPONENTS, Components
 from sidecar.config import Config
+from sidecar.link.fleet_sockets import FleetSockets
 from sidecar.link.server import RuntimeLink
 from sidecar.notify.delivery import Delivery, DeliveryPolicy
 from sidecar.notify.owners import OwnersError, OwnersWatcher
-from sidecar.ports import SessionStore, StoreUnavailable
+from sidecar.ports import SessionStore, SocketController, StoreUnavailable
 from sidecar.rules.safety import Breaker
 from sidecar.runtime import Safety, SessionRuntime
 from sidecar.runtime.observer import RuntimeObserver
 from sidecar.store.fleet import PostgresFleet
 from sidecar.store.journal import Journal
+from sidecar.store.leases import LEASE_SECONDS, PostgresLeases
 from sidecar.store.memory import MemoryStore
 from sidecar.store.pending import PendingSteps
 from sidecar.store.postgres import PostgresStore
@@ -95,14 +98,20 @@ def _components(config: Config, link: RuntimeLink, extras: Extras) -> Callable[[
         if config.closure_log_path is not None:
             observers.append(ClosureLogFile(config.closure_log_path))
         observers.extend(extras.observers)
-        fleet = PostgresFleet(store, config.breaker, config.instance) if isinstance(store, PostgresStore) else None
-        if not config.fleet_mode:
-            fleet = None
+        fleet: PostgresFleet | None = None
+        sockets: SocketController = link
+        fleet_sockets: FleetSockets | None = None
+        if config.fleet_mode and isinstance(store, PostgresStore):
+            # One process, one lease holder: a restarted replica never inherits a dead process's connections.
+            replica_id = f"{config.instance}/{uuid.uuid4().hex[:8]}"
+            fleet = PostgresFleet(store, config.breaker, replica_id)
+            link.leases = PostgresLeases(store, replica_id)
+            sockets = fleet_sockets = FleetSockets(link, link.leases, LEASE_SECONDS)
         runtime = SessionRuntime(
             config.policy,
             store,
             pending,
-            link,
+            sockets,
             observers,
             clock=clock,
             socket_end_timeout=config.socket_end_timeout,
@@ -145,11 +154,21 @@ def _components(config: Config, link: RuntimeLink, extras: Extras) -> Callable[[
         if delivery is not None:
             await delivery.start()
         background = [asyncio.create_task(_restore(components)), asyncio.create_task(_watch_owners(owners))]
+        stop_fleet = asyncio.Event()
         if fleet is not None:
             background.append(asyncio.create_task(_watch_fleet(fleet, runtime, config)))
+        if fleet_sockets is not None and link.leases is not None and config.database_url is not None:
+            leases = link.leases
+            assert isinstance(leases, PostgresLeases)
+            background += [
+                asyncio.create_task(leases.listen(config.database_url, fleet_sockets.wake, stop_fleet)),
+                asyncio.create_task(fleet_sockets.deliver_routed(stop_fleet)),
+                asyncio.create_task(fleet_sockets.heartbeat(stop_fleet)),
+            ]
         try:
             yield
         finally:
+            stop_fleet.set()
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)

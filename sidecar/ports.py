@@ -200,3 +200,30 @@ class FleetState(Protocol):
     async def breaker_status(self, now: float) -> BreakerStatus: ...
 
     async def held_phones(self) -> list[PhoneRef]: ...
+
+
+class SocketLeases(Protocol):
+    """Fleet mode: which replica holds each phone's runtime connection, and commands routed to that replica."""
+
+    instance: str
+
+    async def claim(self, organization_phone_id: int, connection_id: int) -> str | None:
+        """Take (or renew) the lease; returns None when held here now, else the replica whose lease is live."""
+
+    async def release(self, organization_phone_ids: Sequence[int]) -> None: ...
+
+    async def renew(self, organization_phone_ids: Sequence[int]) -> None: ...
+
+    async def owner(self, organization_phone_id: int) -> str | None:
+        """The replica whose lease on the phone is live, if any."""
+
+    async def send(self, owner: str, organization_phone_id: int, body: dict[str, Any]) -> str:
+        """Queue a command for the owner and wake it; returns the command id."""
+
+    async def result(self, command_id: str) -> tuple[str, str | None]:
+        """(status, error): pending, delivering, ok, failed or unreachable."""
+
+    async def take_commands(self) -> list[tuple[str, int, dict[str, Any]]]:
+        """The commands addressed to this replica, marked as being delivered."""
+
+    async def finish(self, command_id: str, status: str, error: str | None) -> None: ...

@@ -6,11 +6,12 @@ import asyncio
 import time
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import asyncpg
 
-from sidecar.client import connection_update, decrypt_error
+from sidecar.client import RuntimeClient, connection_update, decrypt_error
 from tests.replicas import Replica, replicas, settled
 from tests.seed import add_phone, keys_of, phone_row
 from tests.waiting import eventually
@@ -128,3 +129,86 @@ async def test_a_mode_change_through_one_replica_holds_on_the_others_within_a_se
         for replica in fleet:
             status, mode = await replica.request("GET", "/v1/mode")
             assert status == 200 and mode["mode"] == "observe"
+
+
+class Ends:
+    """A runtime's session.end callback: what the sidecar asked it to end."""
+
+    def __init__(self) -> None:
+        self.commands: list[dict[str, Any]] = []
+
+    async def __call__(self, command: dict[str, Any]) -> None:
+        self.commands.append(command)
+
+
+def ws_url(replica: Replica) -> str:
+    return replica.base.replace("http://", "ws://") + "/v1/runtime"
+
+
+async def lease_holder(db: asyncpg.Connection, phone_id: int) -> str | None:
+    holder: str | None = await db.fetchval(
+        "SELECT instance FROM wa_sidecar.socket_owners WHERE organization_phone_id = $1 AND lease_until >= now()",
+        phone_id,
+    )
+    return holder
+
+
+async def test_an_operator_close_through_b_ends_the_socket_held_on_a_once(
+    database: str, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    phone = await add_phone(db, 1, "79001112233")
+    pid, jid = phone.organization_phone_id, phone.phone_jid
+    ends = Ends()
+    async with replicas(2, database, tmp_path) as (a, b), RuntimeClient(ws_url(a), on_session_end=ends) as runtime:
+        await runtime.send(connection_update(1, pid, jid, "open"))
+        await eventually(lambda: _held_by(db, pid, "replica-a"), what="replica a holds the lease")
+        status, answer = await b.request("POST", f"/v1/sessions/{pid}/close", {"reason": "Maintenance restart"})
+        assert status == 200, answer
+        assert answer["alreadyClosed"] is False and answer["socket"] == "ended", answer
+        assert len(ends.commands) == 1 and ends.commands[0]["reason"] == "forced"
+        status, again = await a.request("POST", f"/v1/sessions/{pid}/close", {"reason": "Maintenance restart"})
+        assert status == 200 and again["alreadyClosed"] is True
+        await eventually(lambda: settled([a, b]), what="no close in flight")
+        assert len(ends.commands) == 1
+    assert len(await closures_of(db, pid)) == 1
+    assert await keys_of(db, phone) == set()
+
+
+async def _held_by(db: asyncpg.Connection, phone_id: int, replica: str) -> bool:
+    holder = await lease_holder(db, phone_id)
+    return holder is not None and holder.startswith(replica + "/")
+
+
+async def test_two_runtimes_claiming_one_phone_on_two_replicas_is_one_conflict_incident(
+    database: str, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    phone = await add_phone(db, 3, "79001112244")
+    pid, jid = phone.organization_phone_id, phone.phone_jid
+    async with replicas(2, database, tmp_path) as (a, b):
+        async with RuntimeClient(ws_url(a)) as first, RuntimeClient(ws_url(b)) as second:
+            await first.send(connection_update(3, pid, jid, "open"))
+            await eventually(lambda: _held_by(db, pid, "replica-a"), what="replica a holds the lease")
+            await second.send(connection_update(3, pid, jid, "open"))
+            for _ in range(3):  # the second runtime keeps going: still one incident
+                await second.send(decrypt_error(3, pid, jid, "No session record"))
+            await second.flush()
+            await eventually(lambda: _incidents(db, pid), what="the conflict recorded")
+            async with aiohttp.ClientSession() as http, http.get(b.base + "/metrics") as response:
+                metrics = await response.text()
+        assert await _held_by(db, pid, "replica-a")
+    rows = await db.fetch(
+        "SELECT detail FROM wa_sidecar.decisions "
+        "WHERE decision = 'credentials_conflict' AND organization_phone_id = $1",
+        pid,
+    )
+    assert len(rows) == 1 and '"otherReplica": "replica-a/' in rows[0]["detail"]
+    assert 'whatsapp_session_incidents_total{kind="credentials_conflict",organization_id="3"} 1.0' in metrics
+
+
+async def _incidents(db: asyncpg.Connection, phone_id: int) -> bool:
+    count = await db.fetchval(
+        "SELECT count(*) FROM wa_sidecar.decisions "
+        "WHERE decision = 'credentials_conflict' AND organization_phone_id = $1",
+        phone_id,
+    )
+    return bool(count)

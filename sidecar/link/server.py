@@ -7,6 +7,7 @@ connection closing first, or no connection owning the session, makes it SocketUn
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import uuid
@@ -23,9 +24,10 @@ from sidecar.link.protocol import (
     DecryptError,
     FrameInvalid,
     InboundMessage,
+    SessionEvent,
     parse_text,
 )
-from sidecar.ports import SocketCommandFailed, SocketUnreachable
+from sidecar.ports import SocketCommandFailed, SocketLeases, SocketUnreachable, StoreUnavailable
 from sidecar.runtime import SessionRuntime
 from sidecar.telemetry.metrics import SidecarMetrics
 
@@ -59,6 +61,9 @@ class RuntimeLink:
         self.ownership_changes = 0
         self.metrics: SidecarMetrics | None = None
         self._event_children: dict[tuple[type, str], Any] = {}
+        self.leases: SocketLeases | None = None  # fleet mode: socket ownership shared through PostgreSQL
+        self.lease_conflicts = 0
+        self._releases: set[asyncio.Task[None]] = set()
 
     def rejected(self, reason: str) -> None:
         self.frames_rejected += 1
@@ -85,12 +90,19 @@ class RuntimeLink:
     def owner_of(self, organization_phone_id: int) -> RuntimeConnection | None:
         return self._owners.get(organization_phone_id)
 
+    def owned_phones(self) -> list[int]:
+        return [phone for phone, connection in self._owners.items() if not connection.ws.closed]
+
     # SocketController ---------------------------------------------------------------------------------
 
     async def end_session(self, organization_phone_id: int, reason: str, detail: str) -> None:
         connection = self._owners.pop(organization_phone_id, None)  # the sidecar forgets it, whatever happens
         if connection is not None:
             connection.phones.discard(organization_phone_id)
+            if self.leases is not None:
+                task = asyncio.create_task(self._release_leases([organization_phone_id]))
+                self._releases.add(task)
+                task.add_done_callback(self._releases.discard)
         await self._command(
             connection,
             organization_phone_id,
@@ -134,10 +146,11 @@ class RuntimeLink:
         else:
             future.set_exception(SocketCommandFailed(ack.error or "runtime answered ok=false"))
 
-    def _claim(self, connection: RuntimeConnection, organization_phone_id: int) -> None:
+    def _claim(self, connection: RuntimeConnection, organization_phone_id: int) -> bool:
+        """Commands for the phone go to this connection from now on; True when that is new."""
         current = self._owners.get(organization_phone_id)
         if current is connection:
-            return
+            return False
         if current is not None and not current.ws.closed:
             self.ownership_changes += 1
             log.warning(
@@ -153,6 +166,24 @@ class RuntimeLink:
             current.phones.discard(organization_phone_id)
         self._owners[organization_phone_id] = connection
         connection.phones.add(organization_phone_id)
+        return True
+
+    async def _claim_lease(self, connection: RuntimeConnection, message: SessionEvent) -> None:
+        """Fleet mode: the phone's lease; a live lease held by another replica means two runtimes share one
+        set of credentials (what makes WhatsApp answer 440 `conflict` in a loop): an incident at once."""
+        assert self.leases is not None and self.runtime is not None
+        try:
+            holder = await self.leases.claim(message.organization_phone_id, connection.id)
+        except StoreUnavailable:
+            return  # the heartbeat keeps trying for the phones this replica holds
+        if holder is not None:
+            self.lease_conflicts += 1
+            await self.runtime.report_credentials_conflict(
+                message.organization_id,
+                message.organization_phone_id,
+                message.phone_jid,
+                {"otherReplica": holder, "replica": self.leases.instance},
+            )
 
     async def handle_frame(self, connection: RuntimeConnection, text: str) -> int:
         """Validate a whole frame, then apply it in order. Returns how many events were applied."""
@@ -173,8 +204,10 @@ class RuntimeLink:
                 # Ownership follows the runtime's reports, but a phone the sidecar just closed is not re-claimed
                 # by its own late errors; only an `open` (a new login) claims it again.
                 reopening = isinstance(message, ConnectionUpdate) and message.connection == "open"
-                if reopening or not self.runtime.is_closed(message.organization_phone_id):
-                    self._claim(connection, message.organization_phone_id)
+                if (
+                    reopening or not self.runtime.is_closed(message.organization_phone_id)
+                ) and self._claim(connection, message.organization_phone_id) and self.leases is not None:
+                    await self._claim_lease(connection, message)
                 await apply_event(self.runtime, message)
                 applied += 1
                 if applied % YIELD_EVERY == 0:
@@ -183,9 +216,13 @@ class RuntimeLink:
 
     def _disconnected(self, connection: RuntimeConnection) -> None:
         self._connections.discard(connection)
-        for phone in connection.phones:
-            if self._owners.get(phone) is connection:
-                del self._owners[phone]
+        released = [phone for phone in connection.phones if self._owners.get(phone) is connection]
+        for phone in released:
+            del self._owners[phone]
+        if released and self.leases is not None:
+            task = asyncio.create_task(self._release_leases(released))
+            self._releases.add(task)
+            task.add_done_callback(self._releases.discard)
         connection.phones.clear()
         for command_id, (owner, future) in list(self._commands.items()):
             if owner is connection and not future.done():
@@ -214,6 +251,11 @@ class RuntimeLink:
             self._disconnected(connection)
             log.info("runtime disconnected", extra={"fields": {"connection": connection.id}})
         return ws
+
+    async def _release_leases(self, phones: list[int]) -> None:
+        assert self.leases is not None
+        with contextlib.suppress(StoreUnavailable):  # the leases expire by themselves
+            await self.leases.release(phones)
 
     async def close_all(self) -> None:
         for connection in list(self._connections):

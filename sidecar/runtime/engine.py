@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, nullcontext
 from datetime import datetime
+from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -349,6 +350,13 @@ class SessionRuntime:
             await self._incidents.connection_closed(phone, now, status_code)
             if not self.is_closed(organization_phone_id):
                 await self._apply(phone, ConnectionClosed(status_code), None)
+
+    async def report_credentials_conflict(
+        self, organization_id: int, organization_phone_id: int, phone_jid: str, detail: dict[str, Any]
+    ) -> None:
+        """Two runtime connections on different replicas claim one phone: two processes share its credentials."""
+        phone = phone_ref(organization_id, organization_phone_id, phone_jid)
+        await self._incidents.credentials_conflict(phone, detail)
 
     def set_connected(self, session: Session, connected: bool) -> None:
         if session.connected != connected:

@@ -112,6 +112,10 @@ class Incidents:
         command = self._sockets.end_session(phone.organization_phone_id, "reconnected_after_logout", reason)
         self._tasks.spawn(socket_command(command, "ended", self._socket_timeout))
 
+    async def credentials_conflict(self, phone: PhoneRef, detail: dict[str, Any]) -> None:
+        kind = IncidentKind.CREDENTIALS_CONFLICT
+        await self.record(phone, str(kind), detail, INCIDENT_EVENTS[kind])
+
     async def connection_closed(self, phone: PhoneRef, now: float, status_code: int | None) -> None:
         for kind in self._safety.loops.on_close(phone.organization_phone_id, now, status_code):
             await self.record(phone, str(kind), {"statusCode": status_code}, INCIDENT_EVENTS[kind])

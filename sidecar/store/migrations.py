@@ -111,6 +111,26 @@ MIGRATIONS: tuple[str, ...] = (
         organization_phone_id BIGINT NOT NULL
     );
     CREATE INDEX breaker_ledger_closed_idx ON {schema}.breaker_ledger (closed_at);
+    -- Which replica's runtime connection holds each phone's socket: a lease renewed by a heartbeat.
+    CREATE TABLE {schema}.socket_owners (
+        organization_phone_id BIGINT PRIMARY KEY,
+        instance              TEXT NOT NULL,
+        connection_id         BIGINT NOT NULL,
+        generation            BIGINT NOT NULL DEFAULT 1,
+        lease_until           TIMESTAMPTZ NOT NULL
+    );
+    CREATE INDEX socket_owners_instance_idx ON {schema}.socket_owners (instance);
+    -- Commands decided on one replica for a socket another replica holds; the owner delivers and answers.
+    CREATE TABLE {schema}.socket_commands (
+        command_id            TEXT PRIMARY KEY,
+        organization_phone_id BIGINT NOT NULL,
+        instance              TEXT NOT NULL,
+        body                  JSONB NOT NULL,
+        status                TEXT NOT NULL DEFAULT 'pending',
+        error                 TEXT,
+        created_at            TIMESTAMPTZ NOT NULL DEFAULT now()
+    );
+    CREATE INDEX socket_commands_pending_idx ON {schema}.socket_commands (instance) WHERE status = 'pending';
     """,
 )
 

@@ -1,0 +1,105 @@
+"""Fleet mode's socket commands: one owner per phone. A command decided on any replica reaches the socket
+through the replica whose runtime connection holds the phone's lease (ports.SocketLeases); a replica also
+delivers the commands other replicas route to it, and renews its leases."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from sidecar.link.server import RuntimeLink
+from sidecar.ports import SocketCommandFailed, SocketLeases, SocketUnreachable, StoreUnavailable
+
+log = logging.getLogger("sidecar.link")
+
+RESULT_POLL_SECONDS = 0.02
+COMMAND_POLL_SECONDS = 1.0  # the fallback when a NOTIFY was missed
+
+
+class FleetSockets:
+    """The SocketController in fleet mode: the local connection when it holds the phone, else its owner's."""
+
+    def __init__(self, link: RuntimeLink, leases: SocketLeases, lease_seconds: float) -> None:
+        self._link = link
+        self._leases = leases
+        self._lease_seconds = lease_seconds
+        self._wake = asyncio.Event()
+        self.routed = 0
+        self.delivered_for_others = 0
+
+    async def end_session(self, organization_phone_id: int, reason: str, detail: str) -> None:
+        if self._link.owner_of(organization_phone_id) is not None:
+            await self._link.end_session(organization_phone_id, reason, detail)
+            return
+        body = {"type": "session.end", "reason": reason, "detail": detail, "logout": True}
+        await self._route(organization_phone_id, body)
+
+    async def clear_cached_keys(self, organization_phone_id: int, key_prefixes: Sequence[str]) -> None:
+        if self._link.owner_of(organization_phone_id) is not None:
+            await self._link.clear_cached_keys(organization_phone_id, key_prefixes)
+            return
+        await self._route(organization_phone_id, {"type": "auth.clear", "keyPrefixes": list(key_prefixes)})
+
+    async def _route(self, organization_phone_id: int, body: dict[str, Any]) -> None:
+        try:
+            owner = await self._leases.owner(organization_phone_id)
+            if owner is None or owner == self._leases.instance:
+                raise SocketUnreachable(f"no live replica holds organizationPhoneId {organization_phone_id}")
+            command_id = await self._leases.send(owner, organization_phone_id, body)
+            self.routed += 1
+            while True:  # the caller bounds the wait (the socket-end timeout)
+                status, error = await self._leases.result(command_id)
+                if status not in ("pending", "delivering"):
+                    break
+                await asyncio.sleep(RESULT_POLL_SECONDS)
+        except StoreUnavailable as error:
+            raise SocketUnreachable(f"cannot reach the owning replica: {error}") from error
+        if status == "failed":
+            raise SocketCommandFailed(error or "runtime answered ok=false")
+        if status != "ok":
+            raise SocketUnreachable(error or f"the owning replica answered {status}")
+
+    # The owner's side ---------------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def deliver_routed(self, stop: asyncio.Event) -> None:
+        """Deliver the commands other replicas routed here, when woken (NOTIFY) or every COMMAND_POLL_SECONDS."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), COMMAND_POLL_SECONDS)
+            self._wake.clear()
+            try:
+                commands = await self._leases.take_commands()
+            except StoreUnavailable:
+                continue
+            await asyncio.gather(*(self._deliver(*command) for command in commands))
+
+    async def _deliver(self, command_id: str, organization_phone_id: int, body: dict[str, Any]) -> None:
+        status, error = "ok", None
+        try:
+            if body.get("type") == "session.end":
+                await self._link.end_session(organization_phone_id, str(body["reason"]), str(body["detail"]))
+            else:
+                await self._link.clear_cached_keys(organization_phone_id, list(body.get("keyPrefixes", [])))
+            self.delivered_for_others += 1
+        except SocketUnreachable as unreachable:
+            status, error = "unreachable", str(unreachable)
+        except SocketCommandFailed as failed:
+            status, error = "failed", str(failed)
+        with contextlib.suppress(StoreUnavailable):
+            await self._leases.finish(command_id, status, error)
+
+    async def heartbeat(self, stop: asyncio.Event) -> None:
+        """Renew the leases of the phones this replica's connections hold."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self._lease_seconds / 3)
+            phones = self._link.owned_phones()
+            if phones:
+                with contextlib.suppress(StoreUnavailable):
+                    await self._leases.renew(phones)

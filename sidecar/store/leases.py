@@ -1,0 +1,138 @@
+"""Fleet mode: socket ownership leases and routed commands in PostgreSQL (ports.SocketLeases).
+
+A replica records each phone whose runtime connection it holds, with a lease its heartbeat renews; a command
+decided on another replica is written to `socket_commands` and the owner is woken with NOTIFY (a periodic
+poll is the fallback when a notification is missed, or where LISTEN is not available, as behind PgBouncer in
+transaction mode); the owner delivers it over its connection and writes the answer back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+
+from sidecar.ports import StoreUnavailable
+from sidecar.store.postgres import ACQUIRE_TIMEOUT_SECONDS, UNAVAILABLE_ERRORS, Connection, PostgresStore
+from sidecar.store.sqlnames import quote_identifier
+
+log = logging.getLogger("sidecar.leases")
+
+LEASE_SECONDS = 15.0
+COMMANDS_KEPT_SECONDS = 3600.0
+
+
+class PostgresLeases:
+    def __init__(self, store: PostgresStore, instance: str, lease_seconds: float = LEASE_SECONDS) -> None:
+        self._store = store
+        self.instance = instance
+        self._lease_seconds = lease_seconds
+        s = quote_identifier(store.schema)
+        owners, commands = f"{s}.socket_owners", f"{s}.socket_commands"
+        self.channel = f"wa_sidecar_commands_{store.schema}"[:63]
+        self._claim = (
+            f"INSERT INTO {owners} AS o (organization_phone_id, instance, connection_id, lease_until) "
+            "VALUES ($1, $2, $3, now() + make_interval(secs => $4)) ON CONFLICT (organization_phone_id) DO UPDATE SET "
+            "instance = EXCLUDED.instance, connection_id = EXCLUDED.connection_id, "
+            "generation = o.generation + CASE WHEN o.instance = EXCLUDED.instance THEN 0 ELSE 1 END, "
+            "lease_until = EXCLUDED.lease_until WHERE o.instance = EXCLUDED.instance OR o.lease_until < now() "
+            "RETURNING instance"
+        )
+        self._holder = f"SELECT instance FROM {owners} WHERE organization_phone_id = $1 AND lease_until >= now()"
+        self._release = f"DELETE FROM {owners} WHERE instance = $1 AND organization_phone_id = ANY($2::bigint[])"
+        self._renew = (
+            f"UPDATE {owners} SET lease_until = now() + make_interval(secs => $3) "
+            "WHERE instance = $1 AND organization_phone_id = ANY($2::bigint[])"
+        )
+        self._send = (
+            f"INSERT INTO {commands} (command_id, organization_phone_id, instance, body) VALUES ($1, $2, $3, $4::jsonb)"
+        )
+        self._result = f"SELECT status, error FROM {commands} WHERE command_id = $1"
+        self._take = (
+            f"UPDATE {commands} SET status = 'delivering' WHERE instance = $1 AND status = 'pending' "
+            "RETURNING command_id, organization_phone_id, body::text AS body"
+        )
+        self._finish = f"UPDATE {commands} SET status = $2, error = $3 WHERE command_id = $1"
+        self._forget = f"DELETE FROM {commands} WHERE created_at < now() - make_interval(secs => $1)"
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[Connection]:
+        try:
+            async with self._store.pool.acquire(timeout=ACQUIRE_TIMEOUT_SECONDS) as conn:
+                yield conn
+        except UNAVAILABLE_ERRORS as error:
+            raise StoreUnavailable(f"{type(error).__name__}: {error}") from error
+
+    async def claim(self, organization_phone_id: int, connection_id: int) -> str | None:
+        async with self._connection() as conn:
+            won = await conn.fetchval(
+                self._claim, organization_phone_id, self.instance, connection_id, self._lease_seconds
+            )
+            if won is not None:
+                return None
+            holder: str | None = await conn.fetchval(self._holder, organization_phone_id)
+        return holder
+
+    async def release(self, organization_phone_ids: Sequence[int]) -> None:
+        async with self._connection() as conn:
+            await conn.execute(self._release, self.instance, list(organization_phone_ids))
+
+    async def renew(self, organization_phone_ids: Sequence[int]) -> None:
+        async with self._connection() as conn:
+            await conn.execute(self._renew, self.instance, list(organization_phone_ids), self._lease_seconds)
+            await conn.execute(self._forget, COMMANDS_KEPT_SECONDS)
+
+    async def owner(self, organization_phone_id: int) -> str | None:
+        async with self._connection() as conn:
+            holder: str | None = await conn.fetchval(self._holder, organization_phone_id)
+        return holder
+
+    async def send(self, owner: str, organization_phone_id: int, body: dict[str, Any]) -> str:
+        command_id = uuid.uuid4().hex
+        async with self._connection() as conn, conn.transaction():
+            await conn.execute(self._send, command_id, organization_phone_id, owner, json.dumps(body))
+            await conn.execute("SELECT pg_notify($1, $2)", self.channel, owner)
+        return command_id
+
+    async def result(self, command_id: str) -> tuple[str, str | None]:
+        async with self._connection() as conn:
+            row = await conn.fetchrow(self._result, command_id)
+        return ("unreachable", "command lost") if row is None else (row["status"], row["error"])
+
+    async def take_commands(self) -> list[tuple[str, int, dict[str, Any]]]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(self._take, self.instance)
+        return [(row["command_id"], row["organization_phone_id"], json.loads(row["body"])) for row in rows]
+
+    async def finish(self, command_id: str, status: str, error: str | None) -> None:
+        async with self._connection() as conn:
+            await conn.execute(self._finish, command_id, status, error)
+
+    async def listen(self, url: str, wake: Callable[[], None], stop: asyncio.Event) -> None:
+        """Wake the command deliverer when a command for this replica is queued; reconnects while running."""
+        while not stop.is_set():
+            connection: asyncpg.Connection | None = None
+            try:
+                connection = await asyncpg.connect(url, timeout=ACQUIRE_TIMEOUT_SECONDS)
+                await connection.add_listener(
+                    self.channel, lambda *args: wake() if args[-1] == self.instance else None
+                )
+                wake()  # commands queued while not listening
+                while not stop.is_set() and not connection.is_closed():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), 2.0)
+            except (*UNAVAILABLE_ERRORS, asyncpg.PostgresError) as error:  # type: ignore[misc]
+                log.info("command listener unavailable (%s); polling meanwhile", error)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 1.0)
+            finally:
+                if connection is not None:
+                    with contextlib.suppress(Exception):
+                        await connection.close()
