@@ -104,7 +104,7 @@ def _components(config: Config, link: RuntimeLink, extras: Extras) -> Callable[[
         if config.fleet_mode and isinstance(store, PostgresStore):
             # One process, one lease holder: a restarted replica never inherits a dead process's connections.
             replica_id = f"{config.instance}/{uuid.uuid4().hex[:8]}"
-            fleet = PostgresFleet(store, config.breaker, replica_id)
+            fleet = PostgresFleet(store, config.breaker, replica_id, config.close_lease_seconds)
             link.leases = PostgresLeases(store, replica_id)
             sockets = fleet_sockets = FleetSockets(link, link.leases, LEASE_SECONDS)
         runtime = SessionRuntime(

@@ -95,6 +95,8 @@ class Config:
     # With a database: "fleet" (default) decides in PostgreSQL, shared by any number of replicas; "local"
     # decides in this process (one replica only; counts and closes continue while PostgreSQL is away).
     coordination: str = "fleet"
+    # Fleet mode: a close not finished within this many seconds (its replica died) is finished by another one.
+    close_lease_seconds: float = 60.0
 
     @property
     def fleet_mode(self) -> bool:
@@ -156,6 +158,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         help="with a database: fleet (default; replicas share every decision through PostgreSQL) or local "
         "(one replica decides in memory)",
     )
+    add("--close-lease-seconds", help="fleet mode: seconds before another replica finishes a close (default 60)")
     add("--mode", help="enforce (default) or observe: decide and report everything, delete no key, end no socket")
     add("--observe-organizations", help="organization ids kept in observe mode while the rest enforce, comma-separated")
     add("--breaker-max-closes", help="automatic logouts allowed per breaker window before it trips (default 20)")
@@ -323,6 +326,8 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = N
         if raw not in ("fleet", "local"):
             raise ConfigError("coordination", f"must be fleet or local, got {raw!r}")
         changes["coordination"] = raw
+    if (raw := setting("close_lease_seconds")) is not None:
+        changes["close_lease_seconds"] = _positive_float("close-lease-seconds", raw)
     if (raw := setting("mode")) is not None:
         if raw not in {item.value for item in Mode}:
             raise ConfigError("mode", f"must be enforce or observe, got {raw!r}")

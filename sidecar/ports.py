@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
-from sidecar.rules.policy import Counters, SessionState
-from sidecar.rules.records import ClosureRecord, Notification, PhoneRef, Step, StepResult
+from sidecar.rules.policy import Close, Counters, SessionState
+from sidecar.rules.records import CloseTrigger, ClosureRecord, Notification, PhoneRef, Step, StepResult
 from sidecar.rules.safety import BreakerStatus, Mode
 
 
@@ -165,6 +165,14 @@ class FleetSettings:
     breaker_kept_by: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class ClaimedClose:
+    phone: PhoneRef
+    close: Close
+    trigger: CloseTrigger
+    generation: int
+
+
 class FleetBatch(Protocol):
     """Decisions in progress: the batch's rows are locked until the block ends, then the saved states commit."""
 
@@ -174,9 +182,15 @@ class FleetBatch(Protocol):
     async def admit_automatic_close(self, phone: PhoneRef, now: float) -> tuple[bool, bool]:
         """The fleet breaker's admission of one automatic logout: (admitted, this refusal tripped it)."""
 
-    def save(self, phone: PhoneRef, state: SessionState, notification: Notification | None, claim_close: bool) -> int:
-        """Write `state` (and a health flip's notification) at commit; a close claim bumps the generation,
-        which is returned (the current one otherwise)."""
+    def save(
+        self,
+        phone: PhoneRef,
+        state: SessionState,
+        notification: Notification | None,
+        close: tuple[Close, CloseTrigger] | None,
+    ) -> int:
+        """Write `state` (and a health flip's notification) at commit; a close claim (`close`) is stored and
+        bumps the generation, which is returned (the current one otherwise)."""
 
 
 class FleetState(Protocol):
@@ -200,6 +214,12 @@ class FleetState(Protocol):
     async def breaker_status(self, now: float) -> BreakerStatus: ...
 
     async def held_phones(self) -> list[PhoneRef]: ...
+
+    async def renew_closes(self, organization_phone_ids: Sequence[int]) -> None:
+        """Extend the lease of closes this replica is still carrying out."""
+
+    async def take_over_closes(self, limit: int) -> list[ClaimedClose]:
+        """Claim the closes whose claimer's lease expired (it died mid-close): they are this replica's now."""
 
 
 class SocketLeases(Protocol):

@@ -212,3 +212,36 @@ async def _incidents(db: asyncpg.Connection, phone_id: int) -> bool:
         phone_id,
     )
     return bool(count)
+
+
+async def test_a_replica_killed_in_the_middle_of_a_close_has_it_finished_once_by_another(
+    database: str, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    phone = await add_phone(db, 1, "79001112233")
+    pid, jid = phone.organization_phone_id, phone.phone_jid
+    received = asyncio.Event()
+    never = asyncio.Event()
+
+    async def hang(command: dict[str, Any]) -> None:  # the runtime never acknowledges: the close waits on it
+        received.set()
+        await never.wait()
+
+    extra = ["--close-lease-seconds", "2", "--socket-end-timeout", "3"]
+    async with replicas(2, database, tmp_path, extra) as (a, b):
+        async with RuntimeClient(ws_url(a), on_session_end=hang, reconnect_initial=5) as runtime:
+            await runtime.send(connection_update(1, pid, jid, "open"))
+            for _ in range(3):
+                await runtime.send(decrypt_error(1, pid, jid, BAD_MAC))
+            await asyncio.wait_for(received.wait(), 20)
+            a.kill()  # mid-close: the socket end is unanswered, the database half not started
+            await a.wait_exited()
+            assert await closures_of(db, pid) == []
+            await eventually(lambda: _closed(db, pid), what="replica b finished the close")
+        await a.start()
+        await eventually(lambda: settled([a, b]), what="no close in flight")
+    [closure] = await closures_of(db, pid)
+    assert closure["reason"] == "bad_mac_limit" and closure["trigger"] == "automatic"
+    generation = "SELECT generation FROM wa_sidecar.session_counters WHERE organization_phone_id = $1"
+    assert await db.fetchval(generation, pid) == 2  # claimed by a, taken over by b
+    assert await keys_of(db, phone) == set()
+    assert "finishing a close another replica left behind" in b.log()

@@ -195,6 +195,8 @@ class RuntimeLink:
             return 0
         assert self.runtime is not None
         applied = 0
+        claimed: list[SessionEvent] = []
+        # A frame is decided as one batch, after the batches handed over before it (one decider per replica).
         async with self.runtime.batch():
             for message in messages:
                 self.counted(message, "websocket")
@@ -206,12 +208,15 @@ class RuntimeLink:
                 reopening = isinstance(message, ConnectionUpdate) and message.connection == "open"
                 if (
                     reopening or not self.runtime.is_closed(message.organization_phone_id)
-                ) and self._claim(connection, message.organization_phone_id) and self.leases is not None:
-                    await self._claim_lease(connection, message)
+                ) and self._claim(connection, message.organization_phone_id):
+                    claimed.append(message)
                 await apply_event(self.runtime, message)
                 applied += 1
                 if applied % YIELD_EVERY == 0:
                     await asyncio.sleep(0)  # a big frame must not starve the API and the other connections
+        if self.leases is not None:
+            for message in claimed:
+                await self._claim_lease(connection, message)
         return applied
 
     def _disconnected(self, connection: RuntimeConnection) -> None:

@@ -80,6 +80,9 @@ class CloseSequence:
         if self._in_flight.get(phone_id) is task:
             del self._in_flight[phone_id]
 
+    def in_flight_phones(self) -> list[int]:
+        return list(self._in_flight)
+
     def in_flight(self, organization_phone_id: int) -> asyncio.Task[ClosureRecord] | None:
         return self._in_flight.get(organization_phone_id)
 

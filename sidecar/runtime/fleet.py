@@ -14,7 +14,7 @@ import logging
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from opentelemetry import context as otel_context
@@ -48,6 +48,7 @@ RETRY_INITIAL_SECONDS = 0.1
 RETRY_MAX_SECONDS = 2.0
 SETTINGS_REFRESH_SECONDS = 0.5
 BATCH_SIZE = 500  # decisions per transaction
+TAKE_OVER_LIMIT = 50  # closes left behind, taken over per round
 
 
 class Engine(Protocol):
@@ -100,6 +101,25 @@ class _Outcome:
     logged_out: tuple[float | None, bool] = (None, False)  # a phone some replica closed: when, observed
 
 
+@dataclass(slots=True)
+class _Submission:
+    """Who waits for a group of events' results (until all are decided, or the database turns out away)."""
+
+    count: int
+    future: asyncio.Future[list[tuple[bool, Notification | None]]]
+    results: list[tuple[bool, Notification | None]] = field(default_factory=list)
+
+    def add(self, result: tuple[bool, Notification | None]) -> None:
+        if not self.future.done():
+            self.results.append(result)
+            if len(self.results) == self.count:
+                self.future.set_result(self.results)
+
+    def give_up(self) -> None:
+        if not self.future.done():
+            self.future.set_result(self.results)
+
+
 class FleetDecisions:
     def __init__(
         self,
@@ -123,15 +143,17 @@ class FleetDecisions:
         self._safety = safety
         self._now = now
         self._collecting: list[_Waiting] | None = None
-        self._backlog: deque[_Waiting] = deque()
+        self._waiting: deque[tuple[_Waiting, _Submission]] = deque()
         self._room = asyncio.Semaphore(backlog_limit)
-        self._drainer: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._worker: asyncio.Task[None] | None = None
         self.unavailable_reason: str | None = None
         self.breaker_tripped = False  # the fleet's, as last read (metrics)
 
     @property
     def backlog(self) -> int:
-        return len(self._backlog)
+        """Events accepted and not decided yet (all of them wait while PostgreSQL is away)."""
+        return len(self._waiting)
 
     # Events -------------------------------------------------------------------------------------------
 
@@ -172,19 +194,46 @@ class FleetDecisions:
             await self._submit([item])
 
     async def _submit(self, items: list[_Waiting]) -> list[tuple[bool, Notification | None]]:
-        results: list[tuple[bool, Notification | None]] = []
-        done = 0
-        if not self._backlog:
+        """Queue events for the one decider of this replica (decided in the order they were submitted, many
+        submissions merged into one transaction); waits for their results unless the database is away."""
+        if not items:
+            return []
+        submission = _Submission(len(items), asyncio.get_running_loop().create_future())
+        for item in items:
+            await self._room.acquire()  # bounded: past the limit the caller (the runtime link) slows down
+            self._waiting.append((item, submission))
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._decide_waiting(), name="fleet-decider")
+        self._wake.set()
+        if self.unavailable_reason is not None:
+            return []  # kept in order; decided once PostgreSQL is back
+        return await asyncio.shield(submission.future)
+
+    async def _decide_waiting(self) -> None:
+        delay = RETRY_INITIAL_SECONDS
+        while True:
+            if not self._waiting:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            chunk = [self._waiting[index] for index in range(min(BATCH_SIZE, len(self._waiting)))]
             try:
-                while done < len(items):
-                    chunk = items[done : done + BATCH_SIZE]
-                    results.extend(await self._decide(chunk))
-                    done += len(chunk)
+                results = await self._decide([item for item, _ in chunk])
             except StoreUnavailable as error:
                 self._unavailable(error)
-        for item in items[done:]:
-            await self._defer(item)  # behind the events already waiting: each phone's order is kept
-        return results
+                for _, submission in self._waiting:  # nobody waits on a database that is away
+                    submission.give_up()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_SECONDS)
+                continue
+            for (_, submission), result in zip(chunk, results, strict=True):
+                self._waiting.popleft()
+                self._room.release()
+                submission.add(result)
+            if self.unavailable_reason is not None:
+                log.info("PostgreSQL is back; the waiting events were decided")
+                self.unavailable_reason = None
+            delay = RETRY_INITIAL_SECONDS
 
     async def _decide(self, chunk: list[_Waiting]) -> list[tuple[bool, Notification | None]]:
         outcomes: list[_Outcome] = []
@@ -211,8 +260,8 @@ class FleetDecisions:
                         transition = decide(before, item.event, self._policy, automatic_closes_allowed=False)
                 outcome.transition = transition
                 outcome.flip = self._engine.health_flip(before, transition.state)
-                claim = isinstance(transition.decision, Close)
-                outcome.generation = batch.save(item.phone, transition.state, outcome.flip, claim)
+                close = (transition.decision, trigger) if isinstance(transition.decision, Close) else None
+                outcome.generation = batch.save(item.phone, transition.state, outcome.flip, close)
                 current[phone_id] = transition.state
         # Committed: the decisions stand fleet-wide; carry them out here, in order.
         return [await self._carry_out_traced(outcome) for outcome in outcomes]
@@ -274,37 +323,12 @@ class FleetDecisions:
             log.warning("PostgreSQL unreachable: decisions wait until it is back (%s)", error)
         self.unavailable_reason = str(error)
 
-    async def _defer(self, item: _Waiting) -> None:
-        await self._room.acquire()
-        self._backlog.append(item)
-        if self._drainer is None or self._drainer.done():
-            self._drainer = asyncio.create_task(self._drain(), name="fleet-backlog")
-
-    async def _drain(self) -> None:
-        delay = RETRY_INITIAL_SECONDS
-        while self._backlog:
-            chunk = [self._backlog[index] for index in range(min(BATCH_SIZE, len(self._backlog)))]
-            try:
-                await self._decide(chunk)
-            except StoreUnavailable as error:
-                self._unavailable(error)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX_SECONDS)
-                continue
-            for _ in chunk:
-                self._backlog.popleft()
-                self._room.release()
-            delay = RETRY_INITIAL_SECONDS
-        if self.unavailable_reason is not None:
-            log.info("PostgreSQL is back; the waiting events were decided")
-        self.unavailable_reason = None
-
     async def stop(self) -> None:
-        if self._drainer is not None:
-            self._drainer.cancel()
-            await asyncio.gather(self._drainer, return_exceptions=True)
-        if self._backlog:
-            log.warning("stopping with %d events not decided (PostgreSQL unreachable)", len(self._backlog))
+        if self._worker is not None:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+        if self._waiting:
+            log.warning("stopping with %d events not decided (PostgreSQL unreachable)", len(self._waiting))
 
     # Queries and operator closes ----------------------------------------------------------------------
 
@@ -325,7 +349,8 @@ class FleetDecisions:
             if before.phase in (Phase.ACTIVE, Phase.HELD) and not (held_only and before.phase is not Phase.HELD):
                 transition = decide(before, OperatorClose(reason), self._policy)
                 if isinstance(transition.decision, Close):
-                    claimed = before, transition, batch.save(phone, transition.state, None, True)
+                    close = (transition.decision, CloseTrigger.OPERATOR)
+                    claimed = before, transition, batch.save(phone, transition.state, None, close)
         if claimed is None:
             return False
         before, transition, generation = claimed
@@ -356,13 +381,30 @@ class FleetDecisions:
         self.breaker_tripped = settings.breaker_tripped_at is not None
 
     async def watch_settings(self) -> None:
-        """Mode and breaker changes made through any replica apply here within SETTINGS_REFRESH_SECONDS."""
+        """Mode and breaker changes made through any replica apply here within SETTINGS_REFRESH_SECONDS; closes
+        left behind by a replica that stopped mid-close are finished here once their lease has expired."""
         while True:
             try:
                 await self.refresh_settings()
+                await self.take_over_closes()
             except StoreUnavailable as error:
                 self._unavailable(error)
             await asyncio.sleep(SETTINGS_REFRESH_SECONDS)
+
+    async def take_over_closes(self) -> int:
+        running = self._closes.in_flight_phones()
+        if running:
+            await self.fleet.renew_closes(running)  # a slow close of ours is not taken over
+        claimed = await self.fleet.take_over_closes(TAKE_OVER_LIMIT)
+        for item in claimed:
+            log.warning(
+                "finishing a close another replica left behind",
+                extra={"fields": {"organizationPhoneId": item.phone.organization_phone_id, "gen": item.generation}},
+            )
+            session = self._registry.ensure(item.phone)
+            session.state = SessionState(item.close.counters, Phase.CLOSING)
+            self._closes.start(session, item.close, item.trigger, item.generation)
+        return len(claimed)
 
 
 def _trigger(item: _Waiting) -> CloseTrigger:

@@ -16,9 +16,9 @@ from contextlib import asynccontextmanager
 
 import asyncpg
 
-from sidecar.ports import FleetSettings, StoredDecision, StoreUnavailable
-from sidecar.rules.policy import Counters, Phase, Recent, SessionState
-from sidecar.rules.records import Notification, PhoneRef
+from sidecar.ports import ClaimedClose, FleetSettings, StoredDecision, StoreUnavailable
+from sidecar.rules.policy import Close, CloseReason, Counters, Phase, Recent, SessionState
+from sidecar.rules.records import CloseTrigger, Notification, PhoneRef
 from sidecar.rules.safety import BreakerConfig, BreakerStatus, Mode
 from sidecar.store.postgres import ACQUIRE_TIMEOUT_SECONDS, UNAVAILABLE_ERRORS, Connection, PostgresStore
 from sidecar.store.sqlnames import quote_identifier
@@ -57,6 +57,7 @@ class _Batch:
         self._stored = {row["organization_phone_id"]: _decision_of(row) for row in rows}
         self._saved: dict[int, SessionState] = {}
         self._claims: dict[int, int] = {}
+        self._closes: dict[int, tuple[Close, CloseTrigger]] = {}
         self._notifications: list[tuple[PhoneRef, Notification]] = []
 
     def stored(self, organization_phone_id: int) -> StoredDecision:
@@ -65,11 +66,18 @@ class _Batch:
     async def admit_automatic_close(self, phone: PhoneRef, now: float) -> tuple[bool, bool]:
         return await self._fleet.admit(self._conn, phone, now)
 
-    def save(self, phone: PhoneRef, state: SessionState, notification: Notification | None, claim_close: bool) -> int:
+    def save(
+        self,
+        phone: PhoneRef,
+        state: SessionState,
+        notification: Notification | None,
+        close: tuple[Close, CloseTrigger] | None,
+    ) -> int:
         phone_id = phone.organization_phone_id
         self._saved[phone_id] = state
-        if claim_close:
+        if close is not None:
             self._claims[phone_id] = self._claims.get(phone_id, 0) + 1
+            self._closes[phone_id] = close
         if notification is not None:
             self._notifications.append((phone, notification))
         return self._stored[phone_id].generation + self._claims.get(phone_id, 0)
@@ -87,16 +95,28 @@ class _Batch:
                 [_recent_to_json(state.recent) for state in states],
                 [self._claims.get(phone_id, 0) for phone_id in ids],
                 self._fleet.instance,
-                CLOSE_LEASE_SECONDS,
+                self._fleet.close_lease_seconds,
+                [str(self._closes[i][0].reason) if i in self._closes else None for i in ids],
+                [str(self._closes[i][1]) if i in self._closes else None for i in ids],
+                [self._closes[i][0].detail if i in self._closes else None for i in ids],
+                [self._closes[i][0].counters.bad_mac_errors if i in self._closes else None for i in ids],
+                [self._closes[i][0].counters.bad_decrypt_errors if i in self._closes else None for i in ids],
             )
         for phone, notification in self._notifications:
             await self._fleet.store.enqueue(self._conn, phone, notification, {})
 
 
 class PostgresFleet:
-    def __init__(self, store: PostgresStore, breaker: BreakerConfig, instance: str) -> None:
+    def __init__(
+        self,
+        store: PostgresStore,
+        breaker: BreakerConfig,
+        instance: str,
+        close_lease_seconds: float = CLOSE_LEASE_SECONDS,
+    ) -> None:
         self.store = store
         self.instance = instance
+        self.close_lease_seconds = close_lease_seconds
         self._breaker = breaker
         s = quote_identifier(store.schema)
         counters, ledger, settings = f"{s}.session_counters", f"{s}.breaker_ledger", f"{s}.fleet_settings"
@@ -119,9 +139,17 @@ class PostgresFleet:
             "closed_at = CASE WHEN u.phase = 'closed' THEN c.closed_at END, "
             "close_claimed_by = CASE WHEN u.claims > 0 THEN $7 WHEN u.phase = 'closing' THEN c.close_claimed_by END, "
             "close_lease_until = CASE WHEN u.claims > 0 THEN now() + make_interval(secs => $8) "
-            "WHEN u.phase = 'closing' THEN c.close_lease_until END, updated_at = now() "
-            "FROM unnest($1::bigint[], $2::int[], $3::int[], $4::text[], $5::text[], $6::int[]) "
-            "AS u(id, mac, dec, phase, recent, claims) WHERE c.organization_phone_id = u.id"
+            "WHEN u.phase = 'closing' THEN c.close_lease_until END, "
+            "close_reason = CASE WHEN u.claims > 0 THEN u.reason WHEN u.phase = 'closing' THEN c.close_reason END, "
+            "close_trigger = CASE WHEN u.claims > 0 THEN u.trig WHEN u.phase = 'closing' THEN c.close_trigger END, "
+            "close_detail = CASE WHEN u.claims > 0 THEN u.detail WHEN u.phase = 'closing' THEN c.close_detail END, "
+            "close_bad_mac = CASE WHEN u.claims > 0 THEN u.cmac WHEN u.phase = 'closing' THEN c.close_bad_mac END, "
+            "close_bad_decrypt = CASE WHEN u.claims > 0 THEN u.cdec "
+            "WHEN u.phase = 'closing' THEN c.close_bad_decrypt END, updated_at = now() "
+            "FROM unnest($1::bigint[], $2::int[], $3::int[], $4::text[], $5::text[], $6::int[], $9::text[], "
+            "$10::text[], $11::text[], $12::int[], $13::int[]) "
+            "AS u(id, mac, dec, phase, recent, claims, reason, trig, detail, cmac, cdec) "
+            "WHERE c.organization_phone_id = u.id"
         )
         self.sql_stored = (
             "SELECT bad_mac_errors, bad_decrypt_errors, phase, generation, recent::text AS recent, "
@@ -160,6 +188,18 @@ class PostgresFleet:
         self.sql_admit = f"INSERT INTO {ledger} (closed_at, organization_phone_id) VALUES ($1, $2)"
         self.sql_live = f"SELECT count(*) FROM {counters} WHERE phase <> 'closed'"
         self.sql_held = f"SELECT count(*) FROM {counters} WHERE phase = 'held'"
+        self.sql_take_over = (
+            f"UPDATE {counters} AS c SET generation = c.generation + 1, close_claimed_by = $1, "
+            "close_lease_until = now() + make_interval(secs => $2), updated_at = now() "
+            f"WHERE c.organization_phone_id IN (SELECT organization_phone_id FROM {counters} "
+            "WHERE phase = 'closing' AND close_lease_until < now() ORDER BY 1 LIMIT $3 FOR UPDATE SKIP LOCKED) "
+            "RETURNING c.organization_id, c.organization_phone_id, c.phone_user, c.generation, c.close_reason, "
+            "c.close_trigger, c.close_detail, c.close_bad_mac, c.close_bad_decrypt"
+        )
+        self.sql_renew_closes = (
+            f"UPDATE {counters} SET close_lease_until = now() + make_interval(secs => $3) "
+            "WHERE close_claimed_by = $1 AND phase = 'closing' AND organization_phone_id = ANY($2::bigint[])"
+        )
         self.sql_held_phones = (
             f"SELECT organization_id, organization_phone_id, phone_user FROM {counters} WHERE phase = 'held' "
             "ORDER BY organization_phone_id"
@@ -267,6 +307,29 @@ class PostgresFleet:
         tripped_at: float | None = settings["breaker_tripped_at"] if settings else None
         kept_by: str | None = settings["breaker_kept_by"] if settings else None
         return BreakerStatus(tripped_at is not None, tripped_at, in_window, self._breaker.allowed(live), held, kept_by)
+
+    async def renew_closes(self, organization_phone_ids: Sequence[int]) -> None:
+        async with self._connection() as conn:
+            await conn.execute(
+                self.sql_renew_closes, self.instance, list(organization_phone_ids), self.close_lease_seconds
+            )
+
+    async def take_over_closes(self, limit: int) -> list[ClaimedClose]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(self.sql_take_over, self.instance, self.close_lease_seconds, limit)
+        return [
+            ClaimedClose(
+                PhoneRef(row["organization_id"], row["organization_phone_id"], row["phone_user"]),
+                Close(
+                    CloseReason(row["close_reason"] or CloseReason.FORCED),
+                    row["close_detail"] or "finished by another replica after the first one stopped mid-close",
+                    Counters(row["close_bad_mac"] or 0, row["close_bad_decrypt"] or 0),
+                ),
+                CloseTrigger(row["close_trigger"] or CloseTrigger.OPERATOR),
+                row["generation"],
+            )
+            for row in rows
+        ]
 
     async def held_phones(self) -> list[PhoneRef]:
         async with self._connection() as conn:

@@ -88,7 +88,13 @@ MIGRATIONS: tuple[str, ...] = (
         ADD COLUMN recent              JSONB,
         ADD COLUMN logged_out_observed BOOLEAN NOT NULL DEFAULT false,
         ADD COLUMN close_claimed_by    TEXT,
-        ADD COLUMN close_lease_until   TIMESTAMPTZ;
+        ADD COLUMN close_lease_until   TIMESTAMPTZ,
+        -- The claimed close itself, so that another replica can finish it once its lease has expired.
+        ADD COLUMN close_reason        TEXT,
+        ADD COLUMN close_trigger       TEXT,
+        ADD COLUMN close_detail        TEXT,
+        ADD COLUMN close_bad_mac       INTEGER,
+        ADD COLUMN close_bad_decrypt   INTEGER;
     UPDATE {schema}.session_counters SET phase = 'closed' WHERE closed_at IS NOT NULL;
     CREATE INDEX session_counters_phase_idx ON {schema}.session_counters (phase) WHERE phase <> 'closed';
     -- One row: the fleet's mode and circuit breaker, shared by every replica.
