@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import asyncpg
@@ -12,6 +12,7 @@ import pytest
 
 from sidecar.config import SchemaMapping
 from sidecar.store.migrations import migrate
+from tests.pgcluster import ThrowawayPostgres
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SEED_SCHEMA = (FIXTURES / "seed-schema.sql").read_text()
@@ -51,3 +52,21 @@ async def db(database: str) -> AsyncIterator[asyncpg.Connection]:
     connection = await asyncpg.connect(database)
     yield connection
     await connection.close()
+
+
+@pytest.fixture
+def cluster() -> Iterator[ThrowawayPostgres]:
+    pg = ThrowawayPostgres()
+    pg.init()
+    pg.start()
+    yield pg
+    pg.destroy()
+
+
+@pytest.fixture
+async def seeded(cluster: ThrowawayPostgres) -> AsyncIterator[str]:
+    connection = await asyncpg.connect(cluster.dsn)
+    await connection.execute(SEED_SCHEMA)
+    await migrate(connection, "wa_sidecar")
+    await connection.close()
+    yield cluster.dsn

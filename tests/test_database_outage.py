@@ -5,40 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import asyncpg
-import pytest
 
 from sidecar.config import SchemaMapping
 from sidecar.store.journal import JOURNAL_FILE, Journal
-from sidecar.store.migrations import migrate
 from sidecar.store.pending import PendingSteps
 from sidecar.store.postgres import PostgresStore
-from tests.conftest import SEED_SCHEMA
 from tests.harness import runtime_over
 from tests.pgcluster import ThrowawayPostgres
 from tests.seed import KEY_NAMES, add_phone, keys_of, phone_row
 from tests.waiting import eventually
-
-
-@pytest.fixture
-def cluster() -> Iterator[ThrowawayPostgres]:
-    pg = ThrowawayPostgres()
-    pg.init()
-    pg.start()
-    yield pg
-    pg.destroy()
-
-
-@pytest.fixture
-async def seeded(cluster: ThrowawayPostgres) -> AsyncIterator[str]:
-    connection = await asyncpg.connect(cluster.dsn)
-    await connection.execute(SEED_SCHEMA)
-    await migrate(connection, "wa_sidecar")
-    await connection.close()
-    yield cluster.dsn
 
 
 async def test_outage_in_the_middle_of_a_close_and_a_restart_during_it(

@@ -286,6 +286,8 @@ class FleetDecisions:
         if transition is None or outcome.before is None:
             self._forget_locally(item.phone, *outcome.logged_out)
             return False, None
+        if transition.state.phase is Phase.CLOSING and not isinstance(transition.decision, Close):
+            return False, None  # a close is under way (here or elsewhere): nothing to carry out, nothing to keep
         opening = isinstance(item.event, ConnectionOpened)
         if opening:
             self._registry.reopen(item.phone.organization_phone_id)
