@@ -1,11 +1,14 @@
 """Error storm: N sessions each sent E Bad MAC / bad decrypt errors as fast as the SDK can send them.
 
-    python bench/storm.py [--sessions 1000] [--errors 200] [--connections 4]
+    python -m bench.storm [--sessions 1000] [--errors 200] [--connections 4] [--replicas 1,2]
 
 The sidecar runs as its own process (`wa-sidecar serve`, PostgreSQL with the seed schema, 8 keys per phone),
-so its RSS is its own. Printed: idle and peak RSS, the storm's duration, closes/s, the stats API latency
-(p50/p99, polled throughout), and the consistency checks (every session ended exactly once, every phone
-logged out, every key gone, one closure record per phone). A measurement, not a test.
+so its RSS is its own. With `--replicas 1,2` the storm runs once per replica count, each on a fresh database
+(fleet mode: the replicas share it; the runtime connections are spread over them), and the event rates are
+compared. Printed: idle and peak RSS (of the first replica), the storm's duration, closes/s, the time until the
+database is consistent (every closure recorded, every key gone), the stats API latency (p50/p99, polled
+throughout), and the consistency checks (every session ended exactly once, every phone logged out, every key
+gone, one closure record per phone). A measurement, not a test.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import random
 import statistics
 import time
@@ -27,8 +31,14 @@ from sidecar.client import RuntimeClient, connection_update, decrypt_error
 BAD_DECRYPT = "Error: error:1C800064:Provider routines::bad decrypt"
 
 
-async def run(sessions: int, errors: int, connections: int) -> None:
-    async with seeded_database(sessions) as (dsn, phones), sidecar_process(dsn, *NO_BREAKER) as sidecar:
+async def run(sessions: int, errors: int, connections: int, replicas: int) -> float:
+    """One storm; returns the sidecar's event rate."""
+    async with seeded_database(sessions) as (dsn, phones), contextlib.AsyncExitStack() as stack:
+        fleet = [
+            await stack.enter_async_context(sidecar_process(dsn, *NO_BREAKER, "--instance", f"replica-{index}"))
+            for index in range(replicas)
+        ]
+        sidecar = fleet[0]
         ends: collections.Counter[int] = collections.Counter()
         last_end = 0.0
 
@@ -37,7 +47,7 @@ async def run(sessions: int, errors: int, connections: int) -> None:
             ends[command["organizationPhoneId"]] += 1
             last_end = time.perf_counter()
 
-        clients = [RuntimeClient(sidecar.ws_url, on_session_end=ended) for _ in range(connections)]
+        clients = [RuntimeClient(fleet[i % replicas].ws_url, on_session_end=ended) for i in range(connections)]
         for client in clients:
             await client.start()
             await client.wait_connected()
@@ -56,11 +66,12 @@ async def run(sessions: int, errors: int, connections: int) -> None:
 
         async def poll_stats() -> None:
             rng = random.Random(1)
-            async with aiohttp.ClientSession(sidecar.base) as http:
+            async with aiohttp.ClientSession() as http:
                 while storming:
                     phone = rng.choice(phones)
                     start = time.perf_counter()
-                    async with http.get(f"/v1/sessions/{phone.organization_phone_id}/stats") as response:
+                    base = rng.choice(fleet).base
+                    async with http.get(f"{base}/v1/sessions/{phone.organization_phone_id}/stats") as response:
                         await response.read()
                         assert response.status == 200, response.status
                     latencies.append(time.perf_counter() - start)
@@ -81,17 +92,19 @@ async def run(sessions: int, errors: int, connections: int) -> None:
         sent = time.perf_counter()
         while len(ends) < len(phones) and time.perf_counter() - started < 600:  # noqa: ASYNC110 - a poll with a deadline
             await asyncio.sleep(0.05)
-        # Every event has been written; wait for the sidecar to have processed them all.
-        async with aiohttp.ClientSession(sidecar.base) as http:
+        # Every event has been written; wait for the sidecars to have processed them all.
+        async with aiohttp.ClientSession() as http:
             total = 0.0
             while time.perf_counter() - started < 600:
-                async with http.get("/metrics") as response:
-                    text = await response.text()
-                total = sum(
-                    float(line.rsplit(" ", 1)[1])
-                    for line in text.splitlines()
-                    if line.startswith("whatsapp_sidecar_events_total{") and 'channel="websocket"' in line
-                )
+                total = 0.0
+                for replica in fleet:
+                    async with http.get(replica.base + "/metrics") as response:
+                        text = await response.text()
+                    total += sum(
+                        float(line.rsplit(" ", 1)[1])
+                        for line in text.splitlines()
+                        if line.startswith("whatsapp_sidecar_events_total{") and 'channel="websocket"' in line
+                    )
                 if total >= sessions * (errors + 1) + sum(ends.values()):  # events + opens + acks
                     break
                 await asyncio.sleep(0.1)
@@ -103,10 +116,12 @@ async def run(sessions: int, errors: int, connections: int) -> None:
             await client.stop()
         db = await asyncpg.connect(dsn)
         try:
-            for _ in range(600):  # the database half of the last closes may still be on its way
-                if await db.fetchval("SELECT count(*) FROM wa_sidecar.closures") >= sessions:
+            for _ in range(6000):  # the database half of the last closes may still be on its way
+                recorded = await db.fetchval("SELECT count(*) FROM wa_sidecar.closures")
+                if recorded >= sessions and not await db.fetchval("SELECT count(*) FROM baileys_auth"):
                     break
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(0.01)
+            consistent = time.perf_counter()
             keys = await db.fetchval("SELECT count(*) FROM baileys_auth")
             not_out = await db.fetchval("""SELECT count(*) FROM "OrganizationPhone" WHERE status <> 'logged_out'""")
             closures = await db.fetch("SELECT organization_phone_id, count(*) AS n FROM wa_sidecar.closures GROUP BY 1")
@@ -114,7 +129,10 @@ async def run(sessions: int, errors: int, connections: int) -> None:
             await db.close()
     events = sessions * errors
     latencies.sort()
-    print(f"storm: {sessions} sessions x {errors} errors = {events} events over {connections} connections")
+    mode = f"fleet mode, {replicas} replica{'s' if replicas > 1 else ''} on one PostgreSQL"
+    print(
+        f"storm ({mode}): {sessions} sessions x {errors} errors = {events} events over {connections} connections"
+    )
     elapsed = processed - started
     print(
         f"  events written by the clients in {sent - started:.2f} s; processed by the sidecar in {elapsed:.2f} s "
@@ -124,6 +142,7 @@ async def run(sessions: int, errors: int, connections: int) -> None:
         f"  all {len(ends)} sessions ended (session.end acked) {last_end - started:.2f} s after the first error "
         f"({len(ends) / (last_end - started):,.0f} closes/s)"
     )
+    print(f"  database consistent (every closure recorded, every key gone) {consistent - started:.2f} s after start")
     print(f"  RSS idle {idle:.1f} MB, peak {sampler.peak:.1f} MB (+{sampler.peak - idle:.1f} MB; goal +50 MB)")
     print(
         f"  stats API during the storm: {len(latencies)} requests, p50 {1000 * statistics.median(latencies):.1f} ms, "
@@ -135,6 +154,7 @@ async def run(sessions: int, errors: int, connections: int) -> None:
         f"  consistency: session.end exactly once each: {exactly_once}; phones not logged out: {not_out}; "
         f"keys left: {keys}; one closure record per phone: {one_record}"
     )
+    return events / elapsed
 
 
 def main() -> None:
@@ -142,8 +162,16 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=1000)
     parser.add_argument("--errors", type=int, default=200)
     parser.add_argument("--connections", type=int, default=4)
+    parser.add_argument("--replicas", default="1", help="replica counts to run, comma-separated (e.g. 1,2)")
     args = parser.parse_args()
-    asyncio.run(run(args.sessions, args.errors, args.connections))
+    counts = [int(item) for item in args.replicas.split(",")]
+    rates = {
+        count: asyncio.run(run(args.sessions, args.errors, max(args.connections, count), count)) for count in counts
+    }
+    if len(rates) > 1:
+        base = rates[counts[0]]
+        for count in counts[1:]:
+            print(f"{count} replicas: {rates[count] / base:.2f}x the event rate of {counts[0]} (goal >= 0.5x)")
 
 
 if __name__ == "__main__":

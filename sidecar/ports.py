@@ -103,6 +103,10 @@ class StoreUnavailable(Exception):
     """The store cannot be reached right now; the step should be tried again later."""
 
 
+class TransientConflict(StoreUnavailable):
+    """PostgreSQL aborted the transaction to resolve a conflict (deadlock, serialization): retry it at once."""
+
+
 @dataclass(frozen=True, slots=True)
 class StoredSession:
     phone: PhoneRef

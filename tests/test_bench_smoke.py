@@ -29,6 +29,16 @@ async def test_storm_benchmark_runs() -> None:
     assert "session.end exactly once each: True" in output and "keys left: 0" in output
 
 
+async def test_storm_benchmark_compares_replica_counts() -> None:
+    output = await bench("-m", "bench.storm", "--sessions", "20", "--errors", "10", "--replicas", "1,2")
+    assert output.count("session.end exactly once each: True") == 2 and "2 replicas:" in output
+
+
+async def test_fleet_latency_benchmark_runs() -> None:
+    output = await bench("-m", "bench.fleet_latency", "--seconds", "2", "--rate", "100", "--probes-per-second", "20")
+    assert "event -> decision" in output and "p99" in output
+
+
 async def test_leak_benchmark_runs() -> None:
     output = await bench("-m", "bench.leak", "--phones", "20", "--cycles", "60", "--warmup", "20")
     assert "growth" in output

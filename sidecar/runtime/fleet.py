@@ -20,7 +20,7 @@ from typing import Protocol
 from opentelemetry import context as otel_context
 from opentelemetry.context import Context
 
-from sidecar.ports import FleetState, StoredDecision, StoreUnavailable
+from sidecar.ports import FleetState, StoredDecision, StoreUnavailable, TransientConflict
 from sidecar.rules.policy import (
     Close,
     ConnectionOpened,
@@ -219,12 +219,24 @@ class FleetDecisions:
             chunk = [self._waiting[index] for index in range(min(BATCH_SIZE, len(self._waiting)))]
             try:
                 results = await self._decide([item for item, _ in chunk])
+            except TransientConflict as error:
+                log.info("decision batch aborted by PostgreSQL (%s); retrying", error)
+                await asyncio.sleep(RETRY_INITIAL_SECONDS / 10)
+                continue
             except StoreUnavailable as error:
                 self._unavailable(error)
                 for _, submission in self._waiting:  # nobody waits on a database that is away
                     submission.give_up()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_SECONDS)
+                continue
+            except Exception:
+                # A bug, not an outage: the decider must go on. The first event of the batch is dropped (it is
+                # the likeliest culprit, and the error says which), the rest are tried again.
+                item, submission = self._waiting.popleft()
+                self._room.release()
+                submission.give_up()
+                log.exception("an event could not be decided and was dropped: %s", item)
                 continue
             for (_, submission), result in zip(chunk, results, strict=True):
                 self._waiting.popleft()

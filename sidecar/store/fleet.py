@@ -16,11 +16,17 @@ from contextlib import asynccontextmanager
 
 import asyncpg
 
-from sidecar.ports import ClaimedClose, FleetSettings, StoredDecision, StoreUnavailable
+from sidecar.ports import ClaimedClose, FleetSettings, StoredDecision, StoreUnavailable, TransientConflict
 from sidecar.rules.policy import Close, CloseReason, Counters, Phase, Recent, SessionState
 from sidecar.rules.records import CloseTrigger, Notification, PhoneRef
 from sidecar.rules.safety import BreakerConfig, BreakerStatus, Mode
-from sidecar.store.postgres import ACQUIRE_TIMEOUT_SECONDS, UNAVAILABLE_ERRORS, Connection, PostgresStore
+from sidecar.store.postgres import (
+    ACQUIRE_TIMEOUT_SECONDS,
+    CONFLICT_ERRORS,
+    UNAVAILABLE_ERRORS,
+    Connection,
+    PostgresStore,
+)
 from sidecar.store.sqlnames import quote_identifier
 
 CLOSE_LEASE_SECONDS = 60.0  # a claimed close not finished by then is taken over by another replica
@@ -216,6 +222,8 @@ class PostgresFleet:
         try:
             async with self.store.pool.acquire(timeout=ACQUIRE_TIMEOUT_SECONDS) as conn:
                 yield conn
+        except CONFLICT_ERRORS as error:
+            raise TransientConflict(f"{type(error).__name__}: {error}") from error
         except UNAVAILABLE_ERRORS as error:
             raise StoreUnavailable(f"{type(error).__name__}: {error}") from error
 

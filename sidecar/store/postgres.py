@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
 
 from sidecar.config import SchemaMapping
-from sidecar.ports import OutboxRow, StepFailed, StoredSession, StoreUnavailable
+from sidecar.ports import OutboxRow, StepFailed, StoredSession, StoreUnavailable, TransientConflict
 from sidecar.rules.jid import bare_number
 from sidecar.rules.policy import CloseReason, Counters
 from sidecar.rules.records import (
@@ -53,6 +53,11 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 ACQUIRE_TIMEOUT_SECONDS = 5.0
+# Aborted to resolve a conflict with another transaction: nothing was kept, and a retry succeeds.
+CONFLICT_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.DeadlockDetectedError,
+    asyncpg.exceptions.SerializationError,
+)
 LOGOUT_PARTS = ("authKeys", "phoneStatus", "closureRecord", "counters")
 
 Connection: TypeAlias = "PoolConnectionProxy[asyncpg.Record]"
@@ -113,6 +118,10 @@ class _Sql:
         )
         # Fleet mode: a close's database half applies only while the row still carries the close's generation.
         self.close_fence = f"SELECT phase, generation FROM {counters} WHERE organization_phone_id = $1 FOR UPDATE"
+        self.lock_counters = (
+            f"SELECT 1 FROM {counters} WHERE organization_phone_id = ANY($1::bigint[]) "
+            "ORDER BY organization_phone_id FOR UPDATE"
+        )
         self.load_sessions = (
             f"SELECT organization_phone_id, organization_id, phone_user, bad_mac_errors, bad_decrypt_errors, "
             f"closed_at IS NOT NULL AS closed FROM {counters} "
@@ -226,17 +235,24 @@ class PostgresStore:
                     instance_id, positions = journal
                     applied = await conn.fetchval(self._sql.journal_position, instance_id) or 0
                     skip = sum(1 for position in positions if position <= applied)
+                fenced = sorted(
+                    {step.record.phone.organization_phone_id for step in steps[skip:] if isinstance(step, Logout)}
+                )
+                if fenced:  # lock the rows fenced closes check in id order, as fleet decisions do: no deadlock
+                    await conn.execute(self._sql.lock_counters, fenced)
                 results: list[StepResult] = [None] * skip
                 for index in range(skip, len(steps)):
                     try:
                         results.append(await self._apply_step(conn, steps[index]))
-                    except UNAVAILABLE_ERRORS:
+                    except (*UNAVAILABLE_ERRORS, *CONFLICT_ERRORS):
                         raise
                     except Exception as error:
                         raise StepFailed(index, error) from error
                 if journal is not None:
                     await conn.execute(self._sql.set_journal_position, journal[0], journal[1][-1])
                 return results
+        except CONFLICT_ERRORS as error:
+            raise TransientConflict(f"{type(error).__name__}: {error}") from error
         except UNAVAILABLE_ERRORS as error:
             raise StoreUnavailable(f"{type(error).__name__}: {error}") from error
 
