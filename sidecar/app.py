@@ -9,6 +9,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -21,11 +22,13 @@ from sidecar.link.server import RuntimeLink
 from sidecar.notify.delivery import Delivery, DeliveryPolicy
 from sidecar.notify.owners import OwnersError, OwnersWatcher
 from sidecar.ports import SessionStore, SocketController, StoreUnavailable
+from sidecar.rules.records import Step
 from sidecar.rules.safety import Breaker
 from sidecar.runtime import Safety, SessionRuntime
+from sidecar.runtime.fleet import waiting_from_json, waiting_to_json
 from sidecar.runtime.observer import RuntimeObserver
 from sidecar.store.fleet import PostgresFleet
-from sidecar.store.journal import Journal
+from sidecar.store.journal import EVENTS_FILE, Journal
 from sidecar.store.leases import LEASE_SECONDS, PostgresLeases
 from sidecar.store.memory import MemoryStore
 from sidecar.store.pending import PendingSteps
@@ -92,7 +95,7 @@ def _components(config: Config, link: RuntimeLink, extras: Extras) -> Callable[[
 
         owners.on_change = teams_changed
         store = await open_store(config, clock)
-        journal = Journal(config.state_dir) if config.state_dir and config.database_url else None
+        journal: Journal[Step] | None = Journal(config.state_dir) if config.state_dir and config.database_url else None
         pending = PendingSteps(store, config.pending_steps_limit, journal, on_wait=metrics.step_wait.observe)
         observers: list[RuntimeObserver] = [ActionLog(), MetricsObserver(metrics), families]
         if config.closure_log_path is not None:
@@ -101,12 +104,17 @@ def _components(config: Config, link: RuntimeLink, extras: Extras) -> Callable[[
         fleet: PostgresFleet | None = None
         sockets: SocketController = link
         fleet_sockets: FleetSockets | None = None
+        events_journal: Journal[Any] | None = None
         if config.fleet_mode and isinstance(store, PostgresStore):
             # One process, one lease holder: a restarted replica never inherits a dead process's connections.
             replica_id = f"{config.instance}/{uuid.uuid4().hex[:8]}"
             fleet = PostgresFleet(store, config.breaker, replica_id, config.close_lease_seconds)
             link.leases = PostgresLeases(store, replica_id)
             sockets = fleet_sockets = FleetSockets(link, link.leases, LEASE_SECONDS)
+            if config.state_dir is not None:
+                events_journal = Journal(
+                    config.state_dir, EVENTS_FILE, waiting_to_json, waiting_from_json, suffix=":events"
+                )
         runtime = SessionRuntime(
             config.policy,
             store,
@@ -126,6 +134,7 @@ def _components(config: Config, link: RuntimeLink, extras: Extras) -> Callable[[
             ),
             fleet=fleet,
             backlog_limit=config.pending_steps_limit,
+            events_journal=events_journal,
         )
         link.runtime = runtime
         delivery: Delivery | None = None
@@ -151,6 +160,8 @@ def _components(config: Config, link: RuntimeLink, extras: Extras) -> Callable[[
         replayed = await pending.start()
         if replayed:
             log.warning("replaying %d database steps journaled before the last stop", replayed)
+        if runtime.fleet is not None and (undecided := await runtime.fleet.replay()):
+            log.warning("deciding %d events accepted and not decided before the last stop", undecided)
         if delivery is not None:
             await delivery.start()
         background = [asyncio.create_task(_restore(components)), asyncio.create_task(_watch_owners(owners))]
@@ -177,6 +188,8 @@ def _components(config: Config, link: RuntimeLink, extras: Extras) -> Callable[[
                 await runtime.fleet.stop()
             await runtime.shutdown(config.socket_end_timeout + config.database_step_timeout + 1)
             await pending.stop()
+            if events_journal is not None:
+                events_journal.close()
             if delivery is not None:
                 await delivery.stop()
             await store.close()

@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
 from sidecar.rules.policy import Close, Counters, SessionState
 from sidecar.rules.records import CloseTrigger, ClosureRecord, Notification, PhoneRef, Step, StepResult
-from sidecar.rules.safety import BreakerStatus, Mode
+from sidecar.rules.safety import BreakerStatus, LoopState, Mode
 
 
 class StepQueue(Protocol):
@@ -159,6 +159,7 @@ class StoredDecision:
     logged_out_at: float | None = None  # epoch seconds, while the phase is closed
     logged_out_observed: bool = False
     phone: PhoneRef | None = None
+    loops: LoopState = field(default_factory=LoopState)
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +181,9 @@ class ClaimedClose:
 class FleetBatch(Protocol):
     """Decisions in progress: the batch's rows are locked until the block ends, then the saved states commit."""
 
+    # The last undecided-events journal position already decided (events up to it are skipped on a replay).
+    decided_position: int
+
     def stored(self, organization_phone_id: int) -> StoredDecision:
         """The phone's state as locked at the start of the batch."""
 
@@ -196,10 +200,16 @@ class FleetBatch(Protocol):
         """Write `state` (and a health flip's notification) at commit; a close claim (`close`) is stored and
         bumps the generation, which is returned (the current one otherwise)."""
 
+    def save_loops(self, phone: PhoneRef, loops: LoopState) -> None:
+        """Write the phone's reconnect-loop state at commit."""
+
 
 class FleetState(Protocol):
-    def deciding(self, phones: Sequence[PhoneRef]) -> AbstractAsyncContextManager[FleetBatch]:
-        """Lock the phones' rows (created on first sight) for a batch of decisions; raises StoreUnavailable."""
+    def deciding(
+        self, phones: Sequence[PhoneRef], mark: tuple[str, int] | None
+    ) -> AbstractAsyncContextManager[FleetBatch]:
+        """Lock the phones' rows (created on first sight) for a batch of decisions; raises StoreUnavailable.
+        `mark` (journal instance, last position of the batch) is remembered with the decisions."""
 
     async def stored(self, organization_phone_id: int) -> StoredDecision | None: ...
 

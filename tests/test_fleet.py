@@ -245,3 +245,27 @@ async def test_a_replica_killed_in_the_middle_of_a_close_has_it_finished_once_by
     assert await db.fetchval(generation, pid) == 2  # claimed by a, taken over by b
     assert await keys_of(db, phone) == set()
     assert "finishing a close another replica left behind" in b.log()
+
+
+async def test_a_reconnect_loop_spread_over_two_replicas_is_seen_once(
+    database: str, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    phone = await add_phone(db, 5, "79001112255")
+    pid, jid = phone.organization_phone_id, phone.phone_jid
+    async with replicas(2, database, tmp_path) as fleet:
+        await fleet[0].events([connection_update(5, pid, jid, "open")])
+        for index in range(6):  # six closes within the window, three on each replica (the limit is five)
+            await fleet[index % 2].events([connection_update(5, pid, jid, "close", 428)])
+            await fleet[index % 2].events([connection_update(5, pid, jid, "open")])
+        await eventually(lambda: _decisions(db, pid, "reconnect_loop"), what="the loop recorded")
+        await eventually(lambda: settled(fleet), what="every record written")
+    rows = await db.fetch(
+        "SELECT decision FROM wa_sidecar.decisions WHERE organization_phone_id = $1 AND decision = 'reconnect_loop'",
+        pid,
+    )
+    assert len(rows) == 1
+
+
+async def _decisions(db: asyncpg.Connection, phone_id: int, decision: str) -> bool:
+    query = "SELECT count(*) FROM wa_sidecar.decisions WHERE organization_phone_id = $1 AND decision = $2"
+    return bool(await db.fetchval(query, phone_id, decision))

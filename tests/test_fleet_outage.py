@@ -187,3 +187,31 @@ async def _closure_of(db: asyncpg.Connection, phone_id: int) -> bool:
 def _journaled_logout(state: Path) -> bool:
     journal = state / JOURNAL_FILE
     return journal.exists() and '"logout"' in journal.read_text()
+
+
+async def test_events_waiting_for_postgres_survive_a_sigkill_and_are_decided_once(
+    cluster: ThrowawayPostgres, seeded: str, tmp_path: Path
+) -> None:
+    db = await asyncpg.connect(seeded)
+    phone = await add_phone(db, 1, "79001112299")
+    await db.close()
+    pid, jid = phone.organization_phone_id, phone.phone_jid
+    replica = Replica("replica-a", seeded, tmp_path, ["--state-dir", str(tmp_path / "state")])
+    await replica.start()
+    try:
+        await replica.events([decrypt_error(1, pid, jid, BAD_DECRYPT)])  # decided at once: 1
+        cluster.stop()
+        await replica.events([decrypt_error(1, pid, jid, BAD_DECRYPT), decrypt_error(1, pid, jid, BAD_DECRYPT)])
+        assert await not_ready(replica)
+        replica.kill()  # two accepted events not decided yet
+        await replica.wait_exited()
+        cluster.start()
+        await replica.start()
+        await eventually(lambda: _stats_are(replica, pid, 3), what="the journaled events decided")
+        await eventually(lambda: settled([replica]), what="heals done")
+        await replica.stop()  # a clean stop, then a start: nothing is decided twice
+        await replica.start()
+        assert await _stats_are(replica, pid, 3)
+        assert "deciding 2 events accepted and not decided before the last stop" in replica.log()
+    finally:
+        await replica.stop()

@@ -124,40 +124,56 @@ class LoopConfig:
     window_seconds: float = 120.0
 
 
+@dataclass(frozen=True, slots=True)
+class LoopState:
+    """One phone's recent closes (time, status code), oldest first, and when each incident was last reported."""
+
+    closes: tuple[tuple[float, int | None], ...] = ()
+    reported: tuple[tuple[IncidentKind, float], ...] = ()
+
+
+def on_close(
+    state: LoopState, now: float, status_code: int | None, config: LoopConfig
+) -> tuple[LoopState, list[IncidentKind]]:
+    """A phone's connection closed: the incidents it shows now (each reported once until the phone has been quiet
+    for a window), and the state to keep. Pure: the fleet keeps the state in PostgreSQL, one replica in memory."""
+    keep = max(config.closes, config.conflicts)
+    closes = (*state.closes, (now, status_code))[-keep:]
+    cutoff = now - config.window_seconds
+    recent = [code for moment, code in closes if moment > cutoff]
+    found = []
+    if len(recent) >= config.closes:
+        found.append(IncidentKind.RECONNECT_LOOP)
+    if sum(1 for code in recent if code == CONFLICT_STATUS) >= config.conflicts:
+        found.append(IncidentKind.CREDENTIALS_CONFLICT)
+    reported = dict(state.reported)
+    fresh = []
+    for kind in found:
+        last = reported.get(kind)
+        if last is None or last <= cutoff:
+            fresh.append(kind)
+        reported[kind] = now
+    return LoopState(closes, tuple(reported.items())), fresh
+
+
 @dataclass
 class LoopDetector:
-    """Per phone, the recent closes; reports each incident once until the phone has been quiet for a window."""
+    """Per phone, the recent closes (one replica's memory; fleet mode keeps LoopState in the database)."""
 
     config: LoopConfig = field(default_factory=LoopConfig)
-    _closes: dict[int, deque[tuple[float, int | None]]] = field(default_factory=dict)
-    _reported: dict[tuple[int, IncidentKind], float] = field(default_factory=dict)
+    _states: dict[int, LoopState] = field(default_factory=dict)
 
     def on_close(self, phone_id: int, now: float, status_code: int | None) -> list[IncidentKind]:
-        history = self._closes.setdefault(phone_id, deque(maxlen=max(self.config.closes, self.config.conflicts)))
-        history.append((now, status_code))
-        cutoff = now - self.config.window_seconds
-        recent = [code for moment, code in history if moment > cutoff]
-        found = []
-        if len(recent) >= self.config.closes:
-            found.append(IncidentKind.RECONNECT_LOOP)
-        if sum(1 for code in recent if code == CONFLICT_STATUS) >= self.config.conflicts:
-            found.append(IncidentKind.CREDENTIALS_CONFLICT)
-        fresh = []
-        for kind in found:
-            last = self._reported.get((phone_id, kind))
-            if last is None or last <= cutoff:
-                fresh.append(kind)
-            self._reported[(phone_id, kind)] = now
+        state, fresh = on_close(self._states.get(phone_id, LoopState()), now, status_code, self.config)
+        self._states[phone_id] = state
         return fresh
 
     def forget(self, phone_id: int) -> None:
-        self._closes.pop(phone_id, None)
-        for kind in IncidentKind:
-            self._reported.pop((phone_id, kind), None)
+        self._states.pop(phone_id, None)
 
     @property
     def tracked(self) -> int:
-        return len(self._closes)
+        return len(self._states)
 
 
 def is_reconnect_after_logout(logged_out_at: float | None, now: float, stick_seconds: float, new_login: bool) -> bool:

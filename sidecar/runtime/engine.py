@@ -56,7 +56,7 @@ from sidecar.rules.records import (
 )
 from sidecar.runtime.close import CloseSequence
 from sidecar.runtime.errors import UnknownSession
-from sidecar.runtime.fleet import FleetDecisions, Traced
+from sidecar.runtime.fleet import EventJournal, FleetDecisions, Traced
 from sidecar.runtime.fleet_safety import Incidents, Safety, SafetyView, needs_admission
 from sidecar.runtime.heal import HealRunner
 from sidecar.runtime.notices import Notices
@@ -87,6 +87,7 @@ class SessionRuntime:
         registry: SessionRegistry | None = None,
         fleet: FleetState | None = None,
         backlog_limit: int = 100_000,
+        events_journal: EventJournal | None = None,
     ) -> None:
         """`fleet`: fleet mode, decisions taken in PostgreSQL and shared by every replica (runtime/fleet.py)."""
         self.policy = policy
@@ -115,7 +116,7 @@ class SessionRuntime:
         self._fleet = (
             FleetDecisions(
                 fleet, self, policy, self._registry, self._closes, self._incidents, self._safety, now,
-                backlog_limit=backlog_limit,
+                backlog_limit=backlog_limit, journal=events_journal,
             )
             if fleet is not None
             else None
@@ -347,8 +348,9 @@ class SessionRuntime:
             known = self._registry.get(organization_phone_id)
             if known is not None:
                 self.set_connected(known, False)
-            await self._incidents.connection_closed(phone, now, status_code)
-            if not self.is_closed(organization_phone_id):
+            if self._fleet is None:  # fleet mode detects loops in the decision, on the shared history
+                await self._incidents.connection_closed(phone, now, status_code)
+            if self._fleet is not None or not self.is_closed(organization_phone_id):
                 await self._apply(phone, ConnectionClosed(status_code), None)
 
     async def report_credentials_conflict(

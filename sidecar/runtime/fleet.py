@@ -10,11 +10,12 @@ close) happens without the database's say, and no phone is closed twice.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 from opentelemetry import context as otel_context
@@ -22,7 +23,10 @@ from opentelemetry.context import Context
 
 from sidecar.ports import FleetState, StoredDecision, StoreUnavailable, TransientConflict
 from sidecar.rules.policy import (
+    BadDecrypt,
+    BadMac,
     Close,
+    ConnectionClosed,
     ConnectionOpened,
     ErrorStats,
     Event,
@@ -36,10 +40,10 @@ from sidecar.rules.policy import (
     error_stats,
 )
 from sidecar.rules.records import CloseTrigger, ClosureRecord, CounterKind, Notification, PhoneRef
-from sidecar.rules.safety import is_reconnect_after_logout
+from sidecar.rules.safety import IncidentKind, LoopState, is_reconnect_after_logout, on_close
 from sidecar.runtime.close import CloseSequence
 from sidecar.runtime.errors import UnknownSession
-from sidecar.runtime.fleet_safety import Incidents, Safety, needs_admission
+from sidecar.runtime.fleet_safety import INCIDENT_EVENTS, Incidents, Safety, needs_admission
 from sidecar.runtime.registry import LoggedOut, Session, SessionRegistry
 
 log = logging.getLogger("sidecar.fleet")
@@ -89,6 +93,50 @@ class _Waiting:
     traced: Traced | None = None
 
 
+def waiting_to_json(item: _Waiting) -> str:
+    """One line of the undecided-events journal (what a restart replays)."""
+    event = item.event
+    kind = type(event).__name__
+    payload: dict[str, object] = {"phone": asdict(item.phone), "kind": kind, "at": item.at, "newLogin": item.new_login}
+    if isinstance(event, BadMac):
+        payload["peer"] = event.peer_user
+    if isinstance(event, ConnectionClosed):
+        payload["statusCode"] = event.status_code
+    payload["counted"] = str(item.counted) if item.counted is not None else None
+    return json.dumps(payload)
+
+
+def waiting_from_json(text: str) -> _Waiting:
+    data = json.loads(text)
+    at = float(data["at"])
+    kind = data["kind"]
+    event: Event
+    if kind == "BadMac":
+        event = BadMac(data.get("peer"), at)
+    elif kind == "BadDecrypt":
+        event = BadDecrypt(at)
+    elif kind == "ConnectionOpened":
+        event = ConnectionOpened()
+    elif kind == "ConnectionClosed":
+        event = ConnectionClosed(data.get("statusCode"))
+    else:
+        raise ValueError(f"unknown waiting event {kind!r}")
+    counted = CounterKind(data["counted"]) if data.get("counted") else None
+    return _Waiting(PhoneRef(**data["phone"]), event, counted, at, bool(data.get("newLogin")))
+
+
+class EventJournal(Protocol):
+    """The undecided events, on disk (sidecar.store.journal), so a SIGKILL while PostgreSQL is away loses none."""
+
+    instance_id: str
+
+    def load(self) -> list[tuple[int, _Waiting]]: ...
+
+    def append(self, entry: _Waiting) -> int: ...
+
+    def mark_applied(self, position: int, nothing_pending: bool) -> None: ...
+
+
 @dataclass(slots=True)
 class _Outcome:
     item: _Waiting
@@ -99,6 +147,8 @@ class _Outcome:
     just_tripped: bool = False
     stick_seconds: float | None = None  # an `open` that shows a logout did not stick
     logged_out: tuple[float | None, bool] = (None, False)  # a phone some replica closed: when, observed
+    incidents: list[IncidentKind] = field(default_factory=list)  # reconnect loop, conflict (a close with 440)
+    skipped: bool = False  # decided by an earlier run (replayed from the journal)
 
 
 @dataclass(slots=True)
@@ -133,6 +183,7 @@ class FleetDecisions:
         now: Callable[[], float],
         *,
         backlog_limit: int,
+        journal: EventJournal | None = None,
     ) -> None:
         self.fleet = fleet
         self._engine = engine
@@ -143,7 +194,9 @@ class FleetDecisions:
         self._safety = safety
         self._now = now
         self._collecting: list[_Waiting] | None = None
-        self._waiting: deque[tuple[_Waiting, _Submission]] = deque()
+        self._waiting: deque[tuple[_Waiting, _Submission, int]] = deque()  # event, waiter, journal position
+        self._journal = journal
+        self._position = 0
         self._room = asyncio.Semaphore(backlog_limit)
         self._wake = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
@@ -201,13 +254,35 @@ class FleetDecisions:
         submission = _Submission(len(items), asyncio.get_running_loop().create_future())
         for item in items:
             await self._room.acquire()  # bounded: past the limit the caller (the runtime link) slows down
-            self._waiting.append((item, submission))
-        if self._worker is None or self._worker.done():
-            self._worker = asyncio.create_task(self._decide_waiting(), name="fleet-decider")
-        self._wake.set()
+            self._waiting.append((item, submission, self._journaled(item)))
+        self._start_worker()
         if self.unavailable_reason is not None:
             return []  # kept in order; decided once PostgreSQL is back
         return await asyncio.shield(submission.future)
+
+    def _journaled(self, item: _Waiting) -> int:
+        if self._journal is not None:
+            return self._journal.append(item)  # on disk before the event is accepted
+        self._position += 1
+        return self._position
+
+    def _start_worker(self) -> None:
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._decide_waiting(), name="fleet-decider")
+        self._wake.set()
+
+    async def replay(self) -> int:
+        """Queue the events a previous run accepted and never decided (before anything new is accepted)."""
+        if self._journal is None:
+            return 0
+        entries = self._journal.load()
+        nobody = _Submission(len(entries), asyncio.get_running_loop().create_future())
+        for position, item in entries:
+            await self._room.acquire()
+            self._waiting.append((item, nobody, position))
+        if entries:
+            self._start_worker()
+        return len(entries)
 
     async def _decide_waiting(self) -> None:
         delay = RETRY_INITIAL_SECONDS
@@ -217,15 +292,16 @@ class FleetDecisions:
                 await self._wake.wait()
                 continue
             chunk = [self._waiting[index] for index in range(min(BATCH_SIZE, len(self._waiting)))]
+            mark = (self._journal.instance_id, chunk[-1][2]) if self._journal is not None else None
             try:
-                results = await self._decide([item for item, _ in chunk])
+                results = await self._decide([(item, position) for item, _, position in chunk], mark)
             except TransientConflict as error:
                 log.info("decision batch aborted by PostgreSQL (%s); retrying", error)
                 await asyncio.sleep(RETRY_INITIAL_SECONDS / 10)
                 continue
             except StoreUnavailable as error:
                 self._unavailable(error)
-                for _, submission in self._waiting:  # nobody waits on a database that is away
+                for _, submission, _ in self._waiting:  # nobody waits on a database that is away
                     submission.give_up()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_SECONDS)
@@ -233,25 +309,35 @@ class FleetDecisions:
             except Exception:
                 # A bug, not an outage: the decider must go on. The first event of the batch is dropped (it is
                 # the likeliest culprit, and the error says which), the rest are tried again.
-                item, submission = self._waiting.popleft()
+                item, submission, position = self._waiting.popleft()
                 self._room.release()
                 submission.give_up()
+                if self._journal is not None:
+                    self._journal.mark_applied(position, nothing_pending=not self._waiting)
                 log.exception("an event could not be decided and was dropped: %s", item)
                 continue
-            for (_, submission), result in zip(chunk, results, strict=True):
+            for (_, submission, _), result in zip(chunk, results, strict=True):
                 self._waiting.popleft()
                 self._room.release()
                 submission.add(result)
+            if self._journal is not None:
+                self._journal.mark_applied(chunk[-1][2], nothing_pending=not self._waiting)
             if self.unavailable_reason is not None:
                 log.info("PostgreSQL is back; the waiting events were decided")
                 self.unavailable_reason = None
             delay = RETRY_INITIAL_SECONDS
 
-    async def _decide(self, chunk: list[_Waiting]) -> list[tuple[bool, Notification | None]]:
+    async def _decide(
+        self, chunk: list[tuple[_Waiting, int]], mark: tuple[str, int] | None
+    ) -> list[tuple[bool, Notification | None]]:
         outcomes: list[_Outcome] = []
-        async with self.fleet.deciding([item.phone for item in chunk]) as batch:
+        async with self.fleet.deciding([item.phone for item, _ in chunk], mark) as batch:
             current: dict[int, SessionState] = {}
-            for item in chunk:
+            loops: dict[int, LoopState] = {}
+            for item, position in chunk:
+                if position <= batch.decided_position:
+                    outcomes.append(_Outcome(item, skipped=True))  # decided before a crash outlived by its line
+                    continue
                 phone_id = item.phone.organization_phone_id
                 stored = batch.stored(phone_id)
                 before = current.get(phone_id, stored.state)
@@ -264,6 +350,11 @@ class FleetDecisions:
                 if before.phase is Phase.CLOSED and not opening:
                     outcome.logged_out = (stored.logged_out_at, stored.logged_out_observed)
                     continue  # closed by some replica and not opened since: errors change nothing
+                if isinstance(item.event, ConnectionClosed):  # loops seen by every replica
+                    state = loops.get(phone_id, stored.loops)
+                    config = self._safety.loops.config
+                    loops[phone_id], outcome.incidents = on_close(state, item.at, item.event.status_code, config)
+                    batch.save_loops(item.phone, loops[phone_id])
                 trigger = _trigger(item)
                 transition = decide(before, item.event, self._policy)
                 if needs_admission(transition, trigger):
@@ -292,6 +383,12 @@ class FleetDecisions:
 
     async def _carry_out(self, outcome: _Outcome) -> tuple[bool, Notification | None]:
         item, transition = outcome.item, outcome.transition
+        if outcome.skipped:
+            return True, None
+        for kind in outcome.incidents:
+            assert isinstance(item.event, ConnectionClosed)
+            detail = {"statusCode": item.event.status_code}
+            await self._incidents.record(item.phone, str(kind), detail, INCIDENT_EVENTS[kind])
         if outcome.stick_seconds is not None:
             await self._incidents.logout_did_not_stick(item.phone, outcome.stick_seconds)
             return False, None
@@ -358,7 +455,7 @@ class FleetDecisions:
     async def claim_operator_close(self, phone: PhoneRef, reason: str, held_only: bool = False) -> bool:
         """Claim a close for the operator; False when another replica (or an earlier call) already did."""
         claimed: tuple[SessionState, Transition, int] | None = None
-        async with self.fleet.deciding([phone]) as batch:
+        async with self.fleet.deciding([phone], None) as batch:
             before = batch.stored(phone.organization_phone_id).state
             if before.phase in (Phase.ACTIVE, Phase.HELD) and not (held_only and before.phase is not Phase.HELD):
                 transition = decide(before, OperatorClose(reason), self._policy)

@@ -19,7 +19,7 @@ import asyncpg
 from sidecar.ports import ClaimedClose, FleetSettings, StoredDecision, StoreUnavailable, TransientConflict
 from sidecar.rules.policy import Close, CloseReason, Counters, Phase, Recent, SessionState
 from sidecar.rules.records import CloseTrigger, Notification, PhoneRef
-from sidecar.rules.safety import BreakerConfig, BreakerStatus, Mode
+from sidecar.rules.safety import BreakerConfig, BreakerStatus, IncidentKind, LoopState, Mode
 from sidecar.store.postgres import (
     ACQUIRE_TIMEOUT_SECONDS,
     CONFLICT_ERRORS,
@@ -45,6 +45,21 @@ def _recent_from_json(raw: str | None) -> Recent:
     return Recent(tuple((float(at), peer) for at, peer in data["mac"]), tuple(float(at) for at in data["decrypt"]))
 
 
+def _loops_to_json(loops: LoopState) -> str:
+    closes, reported = [list(item) for item in loops.closes], [list(item) for item in loops.reported]
+    return json.dumps({"closes": closes, "reported": reported})
+
+
+def _loops_from_json(raw: str | None) -> LoopState:
+    if not raw:
+        return LoopState()
+    data = json.loads(raw)
+    return LoopState(
+        tuple((float(at), code) for at, code in data["closes"]),
+        tuple((IncidentKind(kind), float(at)) for kind, at in data["reported"]),
+    )
+
+
 def _decision_of(row: asyncpg.Record) -> StoredDecision:
     state = SessionState(
         Counters(row["bad_mac_errors"], row["bad_decrypt_errors"]),
@@ -52,18 +67,23 @@ def _decision_of(row: asyncpg.Record) -> StoredDecision:
         _recent_from_json(row["recent"]),
     )
     phone = PhoneRef(row["organization_id"], row["organization_phone_id"], row["phone_user"])
-    return StoredDecision(state, row["generation"], row["closed_epoch"], row["logged_out_observed"], phone)
+    loops = _loops_from_json(row["loops"]) if "loops" in row else LoopState()
+    return StoredDecision(state, row["generation"], row["closed_epoch"], row["logged_out_observed"], phone, loops)
 
 
 class _Batch:
     """The locked rows of one batch of decisions; saved states are written once per phone at commit."""
 
-    def __init__(self, fleet: PostgresFleet, conn: Connection, rows: list[asyncpg.Record]) -> None:
+    def __init__(
+        self, fleet: PostgresFleet, conn: Connection, rows: list[asyncpg.Record], decided_position: int
+    ) -> None:
         self._fleet, self._conn = fleet, conn
+        self.decided_position = decided_position
         self._stored = {row["organization_phone_id"]: _decision_of(row) for row in rows}
         self._saved: dict[int, SessionState] = {}
         self._claims: dict[int, int] = {}
         self._closes: dict[int, tuple[Close, CloseTrigger]] = {}
+        self._loops: dict[int, LoopState] = {}
         self._notifications: list[tuple[PhoneRef, Notification]] = []
 
     def stored(self, organization_phone_id: int) -> StoredDecision:
@@ -88,7 +108,16 @@ class _Batch:
             self._notifications.append((phone, notification))
         return self._stored[phone_id].generation + self._claims.get(phone_id, 0)
 
+    def save_loops(self, phone: PhoneRef, loops: LoopState) -> None:
+        self._loops[phone.organization_phone_id] = loops
+
     async def flush(self) -> None:
+        if self._loops:
+            await self._conn.execute(
+                self._fleet.sql_save_loops,
+                list(self._loops),
+                [_loops_to_json(loops) for loops in self._loops.values()],
+            )
         if self._saved:
             ids = list(self._saved)
             states = [self._saved[phone_id] for phone_id in ids]
@@ -130,7 +159,7 @@ class PostgresFleet:
         returning = (
             "RETURNING bad_mac_errors, bad_decrypt_errors, phase, generation, recent::text AS recent, "
             "extract(epoch FROM closed_at)::float8 AS closed_epoch, logged_out_observed, "
-            "organization_id, organization_phone_id, c.phone_user"
+            "organization_id, organization_phone_id, c.phone_user, loops::text AS loops"
         )
         # Rows are locked in id order, so concurrent batches of different replicas cannot deadlock.
         self.sql_lock = (
@@ -156,6 +185,10 @@ class PostgresFleet:
             "$10::text[], $11::text[], $12::int[], $13::int[]) "
             "AS u(id, mac, dec, phase, recent, claims, reason, trig, detail, cmac, cdec) "
             "WHERE c.organization_phone_id = u.id"
+        )
+        self.sql_save_loops = (
+            f"UPDATE {counters} AS c SET loops = u.loops::jsonb FROM unnest($1::bigint[], $2::text[]) "
+            "AS u(id, loops) WHERE c.organization_phone_id = u.id"
         )
         self.sql_stored = (
             "SELECT bad_mac_errors, bad_decrypt_errors, phase, generation, recent::text AS recent, "
@@ -228,7 +261,7 @@ class PostgresFleet:
             raise StoreUnavailable(f"{type(error).__name__}: {error}") from error
 
     @asynccontextmanager
-    async def deciding(self, phones: Sequence[PhoneRef]) -> AsyncIterator[_Batch]:
+    async def deciding(self, phones: Sequence[PhoneRef], mark: tuple[str, int] | None) -> AsyncIterator[_Batch]:
         unique: dict[int, PhoneRef] = {}
         for phone in phones:
             known = unique.get(phone.organization_phone_id)
@@ -241,9 +274,14 @@ class PostgresFleet:
                 [phone.organization_id for phone in unique.values()],
                 [phone.phone_user for phone in unique.values()],
             )
-            batch = _Batch(self, conn, rows)
+            decided = 0
+            if mark is not None:
+                decided = int(await conn.fetchval(self.store.sql.journal_position, mark[0]) or 0)
+            batch = _Batch(self, conn, rows, decided)
             yield batch
             await batch.flush()
+            if mark is not None:
+                await conn.execute(self.store.sql.set_journal_position, mark[0], mark[1])
 
     async def admit(self, conn: Connection, phone: PhoneRef, now: float) -> tuple[bool, bool]:
         await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", self._lock_key)

@@ -1,4 +1,5 @@
-"""A local journal of database steps not yet applied, so a restart during a PostgreSQL outage loses none.
+"""A local journal of database steps not yet applied (and, in fleet mode, of events not yet decided), so a
+restart during a PostgreSQL outage loses none.
 
 The file holds lines `<position>\\t<step json>` as steps are accepted, `applied\\t<position>` as they are
 applied, and is rewritten to a single `next\\t<position>` line whenever nothing is pending. Lines reach the
@@ -11,28 +12,44 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Generic, TypeVar
 
 from sidecar.rules.records import Step, step_from_json, step_to_json
 
 JOURNAL_FILE = "pending-steps.jsonl"
+EVENTS_FILE = "undecided-events.jsonl"
 INSTANCE_FILE = "instance-id"
 
+T = TypeVar("T")
 
-class Journal:
-    def __init__(self, state_dir: Path) -> None:
+
+class Journal(Generic[T]):
+    """`instance_id` keys the position the database remembers; a second journal in one state directory
+    (the undecided events) names itself with `suffix`."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        file_name: str = JOURNAL_FILE,
+        encode: Callable[[T], str] = step_to_json,  # type: ignore[assignment]
+        decode: Callable[[str], T] = step_from_json,  # type: ignore[assignment]
+        suffix: str = "",
+    ) -> None:
         state_dir.mkdir(parents=True, exist_ok=True)
-        self._path = state_dir / JOURNAL_FILE
+        self._path = state_dir / file_name
+        self._encode, self._decode = encode, decode
         instance_file = state_dir / INSTANCE_FILE
         if not instance_file.exists():
             instance_file.write_text(uuid.uuid4().hex + "\n")
-        self.instance_id = instance_file.read_text().strip()
+        self.instance_id = instance_file.read_text().strip() + suffix
         self._fd: int | None = None
         self.last_position = 0
 
-    def load(self) -> list[tuple[int, Step]]:
-        """The steps accepted and not yet applied, in order."""
-        pending: dict[int, Step] = {}
+    def load(self) -> list[tuple[int, T]]:
+        """The entries accepted and not yet applied, in order."""
+        pending: dict[int, T] = {}
         applied = 0
         if self._path.exists():
             for line in self._path.read_text().splitlines():
@@ -46,16 +63,16 @@ class Journal:
                         applied = max(applied, int(payload))
                     else:
                         position = int(tag)
-                        pending[position] = step_from_json(payload)
+                        pending[position] = self._decode(payload)
                         self.last_position = max(self.last_position, position)
                 except ValueError:
                     continue
         self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         return [(position, step) for position, step in sorted(pending.items()) if position > applied]
 
-    def append(self, step: Step) -> int:
+    def append(self, entry: T) -> int:
         self.last_position += 1
-        self._write(f"{self.last_position}\t{step_to_json(step)}\n")
+        self._write(f"{self.last_position}\t{self._encode(entry)}\n")
         return self.last_position
 
     def mark_applied(self, position: int, nothing_pending: bool) -> None:
@@ -79,3 +96,6 @@ class Journal:
         os.replace(temporary, self._path)
         self.close()
         self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+
+
+StepJournal = Journal[Step]

@@ -94,7 +94,9 @@ MIGRATIONS: tuple[str, ...] = (
         ADD COLUMN close_trigger       TEXT,
         ADD COLUMN close_detail        TEXT,
         ADD COLUMN close_bad_mac       INTEGER,
-        ADD COLUMN close_bad_decrypt   INTEGER;
+        ADD COLUMN close_bad_decrypt   INTEGER,
+        -- Reconnect-loop and conflict detection, shared: recent closes and when each incident was reported.
+        ADD COLUMN loops               JSONB;
     UPDATE {schema}.session_counters SET phase = 'closed' WHERE closed_at IS NOT NULL;
     CREATE INDEX session_counters_phase_idx ON {schema}.session_counters (phase) WHERE phase <> 'closed';
     -- One row: the fleet's mode and circuit breaker, shared by every replica.

@@ -47,7 +47,7 @@ class PendingSteps:
         self,
         store: SessionStore,
         limit: int,
-        journal: Journal | None = None,
+        journal: Journal[Step] | None = None,
         on_wait: Callable[[float], None] | None = None,
     ) -> None:
         self._store = store

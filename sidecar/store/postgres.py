@@ -113,7 +113,7 @@ class _Sql:
             "logged_out_observed) VALUES ($1, $2, $3, $4, CASE WHEN $4::timestamptz IS NULL THEN 'active' "
             "ELSE 'closed' END, $5) ON CONFLICT (organization_phone_id) DO UPDATE SET "
             "bad_mac_errors = 0, bad_decrypt_errors = 0, closed_at = EXCLUDED.closed_at, phase = EXCLUDED.phase, "
-            "logged_out_observed = EXCLUDED.logged_out_observed, recent = NULL, close_claimed_by = NULL, "
+            "logged_out_observed = EXCLUDED.logged_out_observed, recent = NULL, loops = NULL, close_claimed_by = NULL, "
             "close_lease_until = NULL, phone_user = COALESCE(EXCLUDED.phone_user, c.phone_user), updated_at = now()"
         )
         # Fleet mode: a close's database half applies only while the row still carries the close's generation.
@@ -201,6 +201,10 @@ class PostgresStore:
     @property
     def schema(self) -> str:
         return self._schema
+
+    @property
+    def sql(self) -> _Sql:
+        return self._sql
 
     async def enqueue(
         self, conn: Connection, phone: PhoneRef, notification: Notification | None, details: dict[str, Any]
