@@ -177,6 +177,7 @@ def test_dashboards_config_map_holds_exactly_the_dashboards() -> None:
             "at '/extraEnv/0/valueFrom/secretKeyRef': missing property 'name'",
         ),
         ({"serviceMonitor": {"enabled": "yes"}}, "at '/serviceMonitor/enabled': got string, want boolean"),
+        ({"fleet": {"coordination": "shared"}}, "at '/fleet/coordination'"),
     ],
 )
 def test_bad_values_are_rejected_with_the_path_named(values: dict[str, Any], message: str) -> None:
@@ -191,6 +192,16 @@ def test_bad_values_are_rejected_with_the_path_named(values: dict[str, Any], mes
 def test_several_replicas_without_a_database_are_refused() -> None:
     with pytest.raises(helm.HelmRenderError, match="replicaCount > 1 needs a database"):
         render({"replicaCount": 2})
+
+
+def test_several_replicas_deciding_alone_are_refused_and_fleet_settings_reach_the_container() -> None:
+    database = {"database": {"existingSecret": "wa-sidecar-database"}}
+    with pytest.raises(helm.HelmRenderError, match=r"needs fleet\.coordination fleet"):
+        render({**database, "replicaCount": 3, "fleet": {"coordination": "local"}})
+    deployment = of_kind(render({**database, "replicaCount": 3, "fleet": {"closeLeaseSeconds": 30}}), "Deployment")[0]
+    env = {item["name"]: item.get("value") for item in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert deployment["spec"]["replicas"] == 3
+    assert env["WA_SIDECAR_COORDINATION"] == "fleet" and env["WA_SIDECAR_CLOSE_LEASE_SECONDS"] == "30"
 
 
 def test_sidecar_mode_snippet_adds_the_container_to_a_runtime_pod(tmp_path: Path) -> None:

@@ -108,6 +108,10 @@ user asked for an open listener and gave none. */}}
       value: {{ .Values.limits.deletePrekeysOnHeal | quote }}
     - name: WA_SIDECAR_STATE_DIR
       value: /var/lib/wa-sidecar
+    - name: WA_SIDECAR_COORDINATION
+      value: {{ .Values.fleet.coordination | quote }}
+    - name: WA_SIDECAR_CLOSE_LEASE_SECONDS
+      value: {{ .Values.fleet.closeLeaseSeconds | quote }}
     {{- if .Values.closureLog }}
     - name: WA_SIDECAR_CLOSURE_LOG
       value: /var/lib/wa-sidecar/closures.jsonl
@@ -205,5 +209,8 @@ user asked for an open listener and gave none. */}}
 {{- define "whatsapp-session-sidecar.validate" -}}
 {{- if and (gt (int .Values.replicaCount) 1) (not (include "whatsapp-session-sidecar.hasDatabase" .)) }}
 {{- fail "replicaCount > 1 needs a database (database.existingSecret or database.url): the embedded store is per process" }}
+{{- end }}
+{{- if and (gt (int .Values.replicaCount) 1) (eq .Values.fleet.coordination "local") }}
+{{- fail "replicaCount > 1 needs fleet.coordination fleet: with local, each replica would decide alone" }}
 {{- end }}
 {{- end }}
