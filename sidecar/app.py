@@ -25,8 +25,8 @@ from sidecar.ports import SessionStore, SocketController, StoreUnavailable
 from sidecar.rules.records import Step
 from sidecar.rules.safety import Breaker
 from sidecar.runtime import Safety, SessionRuntime
-from sidecar.runtime.fleet import waiting_from_json, waiting_to_json
 from sidecar.runtime.observer import RuntimeObserver
+from sidecar.runtime.waiting import waiting_from_json, waiting_to_json
 from sidecar.store.fleet import PostgresFleet
 from sidecar.store.journal import EVENTS_FILE, Journal
 from sidecar.store.leases import LEASE_SECONDS, PostgresLeases
@@ -142,6 +142,8 @@ def _components(config: Config, link: RuntimeLink, extras: Extras) -> Callable[[
             policy = DeliveryPolicy(config.webhook_max_attempts, config.webhook_timeout, config.webhook_backoff_initial)
             delivery = Delivery(store, lambda: owners.current, metrics, tracing.tracer, config.instance, policy)
             pending.on_applied = delivery.wake
+            if runtime.fleet is not None:
+                runtime.fleet.queue.on_decided = delivery.wake  # flips are written with the decisions
             metrics.outbox_depth.set_function(lambda: delivery.depth if delivery else 0)
         metrics.bind(
             lambda: link.connection_count,

@@ -255,7 +255,9 @@ async def test_sigkill_before_delivery_delivers_exactly_once_after_restart(
             assert response.status == 202
 
     async def in_outbox() -> bool:
-        return bool(await db.fetchval("SELECT count(*) FROM wa_sidecar.outbox WHERE status = 'pending'"))
+        # One attempt made (the receiver is down) and reported: the row is not leased by the process we kill.
+        query = "SELECT count(*) FROM wa_sidecar.outbox WHERE status = 'pending' AND attempts >= 1"
+        return bool(await db.fetchval(query))
 
     await eventually(in_outbox, what="notification in the outbox")
     first.send_signal(signal.SIGKILL)  # the receiver is not up yet: nothing was delivered

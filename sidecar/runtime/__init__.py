@@ -1,6 +1,7 @@
 """The runtime: carries the rules' decisions out, through the ports only.
 
     engine.py        SessionRuntime: events in (seed API and validated link events), decide, start effects
+    fleet.py         fleet mode: decisions in database transactions (ports.FleetState), one decider, fail closed
     registry.py      the session registry port (decision state, closed/logged-out markers) and its memory form
     heal.py          heal execution, one per session, later heals merged per scope
     close.py         the close sequence: socket, database half, forget

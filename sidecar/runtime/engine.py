@@ -4,8 +4,9 @@ Decisions are taken synchronously (no await between reading a session's state an
 concurrent events for one session can never start two closes. Effects that talk to the messenger runtime run
 in tracked background tasks (heal.py, close.py), so an event handler never waits on the runtime that sent it.
 
-About 350 lines: the handlers and decide-and-apply stay together because the invariant above (no await between
-reading and writing a session's state) is theirs, and is easier to keep when it is read in one place.
+About 410 lines: a quarter is the constructor wiring the runtime's parts; the handlers and decide-and-apply stay
+together because the invariant above (no await between reading and writing a session's state) is theirs, and is
+easier to keep when it is read in one place. Carrying decisions out is effects.py; fleet mode is fleet.py.
 """
 
 from __future__ import annotations
@@ -32,17 +33,14 @@ from sidecar.rules.policy import (
     Counters,
     ErrorStats,
     Event,
-    Heal,
     HealthPolicy,
     Hold,
     OperatorClose,
     Phase,
     PolicyConfig,
     SessionState,
-    Transition,
     decide,
     error_stats,
-    is_healthy,
     windowed,
 )
 from sidecar.rules.records import (
@@ -50,13 +48,13 @@ from sidecar.rules.records import (
     CounterKind,
     IncrementCounter,
     Notification,
-    NotificationEvent,
     PhoneRef,
     ResetCounters,
 )
 from sidecar.runtime.close import CloseSequence
+from sidecar.runtime.effects import Effects
 from sidecar.runtime.errors import UnknownSession
-from sidecar.runtime.fleet import EventJournal, FleetDecisions, Traced
+from sidecar.runtime.fleet import FleetDecisions
 from sidecar.runtime.fleet_safety import Incidents, Safety, SafetyView, needs_admission
 from sidecar.runtime.heal import HealRunner
 from sidecar.runtime.notices import Notices
@@ -65,6 +63,7 @@ from sidecar.runtime.operator import OperatorControls
 from sidecar.runtime.outcomes import span_ids
 from sidecar.runtime.registry import MemorySessionRegistry, Session, SessionRegistry, SessionView
 from sidecar.runtime.tasks import BackgroundTasks
+from sidecar.runtime.waiting import EventJournal, Traced
 
 ZERO_COUNTERS = SessionState().counters
 
@@ -113,9 +112,13 @@ class SessionRuntime:
             socket_timeout=socket_end_timeout,
         )  # fmt: skip
         now = lambda: self._clock().timestamp()  # noqa: E731
+        self._effects = Effects(
+            policy, self._observers, self._notices, self._heals, self._closes, self._incidents,
+            lambda: self.operator.fleet_breaker_status(),
+        )  # fmt: skip
         self._fleet = (
             FleetDecisions(
-                fleet, self, policy, self._registry, self._closes, self._incidents, self._safety, now,
+                fleet, self._effects, policy, self._registry, self._closes, self._incidents, self._safety, now,
                 backlog_limit=backlog_limit, journal=events_journal,
             )
             if fleet is not None
@@ -340,14 +343,14 @@ class SessionRuntime:
             reopened = self._registry.reopen(organization_phone_id)
             session = self._registry.ensure(phone)
             had_counts = session.state.counters != ZERO_COUNTERS
-            self.set_connected(session, True)
+            self._effects.set_connected(session, True)
             _, recovered = await self._apply(phone, ConnectionOpened(), None)
             if had_counts or reopened or recovered:
                 await self._steps.submit(ResetCounters(session.phone, recovered))
         elif connection == "close":
             known = self._registry.get(organization_phone_id)
             if known is not None:
-                self.set_connected(known, False)
+                self._effects.set_connected(known, False)
             if self._fleet is None:  # fleet mode detects loops in the decision, on the shared history
                 await self._incidents.connection_closed(phone, now, status_code)
             if self._fleet is not None or not self.is_closed(organization_phone_id):
@@ -359,12 +362,6 @@ class SessionRuntime:
         """Two runtime connections on different replicas claim one phone: two processes share its credentials."""
         phone = phone_ref(organization_id, organization_phone_id, phone_jid)
         await self._incidents.credentials_conflict(phone, detail)
-
-    def set_connected(self, session: Session, connected: bool) -> None:
-        if session.connected != connected:
-            session.connected = connected
-            for observer in self._observers:
-                observer.connection_changed(session.phone, connected)
 
     # Decide and apply ---------------------------------------------------------------------------------
 
@@ -388,18 +385,8 @@ class SessionRuntime:
         decision, flip, just_tripped = self._transition(session, event, trigger)
         if counted is not None and _count(session.state.counters, counted) > _count(before.counters, counted):
             await self._steps.submit(IncrementCounter(session.phone, counted, flip))
-        await self.after_decision(session.phone, decision, just_tripped)
+        await self._effects.after_decision(session.phone, decision, just_tripped)
         return not isinstance(decision, Close | Hold) and session.state.phase is Phase.ACTIVE, flip
-
-    async def after_decision(self, phone: PhoneRef, decision: object, just_tripped: bool) -> None:
-        """Records of a hold and of a breaker trip, once the decision stands."""
-        if isinstance(decision, Hold):
-            detail = {"reason": str(decision.reason), "detail": decision.detail}
-            await self._incidents.record(phone, "session.held", detail, NotificationEvent.HELD)
-        if just_tripped:
-            status = await self.operator.fleet_breaker_status()
-            counts = {"closesInWindow": status.closes_in_window, "allowedInWindow": status.allowed_in_window}
-            await self._incidents.record(None, "breaker.tripped", counts, NotificationEvent.BREAKER_TRIPPED)
 
     def _transition(
         self, session: Session, event: Event, trigger: CloseTrigger
@@ -415,45 +402,9 @@ class SessionRuntime:
             )
             if not admitted:
                 transition = decide(before, event, self.policy, automatic_closes_allowed=False)
-        flip = self.health_flip(before, transition.state)
-        self.carry_out(session, before, transition, trigger, flip)
+        flip = self._effects.health_flip(before, transition.state)
+        self._effects.carry_out(session, before, transition, trigger, flip)
         return transition.decision, flip, just_tripped
-
-    def health_flip(self, before: SessionState, after: SessionState) -> Notification | None:
-        """The owners' notification when isHealthy flips on an active session (None otherwise or unowned)."""
-        healthy_before = is_healthy(before.counters, self.policy.limits)
-        healthy_after = is_healthy(after.counters, self.policy.limits)
-        if healthy_before == healthy_after or after.phase is not Phase.ACTIVE:
-            return None
-        stats = error_stats(after.counters, self.policy.limits)
-        event_kind = NotificationEvent.RECOVERED if healthy_after else NotificationEvent.UNHEALTHY
-        return self._notices.notification(event_kind, dict(stats), None)
-
-    def carry_out(
-        self,
-        session: Session,
-        before: SessionState,
-        transition: Transition,
-        trigger: CloseTrigger,
-        flip: Notification | None,
-        generation: int | None = None,
-    ) -> None:
-        """Write the decided state, tell the observers, and start the decision's effect (heal or close)."""
-        session.state = transition.state
-        for observer in self._observers:
-            observer.counters_changed(session.phone, transition.state.counters)
-        if is_healthy(before.counters, self.policy.limits) != is_healthy(
-            transition.state.counters, self.policy.limits
-        ) and (transition.state.phase is Phase.ACTIVE):
-            stats = error_stats(transition.state.counters, self.policy.limits)
-            for observer in self._observers:
-                observer.health_changed(session.phone, stats)
-        decision = transition.decision
-        if isinstance(decision, Heal):
-            self._heals.start(session, decision)
-        elif isinstance(decision, Close):
-            self._heals.supersede(session.organization_phone_id)
-            self._closes.start(session, decision, trigger, generation)
 
     def _operator_close(self, session: Session, reason: str) -> None:
         self._transition(session, OperatorClose(reason), CloseTrigger.OPERATOR)

@@ -1,30 +1,23 @@
 """Fleet mode, as the runtime carries it out: every decision is taken inside a database transaction on the
 state the database returns (ports.FleetState), so any number of replicas act as one sidecar.
 
-Failing closed: while PostgreSQL is unreachable, no decision is taken. Events wait here, in order (a bounded
-backlog; past its limit callers wait, which slows the runtime link down instead of growing memory), and are
-decided with their original times once the database is back. So nothing destructive (a heal's key deletion, a
-close) happens without the database's say, and no phone is closed twice.
+Events wait for their decision in the DecisionQueue (ordered, bounded, journaled, failing closed while PostgreSQL
+is away); this module decides a batch of them in one transaction and carries the decisions out, and answers the
+fleet-wide queries and operator closes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass, field
-from typing import Protocol
+from dataclasses import dataclass, field
 
 from opentelemetry import context as otel_context
-from opentelemetry.context import Context
 
-from sidecar.ports import FleetState, StoredDecision, StoreUnavailable, TransientConflict
+from sidecar.ports import FleetState, StoredDecision, StoreUnavailable
 from sidecar.rules.policy import (
-    BadDecrypt,
-    BadMac,
     Close,
     ConnectionClosed,
     ConnectionOpened,
@@ -42,104 +35,22 @@ from sidecar.rules.policy import (
 from sidecar.rules.records import CloseTrigger, ClosureRecord, CounterKind, Notification, PhoneRef
 from sidecar.rules.safety import IncidentKind, LoopState, is_reconnect_after_logout, on_close
 from sidecar.runtime.close import CloseSequence
+from sidecar.runtime.decision_queue import DecisionQueue
+from sidecar.runtime.effects import Effects
 from sidecar.runtime.errors import UnknownSession
 from sidecar.runtime.fleet_safety import INCIDENT_EVENTS, Incidents, Safety, needs_admission
-from sidecar.runtime.registry import LoggedOut, Session, SessionRegistry
+from sidecar.runtime.registry import LoggedOut, SessionRegistry
+from sidecar.runtime.waiting import EventJournal, Result, Traced, Waiting
 
 log = logging.getLogger("sidecar.fleet")
 
-RETRY_INITIAL_SECONDS = 0.1
-RETRY_MAX_SECONDS = 2.0
 SETTINGS_REFRESH_SECONDS = 0.5
-BATCH_SIZE = 500  # decisions per transaction
 TAKE_OVER_LIMIT = 50  # closes left behind, taken over per round
-
-
-class Engine(Protocol):
-    """What fleet decisions use of the engine: the shared halves of deciding and carrying out."""
-
-    def health_flip(self, before: SessionState, after: SessionState) -> Notification | None: ...
-
-    def carry_out(
-        self,
-        session: Session,
-        before: SessionState,
-        transition: Transition,
-        trigger: CloseTrigger,
-        flip: Notification | None,
-        generation: int | None = None,
-    ) -> None: ...
-
-    async def after_decision(self, phone: PhoneRef, decision: object, just_tripped: bool) -> None: ...
-
-    def set_connected(self, session: Session, connected: bool) -> None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Traced:
-    """An event's trace context, and what to do once its decision is carried out (describe and end its span)."""
-
-    context: Context
-    decided: Callable[[bool], None]
-
-
-@dataclass(frozen=True, slots=True)
-class _Waiting:
-    phone: PhoneRef
-    event: Event
-    counted: CounterKind | None
-    at: float
-    new_login: bool = False
-    traced: Traced | None = None
-
-
-def waiting_to_json(item: _Waiting) -> str:
-    """One line of the undecided-events journal (what a restart replays)."""
-    event = item.event
-    kind = type(event).__name__
-    payload: dict[str, object] = {"phone": asdict(item.phone), "kind": kind, "at": item.at, "newLogin": item.new_login}
-    if isinstance(event, BadMac):
-        payload["peer"] = event.peer_user
-    if isinstance(event, ConnectionClosed):
-        payload["statusCode"] = event.status_code
-    payload["counted"] = str(item.counted) if item.counted is not None else None
-    return json.dumps(payload)
-
-
-def waiting_from_json(text: str) -> _Waiting:
-    data = json.loads(text)
-    at = float(data["at"])
-    kind = data["kind"]
-    event: Event
-    if kind == "BadMac":
-        event = BadMac(data.get("peer"), at)
-    elif kind == "BadDecrypt":
-        event = BadDecrypt(at)
-    elif kind == "ConnectionOpened":
-        event = ConnectionOpened()
-    elif kind == "ConnectionClosed":
-        event = ConnectionClosed(data.get("statusCode"))
-    else:
-        raise ValueError(f"unknown waiting event {kind!r}")
-    counted = CounterKind(data["counted"]) if data.get("counted") else None
-    return _Waiting(PhoneRef(**data["phone"]), event, counted, at, bool(data.get("newLogin")))
-
-
-class EventJournal(Protocol):
-    """The undecided events, on disk (sidecar.store.journal), so a SIGKILL while PostgreSQL is away loses none."""
-
-    instance_id: str
-
-    def load(self) -> list[tuple[int, _Waiting]]: ...
-
-    def append(self, entry: _Waiting) -> int: ...
-
-    def mark_applied(self, position: int, nothing_pending: bool) -> None: ...
 
 
 @dataclass(slots=True)
 class _Outcome:
-    item: _Waiting
+    item: Waiting
     before: SessionState | None = None
     transition: Transition | None = None
     flip: Notification | None = None
@@ -151,30 +62,11 @@ class _Outcome:
     skipped: bool = False  # decided by an earlier run (replayed from the journal)
 
 
-@dataclass(slots=True)
-class _Submission:
-    """Who waits for a group of events' results (until all are decided, or the database turns out away)."""
-
-    count: int
-    future: asyncio.Future[list[tuple[bool, Notification | None]]]
-    results: list[tuple[bool, Notification | None]] = field(default_factory=list)
-
-    def add(self, result: tuple[bool, Notification | None]) -> None:
-        if not self.future.done():
-            self.results.append(result)
-            if len(self.results) == self.count:
-                self.future.set_result(self.results)
-
-    def give_up(self) -> None:
-        if not self.future.done():
-            self.future.set_result(self.results)
-
-
 class FleetDecisions:
     def __init__(
         self,
         fleet: FleetState,
-        engine: Engine,
+        engine: Effects,
         policy: PolicyConfig,
         registry: SessionRegistry,
         closes: CloseSequence,
@@ -193,20 +85,23 @@ class FleetDecisions:
         self._incidents = incidents
         self._safety = safety
         self._now = now
-        self._collecting: list[_Waiting] | None = None
-        self._waiting: deque[tuple[_Waiting, _Submission, int]] = deque()  # event, waiter, journal position
-        self._journal = journal
-        self._position = 0
-        self._room = asyncio.Semaphore(backlog_limit)
-        self._wake = asyncio.Event()
-        self._worker: asyncio.Task[None] | None = None
-        self.unavailable_reason: str | None = None
+        self._collecting: list[Waiting] | None = None
+        self.queue = DecisionQueue(self._decide, backlog_limit, journal)
         self.breaker_tripped = False  # the fleet's, as last read (metrics)
 
     @property
     def backlog(self) -> int:
-        """Events accepted and not decided yet (all of them wait while PostgreSQL is away)."""
-        return len(self._waiting)
+        return self.queue.backlog
+
+    @property
+    def unavailable_reason(self) -> str | None:
+        return self.queue.unavailable_reason
+
+    async def replay(self) -> int:
+        return await self.queue.replay()
+
+    async def stop(self) -> None:
+        await self.queue.stop()
 
     # Events -------------------------------------------------------------------------------------------
 
@@ -222,7 +117,7 @@ class FleetDecisions:
             yield
         finally:
             items, self._collecting = self._collecting, None
-            await self._submit(items)
+            await self.queue.submit(items)
 
     async def apply(
         self,
@@ -231,105 +126,24 @@ class FleetDecisions:
         counted: CounterKind | None,
         now: float | None,
         traced: Traced | None = None,
-    ) -> tuple[bool, Notification | None]:
-        item = _Waiting(phone, event, counted, now if now is not None else self._now(), traced=traced)
+    ) -> Result:
+        item = Waiting(phone, event, counted, now if now is not None else self._now(), traced=traced)
         if self._collecting is not None:
             self._collecting.append(item)
             return True, None
-        results = await self._submit([item])
+        results = await self.queue.submit([item])
         return results[0] if results else (True, None)  # waiting for the database: the session continues
 
     async def open(self, phone: PhoneRef, now: float, new_login: bool) -> None:
-        item = _Waiting(phone, ConnectionOpened(), None, now, new_login)
+        item = Waiting(phone, ConnectionOpened(), None, now, new_login)
         if self._collecting is not None:
             self._collecting.append(item)
         else:
-            await self._submit([item])
-
-    async def _submit(self, items: list[_Waiting]) -> list[tuple[bool, Notification | None]]:
-        """Queue events for the one decider of this replica (decided in the order they were submitted, many
-        submissions merged into one transaction); waits for their results unless the database is away."""
-        if not items:
-            return []
-        submission = _Submission(len(items), asyncio.get_running_loop().create_future())
-        for item in items:
-            await self._room.acquire()  # bounded: past the limit the caller (the runtime link) slows down
-            self._waiting.append((item, submission, self._journaled(item)))
-        self._start_worker()
-        if self.unavailable_reason is not None:
-            return []  # kept in order; decided once PostgreSQL is back
-        return await asyncio.shield(submission.future)
-
-    def _journaled(self, item: _Waiting) -> int:
-        if self._journal is not None:
-            return self._journal.append(item)  # on disk before the event is accepted
-        self._position += 1
-        return self._position
-
-    def _start_worker(self) -> None:
-        if self._worker is None or self._worker.done():
-            self._worker = asyncio.create_task(self._decide_waiting(), name="fleet-decider")
-        self._wake.set()
-
-    async def replay(self) -> int:
-        """Queue the events a previous run accepted and never decided (before anything new is accepted)."""
-        if self._journal is None:
-            return 0
-        entries = self._journal.load()
-        nobody = _Submission(len(entries), asyncio.get_running_loop().create_future())
-        for position, item in entries:
-            await self._room.acquire()
-            self._waiting.append((item, nobody, position))
-        if entries:
-            self._start_worker()
-        return len(entries)
-
-    async def _decide_waiting(self) -> None:
-        delay = RETRY_INITIAL_SECONDS
-        while True:
-            if not self._waiting:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            chunk = [self._waiting[index] for index in range(min(BATCH_SIZE, len(self._waiting)))]
-            mark = (self._journal.instance_id, chunk[-1][2]) if self._journal is not None else None
-            try:
-                results = await self._decide([(item, position) for item, _, position in chunk], mark)
-            except TransientConflict as error:
-                log.info("decision batch aborted by PostgreSQL (%s); retrying", error)
-                await asyncio.sleep(RETRY_INITIAL_SECONDS / 10)
-                continue
-            except StoreUnavailable as error:
-                self._unavailable(error)
-                for _, submission, _ in self._waiting:  # nobody waits on a database that is away
-                    submission.give_up()
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX_SECONDS)
-                continue
-            except Exception:
-                # A bug, not an outage: the decider must go on. The first event of the batch is dropped (it is
-                # the likeliest culprit, and the error says which), the rest are tried again.
-                item, submission, position = self._waiting.popleft()
-                self._room.release()
-                submission.give_up()
-                if self._journal is not None:
-                    self._journal.mark_applied(position, nothing_pending=not self._waiting)
-                log.exception("an event could not be decided and was dropped: %s", item)
-                continue
-            for (_, submission, _), result in zip(chunk, results, strict=True):
-                self._waiting.popleft()
-                self._room.release()
-                submission.add(result)
-            if self._journal is not None:
-                self._journal.mark_applied(chunk[-1][2], nothing_pending=not self._waiting)
-            if self.unavailable_reason is not None:
-                log.info("PostgreSQL is back; the waiting events were decided")
-                self.unavailable_reason = None
-            delay = RETRY_INITIAL_SECONDS
+            await self.queue.submit([item])
 
     async def _decide(
-        self, chunk: list[tuple[_Waiting, int]], mark: tuple[str, int] | None
-    ) -> list[tuple[bool, Notification | None]]:
+        self, chunk: list[tuple[Waiting, int]], mark: tuple[str, int] | None
+    ) -> list[Result]:
         outcomes: list[_Outcome] = []
         async with self.fleet.deciding([item.phone for item, _ in chunk], mark) as batch:
             current: dict[int, SessionState] = {}
@@ -369,7 +183,7 @@ class FleetDecisions:
         # Committed: the decisions stand fleet-wide; carry them out here, in order.
         return [await self._carry_out_traced(outcome) for outcome in outcomes]
 
-    async def _carry_out_traced(self, outcome: _Outcome) -> tuple[bool, Notification | None]:
+    async def _carry_out_traced(self, outcome: _Outcome) -> Result:
         traced = outcome.item.traced
         if traced is None:
             return await self._carry_out(outcome)
@@ -381,7 +195,7 @@ class FleetDecisions:
         finally:
             otel_context.detach(token)
 
-    async def _carry_out(self, outcome: _Outcome) -> tuple[bool, Notification | None]:
+    async def _carry_out(self, outcome: _Outcome) -> Result:
         item, transition = outcome.item, outcome.transition
         if outcome.skipped:
             return True, None
@@ -411,7 +225,7 @@ class FleetDecisions:
         decided = transition.decision
         return not isinstance(decided, Close | Hold) and transition.state.phase is Phase.ACTIVE, outcome.flip
 
-    def _did_not_stick(self, stored: StoredDecision, item: _Waiting) -> bool:
+    def _did_not_stick(self, stored: StoredDecision, item: Waiting) -> bool:
         """An `open` soon after a (real, not observed) logout by any replica, without a new login."""
         return (
             stored.logged_out_at is not None
@@ -426,20 +240,6 @@ class FleetDecisions:
         session = self._registry.get(phone.organization_phone_id)
         if session is not None and session.state.phase is not Phase.CLOSING:
             self._registry.close_out(session, LoggedOut(logged_out_at or self._now(), observed))
-
-    # Failing closed -----------------------------------------------------------------------------------
-
-    def _unavailable(self, error: StoreUnavailable) -> None:
-        if self.unavailable_reason is None:
-            log.warning("PostgreSQL unreachable: decisions wait until it is back (%s)", error)
-        self.unavailable_reason = str(error)
-
-    async def stop(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-            await asyncio.gather(self._worker, return_exceptions=True)
-        if self._waiting:
-            log.warning("stopping with %d events not decided (PostgreSQL unreachable)", len(self._waiting))
 
     # Queries and operator closes ----------------------------------------------------------------------
 
@@ -499,7 +299,7 @@ class FleetDecisions:
                 await self.refresh_settings()
                 await self.take_over_closes()
             except StoreUnavailable as error:
-                self._unavailable(error)
+                self.queue.unavailable(error)
             await asyncio.sleep(SETTINGS_REFRESH_SECONDS)
 
     async def take_over_closes(self) -> int:
@@ -518,5 +318,5 @@ class FleetDecisions:
         return len(claimed)
 
 
-def _trigger(item: _Waiting) -> CloseTrigger:
+def _trigger(item: Waiting) -> CloseTrigger:
     return CloseTrigger.AUTOMATIC if item.counted is not None else CloseTrigger.CONNECTION
