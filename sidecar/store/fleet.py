@@ -16,14 +16,11 @@ from contextlib import asynccontextmanager
 
 import asyncpg
 
-from sidecar.ports import ClaimedClose, FleetSettings, StoredDecision, StoreUnavailable, TransientConflict
+from sidecar.ports import ClaimedClose, FleetSettings, StoredDecision
 from sidecar.rules.policy import Close, CloseReason, Counters, Phase, Recent, SessionState
 from sidecar.rules.records import CloseTrigger, Notification, PhoneRef
 from sidecar.rules.safety import BreakerConfig, BreakerStatus, IncidentKind, LoopState, Mode
 from sidecar.store.postgres import (
-    ACQUIRE_TIMEOUT_SECONDS,
-    CONFLICT_ERRORS,
-    UNAVAILABLE_ERRORS,
     Connection,
     PostgresStore,
 )
@@ -247,18 +244,8 @@ class PostgresFleet:
     async def start(self, mode: Mode, observe_organizations: frozenset[int]) -> None:
         """Seed the fleet's mode from this replica's flags when they are new (the first replica, or a changed
         deployment config); flags the fleet has already seen leave an operator's later change alone."""
-        async with self._connection() as conn:
+        async with self.store.connection() as conn:
             await conn.execute(self.sql_seed_settings, str(mode), sorted(observe_organizations))
-
-    @asynccontextmanager
-    async def _connection(self) -> AsyncIterator[Connection]:
-        try:
-            async with self.store.pool.acquire(timeout=ACQUIRE_TIMEOUT_SECONDS) as conn:
-                yield conn
-        except CONFLICT_ERRORS as error:
-            raise TransientConflict(f"{type(error).__name__}: {error}") from error
-        except UNAVAILABLE_ERRORS as error:
-            raise StoreUnavailable(f"{type(error).__name__}: {error}") from error
 
     @asynccontextmanager
     async def deciding(self, phones: Sequence[PhoneRef], mark: tuple[str, int] | None) -> AsyncIterator[_Batch]:
@@ -267,7 +254,7 @@ class PostgresFleet:
             known = unique.get(phone.organization_phone_id)
             if known is None or (known.phone_user is None and phone.phone_user):
                 unique[phone.organization_phone_id] = phone
-        async with self._connection() as conn, conn.transaction():
+        async with self.store.connection() as conn, conn.transaction():
             rows = await conn.fetch(
                 self.sql_lock,
                 list(unique),
@@ -303,12 +290,12 @@ class PostgresFleet:
         return True, False
 
     async def stored(self, organization_phone_id: int) -> StoredDecision | None:
-        async with self._connection() as conn:
+        async with self.store.connection() as conn:
             row = await conn.fetchrow(self.sql_stored, organization_phone_id)
         return _decision_of(row) if row is not None else None
 
     async def settings(self) -> FleetSettings:
-        async with self._connection() as conn:
+        async with self.store.connection() as conn:
             row = await conn.fetchrow(self.sql_settings)
             if row is None:
                 await conn.execute(self.sql_ensure_settings)
@@ -322,30 +309,30 @@ class PostgresFleet:
         )
 
     async def set_mode(self, mode: Mode, observe_organizations: frozenset[int]) -> None:
-        async with self._connection() as conn, conn.transaction():
+        async with self.store.connection() as conn, conn.transaction():
             await conn.execute(self.sql_ensure_settings)
             await conn.execute(self.sql_set_mode, str(mode), sorted(observe_organizations))
 
     async def trip_breaker(self, now: float, operator: str) -> bool:
-        async with self._connection() as conn, conn.transaction():
+        async with self.store.connection() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", self._lock_key)
             await conn.execute(self.sql_ensure_settings)
             return bool(await conn.fetchval(self.sql_trip, now, operator))
 
     async def keep_breaker(self, operator: str) -> bool:
-        async with self._connection() as conn:
+        async with self.store.connection() as conn:
             status: str = await conn.execute(self.sql_keep, operator)
         return status.split()[-1] != "0"
 
     async def release_breaker(self) -> None:
-        async with self._connection() as conn, conn.transaction():
+        async with self.store.connection() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", self._lock_key)
             await conn.execute(self.sql_release)
             await conn.execute(self.sql_clear_ledger)
 
     async def breaker_status(self, now: float) -> BreakerStatus:
         cutoff = now - self._breaker.window_seconds
-        async with self._connection() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+        async with self.store.connection() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
             settings = await conn.fetchrow(self.sql_settings)
             in_window = int(await conn.fetchval(self.sql_in_window, cutoff))
             live = int(await conn.fetchval(self.sql_live))
@@ -355,13 +342,13 @@ class PostgresFleet:
         return BreakerStatus(tripped_at is not None, tripped_at, in_window, self._breaker.allowed(live), held, kept_by)
 
     async def renew_closes(self, organization_phone_ids: Sequence[int]) -> None:
-        async with self._connection() as conn:
+        async with self.store.connection() as conn:
             await conn.execute(
                 self.sql_renew_closes, self.instance, list(organization_phone_ids), self.close_lease_seconds
             )
 
     async def take_over_closes(self, limit: int) -> list[ClaimedClose]:
-        async with self._connection() as conn:
+        async with self.store.connection() as conn:
             rows = await conn.fetch(self.sql_take_over, self.instance, self.close_lease_seconds, limit)
         return [
             ClaimedClose(
@@ -378,7 +365,7 @@ class PostgresFleet:
         ]
 
     async def held_phones(self) -> list[PhoneRef]:
-        async with self._connection() as conn:
+        async with self.store.connection() as conn:
             rows = await conn.fetch(self.sql_held_phones)
         return [PhoneRef(row["organization_id"], row["organization_phone_id"], row["phone_user"]) for row in rows]
 

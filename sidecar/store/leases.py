@@ -13,14 +13,12 @@ import contextlib
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import asyncpg
 
-from sidecar.ports import StoreUnavailable
-from sidecar.store.postgres import ACQUIRE_TIMEOUT_SECONDS, UNAVAILABLE_ERRORS, Connection, PostgresStore
+from sidecar.store.postgres import ACQUIRE_TIMEOUT_SECONDS, UNAVAILABLE_ERRORS, PostgresStore
 from sidecar.store.sqlnames import quote_identifier
 
 log = logging.getLogger("sidecar.leases")
@@ -62,16 +60,8 @@ class PostgresLeases:
         self._finish = f"UPDATE {commands} SET status = $2, error = $3 WHERE command_id = $1"
         self._forget = f"DELETE FROM {commands} WHERE created_at < now() - make_interval(secs => $1)"
 
-    @asynccontextmanager
-    async def _connection(self) -> AsyncIterator[Connection]:
-        try:
-            async with self._store.pool.acquire(timeout=ACQUIRE_TIMEOUT_SECONDS) as conn:
-                yield conn
-        except UNAVAILABLE_ERRORS as error:
-            raise StoreUnavailable(f"{type(error).__name__}: {error}") from error
-
     async def claim(self, organization_phone_id: int, connection_id: int) -> str | None:
-        async with self._connection() as conn:
+        async with self._store.connection() as conn:
             won = await conn.fetchval(
                 self._claim, organization_phone_id, self.instance, connection_id, self._lease_seconds
             )
@@ -81,38 +71,38 @@ class PostgresLeases:
         return holder
 
     async def release(self, organization_phone_ids: Sequence[int]) -> None:
-        async with self._connection() as conn:
+        async with self._store.connection() as conn:
             await conn.execute(self._release, self.instance, list(organization_phone_ids))
 
     async def renew(self, organization_phone_ids: Sequence[int]) -> None:
-        async with self._connection() as conn:
+        async with self._store.connection() as conn:
             await conn.execute(self._renew, self.instance, list(organization_phone_ids), self._lease_seconds)
             await conn.execute(self._forget, COMMANDS_KEPT_SECONDS)
 
     async def owner(self, organization_phone_id: int) -> str | None:
-        async with self._connection() as conn:
+        async with self._store.connection() as conn:
             holder: str | None = await conn.fetchval(self._holder, organization_phone_id)
         return holder
 
     async def send(self, owner: str, organization_phone_id: int, body: dict[str, Any]) -> str:
         command_id = uuid.uuid4().hex
-        async with self._connection() as conn, conn.transaction():
+        async with self._store.connection() as conn, conn.transaction():
             await conn.execute(self._send, command_id, organization_phone_id, owner, json.dumps(body))
             await conn.execute("SELECT pg_notify($1, $2)", self.channel, owner)
         return command_id
 
     async def result(self, command_id: str) -> tuple[str, str | None]:
-        async with self._connection() as conn:
+        async with self._store.connection() as conn:
             row = await conn.fetchrow(self._result, command_id)
         return ("unreachable", "command lost") if row is None else (row["status"], row["error"])
 
     async def take_commands(self) -> list[tuple[str, int, dict[str, Any]]]:
-        async with self._connection() as conn:
+        async with self._store.connection() as conn:
             rows = await conn.fetch(self._take, self.instance)
         return [(row["command_id"], row["organization_phone_id"], json.loads(row["body"])) for row in rows]
 
     async def finish(self, command_id: str, status: str, error: str | None) -> None:
-        async with self._connection() as conn:
+        async with self._store.connection() as conn:
             await conn.execute(self._finish, command_id, status, error)
 
     async def listen(self, url: str, wake: Callable[[], None], stop: asyncio.Event) -> None:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import asyncpg
@@ -205,6 +206,17 @@ class PostgresStore:
     @property
     def sql(self) -> _Sql:
         return self._sql
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[Connection]:
+        """A pooled connection; an outage raises StoreUnavailable, a conflict abort TransientConflict."""
+        try:
+            async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_SECONDS) as conn:
+                yield conn
+        except CONFLICT_ERRORS as error:
+            raise TransientConflict(f"{type(error).__name__}: {error}") from error
+        except UNAVAILABLE_ERRORS as error:
+            raise StoreUnavailable(f"{type(error).__name__}: {error}") from error
 
     async def enqueue(
         self, conn: Connection, phone: PhoneRef, notification: Notification | None, details: dict[str, Any]
