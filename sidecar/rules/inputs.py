@@ -42,11 +42,15 @@ def user_of_jid(text: str) -> str:
 
 def phone_ref(organization_id: int, organization_phone_id: int, phone_jid: str) -> PhoneRef:
     """The phone an event of the runtime's direct API names; raises InvalidInput for the first bad field."""
-    for name, value in (("organizationId", organization_id), ("organizationPhoneId", organization_phone_id)):
-        if id_problem(value) is not None:
-            raise InvalidInput(name, "must be a positive integer")
+    # The hot path of every event: plain type checks first, the problem text only for a bad value.
+    if not (type(organization_id) is int and type(organization_phone_id) is int) or not (
+        0 < organization_id <= MAX_ID and 0 < organization_phone_id <= MAX_ID
+    ):
+        for name, value in (("organizationId", organization_id), ("organizationPhoneId", organization_phone_id)):
+            if id_problem(value) is not None:
+                raise InvalidInput(name, "must be a positive integer")
     try:
-        user = user_of_jid(phone_jid)
+        user = parse_jid(phone_jid).bare
     except InvalidJid as error:
         raise InvalidInput("phoneJid", str(error)) from None
     return PhoneRef(organization_id, organization_phone_id, user)

@@ -142,7 +142,7 @@ class SessionRuntime:
         return self._registry.get(organization_phone_id)
 
     def is_closed(self, organization_phone_id: int) -> bool:
-        return self._registry.closed_phone(organization_phone_id) is not None
+        return self._registry.is_closed(organization_phone_id)
 
     @property
     def session_count(self) -> int:

@@ -87,6 +87,8 @@ class SessionRegistry(Protocol):
 
     def closed_phone(self, organization_phone_id: int) -> PhoneRef | None: ...
 
+    def is_closed(self, organization_phone_id: int) -> bool: ...
+
     def logged_out(self, organization_phone_id: int) -> LoggedOut | None: ...
 
     def restore(self, stored: Iterable[StoredSession]) -> None:
@@ -137,6 +139,9 @@ class MemorySessionRegistry:
 
     def closed_phone(self, organization_phone_id: int) -> PhoneRef | None:
         return self._closed.get(organization_phone_id)
+
+    def is_closed(self, organization_phone_id: int) -> bool:
+        return organization_phone_id in self._closed
 
     def logged_out(self, organization_phone_id: int) -> LoggedOut | None:
         return self._logged_out.get(organization_phone_id)
