@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 from sidecar import http
 from sidecar.components import COMPONENTS, Components
 from sidecar.config import Config
+from sidecar.http.errors import BODY_TIMEOUT
 from sidecar.link.fleet_sockets import FleetSockets
 from sidecar.link.server import RuntimeLink
 from sidecar.notify.delivery import Delivery, DeliveryPolicy
@@ -64,6 +65,7 @@ class Extras:
 def create_app(config: Config, extras: Extras | None = None) -> web.Application:
     """The one factory: builds every part and owns its lifecycle (cleanup_ctx), for `serve` and the tests."""
     app = web.Application(client_max_size=http.MAX_BODY_BYTES)
+    app[BODY_TIMEOUT] = config.request_body_timeout
     link = RuntimeLink()
     app.cleanup_ctx.append(_components(config, link, extras or Extras()))
 

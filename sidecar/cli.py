@@ -239,4 +239,7 @@ async def _check_config(config: Config) -> int:
             return EXIT_CONFIG
         summary["schema"] = "ok"
     print(json.dumps(summary))
+    if summary["exposure"] != "ok":  # `serve` would refuse these settings: so does the check
+        print(f"wa-sidecar: configuration error: exposure {summary['exposure']}", file=sys.stderr)
+        return EXIT_CONFIG
     return 0

@@ -97,6 +97,8 @@ class Config:
     coordination: str = "fleet"
     # Fleet mode: a close not finished within this many seconds (its replica died) is finished by another one.
     close_lease_seconds: float = 60.0
+    # A client that takes longer to send a request body gets 408 (slow or stalled clients hold no connection).
+    request_body_timeout: float = 10.0
 
     @property
     def fleet_mode(self) -> bool:
@@ -158,6 +160,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         help="with a database: fleet (default; replicas share every decision through PostgreSQL) or local "
         "(one replica decides in memory)",
     )
+    add("--request-body-timeout", help="seconds a client may take to send a request body (default 10)")
     add("--close-lease-seconds", help="fleet mode: seconds before another replica finishes a close (default 60)")
     add("--mode", help="enforce (default) or observe: decide and report everything, delete no key, end no socket")
     add("--observe-organizations", help="organization ids kept in observe mode while the rest enforce, comma-separated")
@@ -326,6 +329,8 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = N
         if raw not in ("fleet", "local"):
             raise ConfigError("coordination", f"must be fleet or local, got {raw!r}")
         changes["coordination"] = raw
+    if (raw := setting("request_body_timeout")) is not None:
+        changes["request_body_timeout"] = _positive_float("request-body-timeout", raw)
     if (raw := setting("close_lease_seconds")) is not None:
         changes["close_lease_seconds"] = _positive_float("close-lease-seconds", raw)
     if (raw := setting("mode")) is not None:

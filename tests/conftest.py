@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import re
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -70,3 +73,22 @@ async def seeded(cluster: ThrowawayPostgres) -> AsyncIterator[str]:
     await migrate(connection, "wa_sidecar")
     await connection.close()
     yield cluster.dsn
+
+
+# The numbers the tests' phones and peers use (seed.py, the Baileys samples): none may reach a log line.
+PHONE_NUMBER = re.compile(r"(?<!\d)(?:7900\d{7}|1555000\d{4}|2055500\d{8})(?!\d)")
+
+
+def phone_numbers_in(text: str) -> list[str]:
+    return PHONE_NUMBER.findall(text)
+
+
+@pytest.fixture(autouse=True)
+def no_phone_numbers_in_logs(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """Every log line the suite produces at info level or above is scanned for phone numbers."""
+    caplog.set_level(logging.INFO, logger="sidecar")
+    yield
+    for record in caplog.get_records("setup") + caplog.get_records("call"):
+        if record.levelno >= logging.INFO and record.name.startswith("sidecar"):
+            text = record.getMessage() + " " + json.dumps(record.__dict__.get("fields", {}), default=str)
+            assert not phone_numbers_in(text), f"a phone number in a log line: {text[:300]}"

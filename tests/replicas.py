@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 
+from tests.conftest import phone_numbers_in
 from tests.monitoring import free_port, wait_ready
 
 API_TOKEN = "fleet-operator-token"
@@ -94,6 +95,8 @@ async def replicas(
         yield fleet
     finally:
         await asyncio.gather(*(replica.stop() for replica in fleet))
+    for replica in fleet:  # the replicas' own log lines carry no phone number either
+        assert not phone_numbers_in(replica.log()), f"{replica.name} logged a phone number"
 
 
 async def settled(fleet: Sequence[Replica]) -> bool:

@@ -3,8 +3,8 @@ checks, request bodies."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -12,13 +12,14 @@ from typing import Any
 from aiohttp import web
 
 from sidecar.components import COMPONENTS, Components
-from sidecar.link.protocol import FrameInvalid
+from sidecar.link.protocol import FrameInvalid, decode_json
 from sidecar.ports import StoreUnavailable
 from sidecar.runtime import InvalidInput, UnknownSession
 
 log = logging.getLogger("sidecar.api")
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
+BODY_TIMEOUT = web.AppKey("body_timeout", float)  # seconds a client may take to send a request body
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -36,7 +37,11 @@ def components_of(request: web.Request) -> Components:
 def bearer_matches(request: web.Request, expected: str) -> bool:
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), expected.encode())
+    try:
+        presented = token.strip().encode("utf-8")
+    except UnicodeError:  # bytes that are not text: not our token
+        return False
+    return scheme.lower() == "bearer" and hmac.compare_digest(presented, expected.encode())
 
 
 def api_auth_error(request: web.Request, what: str) -> web.Response | None:
@@ -52,13 +57,15 @@ def api_auth_error(request: web.Request, what: str) -> web.Response | None:
 
 
 async def json_body(request: web.Request) -> object:
-    raw = await request.read()
     try:
-        return json.loads(raw.decode("utf-8"))
+        raw = await asyncio.wait_for(request.read(), request.app[BODY_TIMEOUT])
+    except TimeoutError:
+        raise web.HTTPRequestTimeout(reason="the request body did not arrive in time") from None
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise FrameInvalid("body is not UTF-8 text", reason="malformed") from None
-    except (json.JSONDecodeError, RecursionError) as error:
-        raise FrameInvalid(f"body is not JSON: {error}", reason="malformed") from None
+    return decode_json(text, "body")
 
 
 def runtime_auth_error(request: web.Request, token: str | None) -> web.Response | None:

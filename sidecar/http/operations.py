@@ -9,6 +9,7 @@ from prometheus_client.exposition import choose_encoder
 
 from sidecar.http.errors import components_of
 from sidecar.ports import StoreUnavailable
+from sidecar.rules.inputs import ascii_id
 from sidecar.runtime import InvalidInput
 
 OPENAPI_PATH = Path(__file__).parent / "openapi.json"
@@ -22,9 +23,10 @@ async def list_notifications(request: web.Request) -> web.Response:
     if status is not None and status not in NOTIFICATION_STATUSES:
         raise InvalidInput("status", f"must be one of {', '.join(NOTIFICATION_STATUSES)}")
     raw_limit = request.query.get("limit", "100")
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 1000:
-        raise InvalidInput("limit", "must be an integer from 1 to 1000")
-    rows = await components_of(request).store.list_notifications(status, int(raw_limit))
+    limit = ascii_id(raw_limit, maximum=1000)
+    if limit is None:
+        raise InvalidInput("limit", "must be an integer from 1 to 1000 (ASCII digits)")
+    rows = await components_of(request).store.list_notifications(status, limit)
     return web.json_response({"notifications": [row.to_json() for row in rows]})
 
 

@@ -9,7 +9,7 @@ from aiohttp import web
 
 from sidecar.components import Components
 from sidecar.http.errors import api_auth_error, components_of, json_body
-from sidecar.rules.inputs import MAX_ID
+from sidecar.rules.inputs import MAX_ID, text_problem
 from sidecar.rules.safety import Mode
 from sidecar.runtime import InvalidInput
 
@@ -49,6 +49,8 @@ async def _operator_request(request: web.Request, what: str) -> web.Response | d
     operator = body.get("operator")
     if not isinstance(operator, str) or not operator.strip() or len(operator) > 100:
         raise InvalidInput("operator", "is required: who decides (1 to 100 characters), for the closure log")
+    if (problem := text_problem(operator)) is not None:
+        raise InvalidInput("operator", problem)
     return body
 
 

@@ -9,16 +9,16 @@ from aiohttp import web
 
 from sidecar.components import Components
 from sidecar.http.errors import api_auth_error, components_of, json_body
-from sidecar.rules.inputs import MAX_ID
+from sidecar.rules.inputs import MAX_ID, ascii_id
 from sidecar.rules.policy import is_healthy
 from sidecar.runtime import InvalidInput, SessionView
 
 
 def _phone_id(request: web.Request) -> int:
-    raw = request.match_info["organizationPhoneId"]
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_ID:
-        raise InvalidInput("organizationPhoneId", f"must be a positive integer up to {MAX_ID}")
-    return int(raw)
+    value = ascii_id(request.match_info["organizationPhoneId"])
+    if value is None:
+        raise InvalidInput("organizationPhoneId", f"must be a positive integer up to {MAX_ID} (ASCII digits)")
+    return value
 
 
 def _timestamp(epoch: float | None) -> str | None:

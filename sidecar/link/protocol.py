@@ -13,7 +13,15 @@ from datetime import datetime
 from typing import Any, TypedDict
 
 from sidecar.rules.classification import ErrorSource
-from sidecar.rules.inputs import CONNECTION_STATES, JID_PROBLEM, id_problem, user_of_jid
+from sidecar.rules.inputs import (
+    CONNECTION_STATES,
+    JID_PROBLEM,
+    IntegerTooLong,
+    bounded_int,
+    id_problem,
+    text_problem,
+    user_of_jid,
+)
 from sidecar.rules.jid import InvalidJid
 
 MAX_EVENTS_PER_FRAME = 10_000
@@ -107,6 +115,9 @@ class _Reader:
             return None
         if len(value) > max_length:
             self.fail(field, f"must be at most {max_length} characters")
+            return None
+        if (problem := text_problem(value)) is not None:
+            self.fail(field, problem)
             return None
         return value
 
@@ -230,9 +241,15 @@ def parse_messages(payload: object) -> list[InboundMessage]:
     return [message for message in messages if message is not None]
 
 
-def parse_text(text: str) -> list[InboundMessage]:
+def decode_json(text: str, what: str) -> object:
+    """JSON with bounded integers; anything that does not decode is a FrameInvalid naming why."""
     try:
-        payload = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as error:
-        raise FrameInvalid(f"not JSON: {error}", reason="malformed") from None
-    return parse_messages(payload)
+        return json.loads(text, parse_int=bounded_int)
+    except IntegerTooLong as error:
+        raise FrameInvalid(f"{what} holds {error}", reason="malformed") from None
+    except (json.JSONDecodeError, RecursionError, ValueError) as error:
+        raise FrameInvalid(f"{what} is not JSON: {error}", reason="malformed") from None
+
+
+def parse_text(text: str) -> list[InboundMessage]:
+    return parse_messages(decode_json(text, "frame"))

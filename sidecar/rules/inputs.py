@@ -6,6 +6,8 @@ Each check returns None for a good value, or the problem in words for the caller
 
 from __future__ import annotations
 
+import re
+
 from sidecar.rules.jid import InvalidJid, parse_jid
 from sidecar.rules.records import PhoneRef
 
@@ -21,6 +23,36 @@ class InvalidInput(ValueError):
         super().__init__(f"{field}: {problem}")
         self.field = field
         self.problem = problem
+
+
+MAX_INTEGER_DIGITS = 20  # JSON integers longer than this are refused before conversion (ids fit in 10)
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def text_problem(value: str) -> str | None:
+    """PostgreSQL text cannot hold NUL, and UTF-8 cannot hold a lone surrogate: refuse them up front."""
+    if _UNSTORABLE.search(value):
+        return "must not contain NUL characters or unpaired surrogates"
+    return None
+
+
+class IntegerTooLong(ValueError):
+    pass
+
+
+def bounded_int(text: str) -> int:
+    """`json.loads(..., parse_int=bounded_int)`: a huge integer is bad input, not a 4,300-digit conversion error."""
+    if len(text.lstrip("-")) > MAX_INTEGER_DIGITS:
+        raise IntegerTooLong(f"an integer of {len(text)} digits (at most {MAX_INTEGER_DIGITS})")
+    return int(text)
+
+
+def ascii_id(raw: str, maximum: int = MAX_ID) -> int | None:
+    """A path or query number: ASCII digits only ('²' and Arabic-Indic digits pass str.isdigit), bounded."""
+    if not raw or len(raw) > 10 or not raw.isascii() or not raw.isdigit():
+        return None
+    value = int(raw)
+    return value if 1 <= value <= maximum else None
 
 
 def id_problem(value: object) -> str | None:

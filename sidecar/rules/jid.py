@@ -9,7 +9,7 @@ from functools import lru_cache
 # Users live on these servers; groups (@g.us) and broadcasts are not sessions or peers of a 1:1 Signal session.
 _USER_SERVERS = ("s.whatsapp.net", "c.us", "lid", "hosted", "hosted.lid")
 _JID = re.compile(
-    r"^(?P<user>[0-9]{1,20})(?::(?P<device>[0-9]{1,4}))?@(?P<server>" + "|".join(map(re.escape, _USER_SERVERS)) + r")$"
+    r"^(?P<user>[0-9]{1,20})(?::(?P<device>[0-9]{1,4}))?@(?P<server>" + "|".join(map(re.escape, _USER_SERVERS)) + r")\Z"
 )
 
 
@@ -31,7 +31,7 @@ class Jid:
 
 @lru_cache(maxsize=65_536)  # a fleet's JIDs repeat on every event; the result is immutable
 def parse_jid(text: str) -> Jid:
-    match = _JID.match(text)
+    match = _JID.match(text) if isinstance(text, str) else None
     if match is None:
         raise InvalidJid(f"not a WhatsApp user JID (expected digits@server, e.g. 79001112233@s.whatsapp.net): {text!r}")
     device = match.group("device")

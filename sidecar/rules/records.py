@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -270,3 +271,11 @@ def step_from_json(text: str) -> Step:
     if kind == "DeleteKeys":
         return DeleteKeys(phone, KeyScope(data["scope"]), tuple(data["key_prefixes"]), data.get("observe", False))
     raise ValueError(f"unknown journal step {kind!r}")
+
+
+_NUMBER = re.compile(r"\d{7,}")
+
+
+def without_numbers(text: str) -> str:
+    """Log text with every run of 7 or more digits (a phone number, a peer's number in a key name) masked."""
+    return _NUMBER.sub("<number>", text)

@@ -107,7 +107,11 @@ class DecisionQueue:
                 submission.give_up()
                 if self._journal is not None:
                     self._journal.mark_applied(position, nothing_pending=not self._waiting)
-                log.exception("an event could not be decided and was dropped: %s", item)
+                log.exception(
+                    "an event could not be decided and was dropped: %s of organizationPhoneId %d",
+                    type(item.event).__name__,
+                    item.phone.organization_phone_id,
+                )
                 continue
             for (_, submission, _), result in zip(chunk, results, strict=True):
                 self._waiting.popleft()

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from opentelemetry import trace
 
 from sidecar.ports import SessionStore
+from sidecar.rules.inputs import text_problem
 from sidecar.rules.policy import Phase
 from sidecar.rules.records import ClosureRecord, NotificationEvent
 from sidecar.rules.safety import BreakerStatus, Mode
@@ -59,6 +60,8 @@ class OperatorControls:
             raise InvalidInput("reason", "must be a non-empty text saying why the session is closed")
         if len(reason) > MAX_REASON_LENGTH:
             raise InvalidInput("reason", f"must be at most {MAX_REASON_LENGTH} characters")
+        if (problem := text_problem(reason)) is not None:
+            raise InvalidInput("reason", problem)
         if self._fleet is not None:
             return await self._fleet_force_close(self._fleet, organization_phone_id, reason)
         session = self._registry.get(organization_phone_id)

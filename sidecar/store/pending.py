@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from sidecar.ports import SessionStore, StepFailed, StoreUnavailable
-from sidecar.rules.records import Step, StepResult, step_to_json
+from sidecar.rules.records import Step, StepResult, step_to_json, without_numbers
 from sidecar.store.journal import Journal
 
 log = logging.getLogger("sidecar.store.pending")
@@ -159,8 +159,8 @@ class PendingSteps:
             log.error(
                 "database step failed and was dropped: %s: %s; step: %s",
                 type(failure.error).__name__,
-                failure.error,
-                step_to_json(bad.step),
+                without_numbers(str(failure.error)),
+                without_numbers(step_to_json(bad.step)),
             )
             self._finish(good, results)
             self._queue.popleft()

@@ -295,7 +295,7 @@ class PostgresStore:
         ]
 
     async def recent_closures(self, organization_phone_id: int, limit: int) -> list[ClosureRecord]:
-        async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_SECONDS) as conn:
+        async with self.connection() as conn:
             rows = await conn.fetch(self._sql.recent_closures, organization_phone_id, limit)
         return [_closure_from_row(row) for row in rows]
 
@@ -435,7 +435,7 @@ class PostgresStore:
         )
 
     async def claim_due(self, limit: int, lease_seconds: float) -> list[OutboxRow]:
-        async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_SECONDS) as conn:
+        async with self.connection() as conn:
             rows = await conn.fetch(self._sql.claim_due, limit, lease_seconds)
         return sorted((_outbox_row(row) for row in rows), key=lambda row: row.seq)
 
@@ -448,16 +448,16 @@ class PostgresStore:
         team: str | None,
         retry_in: float | None = None,
     ) -> None:
-        async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_SECONDS) as conn:
+        async with self.connection() as conn:
             await conn.execute(self._sql.finish, notification_id, status, attempts, error, team, retry_in or 0.0)
 
     async def list_notifications(self, status: str | None, limit: int) -> list[OutboxRow]:
-        async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_SECONDS) as conn:
+        async with self.connection() as conn:
             rows = await conn.fetch(self._sql.list_notifications, status, limit)
         return [_outbox_row(row) for row in rows]
 
     async def outbox_depth(self) -> int:
-        async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_SECONDS) as conn:
+        async with self.connection() as conn:
             return int(await conn.fetchval(self._sql.outbox_depth))
 
 

@@ -40,7 +40,8 @@ class ActionLog(BaseObserver):
                     "action": "heal",
                     **_ids(phone),
                     "scope": str(heal.scope),
-                    "keyPrefixes": list(heal.key_prefixes),
+                    # The prefixes name the failing peer's number: only their count reaches the log.
+                    "keyPrefixCount": len(heal.key_prefixes),
                     "keysDeleted": keys_deleted,
                     "database": database,
                     "socket": socket,
