@@ -143,7 +143,14 @@ def _bound_url(config: Config, runner: web.AppRunner) -> str:
 
 async def _run_server(config: Config, work: Work | None = None, extras: Extras | None = None) -> None:
     """Serves until SIGINT/SIGTERM, or until `work` (given the live components and the base URL) is done."""
-    runner = web.AppRunner(create_app(config, extras), access_log=None, handle_signals=False)
+    # keepalive_timeout also bounds a new connection's wait for a complete request head: a client that trickles
+    # its headers is disconnected after it (aiohttp measures it from the connection's start).
+    runner = web.AppRunner(
+        create_app(config, extras),
+        access_log=None,
+        handle_signals=False,
+        keepalive_timeout=config.request_header_timeout,
+    )
     await runner.setup()
     try:
         site = web.TCPSite(runner, config.listen_host, config.listen_port)

@@ -99,6 +99,8 @@ class Config:
     close_lease_seconds: float = 60.0
     # A client that takes longer to send a request body gets 408 (slow or stalled clients hold no connection).
     request_body_timeout: float = 10.0
+    # ... and one slower to send its request head (or idle between keep-alive requests) is disconnected.
+    request_header_timeout: float = 15.0
 
     @property
     def fleet_mode(self) -> bool:
@@ -160,6 +162,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         help="with a database: fleet (default; replicas share every decision through PostgreSQL) or local "
         "(one replica decides in memory)",
     )
+    add("--request-header-timeout", help="seconds for a request head, and keep-alive idle time (default 15)")
     add("--request-body-timeout", help="seconds a client may take to send a request body (default 10)")
     add("--close-lease-seconds", help="fleet mode: seconds before another replica finishes a close (default 60)")
     add("--mode", help="enforce (default) or observe: decide and report everything, delete no key, end no socket")
@@ -329,6 +332,8 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = N
         if raw not in ("fleet", "local"):
             raise ConfigError("coordination", f"must be fleet or local, got {raw!r}")
         changes["coordination"] = raw
+    if (raw := setting("request_header_timeout")) is not None:
+        changes["request_header_timeout"] = _positive_float("request-header-timeout", raw)
     if (raw := setting("request_body_timeout")) is not None:
         changes["request_body_timeout"] = _positive_float("request-body-timeout", raw)
     if (raw := setting("close_lease_seconds")) is not None:

@@ -13,7 +13,7 @@ import aiohttp
 import asyncpg
 
 from sidecar.client import connection_update, decrypt_error
-from tests.monitoring import free_port, run_tool
+from tests.monitoring import free_port, run_tool, wait_ready
 from tests.seed import add_phone, keys_of, phone_row
 from tests.server import serving, sidecar_config
 from tests.waiting import eventually
@@ -161,3 +161,34 @@ def test_no_phone_number_in_the_action_log(tmp_path: Path) -> None:
     assert "15550002222" not in text and "79001112233" not in text
     assert record.__dict__["fields"]["keyPrefixCount"] == 2
 
+
+
+async def test_a_client_trickling_its_headers_is_disconnected(tmp_path: Path) -> None:
+    port = free_port()
+    log = (tmp_path / "serve.log").open("wb")
+    argv = [sys.executable, "-m", "sidecar", "serve", "--listen", f"127.0.0.1:{port}", "--request-header-timeout", "1"]
+    process = await asyncio.create_subprocess_exec(*argv, stdout=log, stderr=asyncio.subprocess.STDOUT)
+    try:
+        await wait_ready(f"http://127.0.0.1:{port}/healthz", process)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        started = asyncio.get_running_loop().time()
+        writer.write(b"GET /v1/sessions HTTP/1.1\r\n")
+        disconnected = False
+        for index in range(40):  # a header line every 0.25 s: the head would take 10 s
+            await asyncio.sleep(0.25)  # the client's pace, not a wait for an outcome
+            try:
+                writer.write(f"X-Slow-{index}: 1\r\n".encode())
+                await writer.drain()
+            except ConnectionError:
+                disconnected = True
+                break
+            if reader.at_eof():
+                disconnected = True
+                break
+        elapsed = asyncio.get_running_loop().time() - started
+        writer.close()
+        assert disconnected and elapsed < 5, elapsed
+    finally:
+        process.terminate()
+        await process.wait()
+        log.close()
