@@ -20,7 +20,7 @@ from sidecar.store.sqlnames import InvalidIdentifier, quote_identifier, quote_qu
 
 ENV_PREFIX = "WA_SIDECAR_"
 DEFAULT_TEAM = "unassigned"
-_TEAM = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_TEAM = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
 
 
 class ConfigError(ValueError):

@@ -229,6 +229,9 @@ class FleetState(Protocol):
 
     async def held_phones(self) -> list[PhoneRef]: ...
 
+    async def release_close(self, organization_phone_id: int, generation: int) -> None:
+        """Give a claimed close back (an operator's close that did not complete): the phone is active again."""
+
     async def renew_closes(self, organization_phone_ids: Sequence[int]) -> None:
         """Extend the lease of closes this replica is still carrying out."""
 

@@ -199,6 +199,12 @@ async def test_schemathesis_finds_no_server_error(database: str, tmp_path: Path)
                 "/v1/runtime",
                 "--seed",
                 "1",
+                # Negative cases too (the default mode "all": out-of-range and huge numbers, wrong types) and
+                # strings with NUL bytes and any unicode (the default codec is utf-8): none may give a 5xx.
+                "--generation-allow-x00",
+                "true",
+                "--generation-codec",
+                "utf-8",
             ],
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,

@@ -91,6 +91,13 @@ async def test_ids_and_numbers_take_ascii_digits_and_jids_no_trailing_newline(da
         async with http.post(served.base + "/v1/events", json=[event]) as response:
             body = await response.json()
             assert response.status == 400 and body["details"][0]["field"] == "phoneJid"
+        traced = {
+            **decrypt_error(1, 5, "79001112233@s.whatsapp.net", "Bad MAC"),
+            "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\n",
+        }
+        async with http.post(served.base + "/v1/events", json=[traced]) as response:
+            body = await response.json()
+            assert response.status == 400 and body["details"][0]["field"] == "traceparent"
 
 
 async def test_an_authorization_header_that_is_not_text_is_a_401(database: str) -> None:
@@ -192,3 +199,27 @@ async def test_a_client_trickling_its_headers_is_disconnected(tmp_path: Path) ->
         process.terminate()
         await process.wait()
         log.close()
+
+
+async def test_an_operator_close_whose_database_steps_fail_answers_503_and_a_retry_closes(
+    database: str, db: asyncpg.Connection
+) -> None:
+    """Fleet mode (a database): the claim is given back, so the retry is a close, not `alreadyClosed`."""
+    phone = await add_phone(db, 1, "79001112233")
+    pid = phone.organization_phone_id
+    await db.execute(
+        """
+        CREATE FUNCTION refuse_delete() RETURNS trigger LANGUAGE plpgsql AS
+        $$ BEGIN RAISE EXCEPTION 'auth store is read-only'; END $$;
+        CREATE TRIGGER refuse_delete BEFORE DELETE ON baileys_auth FOR EACH ROW EXECUTE FUNCTION refuse_delete();
+        """
+    )
+    async with serving(sidecar_config(database, api_token=TOKEN, socket_end_timeout=0.2)) as served:
+        await raw_post(served.base, "/v1/events", json.dumps([connection_update(1, pid, phone.phone_jid, "open")]))
+        status, answer = await raw_post(served.base, f"/v1/sessions/{pid}/close", json.dumps({"reason": "Planned"}))
+        assert status == 503 and answer["details"][0]["field"] == "authKeys", answer
+        assert "read-only" in answer["details"][0]["problem"] and "retry" in answer["error"]
+        await db.execute("DROP TRIGGER refuse_delete ON baileys_auth")
+        status, answer = await raw_post(served.base, f"/v1/sessions/{pid}/close", json.dumps({"reason": "Planned"}))
+        assert status == 200 and answer["alreadyClosed"] is False and answer["steps"]["authKeys"] == "ok", answer
+    assert await keys_of(db, phone) == set()

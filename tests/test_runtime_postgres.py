@@ -13,6 +13,7 @@ import pytest
 from sidecar.rules.classification import ErrorClass, ErrorSource
 from sidecar.rules.policy import Limits, PolicyConfig
 from sidecar.runtime import InvalidInput, SessionRuntime, UnknownSession
+from sidecar.runtime.errors import CloseIncomplete
 from sidecar.telemetry.action_log import ClosureLogFile
 from tests.harness import runtime_over
 from tests.seed import KEY_NAMES, add_phone, keys_of, phone_row
@@ -219,7 +220,9 @@ async def test_fifty_concurrent_bad_macs_close_exactly_once(database: str, db: a
     assert len(await closures(db, pid)) == 1
 
 
-async def test_a_failing_key_store_still_closes_and_records_the_failure(database: str, db: asyncpg.Connection) -> None:
+async def test_a_failing_key_store_is_not_reported_as_closed_and_a_retry_closes(
+    database: str, db: asyncpg.Connection
+) -> None:
     phone = await add_phone(db, 1, "79001112233")
     pid, jid = phone.organization_phone_id, phone.phone_jid
     await db.execute(
@@ -232,19 +235,25 @@ async def test_a_failing_key_store_still_closes_and_records_the_failure(database
     async with runtime_over(database, socket_end_timeout=0.2) as h:
         h.socket(pid, mode="hang")
         await h.runtime.on_connection_update(1, pid, jid, "open")
-        outcome = await h.runtime.force_close_session(pid, "Maintenance restart")
+        with pytest.raises(CloseIncomplete) as incomplete:
+            await h.runtime.force_close_session(pid, "Maintenance restart")
+        assert list(incomplete.value.failed) == ["authKeys"]
+        assert incomplete.value.failed["authKeys"].startswith("failed: RaiseError: auth store is read-only")
+        record = incomplete.value.record
+        assert record.socket == "timeout" and record.steps["phoneStatus"] == "ok"
+        assert h.runtime.session(pid) is not None and not h.runtime.is_closed(pid), "not done: retryable"
+        assert await keys_of(db, phone) == set(KEY_NAMES)
+        await db.execute("DROP TRIGGER refuse_delete ON baileys_auth")
+        outcome = await h.runtime.force_close_session(pid, "Maintenance restart")  # the retry
+        assert outcome.already_closed is False and outcome.record is not None
+        assert outcome.record.steps["authKeys"] == "ok"
         assert h.runtime.session(pid) is None
         assert h.runtime.background_tasks == 0
-    record = outcome.record
-    assert record is not None and outcome.already_closed is False
-    assert record.socket == "timeout"
-    assert record.steps["authKeys"].startswith("failed: RaiseError: auth store is read-only")
-    assert record.steps["phoneStatus"] == "ok"
-    assert await keys_of(db, phone) == set(KEY_NAMES)
+    assert await keys_of(db, phone) == set()
     assert (await phone_row(db, phone))["status"] == "logged_out"
-    [closure] = await closures(db, pid)
-    assert json.loads(closure["steps"])["authKeys"].startswith("failed:")
-    assert closure["socket"] == "timeout"
+    first, second = sorted(await closures(db, pid), key=lambda row: row["started_at"])
+    assert json.loads(first["steps"])["authKeys"].startswith("failed:")  # the closure log keeps the attempt
+    assert json.loads(second["steps"])["authKeys"] == "ok"
     counters = await stored_counters(db, pid)
     assert counters is not None and counters["closed_at"] is not None
 

@@ -15,6 +15,7 @@ from sidecar.components import COMPONENTS, Components
 from sidecar.link.protocol import FrameInvalid, decode_json
 from sidecar.ports import StoreUnavailable
 from sidecar.runtime import InvalidInput, UnknownSession
+from sidecar.runtime.errors import CloseIncomplete
 
 log = logging.getLogger("sidecar.api")
 
@@ -109,3 +110,6 @@ async def input_errors(request: web.Request, handler: Handler) -> web.StreamResp
         return error_response(404, str(error))
     except StoreUnavailable as error:
         return error_response(503, f"PostgreSQL unreachable; fleet decisions wait for it: {error}")
+    except CloseIncomplete as error:
+        details = [{"field": part, "problem": step} for part, step in error.failed.items()]
+        return error_response(503, f"{error}; nothing was marked closed, retry", details, {"Retry-After": "1"})

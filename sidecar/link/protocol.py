@@ -28,7 +28,7 @@ MAX_EVENTS_PER_FRAME = 10_000
 MAX_ERROR_TEXT = 16_384
 SOURCES = tuple(source.value for source in ErrorSource)
 MESSAGE_TYPES = ("pkmsg", "msg", "skmsg")
-_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}\Z")
 
 
 class Problem(TypedDict):

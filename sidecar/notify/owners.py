@@ -27,7 +27,7 @@ import yaml
 log = logging.getLogger("sidecar.owners")
 
 UNASSIGNED = "unassigned"
-_TEAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_TEAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
 _TOP_LEVEL = {"defaultTeam", "teams", "organizations", "phones"}
 
 

@@ -7,16 +7,17 @@ per session at a time: `start` is only called for a session whose phase just bec
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from datetime import datetime
 
 from opentelemetry import trace
 
-from sidecar.ports import SocketController, StepQueue
-from sidecar.rules.policy import Close, CloseCompleted, PolicyConfig, decide, error_stats
+from sidecar.ports import SocketController, StepQueue, StoreUnavailable
+from sidecar.rules.policy import Close, CloseCompleted, Phase, PolicyConfig, SessionState, decide, error_stats
 from sidecar.rules.records import CloseTrigger, ClosureRecord, Logout, LogoutResult, NotificationEvent, StepOutcome
 from sidecar.rules.safety import LoopDetector
 from sidecar.runtime.notices import Notices
@@ -31,6 +32,11 @@ DATABASE_SPANS = {
     "phoneStatus": "phone.mark_logged_out",
     "closureRecord": "closure.record",
 }
+
+
+def database_failed(record: ClosureRecord) -> bool:
+    """A part of the close's database half failed by itself (an outage leaves it pending instead)."""
+    return any(record.steps.get(part, "").startswith(StepOutcome.FAILED) for part in DATABASE_PARTS)
 
 
 class CloseSequence:
@@ -65,6 +71,8 @@ class CloseSequence:
         self._socket_timeout = socket_timeout
         self._database_timeout = database_timeout
         self._in_flight: dict[int, asyncio.Task[ClosureRecord]] = {}
+        # Fleet mode: give a claimed close back (phone id, generation) when an operator's close is undone.
+        self.release_claim: Callable[[int, int], Awaitable[None]] | None = None
 
     def start(
         self, session: Session, decision: Close, trigger: CloseTrigger, generation: int | None = None
@@ -120,7 +128,10 @@ class CloseSequence:
                 self._trace_database_parts(record.steps, timings)
             finally:
                 record.duration_seconds = time.monotonic() - started
-                self._forget(session, LoggedOut(self._clock().timestamp(), observe))
+                if trigger is CloseTrigger.OPERATOR and database_failed(record):
+                    await self._undo(session, decision, generation)  # not done: the operator may retry
+                else:
+                    self._forget(session, LoggedOut(self._clock().timestamp(), observe))
                 if span.is_recording():
                     span.set_attributes(
                         {
@@ -158,6 +169,14 @@ class CloseSequence:
         assert isinstance(result, LogoutResult)
         steps = {name: value for name, value in result.steps.items() if name != "socket"}
         return steps, result.keys_deleted, result.timings
+
+    async def _undo(self, session: Session, decision: Close, generation: int | None) -> None:
+        """An operator's close whose database half failed for a reason of its own (not an outage) is not done:
+        the session stays open with its counts, and in fleet mode the claim is released, so a retry closes it."""
+        session.state = SessionState(decision.counters, Phase.ACTIVE)
+        if generation is not None and self.release_claim is not None:
+            with contextlib.suppress(StoreUnavailable):  # the claim's lease expires by itself otherwise
+                await self.release_claim(session.organization_phone_id, generation)
 
     def _forget(self, session: Session, logged_out: LoggedOut) -> None:
         session.state = decide(session.state, CloseCompleted(), self._policy).state

@@ -112,6 +112,8 @@ class SessionRuntime:
             socket_timeout=socket_end_timeout,
         )  # fmt: skip
         now = lambda: self._clock().timestamp()  # noqa: E731
+        if fleet is not None:
+            self._closes.release_claim = fleet.release_close
         self._effects = Effects(
             policy, self._observers, self._notices, self._heals, self._closes, self._incidents,
             lambda: self.operator.fleet_breaker_status(),

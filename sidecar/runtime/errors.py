@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from sidecar.rules.inputs import InvalidInput
+from sidecar.rules.records import ClosureRecord
 
 
 class UnknownSession(LookupError):
@@ -11,4 +12,15 @@ class UnknownSession(LookupError):
         self.organization_phone_id = organization_phone_id
 
 
-__all__ = ["InvalidInput", "UnknownSession"]
+__all__ = ["CloseIncomplete", "InvalidInput", "UnknownSession"]
+
+
+class CloseIncomplete(RuntimeError):
+    """An operator's close whose database half failed for a reason of its own: not done; retry it."""
+
+    def __init__(self, record: ClosureRecord, failed: dict[str, str]) -> None:
+        parts = ", ".join(f"{part} {outcome}" for part, outcome in failed.items())
+        phone_id = record.phone.organization_phone_id
+        super().__init__(f"the close of organizationPhoneId {phone_id} did not complete: {parts}")
+        self.record = record
+        self.failed = failed

@@ -12,10 +12,10 @@ from opentelemetry import trace
 from sidecar.ports import SessionStore
 from sidecar.rules.inputs import text_problem
 from sidecar.rules.policy import Phase
-from sidecar.rules.records import ClosureRecord, NotificationEvent
+from sidecar.rules.records import ClosureRecord, NotificationEvent, StepOutcome
 from sidecar.rules.safety import BreakerStatus, Mode
-from sidecar.runtime.close import CloseSequence
-from sidecar.runtime.errors import InvalidInput, UnknownSession
+from sidecar.runtime.close import CloseSequence, database_failed
+from sidecar.runtime.errors import CloseIncomplete, InvalidInput, UnknownSession
 from sidecar.runtime.fleet import FleetDecisions
 from sidecar.runtime.fleet_safety import Incidents, Safety, SafetyView
 from sidecar.runtime.outcomes import span_ids
@@ -28,6 +28,22 @@ MAX_REASON_LENGTH = 500
 class CloseOutcome:
     record: ClosureRecord | None
     already_closed: bool
+
+
+def _outcome(record: ClosureRecord, already_closed: bool) -> CloseOutcome:
+    """A close whose database half failed by itself was undone (the session stays open): say so, do not report
+    it as done, so the operator retries instead of reading `alreadyClosed`."""
+    if database_failed(record):
+        failed = {part: step for part, step in record.steps.items() if step.startswith(StepOutcome.FAILED)}
+        raise CloseIncomplete(record, failed)
+    return CloseOutcome(record, already_closed)
+
+
+def _all_done(records: list[ClosureRecord]) -> list[ClosureRecord]:
+    """The held sessions closed on a release; one whose database half failed is named (it stays open)."""
+    for record in records:
+        _outcome(record, already_closed=False)
+    return records
 
 
 class OperatorControls:
@@ -72,19 +88,19 @@ class OperatorControls:
         running = self._closes.in_flight(organization_phone_id)
         if running is not None:
             await asyncio.shield(running)
-            return CloseOutcome(running.result(), already_closed=True)
+            return _outcome(running.result(), already_closed=True)
         with self._tracer.start_as_current_span("session.force_close", attributes=span_ids(session.phone)):
             self._operator_close(session, reason)  # the close task inherits the span
         started = self._closes.in_flight(organization_phone_id)
         assert started is not None
-        return CloseOutcome(await asyncio.shield(started), already_closed=False)
+        return _outcome(await asyncio.shield(started), already_closed=False)
 
     async def _fleet_force_close(self, fleet: FleetDecisions, organization_phone_id: int, reason: str) -> CloseOutcome:
         """The close is claimed in the database: exactly one replica closes; the others answer alreadyClosed."""
         running = self._closes.in_flight(organization_phone_id)
         if running is not None:
             await asyncio.shield(running)
-            return CloseOutcome(running.result(), already_closed=True)
+            return _outcome(running.result(), already_closed=True)
         session = self._registry.get(organization_phone_id)
         found = await fleet.phone_of(organization_phone_id)
         if found is None and session is None:
@@ -98,7 +114,7 @@ class OperatorControls:
         started = self._closes.in_flight(organization_phone_id)
         if not claimed or started is None:
             return CloseOutcome(await self._last_closure(organization_phone_id), already_closed=True)
-        return CloseOutcome(await asyncio.shield(started), already_closed=False)
+        return _outcome(await asyncio.shield(started), already_closed=False)
 
     async def _last_closure(self, organization_phone_id: int) -> ClosureRecord | None:
         try:
@@ -141,7 +157,7 @@ class OperatorControls:
         for session in held:
             self._operator_close(session, f"held by the circuit breaker; closed on release by {operator}")
         tasks = [self._closes.in_flight(session.organization_phone_id) for session in held]
-        return list(await asyncio.gather(*[task for task in tasks if task is not None]))
+        return _all_done(await asyncio.gather(*[task for task in tasks if task is not None]))
 
     async def _fleet_release(self, fleet: FleetDecisions, operator: str, close_held: bool) -> list[ClosureRecord]:
         await fleet.fleet.release_breaker()
@@ -152,7 +168,7 @@ class OperatorControls:
         if not close_held:
             return []
         tasks = await fleet.close_held(f"held by the circuit breaker; closed on release by {operator}")
-        return list(await asyncio.gather(*tasks))
+        return _all_done(await asyncio.gather(*tasks))
 
     async def keep_breaker(self, operator: str) -> None:
         if self._fleet is not None:

@@ -236,6 +236,11 @@ class PostgresFleet:
             f"UPDATE {counters} SET close_lease_until = now() + make_interval(secs => $3) "
             "WHERE close_claimed_by = $1 AND phase = 'closing' AND organization_phone_id = ANY($2::bigint[])"
         )
+        self.sql_release_close = (
+            f"UPDATE {counters} SET phase = 'active', closed_at = NULL, close_claimed_by = NULL, "
+            "close_lease_until = NULL, close_reason = NULL, close_trigger = NULL, close_detail = NULL, "
+            "updated_at = now() WHERE organization_phone_id = $1 AND generation = $2 AND phase IN ('closing', 'closed')"
+        )
         self.sql_held_phones = (
             f"SELECT organization_id, organization_phone_id, phone_user FROM {counters} WHERE phase = 'held' "
             "ORDER BY organization_phone_id"
@@ -346,6 +351,10 @@ class PostgresFleet:
             await conn.execute(
                 self.sql_renew_closes, self.instance, list(organization_phone_ids), self.close_lease_seconds
             )
+
+    async def release_close(self, organization_phone_id: int, generation: int) -> None:
+        async with self.store.connection() as conn:
+            await conn.execute(self.sql_release_close, organization_phone_id, generation)
 
     async def take_over_closes(self, limit: int) -> list[ClaimedClose]:
         async with self.store.connection() as conn:
