@@ -69,3 +69,15 @@ async def phone_row(db: asyncpg.Connection, phone: SeededPhone) -> asyncpg.Recor
     row = await db.fetchrow('SELECT * FROM "OrganizationPhone" WHERE id = $1', phone.organization_phone_id)
     assert row is not None
     return row
+
+
+REFUSE_KEY_DELETES = """
+    CREATE FUNCTION refuse_delete() RETURNS trigger LANGUAGE plpgsql AS
+    $$ BEGIN RAISE EXCEPTION 'auth store is read-only'; END $$;
+    CREATE TRIGGER refuse_delete BEFORE DELETE ON baileys_auth FOR EACH ROW EXECUTE FUNCTION refuse_delete();
+"""
+
+
+async def refuse_key_deletes(db: asyncpg.Connection) -> None:
+    """A key store that refuses deletions for a reason of its own (not an outage): every key deletion fails."""
+    await db.execute(REFUSE_KEY_DELETES)

@@ -14,7 +14,7 @@ import asyncpg
 
 from sidecar.client import connection_update, decrypt_error
 from tests.monitoring import free_port, run_tool, wait_ready
-from tests.seed import add_phone, keys_of, phone_row
+from tests.seed import add_phone, keys_of, phone_row, refuse_key_deletes
 from tests.server import serving, sidecar_config
 from tests.waiting import eventually
 
@@ -207,13 +207,7 @@ async def test_an_operator_close_whose_database_steps_fail_answers_503_and_a_ret
     """Fleet mode (a database): the claim is given back, so the retry is a close, not `alreadyClosed`."""
     phone = await add_phone(db, 1, "79001112233")
     pid = phone.organization_phone_id
-    await db.execute(
-        """
-        CREATE FUNCTION refuse_delete() RETURNS trigger LANGUAGE plpgsql AS
-        $$ BEGIN RAISE EXCEPTION 'auth store is read-only'; END $$;
-        CREATE TRIGGER refuse_delete BEFORE DELETE ON baileys_auth FOR EACH ROW EXECUTE FUNCTION refuse_delete();
-        """
-    )
+    await refuse_key_deletes(db)
     async with serving(sidecar_config(database, api_token=TOKEN, socket_end_timeout=0.2)) as served:
         await raw_post(served.base, "/v1/events", json.dumps([connection_update(1, pid, phone.phone_jid, "open")]))
         status, answer = await raw_post(served.base, f"/v1/sessions/{pid}/close", json.dumps({"reason": "Planned"}))

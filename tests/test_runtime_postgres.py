@@ -16,7 +16,7 @@ from sidecar.runtime import InvalidInput, SessionRuntime, UnknownSession
 from sidecar.runtime.errors import CloseIncomplete
 from sidecar.telemetry.action_log import ClosureLogFile
 from tests.harness import runtime_over
-from tests.seed import KEY_NAMES, add_phone, keys_of, phone_row
+from tests.seed import KEY_NAMES, add_phone, keys_of, phone_row, refuse_key_deletes
 
 PEER = "15550002222@s.whatsapp.net"
 
@@ -225,13 +225,7 @@ async def test_a_failing_key_store_is_not_reported_as_closed_and_a_retry_closes(
 ) -> None:
     phone = await add_phone(db, 1, "79001112233")
     pid, jid = phone.organization_phone_id, phone.phone_jid
-    await db.execute(
-        """
-        CREATE FUNCTION refuse_delete() RETURNS trigger LANGUAGE plpgsql AS
-        $$ BEGIN RAISE EXCEPTION 'auth store is read-only'; END $$;
-        CREATE TRIGGER refuse_delete BEFORE DELETE ON baileys_auth FOR EACH ROW EXECUTE FUNCTION refuse_delete();
-        """
-    )
+    await refuse_key_deletes(db)
     async with runtime_over(database, socket_end_timeout=0.2) as h:
         h.socket(pid, mode="hang")
         await h.runtime.on_connection_update(1, pid, jid, "open")

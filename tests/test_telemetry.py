@@ -20,7 +20,7 @@ from sidecar.app import Extras
 from sidecar.client import connection_update, decrypt_error
 from sidecar.runtime.errors import CloseIncomplete
 from sidecar.telemetry.tracing import tracing_from_provider
-from tests.seed import add_phone
+from tests.seed import add_phone, refuse_key_deletes
 from tests.server import Served, serving, sidecar_config
 
 JID = "79001112233@s.whatsapp.net"
@@ -162,13 +162,7 @@ def spans_by_name(exporter: InMemorySpanExporter) -> dict[str, list[ReadableSpan
 async def test_spans_names_attributes_parents_and_errors(database: str, db: asyncpg.Connection) -> None:
     phone = await add_phone(db, 1, "79001112233")
     pid = phone.organization_phone_id
-    await db.execute(
-        """
-        CREATE FUNCTION refuse_delete() RETURNS trigger LANGUAGE plpgsql AS
-        $$ BEGIN RAISE EXCEPTION 'auth store is read-only'; END $$;
-        CREATE TRIGGER refuse_delete BEFORE DELETE ON baileys_auth FOR EACH ROW EXECUTE FUNCTION refuse_delete();
-        """
-    )
+    await refuse_key_deletes(db)
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
