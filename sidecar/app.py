@@ -154,10 +154,10 @@ def _components(config: Config, link: RuntimeLink, extras: Extras) -> Callable[[
             lambda: runtime.closed_count,
         )
         metrics.bind_safety(
-            lambda: runtime.fleet.breaker_tripped if runtime.fleet else runtime.safety_view().breaker.tripped,
+            lambda: runtime.breaker_tripped,
             lambda: runtime.held_count,
-            lambda: runtime.safety_view().mode,
-            lambda: len(runtime.safety_view().observe_organizations),
+            lambda: runtime.mode[0],
+            lambda: len(runtime.mode[1]),
         )
         components = Components(config, store, pending, runtime, link, metrics, families, tracing, owners, delivery)
         app[COMPONENTS] = components

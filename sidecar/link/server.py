@@ -99,10 +99,7 @@ class RuntimeLink:
         connection = self._owners.pop(organization_phone_id, None)  # the sidecar forgets it, whatever happens
         if connection is not None:
             connection.phones.discard(organization_phone_id)
-            if self.leases is not None:
-                task = asyncio.create_task(self._release_leases([organization_phone_id]))
-                self._releases.add(task)
-                task.add_done_callback(self._releases.discard)
+            self._release_leases_later([organization_phone_id])
         await self._command(
             connection,
             organization_phone_id,
@@ -224,10 +221,8 @@ class RuntimeLink:
         released = [phone for phone in connection.phones if self._owners.get(phone) is connection]
         for phone in released:
             del self._owners[phone]
-        if released and self.leases is not None:
-            task = asyncio.create_task(self._release_leases(released))
-            self._releases.add(task)
-            task.add_done_callback(self._releases.discard)
+        if released:
+            self._release_leases_later(released)
         connection.phones.clear()
         for command_id, (owner, future) in list(self._commands.items()):
             if owner is connection and not future.done():
@@ -256,6 +251,13 @@ class RuntimeLink:
             self._disconnected(connection)
             log.info("runtime disconnected", extra={"fields": {"connection": connection.id}})
         return ws
+
+    def _release_leases_later(self, phones: list[int]) -> None:
+        """Fleet mode: give the phones' leases back without holding up the caller (they expire otherwise)."""
+        if self.leases is not None:
+            task = asyncio.create_task(self._release_leases(phones))
+            self._releases.add(task)
+            task.add_done_callback(self._releases.discard)
 
     async def _release_leases(self, phones: list[int]) -> None:
         assert self.leases is not None

@@ -51,6 +51,7 @@ from sidecar.rules.records import (
     PhoneRef,
     ResetCounters,
 )
+from sidecar.rules.safety import Mode
 from sidecar.runtime.close import CloseSequence
 from sidecar.runtime.effects import Effects
 from sidecar.runtime.errors import UnknownSession
@@ -134,6 +135,16 @@ class SessionRuntime:
 
     def safety_view(self) -> SafetyView:
         return self.operator.safety_view()
+
+    @property
+    def mode(self) -> tuple[Mode, frozenset[int]]:
+        """The mode and the observed organizations in force here (cheap: no breaker status, no held count)."""
+        return self._safety.mode, self._safety.observe_organizations
+
+    @property
+    def breaker_tripped(self) -> bool:
+        """The fleet's breaker as last read in fleet mode, else this process's."""
+        return self._fleet.breaker_tripped if self._fleet is not None else self._safety.breaker.tripped
 
     # Queries (read-only views) ------------------------------------------------------------------------
 
@@ -250,7 +261,7 @@ class SessionRuntime:
         self, phone: PhoneRef, error_class: ErrorClass, peer_user: str | None, trace_context: Context | None
     ) -> bool:
         if self._fleet is not None and self._traced:
-            return await self._fleet_decrypt_error(self._fleet, phone, error_class, peer_user, trace_context)
+            return await self._fleet_decrypt_error(phone, error_class, peer_user, trace_context)
         # Without an exporter the tracer is a no-op; skipping even its context handling keeps ingest cheap.
         span_scope = (
             self._tracer.start_as_current_span("session.decrypt_error", context=trace_context)
@@ -258,19 +269,28 @@ class SessionRuntime:
             else nullcontext(INVALID_SPAN)
         )
         with span_scope as span:
-            for observer in self._observers:
-                observer.decrypt_error(phone, error_class)
-            continues = True
-            now = self._clock().timestamp()
-            if error_class is ErrorClass.BAD_MAC:
-                continues, _ = await self._apply(phone, BadMac(peer_user, now), CounterKind.BAD_MAC, now)
-            elif error_class is ErrorClass.BAD_DECRYPT:
-                continues, _ = await self._apply(phone, BadDecrypt(now), CounterKind.BAD_DECRYPT, now)
-            elif not self.is_closed(phone.organization_phone_id):
-                # Counted-only classes change no counter, but the session is now known and has a last error.
-                self._registry.ensure(phone).last_error_at = now
+            continues = await self._count_error(phone, error_class, peer_user, None)
             self._describe_decrypt_span(span, phone, error_class, continues)
             return continues
+
+    async def _count_error(
+        self, phone: PhoneRef, error_class: ErrorClass, peer_user: str | None, traced: Traced | None
+    ) -> bool:
+        """Observers, then the counted classes decided; `traced` (fleet mode) is told once the decision is carried
+        out, which for a counted-only class is at once."""
+        for observer in self._observers:
+            observer.decrypt_error(phone, error_class)
+        now = self._clock().timestamp()
+        if error_class is ErrorClass.BAD_MAC:
+            return (await self._apply(phone, BadMac(peer_user, now), CounterKind.BAD_MAC, now, traced))[0]
+        if error_class is ErrorClass.BAD_DECRYPT:
+            return (await self._apply(phone, BadDecrypt(now), CounterKind.BAD_DECRYPT, now, traced))[0]
+        if not self.is_closed(phone.organization_phone_id):
+            # Counted-only classes change no counter, but the session is now known and has a last error.
+            self._registry.ensure(phone).last_error_at = now
+        if traced is not None:
+            traced.decided(True)
+        return True
 
     def _describe_decrypt_span(self, span: Span, phone: PhoneRef, error_class: ErrorClass, continues: bool) -> None:
         if not span.is_recording():
@@ -288,12 +308,7 @@ class SessionRuntime:
         )
 
     async def _fleet_decrypt_error(
-        self,
-        fleet: FleetDecisions,
-        phone: PhoneRef,
-        error_class: ErrorClass,
-        peer_user: str | None,
-        trace_context: Context | None,
+        self, phone: PhoneRef, error_class: ErrorClass, peer_user: str | None, trace_context: Context | None
     ) -> bool:
         """Fleet mode decides at the end of a batch: the span stays open until its decision is carried out."""
         span = self._tracer.start_span("session.decrypt_error", context=trace_context)
@@ -305,18 +320,7 @@ class SessionRuntime:
 
         token = otel_context.attach(context)
         try:
-            for observer in self._observers:
-                observer.decrypt_error(phone, error_class)
-            now = self._clock().timestamp()
-            traced = Traced(context, decided)
-            if error_class is ErrorClass.BAD_MAC:
-                return (await fleet.apply(phone, BadMac(peer_user, now), CounterKind.BAD_MAC, now, traced))[0]
-            if error_class is ErrorClass.BAD_DECRYPT:
-                return (await fleet.apply(phone, BadDecrypt(now), CounterKind.BAD_DECRYPT, now, traced))[0]
-            if not self.is_closed(phone.organization_phone_id):
-                self._registry.ensure(phone).last_error_at = now
-            decided(True)
-            return True
+            return await self._count_error(phone, error_class, peer_user, Traced(context, decided))
         finally:
             otel_context.detach(token)
 
@@ -368,7 +372,12 @@ class SessionRuntime:
     # Decide and apply ---------------------------------------------------------------------------------
 
     async def _apply(
-        self, phone: PhoneRef, event: Event, counted: CounterKind | None, now: float | None = None
+        self,
+        phone: PhoneRef,
+        event: Event,
+        counted: CounterKind | None,
+        now: float | None = None,
+        traced: Traced | None = None,
     ) -> tuple[bool, Notification | None]:
         """Decide, then persist the count with the health flip it caused, if any. In fleet mode the decision
         is taken inside the database transaction (fleet.py); here (one replica) it is taken synchronously.
@@ -376,7 +385,7 @@ class SessionRuntime:
         Returns whether the session continues (False once it is being closed) and that flip's notification.
         """
         if self._fleet is not None:
-            return await self._fleet.apply(phone, event, counted, now)
+            return await self._fleet.apply(phone, event, counted, now, traced)
         if not isinstance(event, ConnectionOpened) and self.is_closed(phone.organization_phone_id):
             return False, None
         session = self._registry.ensure(phone)

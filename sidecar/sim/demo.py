@@ -88,7 +88,7 @@ def view(components: Components, tally: DemoTally, fleet: FleetStats, base: str,
     unhealthy = sum(1 for s in sessions if not runtime.get_session_error_stats(s.organization_phone_id)["isHealthy"])
     connected = sum(1 for s in sessions if s.connected)
     ratio = fleet.heal_ratio
-    breaker = "TRIPPED (logouts held)" if runtime.safety_view().breaker.tripped else "closed"
+    breaker = "TRIPPED (logouts held)" if runtime.breaker_tripped else "closed"
     return "\n".join(
         [
             f"whatsapp-session-sidecar demo  {elapsed:5.0f} s   metrics {base}/metrics   API {base}/v1/sessions",
