@@ -23,17 +23,19 @@ from sidecar.link.server import RuntimeLink
 from sidecar.notify.delivery import Delivery, DeliveryPolicy
 from sidecar.notify.owners import OwnersError, OwnersWatcher
 from sidecar.ports import SessionStore, SocketController, StoreUnavailable
-from sidecar.rules.records import Step
+from sidecar.rules.records import Step, step_kind
 from sidecar.rules.safety import Breaker
 from sidecar.runtime import Safety, SessionRuntime
 from sidecar.runtime.observer import RuntimeObserver
 from sidecar.runtime.waiting import waiting_from_json, waiting_to_json
 from sidecar.store.fleet import PostgresFleet
-from sidecar.store.journal import EVENTS_FILE, Journal
+from sidecar.store.journal import EVENTS_FILE, Journal, JournalError
 from sidecar.store.leases import LEASE_SECONDS, PostgresLeases
 from sidecar.store.memory import MemoryStore
 from sidecar.store.pending import PendingSteps
 from sidecar.store.postgres import PostgresStore
+from sidecar.store.schema_check import SchemaWatch
+from sidecar.supervisor import Supervisor
 from sidecar.telemetry.action_log import ActionLog, ClosureLogFile
 from sidecar.telemetry.metrics import MetricsObserver, SidecarMetrics
 from sidecar.telemetry.session_families import SessionFamilies
@@ -96,9 +98,17 @@ def _components(config: Config, link: RuntimeLink, extras: Extras) -> Callable[[
             metrics.teams_changed()
 
         owners.on_change = teams_changed
+        supervisor = Supervisor(lambda task: metrics.task_failures.labels(task).inc())
         store = await open_store(config, clock)
         journal: Journal[Step] | None = Journal(config.state_dir) if config.state_dir and config.database_url else None
-        pending = PendingSteps(store, config.pending_steps_limit, journal, on_wait=metrics.step_wait.observe)
+        pending = PendingSteps(
+            store,
+            config.pending_steps_limit,
+            journal,
+            on_wait=metrics.step_wait.observe,
+            on_failed=lambda step, reason: metrics.steps_failed.labels(step_kind(step), reason).inc(),
+            supervisor=supervisor,
+        )
         observers: list[RuntimeObserver] = [ActionLog(), MetricsObserver(metrics), families]
         if config.closure_log_path is not None:
             observers.append(ClosureLogFile(config.closure_log_path))
@@ -137,6 +147,9 @@ def _components(config: Config, link: RuntimeLink, extras: Extras) -> Callable[[
             fleet=fleet,
             backlog_limit=config.pending_steps_limit,
             events_journal=events_journal,
+            on_failure=lambda what, name: (
+                (metrics.observer_failures if what == "observer" else metrics.task_failures).labels(name).inc()
+            ),
         )
         link.runtime = runtime
         delivery: Delivery | None = None
@@ -152,6 +165,7 @@ def _components(config: Config, link: RuntimeLink, extras: Extras) -> Callable[[
             lambda: pending.depth,
             lambda: runtime.session_count,
             lambda: runtime.closed_count,
+            lambda: pending.oldest_age,
         )
         metrics.bind_safety(
             lambda: runtime.breaker_tripped,
@@ -159,34 +173,46 @@ def _components(config: Config, link: RuntimeLink, extras: Extras) -> Callable[[
             lambda: runtime.mode[0],
             lambda: len(runtime.mode[1]),
         )
-        components = Components(config, store, pending, runtime, link, metrics, families, tracing, owners, delivery)
+        schema = (
+            SchemaWatch(store.schema_version, store.latest_schema_version, config.schema.sidecar_schema)
+            if isinstance(store, PostgresStore)
+            else None
+        )
+        components = Components(
+            config, store, pending, runtime, link, metrics, families, tracing, owners, delivery, supervisor, schema
+        )
         app[COMPONENTS] = components
-        replayed = await pending.start()
+        try:
+            replayed = await pending.start()
+            undecided = await runtime.fleet.replay() if runtime.fleet is not None else 0
+        except JournalError as error:
+            await store.close()
+            raise StartupError(str(error)) from None
         if replayed:
             log.warning("replaying %d database steps journaled before the last stop", replayed)
-        if runtime.fleet is not None and (undecided := await runtime.fleet.replay()):
+        if undecided:
             log.warning("deciding %d events accepted and not decided before the last stop", undecided)
         if delivery is not None:
             await delivery.start()
-        background = [asyncio.create_task(_restore(components)), asyncio.create_task(_watch_owners(owners))]
+        supervisor.start("restore", lambda: _restore(components))
+        supervisor.start("owners-watch", lambda: _watch_owners(owners))
+        if schema is not None:
+            supervisor.start("schema-check", schema.run)
         stop_fleet = asyncio.Event()
         if fleet is not None:
-            background.append(asyncio.create_task(_watch_fleet(fleet, runtime, config)))
+            supervisor.start("fleet-settings", lambda: _watch_fleet(fleet, runtime, config))
         if fleet_sockets is not None and link.leases is not None and config.database_url is not None:
             leases = link.leases
             assert isinstance(leases, PostgresLeases)
-            background += [
-                asyncio.create_task(leases.listen(config.database_url, fleet_sockets.wake, stop_fleet)),
-                asyncio.create_task(fleet_sockets.deliver_routed(stop_fleet)),
-                asyncio.create_task(fleet_sockets.heartbeat(stop_fleet)),
-            ]
+            url = config.database_url
+            supervisor.start("lease-listener", lambda: leases.listen(url, fleet_sockets.wake, stop_fleet))
+            supervisor.start("routed-commands", lambda: fleet_sockets.deliver_routed(stop_fleet))
+            supervisor.start("lease-heartbeat", lambda: fleet_sockets.heartbeat(stop_fleet))
         try:
             yield
         finally:
             stop_fleet.set()
-            for task in background:
-                task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
+            await supervisor.stop(keep={"pending-steps"})  # stopped by pending.stop(), after the closes
             # A close needs at most the socket wait plus the database wait; past that, what is left is cancelled.
             if runtime.fleet is not None:
                 await runtime.fleet.stop()
@@ -229,7 +255,9 @@ async def open_store(config: Config, clock: Callable[[], datetime]) -> SessionSt
     if config.database_url is None:
         log.warning("no database URL: using the embedded in-memory store; counters and closures are not durable")
         return MemoryStore(clock, config.schema.logged_out_status)
-    store = await PostgresStore.connect(config.database_url, config.schema)
+    store = await PostgresStore.connect(
+        config.database_url, config.schema, command_timeout=config.database_command_timeout
+    )
     try:
         version = await store.schema_version()
     except StoreUnavailable as error:

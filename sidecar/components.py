@@ -14,6 +14,8 @@ from sidecar.notify.owners import OwnersWatcher
 from sidecar.ports import SessionStore
 from sidecar.runtime import SessionRuntime
 from sidecar.store.pending import PendingSteps
+from sidecar.store.schema_check import SchemaWatch
+from sidecar.supervisor import Supervisor
 from sidecar.telemetry.metrics import SidecarMetrics
 from sidecar.telemetry.session_families import SessionFamilies
 from sidecar.telemetry.tracing import Tracing
@@ -31,6 +33,8 @@ class Components:
     tracing: Tracing
     owners: OwnersWatcher
     delivery: Delivery | None
+    supervisor: Supervisor
+    schema: SchemaWatch | None
     restored: asyncio.Event = field(default_factory=asyncio.Event)
 
 

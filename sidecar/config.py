@@ -97,6 +97,7 @@ class Config:
     coordination: str = "fleet"
     # Fleet mode: a close not finished within this many seconds (its replica died) is finished by another one.
     close_lease_seconds: float = 60.0
+    database_command_timeout: float = 30.0
     # A client that takes longer to send a request body gets 408 (slow or stalled clients hold no connection).
     request_body_timeout: float = 10.0
     # ... and one slower to send its request head (or idle between keep-alive requests) is disconnected.
@@ -165,6 +166,10 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     add("--request-header-timeout", help="seconds for a request head, and keep-alive idle time (default 15)")
     add("--request-body-timeout", help="seconds a client may take to send a request body (default 10)")
     add("--close-lease-seconds", help="fleet mode: seconds before another replica finishes a close (default 60)")
+    add(
+        "--database-command-timeout",
+        help="seconds one SQL statement may run before it counts as slow (retried 3 times, then failed; default 30)",
+    )
     add("--mode", help="enforce (default) or observe: decide and report everything, delete no key, end no socket")
     add("--observe-organizations", help="organization ids kept in observe mode while the rest enforce, comma-separated")
     add("--breaker-max-closes", help="automatic logouts allowed per breaker window before it trips (default 20)")
@@ -338,6 +343,8 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = N
         changes["request_body_timeout"] = _positive_float("request-body-timeout", raw)
     if (raw := setting("close_lease_seconds")) is not None:
         changes["close_lease_seconds"] = _positive_float("close-lease-seconds", raw)
+    if (raw := setting("database_command_timeout")) is not None:
+        changes["database_command_timeout"] = _positive_float("database-command-timeout", raw)
     if (raw := setting("mode")) is not None:
         if raw not in {item.value for item in Mode}:
             raise ConfigError("mode", f"must be enforce or observe, got {raw!r}")

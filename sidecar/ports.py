@@ -103,6 +103,11 @@ class StoreUnavailable(Exception):
     """The store cannot be reached right now; the step should be tried again later."""
 
 
+class StoreSlow(StoreUnavailable):
+    """A statement ran past the store's timeout: not an outage, not the step's fault. Queues that can name the
+    step retry it a bounded number of times and then fail it; other callers treat it as unavailability."""
+
+
 class TransientConflict(StoreUnavailable):
     """PostgreSQL aborted the transaction to resolve a conflict (deadlock, serialization): retry it at once."""
 

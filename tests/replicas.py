@@ -70,9 +70,10 @@ class Replica:
 
     async def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         headers = {"Authorization": f"Bearer {API_TOKEN}"}
-        async with aiohttp.ClientSession(self.base) as http, http.request(
-            method, path, json=body, headers=headers
-        ) as response:
+        async with (
+            aiohttp.ClientSession(self.base) as http,
+            http.request(method, path, json=body, headers=headers) as response,
+        ):
             return response.status, await response.json()
 
     async def events(self, events: list[dict[str, Any]]) -> None:
@@ -86,9 +87,7 @@ class Replica:
 
 
 @asynccontextmanager
-async def replicas(
-    count: int, database: str, work: Path, extra: Sequence[str] = ()
-) -> AsyncIterator[list[Replica]]:
+async def replicas(count: int, database: str, work: Path, extra: Sequence[str] = ()) -> AsyncIterator[list[Replica]]:
     fleet = [Replica(f"replica-{chr(ord('a') + index)}", database, work, extra) for index in range(count)]
     try:
         await asyncio.gather(*(replica.start() for replica in fleet))

@@ -169,7 +169,6 @@ def test_no_phone_number_in_the_action_log(tmp_path: Path) -> None:
     assert record.__dict__["fields"]["keyPrefixCount"] == 2
 
 
-
 async def test_a_client_trickling_its_headers_is_disconnected(tmp_path: Path) -> None:
     port = free_port()
     log = (tmp_path / "serve.log").open("wb")

@@ -35,7 +35,9 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """Ready when the database answers, its schema is migrated, and no background task is down."""
     components = components_of(request)
+    reasons: list[str] = []
     reason = components.pending.unavailable_reason
     if reason is None and components.runtime.fleet is not None:
         reason = components.runtime.fleet.unavailable_reason
@@ -44,9 +46,20 @@ async def readyz(request: web.Request) -> web.Response:
             await components.store.ping()
         except StoreUnavailable as error:
             reason = str(error)
-    body = {"pendingSteps": components.pending.depth, "runtimeConnections": components.link.connection_count}
     if reason is not None:
-        return web.json_response({"ready": False, "reason": f"store unreachable: {reason}", **body}, status=503)
+        reasons.append(f"store unreachable: {reason}")
+    if components.schema is not None and components.schema.problem is not None:
+        reasons.append(f"schema not migrated: {components.schema.problem}")
+    down = components.supervisor.down
+    reasons += [f"background task {name} failed ({error}); restarting" for name, error in sorted(down.items())]
+    body: dict[str, object] = {
+        "pendingSteps": components.pending.depth,
+        "pendingStepAgeSeconds": round(components.pending.oldest_age, 3),
+        "runtimeConnections": components.link.connection_count,
+    }
+    if reasons:
+        body |= {"tasksDown": sorted(down)} if down else {}
+        return web.json_response({"ready": False, "reason": "; ".join(reasons), **body}, status=503)
     return web.json_response({"ready": True, **body})
 
 

@@ -203,9 +203,9 @@ class RuntimeLink:
                 # Ownership follows the runtime's reports, but a phone the sidecar just closed is not re-claimed
                 # by its own late errors; only an `open` (a new login) claims it again.
                 reopening = isinstance(message, ConnectionUpdate) and message.connection == "open"
-                if (
-                    reopening or not self.runtime.is_closed(message.organization_phone_id)
-                ) and self._claim(connection, message.organization_phone_id):
+                if (reopening or not self.runtime.is_closed(message.organization_phone_id)) and self._claim(
+                    connection, message.organization_phone_id
+                ):
                     claimed.append(message)
                 await apply_event(self.runtime, message)
                 applied += 1

@@ -217,6 +217,11 @@ class LogoutResult:
 StepResult = int | LogoutResult | None
 
 
+def step_kind(step: Step) -> str:
+    """A step's kind as a metric label: increment_counter, delete_keys, logout, ..."""
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in type(step).__name__).lstrip("_")
+
+
 def step_to_json(step: Step) -> str:
     """One journal line's payload."""
     pending = getattr(step, "notification", None)

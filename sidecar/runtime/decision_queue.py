@@ -47,7 +47,12 @@ class DecisionQueue:
         submission = Submission(len(items), asyncio.get_running_loop().create_future())
         for item in items:
             await self._room.acquire()  # bounded: past the limit the caller (the runtime link) slows down
-            self._waiting.append((item, submission, self._journaled(item)))
+            try:
+                position = self._journaled(item)
+            except BaseException:
+                self._room.release()  # not accepted: the permit goes back
+                raise
+            self._waiting.append((item, submission, position))
         self._start_worker()
         if self.unavailable_reason is not None:
             return []  # kept in order; decided once PostgreSQL is back

@@ -59,7 +59,7 @@ from sidecar.runtime.fleet import FleetDecisions
 from sidecar.runtime.fleet_safety import Incidents, Safety, SafetyView, needs_admission
 from sidecar.runtime.heal import HealRunner
 from sidecar.runtime.notices import Notices
-from sidecar.runtime.observer import RuntimeObserver
+from sidecar.runtime.observer import IsolatedObservers, RuntimeObserver
 from sidecar.runtime.operator import OperatorControls
 from sidecar.runtime.outcomes import span_ids
 from sidecar.runtime.registry import MemorySessionRegistry, Session, SessionRegistry, SessionView
@@ -88,18 +88,22 @@ class SessionRuntime:
         fleet: FleetState | None = None,
         backlog_limit: int = 100_000,
         events_journal: EventJournal | None = None,
+        on_failure: Callable[[str, str], None] | None = None,
     ) -> None:
-        """`fleet`: fleet mode, decisions taken in PostgreSQL and shared by every replica (runtime/fleet.py)."""
+        """`fleet`: fleet mode, decisions taken in PostgreSQL and shared by every replica (runtime/fleet.py).
+        `on_failure(what, name)`: an observer ("observer", its class) or a background effect ("task",
+        "effects") raised; it was logged and isolated."""
         self.policy = policy
         self._safety = safety or Safety()
         self._store = store
         self._steps = steps
-        self._observers = list(observers)
+        report = on_failure or (lambda what, name: None)
+        self._observers: list[RuntimeObserver] = [IsolatedObservers(observers, lambda name: report("observer", name))]
         self._clock = clock
         self._tracer = tracer or trace.NoOpTracerProvider().get_tracer("whatsapp-session-sidecar")
         self._traced = not isinstance(self._tracer, trace.NoOpTracer)
         self._registry: SessionRegistry = registry or MemorySessionRegistry()
-        self._tasks = BackgroundTasks()
+        self._tasks = BackgroundTasks(lambda: report("task", "effects"))
         self._notices = Notices(notifications, clock, self._observers, steps)
         timeouts = {"socket_timeout": socket_end_timeout, "database_timeout": database_step_timeout}
         observing = self._safety.observing

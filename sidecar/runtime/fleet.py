@@ -141,9 +141,7 @@ class FleetDecisions:
         else:
             await self.queue.submit([item])
 
-    async def _decide(
-        self, chunk: list[tuple[Waiting, int]], mark: tuple[str, int] | None
-    ) -> list[Result]:
+    async def _decide(self, chunk: list[tuple[Waiting, int]], mark: tuple[str, int] | None) -> list[Result]:
         outcomes: list[_Outcome] = []
         async with self.fleet.deciding([item.phone for item, _ in chunk], mark) as batch:
             current: dict[int, SessionState] = {}

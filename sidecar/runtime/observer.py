@@ -5,11 +5,15 @@ Observers are called synchronously from the runtime and must not block: anything
 
 from __future__ import annotations
 
-from typing import Protocol
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from sidecar.rules.classification import ErrorClass
 from sidecar.rules.policy import Counters, ErrorStats, Heal
 from sidecar.rules.records import ClosureRecord, PhoneRef, RecordDecision
+
+log = logging.getLogger("sidecar.runtime.observer")
 
 
 class RuntimeObserver(Protocol):
@@ -82,3 +86,60 @@ class BaseObserver:
 
     def decided(self, decision: RecordDecision) -> None:
         return None
+
+
+class IsolatedObservers:
+    """Fans each notification out to every observer; one that raises is logged and reported (`on_failure`
+    with its class name) and neither the others nor the transition that notified are affected."""
+
+    def __init__(self, observers: Sequence[RuntimeObserver], on_failure: Callable[[str], None] | None = None) -> None:
+        self._observers = list(observers)
+        self.on_failure = on_failure
+
+    def _each(self, method: str, *args: Any) -> None:
+        for observer in self._observers:
+            try:
+                getattr(observer, method)(*args)
+            except Exception:
+                name = type(observer).__name__
+                log.error("observer %s failed on %s; the transition goes on", name, method, exc_info=True)
+                if self.on_failure is not None:
+                    self.on_failure(name)
+
+    def decrypt_error(self, phone: PhoneRef, error_class: ErrorClass) -> None:
+        self._each("decrypt_error", phone, error_class)
+
+    def counters_changed(self, phone: PhoneRef, counters: Counters) -> None:
+        self._each("counters_changed", phone, counters)
+
+    def health_changed(self, phone: PhoneRef, stats: ErrorStats) -> None:
+        self._each("health_changed", phone, stats)
+
+    def connection_changed(self, phone: PhoneRef, connected: bool) -> None:
+        self._each("connection_changed", phone, connected)
+
+    def healed(
+        self,
+        phone: PhoneRef,
+        heal: Heal,
+        keys_deleted: int | None,
+        database: str,
+        socket: str,
+        duration: float,
+    ) -> None:
+        self._each("healed", phone, heal, keys_deleted, database, socket, duration)
+
+    def heal_coalesced(self, phone: PhoneRef, heal: Heal) -> None:
+        self._each("heal_coalesced", phone, heal)
+
+    def closing(self, record: ClosureRecord) -> None:
+        self._each("closing", record)
+
+    def closed(self, record: ClosureRecord) -> None:
+        self._each("closed", record)
+
+    def forgotten(self, phone: PhoneRef) -> None:
+        self._each("forgotten", phone)
+
+    def decided(self, decision: RecordDecision) -> None:
+        self._each("decided", decision)

@@ -4,21 +4,34 @@ the tests can wait for them and nothing outlives the runtime."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+import logging
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 
+log = logging.getLogger("sidecar.runtime.tasks")
+
 
 class BackgroundTasks:
-    def __init__(self) -> None:
+    def __init__(self, on_failure: Callable[[], None] | None = None) -> None:
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._on_failure = on_failure
 
     def spawn(self, coroutine: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         task = asyncio.create_task(coroutine)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._done)
         return task
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        """An effect that raised is logged with its traceback and counted; nobody else would read it."""
+        self._tasks.discard(task)
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("a background effect failed", exc_info=task.exception())
+        if self._on_failure is not None:
+            self._on_failure()
 
     def __len__(self) -> int:
         return len(self._tasks)

@@ -204,12 +204,8 @@ class PostgresFleet:
             "changed_at = now() WHERE f.configured_mode IS DISTINCT FROM EXCLUDED.configured_mode "
             "OR f.configured_observe IS DISTINCT FROM EXCLUDED.configured_observe"
         )
-        self.sql_settings = (
-            f"SELECT mode, observe_organizations, breaker_tripped_at, breaker_kept_by FROM {settings}"
-        )
-        self.sql_set_mode = (
-            f"UPDATE {settings} SET mode = $1, observe_organizations = $2, changed_at = now()"
-        )
+        self.sql_settings = f"SELECT mode, observe_organizations, breaker_tripped_at, breaker_kept_by FROM {settings}"
+        self.sql_set_mode = f"UPDATE {settings} SET mode = $1, observe_organizations = $2, changed_at = now()"
         self.sql_trip = (
             f"UPDATE {settings} SET breaker_tripped_at = COALESCE(breaker_tripped_at, $1), "
             "breaker_kept_by = COALESCE($2, breaker_kept_by), changed_at = now() "
@@ -383,5 +379,3 @@ class PostgresFleet:
 
 
 __all__ = ["CLOSE_LEASE_SECONDS", "PostgresFleet"]
-
-

@@ -18,7 +18,8 @@ from typing import Any
 
 import asyncpg
 
-from sidecar.store.postgres import ACQUIRE_TIMEOUT_SECONDS, UNAVAILABLE_ERRORS, PostgresStore
+from sidecar.store.db_errors import UNAVAILABLE_ERRORS
+from sidecar.store.postgres import ACQUIRE_TIMEOUT_SECONDS, PostgresStore
 from sidecar.store.sqlnames import quote_identifier
 
 log = logging.getLogger("sidecar.leases")
@@ -111,9 +112,7 @@ class PostgresLeases:
             connection: asyncpg.Connection | None = None
             try:
                 connection = await asyncpg.connect(url, timeout=ACQUIRE_TIMEOUT_SECONDS)
-                await connection.add_listener(
-                    self.channel, lambda *args: wake() if args[-1] == self.instance else None
-                )
+                await connection.add_listener(self.channel, lambda *args: wake() if args[-1] == self.instance else None)
                 wake()  # commands queued while not listening
                 while not stop.is_set() and not connection.is_closed():
                     with contextlib.suppress(TimeoutError):

@@ -3,7 +3,10 @@
 Steps are applied in the order they were accepted, in batches. While the store is unreachable they wait here
 (up to a limit; past it `submit` waits for room, which slows the callers down instead of growing memory) and
 the worker retries with backoff. A step that fails by itself is reported to whoever waits for it, logged with
-its payload, and the queue moves on.
+its payload, counted (`on_failed`), and the queue moves on. A batch whose statement times out is retried one
+step at a time; a single step that times out `SLOW_ATTEMPTS` times is failed the same way, so no step is
+retried forever. The worker runs under the supervisor (sidecar.supervisor): an unexpected error restarts it
+with the queue intact.
 """
 
 from __future__ import annotations
@@ -16,15 +19,18 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from sidecar.ports import SessionStore, StepFailed, StoreUnavailable
+from sidecar.ports import SessionStore, StepFailed, StoreSlow, StoreUnavailable
 from sidecar.rules.records import Step, StepResult, step_to_json, without_numbers
+from sidecar.store.db_errors import failure_reason
 from sidecar.store.journal import Journal
+from sidecar.supervisor import Supervisor
 
 log = logging.getLogger("sidecar.store.pending")
 
 BATCH_SIZE = 256
 RETRY_INITIAL_SECONDS = 0.1
 RETRY_MAX_SECONDS = 2.0
+SLOW_ATTEMPTS = 3
 
 
 @dataclass(slots=True)
@@ -49,10 +55,17 @@ class PendingSteps:
         limit: int,
         journal: Journal[Step] | None = None,
         on_wait: Callable[[float], None] | None = None,
+        on_failed: Callable[[Step, str], None] | None = None,
+        supervisor: Supervisor | None = None,
     ) -> None:
+        """`on_failed(step, reason)`: a step was dropped (reason: timeout, integrity, data, other)."""
         self._store = store
         self._limit = limit
         self._on_wait = on_wait
+        self._on_failed = on_failed
+        self._supervisor = supervisor or Supervisor()
+        self._single_steps = 0  # after a timed-out batch: how many steps to apply one at a time
+        self._slow_attempts = 0
         self._journal = journal
         self._queue: deque[_Pending] = deque()
         self._room = asyncio.Semaphore(limit)
@@ -70,6 +83,11 @@ class PendingSteps:
         return len(self._queue)
 
     @property
+    def oldest_age(self) -> float:
+        """Seconds the oldest pending step has waited (0 when none): the accepted-to-durable lag."""
+        return time.monotonic() - self._queue[0].accepted_at if self._queue else 0.0
+
+    @property
     def room(self) -> int:
         """How many more steps would be accepted without waiting."""
         return max(0, self._limit - len(self._queue))
@@ -85,13 +103,17 @@ class PendingSteps:
             if replayed:
                 self._idle.clear()
                 self._work.set()
-        self._worker = asyncio.create_task(self._run(), name="pending-steps")
+        self._worker = self._supervisor.start("pending-steps", self._run)
         return replayed
 
     async def submit(self, step: Step) -> asyncio.Future[StepResult]:
         await self._room.acquire()
         if self._journal is not None:
-            position = self._journal.append(step)
+            try:
+                position = self._journal.append(step)
+            except BaseException:
+                self._room.release()  # not accepted: the permit goes back
+                raise
         else:
             self._position += 1
             position = self._position
@@ -131,9 +153,13 @@ class PendingSteps:
                 self._work.clear()
                 await self._work.wait()
                 continue
-            batch = [self._queue[i] for i in range(min(BATCH_SIZE, len(self._queue)))]
+            size = 1 if self._single_steps else BATCH_SIZE
+            batch = [self._queue[i] for i in range(min(size, len(self._queue)))]
             try:
                 results = await self._apply(batch)
+            except StoreSlow as error:
+                self._slow(batch, error)
+                continue
             except StoreUnavailable as error:
                 if self.unavailable_reason is None:
                     log.warning("database unavailable; %d steps wait: %s", len(self._queue), error)
@@ -145,7 +171,22 @@ class PendingSteps:
                 log.info("database is back; applying %d pending steps", len(self._queue))
             self.unavailable_reason = None
             delay = RETRY_INITIAL_SECONDS
+            self._slow_attempts = 0
+            self._single_steps = max(0, self._single_steps - len(batch))
             self._finish(batch[: len(results)], results)
+
+    def _slow(self, batch: Sequence[_Pending], error: StoreSlow) -> None:
+        """A timed-out batch is retried one step at a time; a step that keeps timing out is failed."""
+        if len(batch) > 1:
+            log.warning("a batch of %d database steps timed out; applying them one at a time: %s", len(batch), error)
+            self._single_steps = len(batch)
+            return
+        self._slow_attempts += 1
+        if self._slow_attempts < SLOW_ATTEMPTS:
+            return
+        self._slow_attempts = 0
+        self._single_steps = max(0, self._single_steps - 1)
+        self._fail(batch[0], error)
 
     async def _apply(self, batch: Sequence[_Pending]) -> list[StepResult]:
         """Apply a batch; on a step that fails by itself, apply what came before it and drop that one."""
@@ -154,21 +195,29 @@ class PendingSteps:
         except StepFailed as failure:
             good = batch[: failure.index]
             results = await self._store.apply([p.step for p in good], self._journal_mark(good)) if good else []
-            bad = batch[failure.index]
-            self.failed_steps += 1
-            log.error(
-                "database step failed and was dropped: %s: %s; step: %s",
-                type(failure.error).__name__,
-                without_numbers(str(failure.error)),
-                without_numbers(step_to_json(bad.step)),
-            )
             self._finish(good, results)
-            self._queue.popleft()
-            self._room.release()
-            if self._journal is not None:
-                self._journal.mark_applied(bad.position, nothing_pending=not self._queue)
-            bad.future.set_exception(failure.error)
+            self._fail(batch[failure.index], failure.error)
             return []
+
+    def _fail(self, bad: _Pending, error: BaseException) -> None:
+        """Drop the step at the head of the queue: logged with its payload, counted, its waiter told."""
+        assert self._queue and self._queue[0] is bad
+        reason = failure_reason(error)
+        self.failed_steps += 1
+        log.error(
+            "database step failed and was dropped (%s): %s: %s; step: %s",
+            reason,
+            type(error).__name__,
+            without_numbers(str(error)),
+            without_numbers(step_to_json(bad.step)),
+        )
+        if self._on_failed is not None:
+            self._on_failed(bad.step, reason)
+        self._queue.popleft()
+        self._room.release()
+        if self._journal is not None:
+            self._journal.mark_applied(bad.position, nothing_pending=not self._queue)
+        bad.future.set_exception(error)
 
     def _journal_mark(self, batch: Sequence[_Pending]) -> tuple[str, list[int]] | None:
         if self._journal is None or not batch:

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
 
 from sidecar.config import SchemaMapping
-from sidecar.ports import OutboxRow, StepFailed, StoredSession, StoreUnavailable, TransientConflict
+from sidecar.ports import OutboxRow, StepFailed, StoredSession, StoreSlow
 from sidecar.rules.jid import bare_number
 from sidecar.rules.policy import CloseReason, Counters
 from sidecar.rules.records import (
@@ -38,27 +38,12 @@ from sidecar.rules.records import (
     StepResult,
     closed_details,
 )
+from sidecar.store.db_errors import RECONNECT_ERRORS, Fault, classify, pool_exhausted, translated
 from sidecar.store.migrations import MIGRATIONS
 from sidecar.store.sqlnames import quote_identifier as q
 from sidecar.store.sqlnames import quote_qualified
 
-# Errors that mean "PostgreSQL is not there right now", as opposed to a step that is wrong by itself:
-# connection exceptions (SQLSTATE class 08), operator intervention (57: shutdown, cannot connect now),
-# a dropped socket, or a pool that timed out acquiring a connection.
-UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.exceptions.OperatorInterventionError,
-    asyncpg.InterfaceError,
-)
-
 ACQUIRE_TIMEOUT_SECONDS = 5.0
-# Aborted to resolve a conflict with another transaction: nothing was kept, and a retry succeeds.
-CONFLICT_ERRORS: tuple[type[BaseException], ...] = (
-    asyncpg.exceptions.DeadlockDetectedError,
-    asyncpg.exceptions.SerializationError,
-)
 LOGOUT_PARTS = ("authKeys", "phoneStatus", "closureRecord", "counters")
 
 Connection: TypeAlias = "PoolConnectionProxy[asyncpg.Record]"
@@ -177,19 +162,22 @@ def _deleted_rows(status: str) -> int:
 
 
 class PostgresStore:
-    def __init__(self, pool: asyncpg.Pool, schema: SchemaMapping) -> None:
+    def __init__(self, pool: asyncpg.Pool, schema: SchemaMapping, command_timeout: float = 30.0) -> None:
         self._pool = pool
+        self._command_timeout = command_timeout
         self._sql = _Sql(schema)
         self._schema = schema.sidecar_schema
         self._logged_out_status = schema.logged_out_status
 
     @classmethod
-    async def connect(cls, url: str, schema: SchemaMapping, max_size: int = 10) -> PostgresStore:
+    async def connect(
+        cls, url: str, schema: SchemaMapping, max_size: int = 10, command_timeout: float = 30.0
+    ) -> PostgresStore:
         # min_size=0: the sidecar starts (and reports not-ready) while PostgreSQL is still away.
         pool = await asyncpg.create_pool(
-            url, min_size=0, max_size=max_size, server_settings={"timezone": "UTC"}, command_timeout=30
+            url, min_size=0, max_size=max_size, server_settings={"timezone": "UTC"}, command_timeout=command_timeout
         )
-        return cls(pool, schema)
+        return cls(pool, schema, command_timeout)
 
     async def close(self) -> None:
         await self._pool.close()
@@ -209,14 +197,27 @@ class PostgresStore:
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[Connection]:
-        """A pooled connection; an outage raises StoreUnavailable, a conflict abort TransientConflict."""
+        """A pooled connection. Every database error leaving it is classified (sidecar.store.db_errors): an
+        outage raises StoreUnavailable, a timeout StoreSlow, a conflict abort TransientConflict; a statement's
+        own error passes through unchanged."""
+        acquired = False
         try:
             async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_SECONDS) as conn:
+                acquired = True
                 yield conn
-        except CONFLICT_ERRORS as error:
-            raise TransientConflict(f"{type(error).__name__}: {error}") from error
-        except UNAVAILABLE_ERRORS as error:
-            raise StoreUnavailable(f"{type(error).__name__}: {error}") from error
+        except TimeoutError as error:
+            if not acquired:
+                raise pool_exhausted(ACQUIRE_TIMEOUT_SECONDS) from error
+            raise StoreSlow(f"statement timed out after the {self._command_timeout:g} s command timeout") from error
+        except Exception as error:
+            port_error = translated(error)
+            if port_error is error:
+                raise
+            if isinstance(error, RECONNECT_ERRORS):
+                # After a failover the pooled connections still point at the old (now standby) server:
+                # drop them all, so the next attempt reconnects and reaches whatever the address now names.
+                await self._pool.expire_connections()
+            raise port_error from error
 
     async def enqueue(
         self, conn: Connection, phone: PhoneRef, notification: Notification | None, details: dict[str, Any]
@@ -228,63 +229,47 @@ class PostgresStore:
 
     async def schema_version(self) -> int:
         """The sidecar schema's migration level (0 when `wa-sidecar migrate` never ran)."""
-        try:
-            async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_SECONDS) as conn:
+        async with self.connection() as conn:
+            try:
                 return int(await conn.fetchval(self._sql.schema_version) or 0)
-        except asyncpg.UndefinedTableError:
-            return 0
-        except UNAVAILABLE_ERRORS as error:
-            raise StoreUnavailable(f"{type(error).__name__}: {error}") from error
+            except (asyncpg.UndefinedTableError, asyncpg.InvalidSchemaNameError):
+                return 0
 
     async def ping(self) -> None:
-        try:
-            async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_SECONDS) as conn:
-                await conn.fetchval("SELECT 1")
-        except UNAVAILABLE_ERRORS as error:
-            raise StoreUnavailable(f"{type(error).__name__}: {error}") from error
+        async with self.connection() as conn:
+            await conn.fetchval("SELECT 1")
 
     async def apply(self, steps: Sequence[Step], journal: tuple[str, Sequence[int]] | None = None) -> list[StepResult]:
-        try:
-            async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_SECONDS) as conn, conn.transaction():
-                skip = 0
-                if journal is not None:
-                    instance_id, positions = journal
-                    applied = await conn.fetchval(self._sql.journal_position, instance_id) or 0
-                    skip = sum(1 for position in positions if position <= applied)
-                fenced = sorted(
-                    {step.record.phone.organization_phone_id for step in steps[skip:] if isinstance(step, Logout)}
-                )
-                if fenced:  # lock the rows fenced closes check in id order, as fleet decisions do: no deadlock
-                    await conn.execute(self._sql.lock_counters, fenced)
-                results: list[StepResult] = [None] * skip
-                for index in range(skip, len(steps)):
-                    try:
-                        results.append(await self._apply_step(conn, steps[index]))
-                    except (*UNAVAILABLE_ERRORS, *CONFLICT_ERRORS):
+        async with self.connection() as conn, conn.transaction():
+            skip = 0
+            if journal is not None:
+                instance_id, positions = journal
+                applied = await conn.fetchval(self._sql.journal_position, instance_id) or 0
+                skip = sum(1 for position in positions if position <= applied)
+            fenced = sorted(
+                {step.record.phone.organization_phone_id for step in steps[skip:] if isinstance(step, Logout)}
+            )
+            if fenced:  # lock the rows fenced closes check in id order, as fleet decisions do: no deadlock
+                await conn.execute(self._sql.lock_counters, fenced)
+            results: list[StepResult] = [None] * skip
+            for index in range(skip, len(steps)):
+                try:
+                    results.append(await self._apply_step(conn, steps[index]))
+                except Exception as error:
+                    if classify(error) is not Fault.OWN:
                         raise
-                    except Exception as error:
-                        raise StepFailed(index, error) from error
-                if journal is not None:
-                    await conn.execute(self._sql.set_journal_position, journal[0], journal[1][-1])
-                return results
-        except CONFLICT_ERRORS as error:
-            raise TransientConflict(f"{type(error).__name__}: {error}") from error
-        except UNAVAILABLE_ERRORS as error:
-            raise StoreUnavailable(f"{type(error).__name__}: {error}") from error
+                    raise StepFailed(index, error) from error
+            if journal is not None:
+                await conn.execute(self._sql.set_journal_position, journal[0], journal[1][-1])
+            return results
 
     async def applied_journal_position(self, instance_id: str) -> int:
-        try:
-            async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_SECONDS) as conn:
-                return int(await conn.fetchval(self._sql.read_journal_position, instance_id) or 0)
-        except UNAVAILABLE_ERRORS as error:
-            raise StoreUnavailable(f"{type(error).__name__}: {error}") from error
+        async with self.connection() as conn:
+            return int(await conn.fetchval(self._sql.read_journal_position, instance_id) or 0)
 
     async def load_sessions(self) -> list[StoredSession]:
-        try:
-            async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_SECONDS) as conn:
-                rows = await conn.fetch(self._sql.load_sessions)
-        except UNAVAILABLE_ERRORS as error:
-            raise StoreUnavailable(f"{type(error).__name__}: {error}") from error
+        async with self.connection() as conn:
+            rows = await conn.fetch(self._sql.load_sessions)
         return [
             StoredSession(
                 PhoneRef(row["organization_id"], row["organization_phone_id"], row["phone_user"]),
@@ -308,9 +293,7 @@ class PostgresStore:
             return None
         if isinstance(step, ResetCounters):
             p = step.phone
-            await conn.execute(
-                sql.set_counters, p.organization_phone_id, p.organization_id, p.phone_user, None, False
-            )
+            await conn.execute(sql.set_counters, p.organization_phone_id, p.organization_id, p.phone_user, None, False)
             await self._enqueue(conn, p, step.notification, {})
             return None
         if isinstance(step, DeleteKeys):
@@ -356,9 +339,9 @@ class PostgresStore:
             try:
                 async with conn.transaction():
                     status: str = await conn.execute(statement, *args)
-            except UNAVAILABLE_ERRORS:
-                raise
             except Exception as error:
+                if classify(error) is not Fault.OWN:
+                    raise  # an outage or a timeout aborts the whole batch, to be retried
                 steps[name] = f"{StepOutcome.FAILED}: {type(error).__name__}: {error}"
                 return None
             finally:

@@ -1,10 +1,18 @@
-"""Checks that the configured tables and columns exist, so a wrong mapping fails at check time, not mid-close."""
+"""Checks that the configured tables and columns exist, so a wrong mapping fails at check time, not mid-close,
+and watches the sidecar schema's migration level while serving."""
 
 from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 
 from sidecar.config import SchemaMapping
+from sidecar.ports import StoreUnavailable
+
+log = logging.getLogger("sidecar.store.schema")
 
 
 def _split(table: str) -> tuple[str | None, str]:
@@ -47,3 +55,40 @@ async def check_schema(connection: asyncpg.Connection, mapping: SchemaMapping) -
             if column not in present:
                 problems.append(f"schema.{column_setting}: column {column!r} not found in table {table!r}")
     return problems
+
+
+SCHEMA_POLL_SECONDS = 5.0
+
+
+class SchemaWatch:
+    """Whether the sidecar schema is migrated, re-read every few seconds: a database that comes back (or a
+    failover to one restored from an older backup) unmigrated is reported on `/readyz`, not only at start."""
+
+    def __init__(self, version: Callable[[], Awaitable[int]], latest: int, schema: str) -> None:
+        self._version = version
+        self._latest = latest
+        self._schema = schema
+        self.problem: str | None = None
+
+    async def check(self) -> None:
+        try:
+            version = await self._version()
+        except StoreUnavailable:
+            return  # the outage itself is reported by whoever needed the database
+        problem = (
+            None
+            if version >= self._latest
+            else f"the {self._schema!r} schema is at version {version}, this sidecar needs {self._latest}: "
+            "run `wa-sidecar migrate`"
+        )
+        if problem != self.problem:
+            if problem is not None:
+                log.error("%s", problem)
+            else:
+                log.info("the %r schema is migrated (version %d)", self._schema, version)
+        self.problem = problem
+
+    async def run(self) -> None:
+        while True:
+            await self.check()
+            await asyncio.sleep(SCHEMA_POLL_SECONDS)

@@ -36,6 +36,7 @@ CHANNELS = ("websocket", "http", "logs")
 REJECT_REASONS = ("invalid", "malformed", "too_many_events", "binary")
 HEAL_KINDS = ("bad_mac", "bad_decrypt")
 INCIDENT_KINDS = frozenset(str(kind) for kind in IncidentKind)
+SUPERVISED_TASKS = ("pending-steps", "restore", "schema-check", "owners-watch", "effects")
 
 
 class SidecarMetrics:
@@ -157,6 +158,29 @@ class SidecarMetrics:
             ["kind", "organization_id"],
             registry=registry,
         )
+        self.task_failures = Counter(
+            "whatsapp_sidecar_task_failures",
+            "Background tasks that raised an unexpected error (each is logged with its traceback and restarted)",
+            ["task"],
+            registry=registry,
+        )
+        self.steps_failed = Counter(
+            "whatsapp_sidecar_steps_failed",
+            "Database steps dropped: failed on their own (a constraint, bad data) or timed out every attempt",
+            ["kind", "reason"],
+            registry=registry,
+        )
+        self.observer_failures = Counter(
+            "whatsapp_sidecar_observer_failures",
+            "Notifications an observer (logs, metrics, closure log, tracing) raised on; the transition went on",
+            ["observer"],
+            registry=registry,
+        )
+        self.pending_step_age = Gauge(
+            "whatsapp_sidecar_pending_step_age_seconds",
+            "Age of the oldest database step not yet applied: how far durable state lags what was accepted",
+            registry=registry,
+        )
         build = Gauge("whatsapp_sidecar_build_info", "Build of this sidecar", ["version"], registry=registry)
         build.labels(__version__).set(1)
         # Known label values start at zero so rate() and absent() behave from the first scrape.
@@ -170,6 +194,8 @@ class SidecarMetrics:
                 self.events.labels(event_type, channel)
         for reason in REJECT_REASONS:
             self.events_rejected.labels(reason)
+        for task in SUPERVISED_TASKS:
+            self.task_failures.labels(task)
         self._organizations: set[int] = set()
         self.team_of: Callable[[int], str] = lambda _: "unassigned"
 
@@ -185,10 +211,12 @@ class SidecarMetrics:
         pending: Callable[[], float],
         active: Callable[[], float],
         closed: Callable[[], float],
+        pending_age: Callable[[], float] = lambda: 0.0,
     ) -> None:
         """Gauges read at scrape time from the live parts."""
         self.runtime_connections.set_function(connections)
         self.pending_steps.set_function(pending)
+        self.pending_step_age.set_function(pending_age)
         self.tracked_sessions.labels("active").set_function(active)
         self.tracked_sessions.labels("closed").set_function(closed)
 
