@@ -10,6 +10,7 @@ from prometheus_client.exposition import choose_encoder
 from sidecar.http.errors import components_of
 from sidecar.ports import StoreUnavailable
 from sidecar.rules.inputs import ascii_id
+from sidecar.rules.policy import HealthPolicy
 from sidecar.runtime import InvalidInput
 
 OPENAPI_PATH = Path(__file__).parent / "openapi.json"
@@ -75,7 +76,9 @@ async def metrics(request: web.Request) -> web.StreamResponse:
     response.enable_compression()
     await response.prepare(request)
     await response.write(fleet[: -len(eof)] if openmetrics else fleet)
-    async for chunk in components.families.render(components.runtime.sessions()):
+    runtime = components.runtime
+    windowed = runtime.policy.health is HealthPolicy.WINDOWED
+    async for chunk in components.families.render(runtime.sessions(), runtime.counters_now if windowed else None):
         await response.write(chunk)
     if openmetrics:
         await response.write(eof)

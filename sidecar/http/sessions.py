@@ -26,7 +26,7 @@ def _timestamp(epoch: float | None) -> str | None:
 
 
 def session_json(components: Components, session: SessionView) -> dict[str, Any]:
-    counters = session.counters
+    counters = components.runtime.counters_now(session)
     return {
         "organizationId": session.phone.organization_id,
         "organizationPhoneId": session.organization_phone_id,

@@ -185,6 +185,10 @@ class SessionRuntime:
             return error_stats(ZERO_COUNTERS, self.policy.limits)
         raise UnknownSession(organization_phone_id)
 
+    def counters_now(self, view: SessionView) -> Counters:
+        """What /metrics and /v1/sessions show: under the windowed policy, only errors still in the window."""
+        return self._current_counters(view) if isinstance(view, Session) else view.counters
+
     def _current_counters(self, session: Session) -> Counters:
         """The counters now: the windowed policy forgets errors that left the window since the last event."""
         if self.policy.health is HealthPolicy.WINDOWED:

@@ -12,7 +12,7 @@ from opentelemetry.trace import Span
 
 from sidecar.ports import SocketController, StepQueue
 from sidecar.rules.policy import Heal, KeyScope, Phase
-from sidecar.rules.records import DeleteKeys, StepOutcome
+from sidecar.rules.records import DeleteKeys, StepOutcome, StepResult
 from sidecar.runtime.observer import RuntimeObserver
 from sidecar.runtime.outcomes import fail_span, socket_command, span_ids
 from sidecar.runtime.registry import Session
@@ -73,6 +73,12 @@ class HealRunner:
         finally:
             del self._queued[session.organization_phone_id]
 
+    def _clear_once_committed(self, session: Session, heal: Heal, done: asyncio.Future[StepResult]) -> None:
+        if done.cancelled() or done.exception() is not None or session.state.phase is not Phase.ACTIVE:
+            return
+        command = self._sockets.clear_cached_keys(session.organization_phone_id, heal.key_prefixes)
+        self._tasks.spawn(socket_command(command, "cleared", self._socket_timeout))
+
     async def _heal(self, session: Session, heal: Heal) -> None:
         with self._tracer.start_as_current_span("session.heal", attributes=span_ids(session.phone)) as span:
             await self._heal_in_span(session, heal, span)
@@ -93,6 +99,12 @@ class HealRunner:
         if observe:
             socket = f"{StepOutcome.SKIPPED}: observe mode"
             keys_deleted = None  # only counted: nothing was deleted
+        elif outcome is StepOutcome.PENDING:
+            # Told now, the runtime would reload the old keys from the database: it is told once they are gone.
+            future.add_done_callback(lambda done: self._clear_once_committed(session, heal, done))
+            socket = "deferred: sent once the deletion commits"
+        elif outcome != StepOutcome.OK:
+            socket = f"{StepOutcome.SKIPPED}: the deletion failed, the cached keys still match the database"
         elif session.state.phase is Phase.ACTIVE:
             command = self._sockets.clear_cached_keys(session.organization_phone_id, heal.key_prefixes)
             socket = await socket_command(command, "cleared", self._socket_timeout)

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
 
-from sidecar.rules.policy import Limits, is_healthy
+from sidecar.rules.policy import Counters, Limits, is_healthy
 from sidecar.rules.records import PhoneRef
 from sidecar.runtime import SessionView
 from sidecar.runtime.observer import BaseObserver
@@ -62,9 +63,13 @@ class SessionFamilies(BaseObserver):
     def cached_labels(self) -> int:
         return len(self._labels)
 
-    async def render(self, sessions: Iterable[SessionView]) -> AsyncIterator[bytes]:
-        """The five families as chunks of text, yielding to the event loop between chunks."""
-        snapshot = list(sessions)  # the dict may change while we yield
+    async def render(
+        self, sessions: Iterable[SessionView], counters_of: Callable[[SessionView], Counters] | None = None
+    ) -> AsyncIterator[bytes]:
+        """The five families as chunks of text, yielding to the event loop between chunks. `counters_of`: the
+        counters to show (the windowed policy's current ones); the stored ones by default."""
+        views = list(sessions)  # the dict may change while we yield
+        snapshot = views if counters_of is None else [_Shown(v, counters_of(v)) for v in views]
         limits, labels = self._limits, self.labels
         for name, help_text in FAMILIES:
             yield f"# HELP {name} {help_text}\n# TYPE {name} gauge\n".encode()
@@ -82,3 +87,23 @@ class SessionFamilies(BaseObserver):
                     lines = [f"{name}{labels(s.phone)} {s.last_error_at}\n" for s in chunk if s.last_error_at]
                 yield "".join(lines).encode()
                 await asyncio.sleep(0)  # writes rarely wait, so yield to event processing here
+
+
+@dataclass(frozen=True, slots=True)
+class _Shown:
+    """A session as rendered: its view with the counters to show."""
+
+    view: SessionView
+    counters: Counters
+
+    @property
+    def phone(self) -> PhoneRef:
+        return self.view.phone
+
+    @property
+    def connected(self) -> bool:
+        return self.view.connected
+
+    @property
+    def last_error_at(self) -> float | None:
+        return self.view.last_error_at
