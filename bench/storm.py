@@ -130,9 +130,7 @@ async def run(sessions: int, errors: int, connections: int, replicas: int) -> fl
     events = sessions * errors
     latencies.sort()
     mode = f"fleet mode, {replicas} replica{'s' if replicas > 1 else ''} on one PostgreSQL"
-    print(
-        f"storm ({mode}): {sessions} sessions x {errors} errors = {events} events over {connections} connections"
-    )
+    print(f"storm ({mode}): {sessions} sessions x {errors} errors = {events} events over {connections} connections")
     elapsed = processed - started
     print(
         f"  events written by the clients in {sent - started:.2f} s; processed by the sidecar in {elapsed:.2f} s "

@@ -52,6 +52,31 @@ async def test_errors_spread_round_robin_close_the_phone_exactly_once(
     assert (await phone_row(db, phone))["status"] == "logged_out"
 
 
+async def test_two_replicas_never_lose_or_double_an_increment(
+    database: str, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """Concurrent errors on two replicas, at the real limit (5 Bad Decrypts): four leave the phone open with
+    exactly four counted everywhere; the fifth closes it once, recorded with five."""
+    phone = await add_phone(db, 1, "79001112233")
+    pid, jid = phone.organization_phone_id, phone.phone_jid
+    bad_decrypt = decrypt_error(1, pid, jid, "error:1C800064:Provider routines::bad decrypt", source="app-state")
+    async with replicas(2, database, tmp_path) as fleet:
+        await fleet[0].events([connection_update(1, pid, jid, "open")])
+        await asyncio.gather(*(fleet[index % 2].events([bad_decrypt]) for index in range(4)))
+        for replica in fleet:
+            status, stats = await replica.request("GET", f"/v1/sessions/{pid}/stats")
+            assert status == 200 and stats["badDecryptErrors"] == 4 and stats["isHealthy"] is False
+        stored = await db.fetchval(
+            "SELECT bad_decrypt_errors FROM wa_sidecar.session_counters WHERE organization_phone_id = $1", pid
+        )
+        assert stored == 4 and await closure_count(db) == 0
+        await fleet[1].events([bad_decrypt])
+        await eventually(lambda: _closed(db, pid), what="the close recorded")
+        await eventually(lambda: settled(fleet), what="no close in flight anywhere")
+    [closure] = await closures_of(db, pid)
+    assert closure["reason"] == "bad_decrypt_limit" and closure["bad_decrypt_errors"] == 5
+
+
 async def _closed(db: asyncpg.Connection, phone_id: int) -> bool:
     return len(await closures_of(db, phone_id)) > 0
 

@@ -49,8 +49,11 @@ async def test_three_bad_macs_end_the_session_over_the_link(database: str, db: a
     ):
         await client.wait_connected()
         await client.send(connection_update(1, pid, jid, "open"))
-        for _ in range(3):
-            await client.send(decrypt_error(1, pid, jid, "Bad MAC", source="message", message_type="pkmsg"))
+        bad_mac = decrypt_error(1, pid, jid, "Bad MAC", source="message", message_type="pkmsg")
+        await client.send(bad_mac)
+        await eventually(lambda: len(clears.commands) == 1, what="the first error's heal reached the runtime")
+        for _ in range(2):
+            await client.send(bad_mac)
         await eventually(lambda: len(ends.commands) == 1, what="session.end received")
         await served.components.runtime.settle()
         stats = served.components.runtime.get_session_error_stats(pid)
@@ -70,7 +73,8 @@ async def test_three_bad_macs_end_the_session_over_the_link(database: str, db: a
     }
     [closure] = await closure_rows(db)
     assert closure["socket"] == "ended" and closure["reason"] == "bad_mac_limit"
-    # Heals racing the close may be superseded by it; any auth.clear that went out named the right keys.
+    # The first heal's auth.clear named the narrowest keys; the second heal may be superseded by the close.
+    assert clears.commands[0]["keyPrefixes"] == ["session-", "sender-key-"]
     assert all(c["keyPrefixes"] == ["session-", "sender-key-"] for c in clears.commands)
 
 

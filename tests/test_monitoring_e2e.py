@@ -18,8 +18,8 @@ from aiohttp import web
 
 from dashboards.generate import DASHBOARDS
 from sidecar.client import RuntimeClient, connection_update, decrypt_error
-from sidecar.notify.delivery import verify_signature
 from tests.monitoring import ALERTMANAGER_EXAMPLE, SCRAPE_JOB, Prometheus, alertmanager, prometheus
+from tests.receiver import verified
 from tests.seed import SeededPhone, add_phone
 from tests.server import serving, sidecar_config
 from tests.waiting import eventually
@@ -65,7 +65,7 @@ async def receivers() -> AsyncIterator[Receivers]:
 
     async def owner_hook(request: web.Request) -> web.Response:
         body = await request.read()
-        if not verify_signature(SECRET, request.headers, body):
+        if verified(SECRET, request.headers, body) is None:
             return web.Response(status=401)
         state.owner_events.append(json.loads(body))
         return web.Response()

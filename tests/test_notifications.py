@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import signal
 import sys
 import time
@@ -16,7 +17,7 @@ from sidecar.client import connection_update, decrypt_error
 from sidecar.notify.delivery import sign
 from sidecar.notify.owners import OwnersError, parse_owners
 from tests.pgcluster import free_port
-from tests.receiver import receiving, verify
+from tests.receiver import receiving, verified
 from tests.seed import add_phone
 from tests.server import Served, serving, sidecar_config
 from tests.waiting import eventually
@@ -111,8 +112,12 @@ async def test_retries_then_delivers_once(database: str, db: asyncpg.Connection,
                 "whatsapp_owner_notifications_total",
                 {"team": "platform", "event": "session.unhealthy", "outcome": "retried"},
             )
-            await asyncio.sleep(0.3)  # a bounded look for a duplicate that must not come
-    assert receiver.attempts == 4 and len(receiver.received) == 1
+            # A later notification of the same session is delivered only once the earlier one is finished:
+            # when it arrives, no retry of the first can follow.
+            await post(served, connection_update(1, pid, jid, "open"))
+            await eventually(lambda: "session.recovered" in receiver.events, what="the later marker delivered")
+    assert receiver.events == ["session.unhealthy", "session.recovered"]
+    assert receiver.attempts == 5
     assert retried == 3
 
 
@@ -190,6 +195,13 @@ def test_owners_file_errors_name_the_key() -> None:
     with pytest.raises(OwnersError) as missing:
         parse_owners(base, {})
     assert missing.value.key == "teams.platform.secretEnv" and "not set" in missing.value.problem
+    # A Standard Webhooks secret is its decoded key; a malformed one is refused naming the key.
+    raw_key = b"\x00\xff sixteen bytes.."
+    whsec = "whsec_" + base64.b64encode(raw_key).decode()
+    assert parse_owners(base + "defaultTeam: platform\n", {"P": whsec}).teams["platform"].secret == raw_key
+    with pytest.raises(OwnersError) as malformed:
+        parse_owners(base, {"P": "whsec_not base64!"})
+    assert malformed.value.key == "teams.platform.secretEnv" and "base64" in malformed.value.problem
 
 
 async def test_cli_refuses_an_invalid_owners_file(tmp_path: Path) -> None:
@@ -266,20 +278,31 @@ async def test_sigkill_before_delivery_delivers_exactly_once_after_restart(
         second = await start()
         try:
             await eventually(lambda: len(receiver.received) == 1, what="delivered after the restart")
-            await asyncio.sleep(0.5)  # a bounded look for a duplicate that must not come
+            async with aiohttp.ClientSession() as http:  # a later marker of the same session (delivered in order)
+                marker = [connection_update(1, pid, jid, "open")]
+                async with http.post(f"http://127.0.0.1:{port}/v1/events", json=marker) as response:
+                    assert response.status == 202
+            await eventually(lambda: len(receiver.received) == 2, what="the later marker delivered")
         finally:
             second.terminate()
             await second.wait()
-    assert receiver.events == ["session.unhealthy"]
-    assert await db.fetchval("SELECT status FROM wa_sidecar.outbox") == "delivered"
+    assert receiver.events == ["session.unhealthy", "session.recovered"]
+    assert await db.fetchval("SELECT count(*) FROM wa_sidecar.outbox WHERE status = 'delivered'") == 2
 
 
-def test_the_readme_receiver_check_rejects_forgeries_and_replays() -> None:
+def test_the_readme_receiver_accepts_our_signature_and_rejects_forgeries_and_replays() -> None:
     body = b'{"event":"session.unhealthy"}'
     now = str(int(time.time()))
-    good = {"X-Sidecar-Timestamp": now, "X-Sidecar-Signature": sign(SECRET, now, body)}
-    assert verify(SECRET, good, body)
-    assert not verify(b"other", good, body)
-    assert not verify(SECRET, good, body + b" ")
-    old = str(int(now) - 3600)
-    assert not verify(SECRET, {"X-Sidecar-Timestamp": old, "X-Sidecar-Signature": sign(SECRET, old, body)}, body)
+
+    def headers(message_id: str, timestamp: str, secret: bytes = SECRET) -> dict[str, str]:
+        signature = sign(secret, message_id, timestamp, body)
+        return {"webhook-id": message_id, "webhook-timestamp": timestamp, "webhook-signature": signature}
+
+    assert verified(SECRET, headers("n1", now), body) == {"event": "session.unhealthy"}
+    assert verified(b"other", headers("n1", now), body) is None  # a forgery
+    assert verified(SECRET, headers("n1", now), body + b" ") is None  # a changed body
+    assert verified(SECRET, {**headers("n1", now), "webhook-id": "n2"}, body) is None  # a replayed signature
+    assert verified(SECRET, headers("n1", str(int(now) - 3600)), body) is None  # a replay an hour later
+    # A whsec_ secret as configured is what the stock library takes as is.
+    key = b"\x01\x02 random key bytes"
+    assert verified("whsec_" + base64.b64encode(key).decode(), headers("n1", now, key), body) is not None

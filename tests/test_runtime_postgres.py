@@ -11,8 +11,7 @@ import asyncpg
 import pytest
 
 from sidecar.rules.classification import ErrorClass, ErrorSource
-from sidecar.rules.policy import Limits, PolicyConfig
-from sidecar.runtime import InvalidInput, SessionRuntime, UnknownSession
+from sidecar.runtime import InvalidInput, UnknownSession
 from sidecar.runtime.errors import CloseIncomplete
 from sidecar.telemetry.action_log import ClosureLogFile
 from tests.harness import runtime_over
@@ -190,22 +189,6 @@ async def test_counters_survive_a_restart(database: str, db: asyncpg.Connection)
         assert await third.runtime.handle_bad_mac_error(1, pid, jid) is False
         await third.runtime.settle()
     assert len(await closures(db, pid)) == 1
-
-
-async def test_two_replicas_never_lose_or_double_an_increment(database: str, db: asyncpg.Connection) -> None:
-    phone = await add_phone(db, 1, "79001112233")
-    pid, jid = phone.organization_phone_id, phone.phone_jid
-    policy = PolicyConfig(limits=Limits(max_bad_mac_errors=1000, max_bad_decrypt_errors=1000))
-    async with runtime_over(database, policy) as a, runtime_over(database, policy) as b:
-
-        async def burst(runtime: SessionRuntime, count: int) -> None:
-            for _ in range(count):
-                await runtime.handle_bad_decrypt_error(1, pid, jid)
-
-        await asyncio.gather(burst(a.runtime, 60), burst(b.runtime, 45))
-        await asyncio.gather(a.pending.drained(), b.pending.drained())
-    row = await stored_counters(db, pid)
-    assert row is not None and row["bad_decrypt_errors"] == 105
 
 
 async def test_fifty_concurrent_bad_macs_close_exactly_once(database: str, db: asyncpg.Connection) -> None:

@@ -17,7 +17,7 @@ from sidecar.rules.records import PhoneRef
 from sidecar.rules.safety import BreakerConfig
 from sidecar.runtime.observer import BaseObserver
 from tests.harness import runtime_over
-from tests.pgcluster import free_port
+from tests.pgcluster import ThrowawayPostgres
 from tests.seed import add_phone
 from tests.server import serving, sidecar_config
 from tests.waiting import eventually
@@ -71,11 +71,13 @@ async def test_a_close_supersedes_pending_heals() -> None:
     assert len(socket.ended) == 1
 
 
-async def test_http_ingest_answers_429_when_the_queue_is_full_and_applies_nothing() -> None:
-    unreachable = f"postgresql://postgres@127.0.0.1:{free_port()}/test"
+async def test_http_ingest_answers_429_when_the_queue_is_full_and_applies_nothing(
+    seeded: str, cluster: ThrowawayPostgres
+) -> None:
+    cluster.stop()
     # One replica (coordination local) counts while the database is away; fleet mode's own test is in test_fleet.
     config = sidecar_config(
-        unreachable, pending_steps_limit=6, database_step_timeout=0.2, socket_end_timeout=0.2, coordination="local"
+        seeded, pending_steps_limit=6, database_step_timeout=0.2, socket_end_timeout=0.2, coordination="local"
     )
     jid = "79001112233@s.whatsapp.net"
     async with serving(config, wait_restored=False) as served, aiohttp.ClientSession(served.base) as http:
@@ -92,14 +94,30 @@ async def test_http_ingest_answers_429_when_the_queue_is_full_and_applies_nothin
         assert served.components.metrics.registry.get_sample_value("whatsapp_sidecar_events_throttled_total") == (
             statuses.count(429)
         )
-        # The runtime link does not answer 429: it stops reading, and TCP pushes back on the runtime.
+        # The runtime link does not answer 429: it stops reading, and TCP pushes back on the runtime. Its
+        # events wait (the queue stays bounded) and none is lost: all are applied once the database is back.
         async with http.ws_connect(served.ws_url) as ws:
-            await ws.send_str(json.dumps(decrypt_error(1, 43, jid, BAD_DECRYPT)))
-            await asyncio.sleep(0.2)  # a bounded look for something that must not happen
-            assert served.components.runtime.session(43) is None or (
-                served.components.runtime.get_session_error_stats(43)["badDecryptErrors"] <= 1
-            )
+            for _ in range(3):
+                await ws.send_str(json.dumps(decrypt_error(1, 43, jid, BAD_DECRYPT)))
             assert served.components.pending.depth <= 6
+            cluster.start()
+            await eventually(lambda: served.components.pending.depth == 0, what="queue drained once PostgreSQL is up")
+            await eventually(
+                lambda: (
+                    served.components.runtime.session(43) is not None
+                    and served.components.runtime.get_session_error_stats(43)["badDecryptErrors"] == 3
+                ),
+                what="the link's three events counted",
+            )
+            assert served.components.metrics.registry.get_sample_value(
+                "whatsapp_sidecar_events_throttled_total"
+            ) == statuses.count(429)  # the link never refused one
+    db = await asyncpg.connect(seeded)
+    stored = await db.fetchval(
+        "SELECT bad_decrypt_errors FROM wa_sidecar.session_counters WHERE organization_phone_id = 43"
+    )
+    await db.close()
+    assert stored == 3
 
 
 async def test_small_storm_closes_every_session_exactly_once(database: str, db: asyncpg.Connection) -> None:

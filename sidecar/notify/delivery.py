@@ -1,16 +1,18 @@
 """Signed webhook delivery of owner notifications from the outbox, with retries and dead letters.
 
-Each request carries `X-Sidecar-Timestamp: <unix seconds>` and
-`X-Sidecar-Signature: sha256=<hex HMAC-SHA256 of "<timestamp>.<raw body>">` under the team's secret, so a
-receiver can reject forgeries and replays. Delivery is at least once; the body's `id` lets receivers drop
-repeats. 2xx: delivered. 4xx other than 408/429: dead at once (retrying cannot help). Anything else
-(5xx, 408, 429, timeouts, refused connections): retried with exponential backoff and jitter, dead after
-`max_attempts`. Dead letters stay in the outbox (`GET /v1/notifications?status=dead`).
+Each request is signed per Standard Webhooks (https://www.standardwebhooks.com): `webhook-id` (the
+notification id, the same on every retry), `webhook-timestamp` (unix seconds) and `webhook-signature:
+v1,<base64 HMAC-SHA256 of "<id>.<timestamp>.<raw body>">` under the team's secret, so a receiver verifies it
+with a stock library and rejects forgeries and replays. Delivery is at least once; `webhook-id` (also the
+body's `id`) lets receivers drop repeats. 2xx: delivered. 4xx other than 408/429: dead at once (retrying
+cannot help). Anything else (5xx, 408, 429, timeouts, refused connections): retried with exponential backoff
+and jitter, dead after `max_attempts`. Dead letters stay in the outbox (`GET /v1/notifications?status=dead`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import hmac
@@ -18,7 +20,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -52,16 +54,10 @@ class DeliveryPolicy:
         return step * random.uniform(0.5, 1.0)
 
 
-def sign(secret: bytes, timestamp: str, body: bytes) -> str:
-    return "sha256=" + hmac.new(secret, timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
-
-
-def verify_signature(secret: bytes, headers: Mapping[str, str], body: bytes, tolerance: float = 300) -> bool:
-    """The receiver's check (also in the README): a fresh timestamp and the HMAC of "<timestamp>.<body>"."""
-    timestamp = headers.get("X-Sidecar-Timestamp", "")
-    if not timestamp.isdigit() or abs(time.time() - int(timestamp)) > tolerance:
-        return False
-    return hmac.compare_digest(sign(secret, timestamp, body), headers.get("X-Sidecar-Signature", ""))
+def sign(secret: bytes, message_id: str, timestamp: str, body: bytes) -> str:
+    """Standard Webhooks v1: base64 of HMAC-SHA256 over "<webhook-id>.<webhook-timestamp>.<raw body>"."""
+    signed = f"{message_id}.{timestamp}.".encode() + body
+    return "v1," + base64.b64encode(hmac.new(secret, signed, hashlib.sha256).digest()).decode()
 
 
 def payload(row: OutboxRow, team: str, instance: str) -> dict[str, Any]:
@@ -194,10 +190,10 @@ class Delivery:
         timestamp = str(int(time.time()))
         headers = {
             "Content-Type": "application/json",
-            "X-Sidecar-Event": row.event,
-            "X-Sidecar-Delivery": row.notification_id,
-            "X-Sidecar-Timestamp": timestamp,
-            "X-Sidecar-Signature": sign(team.secret, timestamp, body),
+            # Standard Webhooks: the id is stable across retries (the receiver's idempotency key).
+            "webhook-id": row.notification_id,
+            "webhook-timestamp": timestamp,
+            "webhook-signature": sign(team.secret, row.notification_id, timestamp, body),
         }
         try:
             timeout = aiohttp.ClientTimeout(total=self.policy.attempt_timeout)

@@ -13,6 +13,8 @@ validate is refused with the key that is wrong; `OwnersWatcher` keeps the previo
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import os
 import re
@@ -89,7 +91,7 @@ def _secret(spec: dict[Any, Any], key: str, env: Mapping[str, str]) -> bytes:
         value = env.get(name)
         if not value:
             raise OwnersError(f"{key}.secretEnv", f"environment variable {name} is not set or empty")
-        return value.encode()
+        return _key_bytes(value.encode(), f"{key}.secretEnv")
     path = spec["secretFile"]
     if not isinstance(path, str) or not path:
         raise OwnersError(f"{key}.secretFile", "must be a file path")
@@ -99,7 +101,20 @@ def _secret(spec: dict[Any, Any], key: str, env: Mapping[str, str]) -> bytes:
         raise OwnersError(f"{key}.secretFile", f"cannot read {path}: {error.strerror}") from None
     if not secret:
         raise OwnersError(f"{key}.secretFile", f"{path} is empty")
-    return secret
+    return _key_bytes(secret, f"{key}.secretFile")
+
+
+def _key_bytes(secret: bytes, field_name: str) -> bytes:
+    """A Standard Webhooks secret (`whsec_<base64>`) is its decoded bytes; any other secret is used as written."""
+    if not secret.startswith(b"whsec_"):
+        return secret
+    try:
+        key = base64.b64decode(secret[len(b"whsec_") :], validate=True)
+    except (binascii.Error, ValueError):
+        raise OwnersError(field_name, "a whsec_ secret must be base64 after the prefix") from None
+    if not key:
+        raise OwnersError(field_name, "the whsec_ secret is empty")
+    return key
 
 
 def parse_owners(text: str, env: Mapping[str, str]) -> Owners:
