@@ -158,7 +158,10 @@ async def test_sigkill_with_journaled_steps_then_restart_closes_nothing_twice(
                 await runtime.send(decrypt_error(1, closing.organization_phone_id, closing.phone_jid, "Bad MAC"))
             await asyncio.wait_for(received.wait(), 20)  # claimed in the database; the socket end waits
             cluster.stop()
-            await eventually(lambda: _journaled_logout(state), what="the close's database half journaled")
+            await eventually(
+                lambda: _journaled_logout(state, closing.organization_phone_id),
+                what="the close's database half journaled",
+            )
             replica.kill()
             await replica.wait_exited()
         cluster.start()
@@ -184,9 +187,13 @@ async def _closure_of(db: asyncpg.Connection, phone_id: int) -> bool:
     return bool(count)
 
 
-def _journaled_logout(state: Path) -> bool:
+def _journaled_logout(state: Path, phone_id: int) -> bool:
+    """A logout of this phone in the journal (applied entries stay until the file is compacted)."""
     journal = state / JOURNAL_FILE
-    return journal.exists() and '"logout"' in journal.read_text()
+    return journal.exists() and any(
+        '"logout"' in line and f'"organizationPhoneId": {phone_id},' in line
+        for line in journal.read_text().splitlines()
+    )
 
 
 async def test_events_waiting_for_postgres_survive_a_sigkill_and_are_decided_once(
