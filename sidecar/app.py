@@ -110,8 +110,9 @@ def _components(config: Config, link: RuntimeLink, extras: Extras) -> Callable[[
             supervisor=supervisor,
         )
         observers: list[RuntimeObserver] = [ActionLog(), MetricsObserver(metrics), families]
-        if config.closure_log_path is not None:
-            observers.append(ClosureLogFile(config.closure_log_path))
+        closure_log = ClosureLogFile(config.closure_log_path) if config.closure_log_path is not None else None
+        if closure_log is not None:
+            observers.append(closure_log)
         observers.extend(extras.observers)
         fleet: PostgresFleet | None = None
         sockets: SocketController = link
@@ -147,6 +148,7 @@ def _components(config: Config, link: RuntimeLink, extras: Extras) -> Callable[[
             fleet=fleet,
             backlog_limit=config.pending_steps_limit,
             events_journal=events_journal,
+            state_ttl=config.state_ttl,
             on_failure=lambda what, name: (
                 (metrics.observer_failures if what == "observer" else metrics.task_failures).labels(name).inc()
             ),
@@ -196,6 +198,7 @@ def _components(config: Config, link: RuntimeLink, extras: Extras) -> Callable[[
             await delivery.start()
         supervisor.start("restore", lambda: _restore(components))
         supervisor.start("owners-watch", lambda: _watch_owners(owners))
+        supervisor.start("housekeeping", lambda: _housekeeping(components))
         if schema is not None:
             supervisor.start("schema-check", schema.run)
         stop_fleet = asyncio.Event()
@@ -223,6 +226,8 @@ def _components(config: Config, link: RuntimeLink, extras: Extras) -> Callable[[
             if delivery is not None:
                 await delivery.stop()
             await store.close()
+            if closure_log is not None:
+                await asyncio.to_thread(closure_log.close)
             tracing.shutdown()
 
     return lifecycle
@@ -283,6 +288,34 @@ async def _watch_fleet(fleet: PostgresFleet, runtime: SessionRuntime, config: Co
             await asyncio.sleep(RESTORE_RETRY_SECONDS)
     assert runtime.fleet is not None
     await runtime.fleet.watch_settings()  # reads them at once, then every SETTINGS_REFRESH_SECONDS
+
+
+HOUSEKEEPING_SECONDS = 60.0
+RETENTION_BATCH = 1000
+
+
+async def _housekeeping(components: Components) -> None:
+    """Bounded state, off the hot path: every minute the runtime forgets what holds nothing past --state-ttl;
+    every --retention/100 (at most hourly) the store deletes history past --retention, in small batches."""
+    config, metrics = components.config, components.metrics
+    loop = asyncio.get_running_loop()
+    prune_every = min(3600.0, config.retention / 100)
+    next_prune = loop.time()
+    while True:
+        interval = min(HOUSEKEEPING_SECONDS, config.state_ttl / 4)
+        if expired := components.runtime.expire_state():
+            metrics.sessions_expired.inc(expired)
+        if loop.time() >= next_prune:
+            try:
+                deleted = await components.store.prune(config.retention, RETENTION_BATCH)
+            except StoreUnavailable:
+                deleted = {}  # retried at the next round; the outage is reported by the steps waiting for it
+            for table, count in deleted.items():
+                metrics.retention_deleted.labels(table).inc(count)
+            if any(deleted.values()):
+                log.info("retention deleted %s", ", ".join(f"{n} {t}" for t, n in deleted.items() if n))
+            next_prune = loop.time() + prune_every
+        await asyncio.sleep(interval)
 
 
 async def _restore(components: Components) -> None:

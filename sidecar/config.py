@@ -98,6 +98,8 @@ class Config:
     # Fleet mode: a close not finished within this many seconds (its replica died) is finished by another one.
     close_lease_seconds: float = 60.0
     database_command_timeout: float = 30.0
+    state_ttl: float = 86_400.0  # sessions holding nothing, closed/logged-out markers: forgotten after a day
+    retention: float = 30 * 86_400.0  # closures, decisions, finished notifications: deleted after 30 days
     # A client that takes longer to send a request body gets 408 (slow or stalled clients hold no connection).
     request_body_timeout: float = 10.0
     # ... and one slower to send its request head (or idle between keep-alive requests) is disconnected.
@@ -167,6 +169,11 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     add("--request-body-timeout", help="seconds a client may take to send a request body (default 10)")
     add("--close-lease-seconds", help="fleet mode: seconds before another replica finishes a close (default 60)")
     add(
+        "--state-ttl",
+        help="forget sessions holding nothing and closed markers after this long (e.g. 12h, 1d; default 1d)",
+    )
+    add("--retention", help="delete closures, decisions and sent notifications older than this (default 30d)")
+    add(
         "--database-command-timeout",
         help="seconds one SQL statement may run before it counts as slow (retried 3 times, then failed; default 30)",
     )
@@ -204,6 +211,23 @@ def _positive_float(key: str, raw: str) -> float:
     except ValueError:
         raise ConfigError(key, f"must be a number of seconds, got {raw!r}") from None
     if not value > 0:
+        raise ConfigError(key, f"must be greater than 0, got {raw!r}")
+    return value
+
+
+DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86_400.0}
+
+
+def duration(key: str, raw: str) -> float:
+    """`90`, `90s`, `15m`, `12h`, `30d` as seconds (greater than 0)."""
+    text = raw.strip()
+    unit = DURATION_UNITS.get(text[-1:].lower())
+    number = text[:-1] if unit is not None else text
+    try:
+        value = float(number) * (unit or 1.0)
+    except ValueError:
+        raise ConfigError(key, f"must be a duration like 3600, 90s, 15m, 12h or 30d, got {raw!r}") from None
+    if not 0 < value < float("inf"):
         raise ConfigError(key, f"must be greater than 0, got {raw!r}")
     return value
 
@@ -343,6 +367,10 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = N
         changes["request_body_timeout"] = _positive_float("request-body-timeout", raw)
     if (raw := setting("close_lease_seconds")) is not None:
         changes["close_lease_seconds"] = _positive_float("close-lease-seconds", raw)
+    if (raw := setting("state_ttl")) is not None:
+        changes["state_ttl"] = duration("state-ttl", raw)
+    if (raw := setting("retention")) is not None:
+        changes["retention"] = duration("retention", raw)
     if (raw := setting("database_command_timeout")) is not None:
         changes["database_command_timeout"] = _positive_float("database-command-timeout", raw)
     if (raw := setting("mode")) is not None:

@@ -117,6 +117,7 @@ class StoredSession:
     phone: PhoneRef
     counters: Counters
     closed: bool
+    closed_at: float | None = None  # epoch seconds, when the store knows it
 
 
 class SessionStore(Outbox, Protocol):
@@ -134,7 +135,12 @@ class SessionStore(Outbox, Protocol):
 
     async def applied_journal_position(self, instance_id: str) -> int: ...
 
-    async def load_sessions(self) -> list[StoredSession]: ...
+    async def load_sessions(self, closed_within: float | None = None) -> list[StoredSession]:
+        """Phones with counts, and phones closed (within `closed_within` seconds, when given)."""
+
+    async def prune(self, older_than: float, batch: int) -> dict[str, int]:
+        """Retention: delete history older than `older_than` seconds (closures, decisions, finished
+        notifications, idle counter rows), `batch` rows per statement. Returns rows deleted per table."""
 
     async def recent_closures(self, organization_phone_id: int, limit: int) -> list[ClosureRecord]: ...
 

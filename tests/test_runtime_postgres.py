@@ -312,10 +312,12 @@ async def test_every_close_is_appended_to_the_closure_log_file(
 ) -> None:
     phone = await add_phone(db, 1, "79001112233")
     log_file = tmp_path / "closures" / "closures.jsonl"
-    async with runtime_over(database, observers=[ClosureLogFile(log_file)]) as h:
+    closure_log = ClosureLogFile(log_file)
+    async with runtime_over(database, observers=[closure_log]) as h:
         for _ in range(3):
             await h.runtime.handle_bad_mac_error(1, phone.organization_phone_id, phone.phone_jid)
         await h.runtime.settle()
+    closure_log.close()  # waits for the writer thread's last line
     [line] = log_file.read_text().splitlines()
     entry = json.loads(line)
     [closure] = await closures(db, phone.organization_phone_id)

@@ -156,6 +156,12 @@ def on_close(
     return LoopState(closes, tuple(reported.items())), fresh
 
 
+def is_quiet(state: LoopState, now: float, config: LoopConfig) -> bool:
+    """No close and no report within the window: the state is as good as empty (on_close would ignore it)."""
+    cutoff = now - config.window_seconds
+    return all(moment <= cutoff for moment, _ in state.closes) and all(at <= cutoff for _, at in state.reported)
+
+
 @dataclass
 class LoopDetector:
     """Per phone, the recent closes (one replica's memory; fleet mode keeps LoopState in the database)."""
@@ -170,6 +176,13 @@ class LoopDetector:
 
     def forget(self, phone_id: int) -> None:
         self._states.pop(phone_id, None)
+
+    def expire(self, now: float) -> int:
+        """Forget phones quiet for a whole window (their state could no longer report anything); returns how many."""
+        quiet = [phone_id for phone_id, state in self._states.items() if is_quiet(state, now, self.config)]
+        for phone_id in quiet:
+            del self._states[phone_id]
+        return len(quiet)
 
     @property
     def tracked(self) -> int:

@@ -89,11 +89,13 @@ class SessionRuntime:
         backlog_limit: int = 100_000,
         events_journal: EventJournal | None = None,
         on_failure: Callable[[str, str], None] | None = None,
+        state_ttl: float = 86_400.0,
     ) -> None:
         """`fleet`: fleet mode, decisions taken in PostgreSQL and shared by every replica (runtime/fleet.py).
         `on_failure(what, name)`: an observer ("observer", its class) or a background effect ("task",
         "effects") raised; it was logged and isolated."""
         self.policy = policy
+        self._state_ttl = state_ttl
         self._safety = safety or Safety()
         self._store = store
         self._steps = steps
@@ -220,12 +222,23 @@ class SessionRuntime:
     async def restore(self) -> int:
         """Continue from the counters the store kept (a restart loses no count). In fleet mode every decision
         reads the database; this only fills the read cache (stats, sessions, metrics) of this replica."""
-        stored = await self._store.load_sessions()
+        stored = await self._store.load_sessions(closed_within=self._state_ttl)
         if self._fleet is not None:
             self._registry.warm(stored)
             return len(stored)
         self._registry.restore(stored)
         return len(stored)
+
+    def expire_state(self) -> int:
+        """Bounded memory: forget sessions that hold nothing and markers older than the state TTL, and the loop
+        detector's quiet phones. Returns how many sessions were forgotten."""
+        now = self._clock().timestamp()
+        forgotten = self._registry.sweep(now, self._state_ttl)
+        for phone in forgotten:
+            for observer in self._observers:
+                observer.forgotten(phone)
+        self._safety.loops.expire(now)
+        return len(forgotten)
 
     async def settle(self) -> None:
         """Wait for every background effect started so far (tests, shutdown)."""

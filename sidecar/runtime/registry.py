@@ -97,6 +97,11 @@ class SessionRegistry(Protocol):
     def warm(self, stored: Iterable[StoredSession]) -> None:
         """Fleet mode: fill this replica's read cache with phones it has not decided on since it started."""
 
+    def sweep(self, now: float, ttl: float) -> list[PhoneRef]:
+        """Bounded state: forget sessions that hold nothing (active, zero counters, disconnected, no recent error)
+        once they have been so for `ttl` seconds, and closed/logged-out markers older than `ttl`. Returns the
+        sessions forgotten (their markers are not sessions)."""
+
     @property
     def session_count(self) -> int: ...
 
@@ -112,6 +117,8 @@ class MemorySessionRegistry:
         self._sessions: dict[int, Session] = {}
         self._closed: dict[int, PhoneRef] = {}
         self._logged_out: dict[int, LoggedOut] = {}
+        self._quiet_since: dict[int, float] = {}  # sweep bookkeeping: since when a session has held nothing
+        self._closed_at: dict[int, float] = {}  # when each closed marker was set (first sweep, if unknown)
 
     def get(self, organization_phone_id: int) -> Session | None:
         return self._sessions.get(organization_phone_id)
@@ -132,9 +139,11 @@ class MemorySessionRegistry:
         self._logged_out[session.organization_phone_id] = logged_out
         self._sessions.pop(session.organization_phone_id, None)
         self._closed[session.organization_phone_id] = session.phone
+        self._closed_at[session.organization_phone_id] = logged_out.at
 
     def reopen(self, organization_phone_id: int) -> bool:
         self._logged_out.pop(organization_phone_id, None)
+        self._closed_at.pop(organization_phone_id, None)
         return self._closed.pop(organization_phone_id, None) is not None
 
     def closed_phone(self, organization_phone_id: int) -> PhoneRef | None:
@@ -151,6 +160,8 @@ class MemorySessionRegistry:
             phone_id = item.phone.organization_phone_id
             if item.closed:
                 self._closed.setdefault(phone_id, item.phone)
+                if item.closed_at is not None:
+                    self._closed_at.setdefault(phone_id, item.closed_at)
                 continue
             session = self._sessions.get(phone_id)
             if session is None:
@@ -170,8 +181,34 @@ class MemorySessionRegistry:
                 continue
             if item.closed:
                 self._closed[phone_id] = item.phone
+                if item.closed_at is not None:
+                    self._closed_at[phone_id] = item.closed_at
             else:
                 self._sessions[phone_id] = Session(item.phone, SessionState(item.counters))
+
+    def sweep(self, now: float, ttl: float) -> list[PhoneRef]:
+        cutoff = now - ttl
+        forgotten: list[PhoneRef] = []
+        for phone_id, session in list(self._sessions.items()):
+            holds_nothing = (
+                session.state.phase is Phase.ACTIVE
+                and session.state.counters == Counters()
+                and not session.connected
+                and (session.last_error_at is None or session.last_error_at <= cutoff)
+            )
+            if not holds_nothing:
+                self._quiet_since.pop(phone_id, None)
+            elif self._quiet_since.setdefault(phone_id, now) <= cutoff:
+                del self._sessions[phone_id]
+                del self._quiet_since[phone_id]
+                forgotten.append(session.phone)
+        for phone_id in [p for p in self._quiet_since if p not in self._sessions]:
+            del self._quiet_since[phone_id]
+        for phone_id in list(self._closed):
+            if self._closed_at.setdefault(phone_id, now) <= cutoff:
+                del self._closed[phone_id], self._closed_at[phone_id]
+                self._logged_out.pop(phone_id, None)
+        return forgotten
 
     @property
     def session_count(self) -> int:

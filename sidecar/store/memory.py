@@ -6,7 +6,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sidecar.ports import OutboxRow, StoredSession
@@ -71,8 +71,19 @@ class MemoryStore:
     async def applied_journal_position(self, instance_id: str) -> int:
         return 0
 
-    async def load_sessions(self) -> list[StoredSession]:
+    async def load_sessions(self, closed_within: float | None = None) -> list[StoredSession]:
         return [StoredSession(row.phone, row.counters, row.closed) for row in self.counters.values()]
+
+    async def prune(self, older_than: float, batch: int) -> dict[str, int]:
+        """Closures are already bounded (the last HISTORY); finished notifications and idle counters go."""
+        cutoff = self._clock() - timedelta(seconds=older_than)
+        finished = [key for key, row in self.outbox.items() if row.status != "pending" and row.occurred_at < cutoff]
+        for key in finished:
+            del self.outbox[key]
+        idle = [phone_id for phone_id, row in self.counters.items() if not row.closed and row.counters == Counters()]
+        for phone_id in idle:
+            del self.counters[phone_id]
+        return {"outbox": len(finished), "session_counters": len(idle)}
 
     async def recent_closures(self, organization_phone_id: int, limit: int) -> list[ClosureRecord]:
         mine = [r for r in self.closures if r.phone.organization_phone_id == organization_phone_id]

@@ -6,6 +6,7 @@ the one transaction that applies a batch of steps; splitting them would scatter 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -108,11 +109,28 @@ class _Sql:
             f"SELECT 1 FROM {counters} WHERE organization_phone_id = ANY($1::bigint[]) "
             "ORDER BY organization_phone_id FOR UPDATE"
         )
+        # Closed phones only within the state TTL ($1 seconds; NULL: all): restore stays bounded by it.
         self.load_sessions = (
             f"SELECT organization_phone_id, organization_id, phone_user, bad_mac_errors, bad_decrypt_errors, "
-            f"closed_at IS NOT NULL AS closed FROM {counters} "
-            "WHERE closed_at IS NOT NULL OR bad_mac_errors > 0 OR bad_decrypt_errors > 0"
+            f"closed_at IS NOT NULL AS closed, EXTRACT(EPOCH FROM closed_at)::float8 AS closed_epoch FROM {counters} "
+            "WHERE (closed_at IS NOT NULL AND ($1::float8 IS NULL OR closed_at > now() - make_interval(secs => $1))) "
+            "OR bad_mac_errors > 0 OR bad_decrypt_errors > 0"
         )
+        # Retention, a batch at a time ($1: the cutoff, $2: the batch). Rows a close or a hold still needs stay.
+        self.prune = {
+            "closures": f"DELETE FROM {s}.closures WHERE closure_id IN (SELECT closure_id FROM {s}.closures "
+            "WHERE started_at < $1 LIMIT $2)",
+            "decisions": f"DELETE FROM {s}.decisions WHERE decision_id IN (SELECT decision_id FROM {s}.decisions "
+            "WHERE decided_at < $1 LIMIT $2)",
+            "outbox": f"DELETE FROM {s}.outbox WHERE notification_id IN (SELECT notification_id FROM {s}.outbox "
+            "WHERE status <> 'pending' AND occurred_at < $1 LIMIT $2)",
+            "session_counters": f"DELETE FROM {counters} WHERE organization_phone_id IN (SELECT organization_phone_id "
+            f"FROM {counters} WHERE updated_at < $1 AND close_claimed_by IS NULL AND ((phase = 'closed' AND "
+            "closed_at < $1) OR (phase = 'active' AND bad_mac_errors = 0 AND bad_decrypt_errors = 0)) LIMIT $2 "
+            "FOR UPDATE SKIP LOCKED)",
+            "socket_owners": f"DELETE FROM {s}.socket_owners WHERE organization_phone_id IN (SELECT "
+            f"organization_phone_id FROM {s}.socket_owners WHERE lease_until < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        }
         self.insert_closure = (
             f"INSERT INTO {s}.closures (closure_id, organization_id, organization_phone_id, reason, trigger, "
             "detail, bad_mac_errors, bad_decrypt_errors, socket, keys_deleted, steps, started_at, duration_seconds) "
@@ -267,17 +285,34 @@ class PostgresStore:
         async with self.connection() as conn:
             return int(await conn.fetchval(self._sql.read_journal_position, instance_id) or 0)
 
-    async def load_sessions(self) -> list[StoredSession]:
+    async def load_sessions(self, closed_within: float | None = None) -> list[StoredSession]:
         async with self.connection() as conn:
-            rows = await conn.fetch(self._sql.load_sessions)
+            rows = await conn.fetch(self._sql.load_sessions, closed_within)
         return [
             StoredSession(
                 PhoneRef(row["organization_id"], row["organization_phone_id"], row["phone_user"]),
                 Counters(row["bad_mac_errors"], row["bad_decrypt_errors"]),
                 row["closed"],
+                row["closed_epoch"],
             )
             for row in rows
         ]
+
+    async def prune(self, older_than: float, batch: int) -> dict[str, int]:
+        """Each statement deletes at most `batch` rows in its own short transaction; between them the event loop
+        runs, so retention never holds a lock or the loop for long."""
+        deleted: dict[str, int] = {}
+        for table, statement in self._sql.prune.items():
+            deleted[table] = 0
+            while True:
+                async with self.connection() as conn:
+                    cutoff = await conn.fetchval("SELECT now() - make_interval(secs => $1)", older_than)
+                    count = _deleted_rows(await conn.execute(statement, cutoff, batch))
+                deleted[table] += count
+                if count < batch:
+                    break
+                await asyncio.sleep(0)
+        return deleted
 
     async def recent_closures(self, organization_phone_id: int, limit: int) -> list[ClosureRecord]:
         async with self.connection() as conn:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TextIO
 
 from sidecar.rules.policy import ErrorStats, Heal
 from sidecar.rules.records import ClosureRecord, PhoneRef, RecordDecision
@@ -60,11 +62,16 @@ class ActionLog(BaseObserver):
 
 
 class ClosureLogFile(BaseObserver):
-    """Appends every closure as one JSON line to its own file (the seed's 'log every close separately')."""
+    """Appends every closure as one JSON line to its own file (the seed's 'log every close separately').
+
+    Writes happen on one worker thread, in order, never on the event loop (a slow disk must not stall event
+    processing); `close()` waits for the last of them."""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._path = path
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="closure-log")
+        self._handle: TextIO | None = None
 
     def closed(self, record: ClosureRecord) -> None:
         self._append(record.to_json())
@@ -73,9 +80,23 @@ class ClosureLogFile(BaseObserver):
         """Breaker decisions, held sessions and incidents go to the same log, marked by `decision`."""
         self._append(decision.to_json())
 
+    def close(self) -> None:
+        self._writer.shutdown(wait=True)
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
     def _append(self, line: dict[str, object]) -> None:
-        with self._path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(line, separators=(",", ":")) + "\n")
+        self._writer.submit(self._write, json.dumps(line, separators=(",", ":")) + "\n")
+
+    def _write(self, text: str) -> None:
+        try:
+            if self._handle is None:
+                self._handle = self._path.open("a", encoding="utf-8")
+            self._handle.write(text)
+            self._handle.flush()
+        except OSError:
+            logging.getLogger("sidecar.actions").exception("cannot append to the closure log %s", self._path)
 
 
 def _ids(phone: PhoneRef) -> dict[str, int]:

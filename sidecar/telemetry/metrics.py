@@ -36,7 +36,7 @@ CHANNELS = ("websocket", "http", "logs")
 REJECT_REASONS = ("invalid", "malformed", "too_many_events", "binary")
 HEAL_KINDS = ("bad_mac", "bad_decrypt")
 INCIDENT_KINDS = frozenset(str(kind) for kind in IncidentKind)
-SUPERVISED_TASKS = ("pending-steps", "restore", "schema-check", "owners-watch", "effects")
+SUPERVISED_TASKS = ("pending-steps", "restore", "schema-check", "owners-watch", "housekeeping", "effects")
 
 
 class SidecarMetrics:
@@ -174,6 +174,17 @@ class SidecarMetrics:
             "whatsapp_sidecar_observer_failures",
             "Notifications an observer (logs, metrics, closure log, tracing) raised on; the transition went on",
             ["observer"],
+            registry=registry,
+        )
+        self.retention_deleted = Counter(
+            "whatsapp_sidecar_retention_deleted",
+            "Rows deleted by retention (--retention), by table",
+            ["table"],
+            registry=registry,
+        )
+        self.sessions_expired = Counter(
+            "whatsapp_sidecar_sessions_expired",
+            "Sessions forgotten after holding nothing for --state-ttl (active, no counts, disconnected)",
             registry=registry,
         )
         self.pending_step_age = Gauge(
