@@ -154,6 +154,7 @@ def _components(config: Config, link: RuntimeLink, extras: Extras) -> Callable[[
             ),
         )
         link.runtime = runtime
+        link.admission = pending.caught_up
         delivery: Delivery | None = None
         if config.owners_file is not None:
             policy = DeliveryPolicy(config.webhook_max_attempts, config.webhook_timeout, config.webhook_backoff_initial)

@@ -22,6 +22,7 @@ async def ingest_events(request: web.Request) -> web.Response:
     except FrameInvalid as invalid:
         components.link.rejected(invalid.reason)
         return error_response(400, invalid.error, list(invalid.details))
+    await components.pending.caught_up()  # what is accepted becomes durable within the lag target
     # Backpressure: accept a body only when every step it can cause fits in the pending queue, so that
     # nothing accepted (202) is ever dropped and memory stays bounded. Each event causes at most two steps.
     # In fleet mode, events waiting for the database to decide them count with the steps they may cause.

@@ -11,7 +11,7 @@ import contextlib
 import itertools
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +54,8 @@ class RuntimeLink:
 
     def __init__(self) -> None:
         self.runtime: SessionRuntime | None = None
+        # Waited on before each frame: the database writer's admission (sidecar.store.pending.caught_up).
+        self.admission: Callable[[], Awaitable[None]] | None = None
         self._connections: set[RuntimeConnection] = set()
         self._owners: dict[int, RuntimeConnection] = {}
         self._commands: dict[str, tuple[RuntimeConnection, asyncio.Future[None]]] = {}
@@ -238,6 +240,8 @@ class RuntimeLink:
         try:
             async for message in ws:
                 if message.type is WSMsgType.TEXT:
+                    if self.admission is not None:
+                        await self.admission()  # not reading meanwhile: TCP pushes back on the runtime
                     await self.handle_frame(connection, message.data)
                     # Frames already buffered are read without suspending; yield so that a busy runtime
                     # cannot starve the HTTP API, the other connections and the effects in flight.

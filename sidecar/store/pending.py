@@ -27,10 +27,14 @@ from sidecar.supervisor import Supervisor
 
 log = logging.getLogger("sidecar.store.pending")
 
-BATCH_SIZE = 256
+BATCH_SIZE = 2048
 RETRY_INITIAL_SECONDS = 0.1
 RETRY_MAX_SECONDS = 2.0
 SLOW_ATTEMPTS = 3
+# Admission: new events wait while the oldest accepted step is older than this (and the store is reachable),
+# so what was accepted is durable within about this long even when events arrive faster than PostgreSQL
+# takes them. During an outage the queue's limit (and the journal) govern instead.
+LAG_TARGET_SECONDS = 0.5
 
 
 @dataclass(slots=True)
@@ -64,6 +68,8 @@ class PendingSteps:
         self._on_wait = on_wait
         self._on_failed = on_failed
         self._supervisor = supervisor or Supervisor()
+        self._caught_up = asyncio.Event()
+        self._caught_up.set()
         self._single_steps = 0  # after a timed-out batch: how many steps to apply one at a time
         self._slow_attempts = 0
         self._journal = journal
@@ -123,6 +129,13 @@ class PendingSteps:
         self._work.set()
         return pending.future
 
+    async def caught_up(self) -> None:
+        """Admission for new events: returns once the writer is within LAG_TARGET_SECONDS of what was accepted
+        (at once while the store is unreachable: then the queue's limit applies)."""
+        while self.unavailable_reason is None and self.oldest_age > LAG_TARGET_SECONDS:
+            self._caught_up.clear()
+            await self._caught_up.wait()
+
     async def drained(self) -> None:
         """Wait until every accepted step was applied or failed."""
         await self._idle.wait()
@@ -148,6 +161,7 @@ class PendingSteps:
     async def _run(self) -> None:
         delay = RETRY_INITIAL_SECONDS
         while True:
+            self._caught_up.set()  # waiters re-check after every round (a batch applied, an outage noticed)
             if not self._queue:
                 self._idle.set()
                 self._work.clear()

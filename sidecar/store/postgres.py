@@ -94,6 +94,22 @@ class _Sql:
                 (CounterKind.BAD_DECRYPT, "bad_decrypt_errors"),
             )
         }
+        # A run of increments in one statement: $1 phone ids, $2 organizations, $3 phone users, $4 Bad MAC and $5
+        # Bad Decrypt counts to add (the batch's increments of one phone summed).
+        self.increment_many = (
+            f"INSERT INTO {counters} AS c (organization_phone_id, organization_id, phone_user, bad_mac_errors, "
+            "bad_decrypt_errors) SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::int[], $5::int[]) "
+            "ON CONFLICT (organization_phone_id) DO UPDATE SET bad_mac_errors = c.bad_mac_errors + "
+            "EXCLUDED.bad_mac_errors, bad_decrypt_errors = c.bad_decrypt_errors + EXCLUDED.bad_decrypt_errors, "
+            "phone_user = COALESCE(EXCLUDED.phone_user, c.phone_user), updated_at = now()"
+        )
+        # A run of heals' deletions in one statement: one row per (step, pattern); the deleted rows name their step.
+        self.delete_many = (
+            f"WITH t AS (SELECT * FROM unnest($1::int[], $2::bigint[], $3::text[], $4::text[]) "
+            f"AS t(step, organization_id, phone_user, pattern)) DELETE FROM {auth} AS a USING t "
+            f"WHERE a.{a_org} = t.organization_id AND a.{a_phone} = t.phone_user AND a.{a_key} LIKE t.pattern "
+            "RETURNING t.step"
+        )
         # Counters cleared: on `open` ($4 NULL, the phone is active) or by a close ($4 the logout's time).
         self.set_counters = (
             f"INSERT INTO {counters} AS c (organization_phone_id, organization_id, phone_user, closed_at, phase, "
@@ -270,16 +286,63 @@ class PostgresStore:
             if fenced:  # lock the rows fenced closes check in id order, as fleet decisions do: no deadlock
                 await conn.execute(self._sql.lock_counters, fenced)
             results: list[StepResult] = [None] * skip
-            for index in range(skip, len(steps)):
-                try:
-                    results.append(await self._apply_step(conn, steps[index]))
-                except Exception as error:
-                    if classify(error) is not Fault.OWN:
-                        raise
-                    raise StepFailed(index, error) from error
+            index = skip
+            while index < len(steps):
+                run = _groupable_run(steps, index)
+                if len(run) > 1 and await self._apply_run(conn, run, results):
+                    index += len(run)
+                    continue
+                for offset in range(max(1, len(run))):  # one at a time: a failure names its step
+                    try:
+                        results.append(await self._apply_step(conn, steps[index + offset]))
+                    except Exception as error:
+                        if classify(error) is not Fault.OWN:
+                            raise
+                        raise StepFailed(index + offset, error) from error
+                index += max(1, len(run))
             if journal is not None:
                 await conn.execute(self._sql.set_journal_position, journal[0], journal[1][-1])
             return results
+
+    async def _apply_run(self, conn: Connection, run: Sequence[Step], results: list[StepResult]) -> bool:
+        """Increments and heal deletions of a run in two statements (they touch different tables, so their order
+        within the run does not matter); the flips' notifications after, in order. False (nothing kept) if a
+        statement failed on its own: the caller then applies the run step by step to name the failing one."""
+        increments: dict[int, list[Any]] = {}
+        deletes: tuple[list[int], list[int], list[str], list[str]] = ([], [], [], [])
+        for position, step in enumerate(run):
+            if isinstance(step, IncrementCounter):
+                p = step.phone
+                row = increments.setdefault(p.organization_phone_id, [p.organization_id, p.phone_user, 0, 0])
+                row[1] = row[1] or p.phone_user
+                row[2 if step.kind is CounterKind.BAD_MAC else 3] += 1
+            elif isinstance(step, DeleteKeys):
+                for prefix in step.key_prefixes:
+                    deletes[0].append(position)
+                    deletes[1].append(step.phone.organization_id)
+                    deletes[2].append(step.phone.phone_user or "")
+                    deletes[3].append(like_prefix(prefix))
+        deleted = [0] * len(run)
+        try:
+            async with conn.transaction():  # a savepoint: a failure here leaves the batch's earlier steps intact
+                if increments:
+                    rows = list(increments.values())
+                    await conn.execute(
+                        self._sql.increment_many, list(increments), [r[0] for r in rows], [r[1] for r in rows],
+                        [r[2] for r in rows], [r[3] for r in rows],
+                    )  # fmt: skip
+                if deletes[0]:
+                    for record in await conn.fetch(self._sql.delete_many, *deletes):
+                        deleted[record["step"]] += 1
+                for step in run:
+                    if isinstance(step, IncrementCounter) and step.notification is not None:
+                        await self._enqueue(conn, step.phone, step.notification, {})
+        except Exception as error:
+            if classify(error) is not Fault.OWN:
+                raise
+            return False
+        results.extend(deleted[i] if isinstance(step, DeleteKeys) else None for i, step in enumerate(run))
+        return True
 
     async def applied_journal_position(self, instance_id: str) -> int:
         async with self.connection() as conn:
@@ -477,6 +540,21 @@ class PostgresStore:
     async def outbox_depth(self) -> int:
         async with self.connection() as conn:
             return int(await conn.fetchval(self._sql.outbox_depth))
+
+
+def _groupable_run(steps: Sequence[Step], start: int) -> Sequence[Step]:
+    """The longest run from `start` of increments and heal deletions that need no lookup (the phone's number
+    is known; observe mode only counts). Empty when the step at `start` is of another kind."""
+    end = start
+    while end < len(steps):
+        step = steps[end]
+        if isinstance(step, IncrementCounter) or (
+            isinstance(step, DeleteKeys) and not step.observe and step.phone.phone_user
+        ):
+            end += 1
+        else:
+            break
+    return steps[start:end]
 
 
 def _closure_from_row(row: asyncpg.Record) -> ClosureRecord:
