@@ -42,12 +42,23 @@ def wa_sidecar(*argv: str, env: dict[str, str] | None = None, timeout: float = 3
         ([], {"WA_SIDECAR_SCHEMA_OVERRIDES": "auth_table=a.b.c"}, "schema.auth_table"),
         (["--critical-status-codes", "401,abc"], {}, "critical-status-codes"),
         (["--delete-prekeys-on-heal", "maybe"], {}, "delete-prekeys-on-heal"),
+        (["--retention", "30x"], {}, "retention"),
+        ([], {"WA_SIDECAR_STATE_TTL": "0"}, "state-ttl"),
+        (["--state-ttl", "inf"], {}, "state-ttl"),
+        (["--database-command-timeout", "-1"], {}, "database-command-timeout"),
     ],
 )
 def test_bad_settings_name_the_key(argv: list[str], env: dict[str, str], key: str) -> None:
     with pytest.raises(ConfigError) as error:
         parse(*argv, env=env)
     assert error.value.key == key
+
+
+def test_durations_read_with_their_units() -> None:
+    config = parse("--retention", "30d", "--state-ttl", "90", env={"WA_SIDECAR_DATABASE_COMMAND_TIMEOUT": "2.5"})
+    assert (config.retention, config.state_ttl, config.database_command_timeout) == (2_592_000.0, 90.0, 2.5)  # type: ignore[attr-defined]
+    assert parse("--state-ttl", "15m").state_ttl == 900.0  # type: ignore[attr-defined]
+    assert parse("--state-ttl", "12h").state_ttl == 43_200.0  # type: ignore[attr-defined]
 
 
 def test_flags_win_over_environment() -> None:

@@ -108,6 +108,10 @@ user asked for an open listener and gave none. */}}
       value: {{ .Values.limits.deletePrekeysOnHeal | quote }}
     - name: WA_SIDECAR_STATE_DIR
       value: /var/lib/wa-sidecar
+    - name: WA_SIDECAR_STATE_TTL
+      value: {{ .Values.housekeeping.stateTtl | quote }}
+    - name: WA_SIDECAR_RETENTION
+      value: {{ .Values.housekeeping.retention | quote }}
     - name: WA_SIDECAR_COORDINATION
       value: {{ .Values.fleet.coordination | quote }}
     - name: WA_SIDECAR_CLOSE_LEASE_SECONDS
