@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import aiohttp
 import asyncpg
 
 from bench.common import NO_BREAKER, Phone, rss_mb, seeded_database, sidecar_process
@@ -39,6 +40,11 @@ async def pool(phones_count: int, embedded: bool) -> AsyncIterator[tuple[str | N
 
 ROUND = 1000
 TABLES = ("closures", "decisions", "outbox", "session_counters")
+
+
+async def closing(http: aiohttp.ClientSession) -> bool:
+    async with http.get("/v1/sessions", params={"state": "closing"}) as response:
+        return bool((await response.json())["sessions"])
 
 
 async def table_sizes(dsn: str | None) -> dict[str, int]:
@@ -71,7 +77,10 @@ async def run(args: argparse.Namespace) -> None:
         sizes: list[dict[str, int]] = []
         expected = 0
         started = time.perf_counter()
-        async with RuntimeClient(sidecar.ws_url, on_session_end=on_end) as client:
+        async with (
+            RuntimeClient(sidecar.ws_url, on_session_end=on_end) as client,
+            aiohttp.ClientSession(sidecar.base) as http,
+        ):
             for round_number in range(rounds):
                 for index in range(round_number * round_size, (round_number + 1) * round_size):
                     phone = phones[index % phones_count]
@@ -83,11 +92,15 @@ async def run(args: argparse.Namespace) -> None:
                     expected += 1
                     for _ in range(3):
                         await client.send(decrypt_error(*ids, "Bad MAC"))
-                if ended < expected:  # every close of the round carried out
+                if ended < expected:  # every close of the round has ended its socket...
                     round_done.clear()
                     await round_done.wait()
+                while True:  # ...and finished (the next round logs the phones in again)
+                    if not await closing(http):
+                        break
+                    await asyncio.sleep(0.02)
                 samples.append(rss_mb(sidecar.pid))
-                if round_number % 10 == 9 or round_number == rounds - 1:
+                if dsn is not None and (round_number % 10 == 9 or round_number == rounds - 1):
                     sizes.append(await table_sizes(dsn))
         elapsed = time.perf_counter() - started
     done = rounds * round_size
@@ -96,7 +109,7 @@ async def run(args: argparse.Namespace) -> None:
     store = "embedded store" if embedded else "PostgreSQL"
     print(
         f"leak: {done} cycles ({expected} open -> 3 Bad MAC -> close, {done - expected} transient closes) over "
-        f"{phones_count} phones ({store}, --state-ttl {args.state_ttl}, --retention {args.retention}) in "
+        f"{phones_count} phones ({store}) with --state-ttl {args.state_ttl} --retention {args.retention} in "
         f"{elapsed:.1f} s ({done / elapsed:,.0f} cycles/s)"
     )
     step = max(1, len(samples) // 25)

@@ -154,6 +154,8 @@ def _components(config: Config, link: RuntimeLink, extras: Extras) -> Callable[[
             ),
         )
         link.runtime = runtime
+        if runtime.fleet is not None:
+            runtime.fleet.queue.on_dropped = lambda reason: metrics.steps_failed.labels("decide_event", reason).inc()
         link.admission = pending.caught_up
         delivery: Delivery | None = None
         if config.owners_file is not None:

@@ -78,3 +78,8 @@ async def test_close_latency_benchmark_runs() -> None:
 async def test_leak_benchmark_runs_on_the_embedded_store() -> None:
     output = await bench("-m", "bench.leak", "--embedded", "--phones", "20", "--cycles", "60", "--warmup", "20")
     assert "(embedded store)" in output and "growth" in output
+
+
+async def test_durable_lag_benchmark_runs() -> None:
+    output = await bench("-m", "bench.durable_lag", "--senders", "4", "--seconds", "1", "--phones", "50")
+    assert "events accepted by 4 HTTP senders" in output and "p99" in output

@@ -182,6 +182,41 @@ async def test_a_statement_slower_than_the_timeout_is_retried_a_few_times_then_f
     assert await bad_macs_stored(database, slow.organization_phone_id) is None
 
 
+async def test_in_fleet_mode_a_slow_decision_is_retried_alone_then_dropped(
+    database: str, db: asyncpg.Connection
+) -> None:
+    slow, fine = await add_phone(db, 1, "79001112233"), await add_phone(db, 1, "79004445566")
+    await db.execute(
+        f"""CREATE FUNCTION slow_counter() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN IF NEW.organization_phone_id = {slow.organization_phone_id} THEN PERFORM pg_sleep(2); END IF;
+        RETURN NEW; END $$;
+        CREATE TRIGGER slow BEFORE INSERT OR UPDATE ON wa_sidecar.session_counters
+        FOR EACH ROW EXECUTE FUNCTION slow_counter();"""
+    )
+    registry = CollectorRegistry()
+    config = sidecar_config(database, api_token=TOKEN, database_command_timeout=0.3)  # fleet mode: the default
+    async with serving(config, extras=Extras(registry=registry)) as served:
+        events = [
+            decrypt_error(1, fine.organization_phone_id, fine.phone_jid, "Bad MAC"),
+            decrypt_error(1, slow.organization_phone_id, slow.phone_jid, "Bad MAC"),
+            decrypt_error(1, fine.organization_phone_id, fine.phone_jid, "Bad MAC"),
+        ]
+        assert await post_events(served, events) == 202
+        labels = {"kind": "decide_event", "reason": "timeout"}
+        await eventually(
+            lambda: registry.get_sample_value("whatsapp_sidecar_steps_failed_total", labels) == 1,
+            what="the slow event dropped after its attempts",
+        )
+
+        async def fine_counted() -> bool:
+            return await bad_macs_stored(database, fine.organization_phone_id) == 2
+
+        await eventually(fine_counted, what="the others decided")
+        assert (await readyz(served))[0] == 200
+    assert await bad_macs_stored(database, fine.organization_phone_id) == 2
+    assert await bad_macs_stored(database, slow.organization_phone_id) is None
+
+
 async def test_down_at_start_then_up_unmigrated_is_reported_until_migrated(
     cluster: ThrowawayPostgres, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -45,7 +45,9 @@ def lines_of(source: str, follow: bool, from_end: bool) -> AsyncIterator[str]:
 async def pump(components: Components, lines: AsyncIterator[str], reader: BaileysLogReader) -> dict[str, object]:
     """Feeds every event the log holds to the runtime; returns what it read. Waits when the pending queue is full
     (apply_event waits for room), so a fast log slows down instead of growing memory."""
-    await components.restored.wait()
+    if not components.restored.is_set():
+        log.warning("waiting for the stored counters to load before reading the log (failures are logged)")
+        await components.restored.wait()
     started = time.perf_counter()
     by_class: Counter[str] = Counter()
     async for chunk in lines:

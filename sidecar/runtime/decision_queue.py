@@ -10,7 +10,7 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 
-from sidecar.ports import StoreUnavailable, TransientConflict
+from sidecar.ports import StoreSlow, StoreUnavailable, TransientConflict
 from sidecar.runtime.waiting import EventJournal, Result, Submission, Waiting
 
 log = logging.getLogger("sidecar.fleet")
@@ -18,6 +18,7 @@ log = logging.getLogger("sidecar.fleet")
 RETRY_INITIAL_SECONDS = 0.1
 RETRY_MAX_SECONDS = 2.0
 BATCH_SIZE = 500  # decisions per transaction
+SLOW_ATTEMPTS = 3  # tries of one event whose statement times out, before it is dropped
 
 Decide = Callable[[list[tuple[Waiting, int]], tuple[str, int] | None], Awaitable[list[Result]]]
 
@@ -32,6 +33,9 @@ class DecisionQueue:
         self._wake = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
         self.unavailable_reason: str | None = None
+        self.on_dropped: Callable[[str], None] | None = None  # an event dropped: "timeout" or "other"
+        self._single = 0  # after a timed-out batch: how many events to decide one at a time
+        self._slow_attempts = 0
         self.on_decided: Callable[[], None] | None = None  # after every committed batch (wakes webhook delivery)
 
     @property
@@ -89,10 +93,25 @@ class DecisionQueue:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            chunk = [self._waiting[index] for index in range(min(BATCH_SIZE, len(self._waiting)))]
+            size = 1 if self._single else BATCH_SIZE
+            chunk = [self._waiting[index] for index in range(min(size, len(self._waiting)))]
             mark = (self._journal.instance_id, chunk[-1][2]) if self._journal is not None else None
             try:
                 results = await self._decide([(item, position) for item, _, position in chunk], mark)
+            except StoreSlow as error:
+                # Not an outage: a batch is retried one event at a time, an event that times out on each of
+                # SLOW_ATTEMPTS tries is dropped (logged), so a slow statement cannot hold the decider forever.
+                if len(chunk) > 1:
+                    log.warning("a decision batch of %d timed out; deciding one at a time: %s", len(chunk), error)
+                    self._single = len(chunk)
+                    continue
+                self._slow_attempts += 1
+                if self._slow_attempts < SLOW_ATTEMPTS:
+                    continue
+                self._slow_attempts = 0
+                self._single = max(0, self._single - 1)
+                self._drop_first(f"timed out {SLOW_ATTEMPTS} times: {error}", "timeout")
+                continue
             except TransientConflict as error:
                 log.info("decision batch aborted by PostgreSQL (%s); retrying", error)
                 await asyncio.sleep(RETRY_INITIAL_SECONDS / 10)
@@ -104,20 +123,14 @@ class DecisionQueue:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_SECONDS)
                 continue
-            except Exception:
+            except Exception as error:
                 # A bug, not an outage: the decider must go on. The first event of the batch is dropped (it is
                 # the likeliest culprit, and the error says which), the rest are tried again.
-                item, submission, position = self._waiting.popleft()
-                self._room.release()
-                submission.give_up()
-                if self._journal is not None:
-                    self._journal.mark_applied(position, nothing_pending=not self._waiting)
-                log.exception(
-                    "an event could not be decided and was dropped: %s of organizationPhoneId %d",
-                    type(item.event).__name__,
-                    item.phone.organization_phone_id,
-                )
+                log.error("deciding a batch failed unexpectedly", exc_info=error)
+                self._drop_first(f"{type(error).__name__}: {error}", "other")
                 continue
+            self._slow_attempts = 0
+            self._single = max(0, self._single - len(chunk))
             for (_, submission, _), result in zip(chunk, results, strict=True):
                 self._waiting.popleft()
                 self._room.release()
@@ -130,6 +143,21 @@ class DecisionQueue:
                 log.info("PostgreSQL is back; the waiting events were decided")
                 self.unavailable_reason = None
             delay = RETRY_INITIAL_SECONDS
+
+    def _drop_first(self, why: str, reason: str) -> None:
+        item, submission, position = self._waiting.popleft()
+        self._room.release()
+        submission.give_up()
+        if self._journal is not None:
+            self._journal.mark_applied(position, nothing_pending=not self._waiting)
+        log.error(
+            "an event could not be decided and was dropped: %s of organizationPhoneId %d (%s)",
+            type(item.event).__name__,
+            item.phone.organization_phone_id,
+            why,
+        )
+        if self.on_dropped is not None:
+            self.on_dropped(reason)
 
     def unavailable(self, error: StoreUnavailable) -> None:
         if self.unavailable_reason is None:
