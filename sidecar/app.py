@@ -198,7 +198,7 @@ def _components(config: Config, link: RuntimeLink, extras: Extras) -> Callable[[
         if undecided:
             log.warning("deciding %d events accepted and not decided before the last stop", undecided)
         if delivery is not None:
-            await delivery.start()
+            await delivery.start(supervisor)
         supervisor.start("restore", lambda: _restore(components))
         supervisor.start("owners-watch", lambda: _watch_owners(owners))
         supervisor.start("housekeeping", lambda: _housekeeping(components))
@@ -218,7 +218,7 @@ def _components(config: Config, link: RuntimeLink, extras: Extras) -> Callable[[
             yield
         finally:
             stop_fleet.set()
-            await supervisor.stop(keep={"pending-steps"})  # stopped by pending.stop(), after the closes
+            await supervisor.stop(keep={"pending-steps", "owner-notifications"})  # stopped in order below
             # A close needs at most the socket wait plus the database wait; past that, what is left is cancelled.
             if runtime.fleet is not None:
                 await runtime.fleet.stop()

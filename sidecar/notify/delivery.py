@@ -32,6 +32,7 @@ from opentelemetry.trace import Status, StatusCode
 from sidecar import __version__
 from sidecar.notify.owners import Owners, Team
 from sidecar.ports import Outbox, OutboxRow, StoreUnavailable
+from sidecar.supervisor import Supervisor
 from sidecar.telemetry.metrics import SidecarMetrics
 
 log = logging.getLogger("sidecar.notify")
@@ -102,9 +103,14 @@ class Delivery:
     def wake(self) -> None:
         self._wake.set()
 
-    async def start(self) -> None:
+    async def start(self, supervisor: Supervisor | None = None) -> None:
+        """Deliver in the background; under `supervisor`, an unexpected error is logged, counted and restarts
+        the loop (the outbox keeps every notification)."""
         self._http = aiohttp.ClientSession(headers={"User-Agent": f"whatsapp-session-sidecar/{__version__}"})
-        self._task = asyncio.create_task(self._run(), name="owner-notifications")
+        if supervisor is not None:
+            self._task = supervisor.start("owner-notifications", self._run)
+        else:
+            self._task = asyncio.create_task(self._run(), name="owner-notifications")
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -130,9 +136,6 @@ class Delivery:
                 self.depth = await self._outbox.outbox_depth()
             except (StoreUnavailable, OSError, TimeoutError) as error:
                 log.warning("outbox unreachable: %s", error)
-                rows = []
-            except Exception:
-                log.exception("owner notification delivery failed unexpectedly")
                 rows = []
             if rows:
                 continue  # more may be due right away

@@ -36,7 +36,9 @@ CHANNELS = ("websocket", "http", "logs")
 REJECT_REASONS = ("invalid", "malformed", "too_many_events", "binary")
 HEAL_KINDS = ("bad_mac", "bad_decrypt")
 INCIDENT_KINDS = frozenset(str(kind) for kind in IncidentKind)
-SUPERVISED_TASKS = ("pending-steps", "restore", "schema-check", "owners-watch", "housekeeping", "effects")
+SUPERVISED_TASKS = (
+    "pending-steps", "restore", "schema-check", "owners-watch", "housekeeping", "owner-notifications", "effects",
+)  # fmt: skip
 
 
 class SidecarMetrics:
