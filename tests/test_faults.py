@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 from sidecar.app import Extras
 from sidecar.client import connection_update, decrypt_error
 from sidecar.rules.policy import Counters
-from sidecar.rules.records import PhoneRef
+from sidecar.rules.records import ClosureRecord, PhoneRef
 from sidecar.runtime.observer import BaseObserver
 from sidecar.store.migrations import migrate
 from tests.conftest import SEED_SCHEMA
@@ -104,6 +104,9 @@ async def test_a_read_only_database_after_a_failover_holds_the_steps_until_it_is
 class Exploding(BaseObserver):
     def counters_changed(self, phone: PhoneRef, counters: Counters) -> None:
         raise RuntimeError("observer bug")
+
+    def closing(self, record: ClosureRecord) -> None:  # raised after the session was set to closing
+        raise RuntimeError("observer bug in closing")
 
 
 async def test_an_observer_that_raises_cannot_break_a_transition(
