@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import json
+import logging
 from asyncio.subprocess import PIPE, STDOUT
 
 import aiohttp
@@ -19,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sidecar.app import Extras
 from sidecar.client import connection_update, decrypt_error
 from sidecar.runtime.errors import CloseIncomplete
+from sidecar.telemetry.logs import json_handler
 from sidecar.telemetry.tracing import tracing_from_provider
 from tests.seed import add_phone, refuse_key_deletes
 from tests.server import Served, serving, sidecar_config
@@ -203,3 +207,34 @@ async def test_spans_names_attributes_parents_and_errors(database: str, db: asyn
     assert children["auth.delete_keys"].attributes == {"error.type": "RaiseError"}
     assert children["runtime.end_socket"].status.status_code is StatusCode.ERROR  # no runtime owns the session
     assert children["phone.mark_logged_out"].status.status_code is StatusCode.UNSET
+
+
+async def test_log_lines_inside_a_span_carry_its_trace_and_span_ids(database: str, db: asyncpg.Connection) -> None:
+    phone = await add_phone(db, 1, "79001112233")
+    pid = phone.organization_phone_id
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    stream = io.StringIO()
+    handler = json_handler(stream)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        async with serving(sidecar_config(database), extras=Extras(tracing=tracing_from_provider(provider))) as served:
+            await post_events(served, [connection_update(1, pid, JID, "open")])
+            await served.components.runtime.force_close_session(pid, "Maintenance restart")
+            await served.components.runtime.settle()
+    finally:
+        root.removeHandler(handler)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    [closed] = [line for line in lines if line["msg"] == "session closed"]
+    spans = spans_by_name(exporter)
+    [close] = spans["session.close"]
+    assert closed["trace_id"] == format(close.context.trace_id, "032x")
+    # The line was written inside one of the close's spans (the close itself or one of its steps).
+    close_family = {close.context.span_id} | {
+        span.context.span_id for group in spans.values() for span in group if span.parent == close.context
+    }
+    assert int(closed["span_id"], 16) in close_family
+    [loaded] = [line for line in lines if line["msg"].startswith("loaded ")]  # the restore: outside any span
+    assert "trace_id" not in loaded

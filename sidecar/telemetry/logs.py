@@ -1,4 +1,6 @@
-"""Structured JSON logs: one object per line, with the fields an action attached."""
+"""Structured JSON logs: one object per line, with the fields an action attached, and inside a span its
+`trace_id` and `span_id` (the OpenTelemetry logging convention), so a close seen in a trace backend joins its
+log lines."""
 
 from __future__ import annotations
 
@@ -7,6 +9,19 @@ import logging
 import sys
 from datetime import UTC, datetime
 from typing import Any, TextIO
+
+from opentelemetry import trace
+
+
+class TraceContext(logging.Filter):
+    """Stamps each record with the active span's ids (hex, as trace backends print them), if any."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        context = trace.get_current_span().get_span_context()
+        if context.is_valid:
+            record.trace_id = format(context.trace_id, "032x")
+            record.span_id = format(context.span_id, "016x")
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -17,6 +32,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        if (trace_id := getattr(record, "trace_id", None)) is not None:
+            entry["trace_id"] = trace_id
+            entry["span_id"] = getattr(record, "span_id", None)
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
             entry.update(fields)
@@ -25,9 +43,16 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str, separators=(",", ":"))
 
 
-def configure_logging(level: str = "INFO", stream: TextIO | None = None) -> None:
+def json_handler(stream: TextIO | None = None) -> logging.Handler:
+    """The sidecar's log handler: JSON lines, trace-correlated."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(TraceContext())
+    return handler
+
+
+def configure_logging(level: str = "INFO", stream: TextIO | None = None) -> None:
+    handler = json_handler(stream)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
