@@ -93,9 +93,13 @@ def _components(config: Config, link: RuntimeLink, extras: Extras) -> Callable[[
         families = SessionFamilies(config.policy.limits, team_of)
         metrics.team_of = lambda organization_id: team_of(organization_id, 0)
 
+        delivery: Delivery | None = None
+
         def teams_changed(_: object) -> None:
             families.reset_labels()
             metrics.teams_changed()
+            if delivery is not None:
+                delivery.owners_changed()
 
         owners.on_change = teams_changed
         supervisor = Supervisor(lambda task: metrics.task_failures.labels(task).inc())
@@ -157,7 +161,6 @@ def _components(config: Config, link: RuntimeLink, extras: Extras) -> Callable[[
         if runtime.fleet is not None:
             runtime.fleet.queue.on_dropped = lambda reason: metrics.steps_failed.labels("decide_event", reason).inc()
         link.admission = pending.caught_up
-        delivery: Delivery | None = None
         if config.owners_file is not None:
             policy = DeliveryPolicy(config.webhook_max_attempts, config.webhook_timeout, config.webhook_backoff_initial)
             delivery = Delivery(store, lambda: owners.current, metrics, tracing.tracer, config.instance, policy)

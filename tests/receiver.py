@@ -32,6 +32,7 @@ class Receiver:
     secret: bytes
     answers: list[int] = field(default_factory=list)  # statuses to answer first; 200 afterwards
     received: list[dict[str, Any]] = field(default_factory=list)
+    raw: list[tuple[dict[str, str], bytes]] = field(default_factory=list)  # every request as it came
     attempts: int = 0
     forged: int = 0
     url: str = ""
@@ -39,6 +40,7 @@ class Receiver:
     async def handle(self, request: web.Request) -> web.Response:
         self.attempts += 1
         body = await request.read()
+        self.raw.append((dict(request.headers), body))
         if verified(self.secret, request.headers, body) is None:
             self.forged += 1
             return web.Response(status=401)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
+import os
 import signal
 import sys
 import time
@@ -16,6 +18,7 @@ import pytest
 from sidecar.client import connection_update, decrypt_error
 from sidecar.notify.delivery import sign
 from sidecar.notify.owners import OwnersError, parse_owners
+from tests.monitoring import run_tool
 from tests.pgcluster import free_port
 from tests.receiver import receiving, verified
 from tests.seed import add_phone
@@ -306,3 +309,119 @@ def test_the_readme_receiver_accepts_our_signature_and_rejects_forgeries_and_rep
     # A whsec_ secret as configured is what the stock library takes as is.
     key = b"\x01\x02 random key bytes"
     assert verified("whsec_" + base64.b64encode(key).decode(), headers("n1", now, key), body) is not None
+
+
+async def test_a_rotating_secret_signs_with_both_and_either_receiver_verifies(
+    database: str, db: asyncpg.Connection, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    phone = await add_phone(db, 1, "79001112233")
+    pid, jid = phone.organization_phone_id, phone.phone_jid
+    new_key = b"the new key, 24 bytes..."
+    monkeypatch.setenv("NEW_HOOK_SECRET", "whsec_" + base64.b64encode(new_key).decode())
+    async with receiving(SECRET) as old_receiver, receiving(new_key) as new_receiver:
+        path = tmp_path / "owners.yaml"
+        (tmp_path / "platform.secret").write_bytes(SECRET)
+        path.write_text(
+            f"defaultTeam: platform\norganizations: {{'2': second}}\nteams:\n"
+            f"  platform: {{webhookUrl: {old_receiver.url}, secretEnv: NEW_HOOK_SECRET, "
+            f"previousSecretFile: {tmp_path / 'platform.secret'}}}\n"
+            f"  second: {{webhookUrl: {new_receiver.url}, secretEnv: NEW_HOOK_SECRET, "
+            f"previousSecretFile: {tmp_path / 'platform.secret'}}}\n"
+        )
+        async with serving(fast(database, path)) as served:  # type: ignore[arg-type]
+            await post(served, *[decrypt_error(1, pid, jid, "Bad MAC")] * 2)
+            await post(served, *[decrypt_error(2, 77, "79004445566@s.whatsapp.net", "Bad MAC")] * 2)
+            await eventually(lambda: old_receiver.events == new_receiver.events == ["session.unhealthy"])
+    # A receiver still on the old secret and one already on the new one both verified (stock library).
+    assert old_receiver.forged == new_receiver.forged == 0
+
+
+async def test_410_gone_disables_the_endpoint_until_the_owners_file_changes(
+    database: str, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    phone = await add_phone(db, 1, "79001112233")
+    pid, jid = phone.organization_phone_id, phone.phone_jid
+    async with receiving(SECRET, answers=[410]) as receiver:
+        path = owners_file(tmp_path, receiver.url)
+        async with serving(fast(database, path)) as served:  # type: ignore[arg-type]
+            registry = served.components.metrics.registry
+            await post(served, *[decrypt_error(1, pid, jid, "Bad MAC")] * 2)  # unhealthy: answered 410
+
+            def disabled() -> float | None:
+                return registry.get_sample_value("whatsapp_owner_webhook_disabled", {"team": "platform"})
+
+            await eventually(lambda: disabled() == 1, what="the endpoint disabled")
+            await post(served, connection_update(1, pid, jid, "open"))  # recovered: not even tried
+
+            async def dead_letters() -> list[dict[str, object]]:
+                async with aiohttp.ClientSession() as http, http.get(served.base + "/v1/notifications") as response:
+                    return [n for n in (await response.json())["notifications"] if n["status"] == "dead"]
+
+            async def both_dead() -> bool:
+                return len(await dead_letters()) == 2
+
+            await eventually(both_dead, what="both notifications dead-lettered")
+            assert receiver.attempts == 1  # the second was never sent
+            assert any("410 Gone" in str(n["lastError"]) for n in await dead_letters())
+            path.write_text(path.read_text() + "\n# rotated\n")  # any change of the file re-enables it
+            served.components.owners.reload()
+            assert disabled() == 0
+            await post(served, *[decrypt_error(1, pid, jid, "Bad MAC")] * 2)  # unhealthy again: delivered
+            await eventually(lambda: receiver.events == ["session.unhealthy"], what="delivered after the change")
+
+
+NODE_RECEIVER = Path(__file__).parent / "node_receiver"
+
+
+def readme_node_receiver() -> str:
+    """The README's Node snippet, as written, plus a harness: one JSON {secret, headers, body} per stdin line in,
+    the verified payload (or null) per line out."""
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    snippet = text[text.index("```js\n// receiver (Node)\n") + len("```js\n") :]
+    snippet = snippet[: snippet.index("```")]
+    harness = (
+        "\nconst lines = require('fs').readFileSync(0, 'utf8').split('\\n').filter(Boolean);\n"
+        "for (const line of lines) { const c = JSON.parse(line); "
+        "console.log(JSON.stringify(verified(c.secret, c.headers, c.body))); }\n"
+    )
+    return snippet + harness
+
+
+async def test_the_readme_node_receiver_verifies_real_deliveries(
+    database: str, db: asyncpg.Connection, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not (NODE_RECEIVER / "node_modules" / "standardwebhooks").exists():
+        code, output = await run_tool("npm", "ci", "--no-audit", "--no-fund", cwd=NODE_RECEIVER, deadline=300)
+        assert code == 0, output
+    phone = await add_phone(db, 1, "79001112233")
+    pid, jid = phone.organization_phone_id, phone.phone_jid
+    key = b"node receiver key bytes!"
+    whsec = "whsec_" + base64.b64encode(key).decode()
+    monkeypatch.setenv("HOOK_SECRET", whsec)
+    async with receiving(key) as receiver:
+        path = tmp_path / "owners.yaml"
+        path.write_text(
+            f"defaultTeam: platform\nteams:\n  platform: {{webhookUrl: {receiver.url}, secretEnv: HOOK_SECRET}}\n"
+        )
+        async with serving(fast(database, path)) as served:  # type: ignore[arg-type]
+            await post(served, *[decrypt_error(1, pid, jid, "Bad MAC")] * 2)
+            await post(served, connection_update(1, pid, jid, "open"))
+            await eventually(lambda: len(receiver.received) == 2, what="two deliveries")
+    cases: list[dict[str, object]] = [
+        {"secret": whsec, "headers": headers, "body": body.decode()} for headers, body in receiver.raw
+    ]
+    first_headers, first_body = receiver.raw[0]
+    other = "whsec_" + base64.b64encode(b"another key entirely...").decode()
+    forged = {"secret": whsec, "headers": first_headers, "body": first_body.decode().replace("unhealthy", "recovered")}
+    stranger = {"secret": other, "headers": first_headers, "body": first_body.decode()}
+    script = tmp_path / "receiver.cjs"
+    script.write_text(readme_node_receiver())
+    stdin = "".join(json.dumps(case) + "\n" for case in [*cases, forged, stranger])
+    process = await asyncio.create_subprocess_exec(
+        "node", str(script), cwd=NODE_RECEIVER, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, "NODE_PATH": str(NODE_RECEIVER / "node_modules")},
+    )  # fmt: skip
+    out, _ = await process.communicate(stdin.encode())
+    results = [json.loads(line) for line in out.decode().splitlines()]
+    assert [r["event"] for r in results[:2]] == ["session.unhealthy", "session.recovered"]
+    assert results[2:] == [None, None]  # a changed body and a wrong secret are refused

@@ -96,11 +96,19 @@ class Delivery:
         self._instance = instance
         self.policy = policy or DeliveryPolicy()
         self._wake = asyncio.Event()
+        self._gone: dict[str, str] = {}  # team -> the URL that answered 410 Gone (disabled until the file changes)
         self._task: asyncio.Task[None] | None = None
         self._http: aiohttp.ClientSession | None = None
         self.depth = 0
 
     def wake(self) -> None:
+        self._wake.set()
+
+    def owners_changed(self) -> None:
+        """A changed owners file re-enables endpoints that answered 410 Gone."""
+        for team in self._gone:
+            self._metrics.webhook_disabled.labels(team).set(0)
+        self._gone.clear()
         self._wake.set()
 
     async def start(self, supervisor: Supervisor | None = None) -> None:
@@ -153,6 +161,11 @@ class Delivery:
             )
             self._count(team_name, row.event, "skipped")
             return
+        if self._gone.get(team_name) == team.webhook_url:
+            error = "endpoint disabled: it answered 410 Gone; deliveries resume when the owners file changes"
+            await self._outbox.finish(row.notification_id, "dead", row.attempts, error, team_name)
+            self._count(team_name, row.event, "dead")
+            return
         with self._tracer.start_as_current_span(
             "owner.notify",
             attributes={
@@ -173,6 +186,13 @@ class Delivery:
                 return
             span.set_status(Status(StatusCode.ERROR, error))
             span.set_attribute("error.type", str(status) if status is not None else error.split(":")[0])
+        if status == 410:  # Standard Webhooks: the receiver asks not to be called again
+            self._gone[team_name] = team.webhook_url
+            self._metrics.webhook_disabled.labels(team_name).set(1)
+            log.warning(
+                "owner webhook answered 410 Gone: disabled until the owners file changes",
+                extra={"fields": {"team": team_name}},
+            )
         permanent = status is not None and 400 <= status < 500 and status not in (408, 429)
         if permanent or attempts >= self.policy.max_attempts:
             await self._outbox.finish(row.notification_id, "dead", attempts, error, team_name)
@@ -196,7 +216,8 @@ class Delivery:
             # Standard Webhooks: the id is stable across retries (the receiver's idempotency key).
             "webhook-id": row.notification_id,
             "webhook-timestamp": timestamp,
-            "webhook-signature": sign(team.secret, row.notification_id, timestamp, body),
+            # While a secret rotates (previousSecret… set), one signature per secret: receivers verify with either.
+            "webhook-signature": " ".join(sign(key, row.notification_id, timestamp, body) for key in team.secrets),
         }
         try:
             timeout = aiohttp.ClientTimeout(total=self.policy.attempt_timeout)

@@ -45,6 +45,11 @@ class Team:
     name: str
     webhook_url: str
     secret: bytes = field(repr=False)
+    previous_secret: bytes | None = field(default=None, repr=False)  # rotation: deliveries carry both signatures
+
+    @property
+    def secrets(self) -> tuple[bytes, ...]:
+        return (self.secret,) if self.previous_secret is None else (self.secret, self.previous_secret)
 
 
 @dataclass(frozen=True)
@@ -78,30 +83,34 @@ def _id(raw: object, key: str) -> int:
     return int(text)
 
 
-def _secret(spec: dict[Any, Any], key: str, env: Mapping[str, str]) -> bytes:
+def _secret(spec: dict[Any, Any], key: str, env: Mapping[str, str], prefix: str = "secret") -> bytes | None:
+    """The team's secret from `<prefix>Env` or `<prefix>File` (`previousSecret…`: optional, for rotation)."""
     if "secret" in spec:
         raise OwnersError(f"{key}.secret", "secrets never sit in the owners file; use secretEnv or secretFile")
-    has_env, has_file = "secretEnv" in spec, "secretFile" in spec
+    env_key, file_key = f"{prefix}Env", f"{prefix}File"
+    has_env, has_file = env_key in spec, file_key in spec
+    if not has_env and not has_file and prefix != "secret":
+        return None
     if has_env == has_file:
-        raise OwnersError(key, "needs exactly one of secretEnv or secretFile")
+        raise OwnersError(key, f"needs exactly one of {env_key} or {file_key}")
     if has_env:
-        name = spec["secretEnv"]
+        name = spec[env_key]
         if not isinstance(name, str) or not name:
-            raise OwnersError(f"{key}.secretEnv", "must name an environment variable")
+            raise OwnersError(f"{key}.{env_key}", "must name an environment variable")
         value = env.get(name)
         if not value:
-            raise OwnersError(f"{key}.secretEnv", f"environment variable {name} is not set or empty")
-        return _key_bytes(value.encode(), f"{key}.secretEnv")
-    path = spec["secretFile"]
+            raise OwnersError(f"{key}.{env_key}", f"environment variable {name} is not set or empty")
+        return _key_bytes(value.encode(), f"{key}.{env_key}")
+    path = spec[file_key]
     if not isinstance(path, str) or not path:
-        raise OwnersError(f"{key}.secretFile", "must be a file path")
+        raise OwnersError(f"{key}.{file_key}", "must be a file path")
     try:
         secret = Path(path).read_bytes().strip()
     except OSError as error:
-        raise OwnersError(f"{key}.secretFile", f"cannot read {path}: {error.strerror}") from None
+        raise OwnersError(f"{key}.{file_key}", f"cannot read {path}: {error.strerror}") from None
     if not secret:
-        raise OwnersError(f"{key}.secretFile", f"{path} is empty")
-    return _key_bytes(secret, f"{key}.secretFile")
+        raise OwnersError(f"{key}.{file_key}", f"{path} is empty")
+    return _key_bytes(secret, f"{key}.{file_key}")
 
 
 def _key_bytes(secret: bytes, field_name: str) -> bytes:
@@ -115,6 +124,9 @@ def _key_bytes(secret: bytes, field_name: str) -> bytes:
     if not key:
         raise OwnersError(field_name, "the whsec_ secret is empty")
     return key
+
+
+_TEAM_KEYS = {"webhookUrl", "secretEnv", "secretFile", "previousSecretEnv", "previousSecretFile", "secret"}
 
 
 def parse_owners(text: str, env: Mapping[str, str]) -> Owners:
@@ -136,10 +148,12 @@ def parse_owners(text: str, env: Mapping[str, str]) -> Owners:
         parts = urlsplit(url) if isinstance(url, str) else None
         if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
             raise OwnersError(f"{key}.webhookUrl", "must be an http(s) URL")
-        extra = set(spec) - {"webhookUrl", "secretEnv", "secretFile", "secret"}
+        extra = set(spec) - _TEAM_KEYS
         if extra:
             raise OwnersError(f"{key}.{sorted(map(str, extra))[0]}", "unknown key")
-        teams[name] = Team(name, str(url), _secret(spec, key, env))
+        secret = _secret(spec, key, env)
+        assert secret is not None  # required: _secret raised otherwise
+        teams[name] = Team(name, str(url), secret, _secret(spec, key, env, prefix="previousSecret"))
 
     def team_ref(value: object, key: str) -> str:
         if not isinstance(value, str) or value not in teams:

@@ -99,6 +99,12 @@ class SidecarMetrics:
             buckets=NOTIFICATION_LATENCY_BUCKETS,
             registry=registry,
         )
+        self.webhook_disabled = Gauge(
+            "whatsapp_owner_webhook_disabled",
+            "1 while a team's webhook is disabled because it answered 410 Gone (until the owners file changes)",
+            ["team"],
+            registry=registry,
+        )
         self.outbox_depth = Gauge(
             "whatsapp_owner_outbox_depth", "Owner notifications waiting for delivery", registry=registry
         )
