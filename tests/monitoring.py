@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
+import signal
 import socket
 import tempfile
 import time
@@ -66,9 +68,23 @@ async def run_tool(
         stderr=asyncio.subprocess.STDOUT,
         cwd=cwd,
         env=env,
+        start_new_session=True,  # its own process group: a timeout kills the tool and whatever it started
     )
-    output, _ = await asyncio.wait_for(process.communicate(stdin), deadline)
+    async with killed_on_exit(process):
+        output, _ = await asyncio.wait_for(process.communicate(stdin), deadline)
     return int(process.returncode or 0), output.decode()
+
+
+@asynccontextmanager
+async def killed_on_exit(process: asyncio.subprocess.Process) -> AsyncIterator[None]:
+    """If the block fails (a timeout), the process's whole group is killed: nothing outlives the test."""
+    try:
+        yield
+    finally:
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            await process.wait()
 
 
 @asynccontextmanager

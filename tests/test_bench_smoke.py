@@ -7,14 +7,18 @@ import re
 import sys
 from pathlib import Path
 
+from tests.monitoring import killed_on_exit
+
 ROOT = Path(__file__).parent.parent
 
 
 async def bench(*argv: str) -> str:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, *argv, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    output, errors = await asyncio.wait_for(process.communicate(), 180)
+        sys.executable, *argv, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,
+    )  # fmt: skip
+    async with killed_on_exit(process):  # a hung benchmark and the sidecar it started die with the test
+        output, errors = await asyncio.wait_for(process.communicate(), 180)
     assert process.returncode == 0, errors.decode()[-3000:]
     return output.decode()
 

@@ -14,6 +14,7 @@ batch that uses them; splitting them would scatter the quoting as it would in po
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
@@ -29,6 +30,7 @@ from sidecar.store.postgres import (
 )
 from sidecar.store.sqlnames import quote_identifier
 
+LIVE_COUNT_SECONDS = 5.0
 CLOSE_LEASE_SECONDS = 60.0  # a claimed close not finished by then is taken over by another replica
 
 
@@ -153,6 +155,7 @@ class PostgresFleet:
         self.instance = instance
         self.close_lease_seconds = close_lease_seconds
         self._breaker = breaker
+        self._live: tuple[float, int] | None = None  # (monotonic time read, live sessions): see _live_sessions
         s = quote_identifier(store.schema)
         counters, ledger, settings = f"{s}.session_counters", f"{s}.breaker_ledger", f"{s}.fleet_settings"
         self._lock_key = f"wa-sidecar-breaker:{store.schema}"
@@ -286,12 +289,21 @@ class PostgresFleet:
         cutoff = now - self._breaker.window_seconds
         await conn.execute(self.sql_prune, cutoff)
         in_window = int(await conn.fetchval(self.sql_in_window, cutoff))
-        live = int(await conn.fetchval(self.sql_live))
+        live = await self._live_sessions(conn)
         if in_window + 1 > self._breaker.allowed(live):
             await conn.execute(self.sql_trip, now, None)
             return False, True
         await conn.execute(self.sql_admit, now, phone.organization_phone_id)
         return True, False
+
+    async def _live_sessions(self, conn: Connection) -> int:
+        """The breaker's denominator (sessions not closed), re-counted at most every LIVE_COUNT_SECONDS: the
+        count is O(fleet) and an admission holds the fleet-wide lock, so counting on every close would make
+        each close cost more as the fleet grows. A share-of-fleet threshold does not need it exact."""
+        now = time.monotonic()
+        if self._live is None or now - self._live[0] > LIVE_COUNT_SECONDS:
+            self._live = (now, int(await conn.fetchval(self.sql_live)))
+        return self._live[1]
 
     async def stored(self, organization_phone_id: int) -> StoredDecision | None:
         async with self.store.connection() as conn:
@@ -339,7 +351,7 @@ class PostgresFleet:
         async with self.store.connection() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
             settings = await conn.fetchrow(self.sql_settings)
             in_window = int(await conn.fetchval(self.sql_in_window, cutoff))
-            live = int(await conn.fetchval(self.sql_live))
+            live = await self._live_sessions(conn)
             held = int(await conn.fetchval(self.sql_held))
         tripped_at: float | None = settings["breaker_tripped_at"] if settings else None
         kept_by: str | None = settings["breaker_kept_by"] if settings else None
