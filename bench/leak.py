@@ -98,7 +98,7 @@ async def run(args: argparse.Namespace) -> None:
                 while True:  # ...and finished (the next round logs the phones in again)
                     if not await closing(http):
                         break
-                    await asyncio.sleep(0.02)
+                    await asyncio.sleep(0.1)
                 samples.append(rss_mb(sidecar.pid))
                 if dsn is not None and (round_number % 10 == 9 or round_number == rounds - 1):
                     sizes.append(await table_sizes(dsn))

@@ -47,9 +47,8 @@ async def list_sessions(request: web.Request) -> web.Response:
     healthy = request.query.get("healthy")
     if healthy is not None and healthy not in ("true", "false"):
         raise InvalidInput("healthy", "must be true or false")
-    sessions = [session_json(components, s) for s in components.runtime.sessions()]
-    if state is not None:
-        sessions = [s for s in sessions if s["state"] == state]
+    chosen = (s for s in components.runtime.sessions() if state is None or str(s.phase) == state)
+    sessions = [session_json(components, s) for s in chosen]  # filtered first: a state query stays cheap
     if healthy is not None:
         sessions = [s for s in sessions if s["isHealthy"] is (healthy == "true")]
     return web.json_response({"sessions": sessions})
