@@ -310,7 +310,8 @@ async def _housekeeping(components: Components) -> None:
     while True:
         interval = min(HOUSEKEEPING_SECONDS, config.state_ttl / 4)
         if expired := components.runtime.expire_state():
-            metrics.sessions_expired.inc(expired)
+            metrics.sessions_expired.inc(len(expired))
+            components.link.forget([phone.organization_phone_id for phone in expired])
         if loop.time() >= next_prune:
             try:
                 deleted = await components.store.prune(config.retention, RETENTION_BATCH)

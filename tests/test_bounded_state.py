@@ -9,7 +9,7 @@ import aiohttp
 import asyncpg
 
 from sidecar.app import Extras
-from sidecar.client import connection_update, decrypt_error
+from sidecar.client import RuntimeClient, connection_update, decrypt_error
 from sidecar.config import SchemaMapping
 from sidecar.rules.safety import LoopConfig, LoopDetector
 from sidecar.store.postgres import PostgresStore
@@ -50,9 +50,9 @@ async def test_sessions_holding_nothing_and_closed_markers_expire_after_the_ttl(
         await runtime.settle()
         assert {s.organization_phone_id for s in runtime.sessions()} == {1, 2, 3}
         assert runtime.is_closed(5)
-        assert runtime.expire_state() == 0  # the first sweep notes since when phone 1 holds nothing
+        assert runtime.expire_state() == []  # the first sweep notes since when phone 1 holds nothing
         now[0] += timedelta(seconds=DAY + 1)
-        assert runtime.expire_state() == 1
+        assert [phone.organization_phone_id for phone in runtime.expire_state()] == [1]
         assert {s.organization_phone_id for s in runtime.sessions()} == {2, 3}
         assert not runtime.is_closed(5) and runtime.closed_count == 0
         async with http.get(served.base + "/metrics") as response:
@@ -125,3 +125,26 @@ async def test_retention_deletes_old_history_in_batches_and_keeps_the_rest(
     assert statuses == [("delivered", 2), ("pending", 7)]  # a pending notification is never deleted
     kept = await db.fetch("SELECT organization_phone_id FROM wa_sidecar.session_counters ORDER BY 1")
     assert [r[0] for r in kept] == [101, 103, 105, 106]
+
+
+async def test_an_expired_session_releases_the_runtime_connections_claim(database: str) -> None:
+    now = [datetime(2026, 11, 30, 12, 0, tzinfo=UTC)]
+    config = sidecar_config(database, coordination="local", state_ttl=DAY)
+    jid = "79001112233@s.whatsapp.net"
+    async with (
+        serving(config, extras=Extras(clock=lambda: now[0])) as served,
+        RuntimeClient(served.ws_url) as client,
+    ):
+        await client.wait_connected()
+        await client.send(connection_update(1, 1, jid, "open"))
+        await client.send(connection_update(1, 1, jid, "close", status_code=428))  # and never opened again
+        await client.flush()
+        link, runtime = served.components.link, served.components.runtime
+        assert link.owner_of(1) is not None
+        runtime.expire_state()
+        now[0] += timedelta(seconds=DAY + 1)
+        link.forget([phone.organization_phone_id for phone in runtime.expire_state()])
+        assert link.owner_of(1) is None and runtime.session(1) is None
+        await client.send(connection_update(1, 1, jid, "open"))  # the runtime reconnects: claimed again
+        await client.flush()
+        assert link.owner_of(1) is not None

@@ -92,6 +92,18 @@ class RuntimeLink:
     def owner_of(self, organization_phone_id: int) -> RuntimeConnection | None:
         return self._owners.get(organization_phone_id)
 
+    def forget(self, phones: Sequence[int]) -> None:
+        """Phones whose sessions expired (disconnected, holding nothing, for the state TTL): the runtime has not
+        reported them open since, so their ownership and fleet leases go too (an `open` claims them again)."""
+        released = []
+        for phone in phones:
+            connection = self._owners.pop(phone, None)
+            if connection is not None:
+                connection.phones.discard(phone)
+                released.append(phone)
+        if released:
+            self._release_leases_later(released)
+
     def owned_phones(self) -> list[int]:
         return [phone for phone, connection in self._owners.items() if not connection.ws.closed]
 

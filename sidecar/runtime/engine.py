@@ -229,16 +229,16 @@ class SessionRuntime:
         self._registry.restore(stored)
         return len(stored)
 
-    def expire_state(self) -> int:
+    def expire_state(self) -> list[PhoneRef]:
         """Bounded memory: forget sessions that hold nothing and markers older than the state TTL, and the loop
-        detector's quiet phones. Returns how many sessions were forgotten."""
+        detector's quiet phones. Returns the sessions forgotten."""
         now = self._clock().timestamp()
         forgotten = self._registry.sweep(now, self._state_ttl)
         for phone in forgotten:
             for observer in self._observers:
                 observer.forgotten(phone)
         self._safety.loops.expire(now)
-        return len(forgotten)
+        return forgotten
 
     async def settle(self) -> None:
         """Wait for every background effect started so far (tests, shutdown)."""
