@@ -205,15 +205,20 @@ class RuntimeLink:
             await connection.ws.send_json({"type": "error", **invalid.to_json()})
             return 0
         assert self.runtime is not None
+        for message in messages:  # acknowledgements first and at once: closes in flight wait for them
+            if isinstance(message, CommandAck):
+                self.counted(message, "websocket")
+                self.acknowledge(message)
+        if self.admission is not None and not all(isinstance(m, CommandAck) for m in messages):
+            await self.admission()  # events wait for the database writer; not reading meanwhile, TCP pushes back
         applied = 0
         claimed: list[SessionEvent] = []
         # A frame is decided as one batch, after the batches handed over before it (one decider per replica).
         async with self.runtime.batch():
             for message in messages:
-                self.counted(message, "websocket")
                 if isinstance(message, CommandAck):
-                    self.acknowledge(message)
-                    continue
+                    continue  # acknowledged above
+                self.counted(message, "websocket")
                 # Ownership follows the runtime's reports, but a phone the sidecar just closed is not re-claimed
                 # by its own late errors; only an `open` (a new login) claims it again.
                 reopening = isinstance(message, ConnectionUpdate) and message.connection == "open"
@@ -252,8 +257,6 @@ class RuntimeLink:
         try:
             async for message in ws:
                 if message.type is WSMsgType.TEXT:
-                    if self.admission is not None:
-                        await self.admission()  # not reading meanwhile: TCP pushes back on the runtime
                     await self.handle_frame(connection, message.data)
                     # Frames already buffered are read without suspending; yield so that a busy runtime
                     # cannot starve the HTTP API, the other connections and the effects in flight.
