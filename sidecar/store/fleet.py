@@ -157,7 +157,7 @@ class PostgresFleet:
         self._breaker = breaker
         self._live: tuple[float, int] | None = None  # (monotonic time read, live sessions): see _live_sessions
         s = quote_identifier(store.schema)
-        counters, ledger, settings = f"{s}.session_counters", f"{s}.breaker_ledger", f"{s}.fleet_settings"
+        counters, ledger, settings = f"{s}.session_counters", f"{s}.breaker_buckets", f"{s}.fleet_settings"
         self._lock_key = f"wa-sidecar-breaker:{store.schema}"
         returning = (
             "RETURNING bad_mac_errors, bad_decrypt_errors, phase, generation, recent::text AS recent, "
@@ -221,9 +221,14 @@ class PostgresFleet:
             f"UPDATE {settings} SET breaker_tripped_at = NULL, breaker_kept_by = NULL, changed_at = now()"
         )
         self.sql_clear_ledger = f"DELETE FROM {ledger}"
-        self.sql_prune = f"DELETE FROM {ledger} WHERE closed_at <= $1"
-        self.sql_in_window = f"SELECT count(*) FROM {ledger} WHERE closed_at > $1"
-        self.sql_admit = f"INSERT INTO {ledger} (closed_at, organization_phone_id) VALUES ($1, $2)"
+        # Admitted closes counted per second of the window: O(window seconds) per admission, not O(closes),
+        # as the one-replica breaker counts them. $1: the window's start (epoch seconds).
+        self.sql_prune = f"DELETE FROM {ledger} WHERE second <= floor($1::float8)::bigint"
+        self.sql_in_window = f"SELECT COALESCE(sum(closes), 0) FROM {ledger} WHERE second > floor($1::float8)::bigint"
+        self.sql_admit = (
+            f"INSERT INTO {ledger} AS b (second, closes) VALUES (floor($1::float8)::bigint, 1) "
+            "ON CONFLICT (second) DO UPDATE SET closes = b.closes + 1"
+        )
         self.sql_live = f"SELECT count(*) FROM {counters} WHERE phase <> 'closed'"
         self.sql_held = f"SELECT count(*) FROM {counters} WHERE phase = 'held'"
         self.sql_take_over = (
@@ -293,7 +298,7 @@ class PostgresFleet:
         if in_window + 1 > self._breaker.allowed(live):
             await conn.execute(self.sql_trip, now, None)
             return False, True
-        await conn.execute(self.sql_admit, now, phone.organization_phone_id)
+        await conn.execute(self.sql_admit, now)
         return True, False
 
     async def _live_sessions(self, conn: Connection) -> int:

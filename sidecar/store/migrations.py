@@ -140,6 +140,16 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX socket_commands_pending_idx ON {schema}.socket_commands (instance) WHERE status = 'pending';
     """,
+    # 5: the fleet breaker counts admitted closes per second of its window (cheap at any close rate).
+    """
+    CREATE TABLE {schema}.breaker_buckets (
+        second                BIGINT PRIMARY KEY,
+        closes                INTEGER NOT NULL
+    );
+    INSERT INTO {schema}.breaker_buckets (second, closes)
+        SELECT floor(closed_at)::bigint, count(*) FROM {schema}.breaker_ledger GROUP BY 1;
+    DROP TABLE {schema}.breaker_ledger;
+    """,
 )
 
 
