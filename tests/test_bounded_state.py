@@ -14,6 +14,7 @@ from sidecar.config import SchemaMapping
 from sidecar.rules.safety import LoopConfig, LoopDetector
 from sidecar.store.postgres import PostgresStore
 from tests.server import serving, sidecar_config
+from tests.waiting import eventually
 
 TOKEN = "operator-token"
 DAY = 86_400.0
@@ -148,3 +149,21 @@ async def test_an_expired_session_releases_the_runtime_connections_claim(databas
         await client.send(connection_update(1, 1, jid, "open"))  # the runtime reconnects: claimed again
         await client.flush()
         assert link.owner_of(1) is not None
+
+
+async def test_in_fleet_mode_an_open_then_a_close_leave_the_session_disconnected(database: str) -> None:
+    """Fleet decisions are carried out after their transaction; a close received meanwhile must still win."""
+    jid = "79001112233@s.whatsapp.net"
+    async with serving(sidecar_config(database)) as served, RuntimeClient(served.ws_url) as client:
+        await client.wait_connected()
+        for phone_id in range(1, 51):
+            await client.send(connection_update(1, phone_id, jid, "open"))
+            await client.send(connection_update(1, phone_id, jid, "close", status_code=428))
+        await client.flush()
+        runtime = served.components.runtime
+
+        def all_decided_and_disconnected() -> bool:
+            sessions = list(runtime.sessions())
+            return len(sessions) == 50 and not any(s.connected for s in sessions)
+
+        await eventually(all_decided_and_disconnected, deadline_seconds=10, what="50 sessions, none connected")

@@ -217,6 +217,10 @@ class FleetDecisions:
             session.last_error_at = item.at
         if opening:
             self._engine.set_connected(session, True)
+        elif isinstance(item.event, ConnectionClosed):
+            # Carried out in decision order: an `open` decided after the close was received must not leave
+            # the session shown connected.
+            self._engine.set_connected(session, False)
         trigger = _trigger(item)
         self._engine.carry_out(session, outcome.before, transition, trigger, outcome.flip, outcome.generation)
         await self._engine.after_decision(session.phone, transition.decision, outcome.just_tripped)

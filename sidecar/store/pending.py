@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from sidecar.ports import SessionStore, StepFailed, StoreSlow, StoreUnavailable
+from sidecar.ports import SessionStore, StepFailed, StoreSlow, StoreUnavailable, TransientConflict
 from sidecar.rules.records import Step, StepResult, step_to_json, without_numbers
 from sidecar.store.db_errors import failure_reason
 from sidecar.store.journal import Journal
@@ -173,6 +173,10 @@ class PendingSteps:
                 results = await self._apply(batch)
             except StoreSlow as error:
                 self._slow(batch, error)
+                continue
+            except TransientConflict as error:  # a deadlock or serialization abort: nothing kept, retry now
+                log.info("database batch aborted by PostgreSQL (%s); retrying", error)
+                await asyncio.sleep(RETRY_INITIAL_SECONDS / 10)
                 continue
             except StoreUnavailable as error:
                 if self.unavailable_reason is None:
