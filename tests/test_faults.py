@@ -18,6 +18,7 @@ from sidecar.client import connection_update, decrypt_error
 from sidecar.rules.policy import Counters
 from sidecar.rules.records import ClosureRecord, PhoneRef
 from sidecar.runtime.observer import BaseObserver
+from sidecar.store.db_errors import Fault, classify
 from sidecar.store.migrations import migrate
 from tests.conftest import SEED_SCHEMA
 from tests.pgcluster import ThrowawayPostgres
@@ -294,3 +295,21 @@ def test_an_unreadable_journal_is_refused_with_a_clear_error_and_kept(
     assert "pending-steps.jsonl" in result.stderr and ("format" in result.stderr or "line 2" in result.stderr)
     assert "Traceback" not in result.stderr
     assert (state / "pending-steps.jsonl").read_text() == journal  # left as it was
+
+
+def test_every_postgres_error_is_read_as_one_of_four_faults() -> None:
+    e = asyncpg.exceptions
+    cases: dict[Fault, list[BaseException]] = {
+        Fault.UNAVAILABLE: [
+            ConnectionRefusedError(), e.AdminShutdownError("x"), e.CannotConnectNowError("x"),
+            e.TooManyConnectionsError("x"), e.ReadOnlySQLTransactionError("x"), e.UndefinedTableError("x"),
+            e.InvalidSchemaNameError("x"), e.UndefinedColumnError("x"), e.InvalidCatalogNameError("x"),
+            e.InvalidPasswordError("x"), asyncpg.InterfaceError("x"),
+        ],
+        Fault.SLOW: [TimeoutError(), e.QueryCanceledError("x")],
+        Fault.CONFLICT: [e.DeadlockDetectedError("x"), e.SerializationError("x")],
+        Fault.OWN: [e.UniqueViolationError("x"), e.RaiseError("x"), e.NumericValueOutOfRangeError("x")],
+    }  # fmt: skip
+    assert {fault: [classify(error) for error in errors] for fault, errors in cases.items()} == {
+        fault: [fault] * len(errors) for fault, errors in cases.items()
+    }

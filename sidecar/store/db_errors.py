@@ -37,6 +37,8 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     _E.ReadOnlySQLTransactionError,
     asyncpg.InterfaceError,
     asyncpg.exceptions.InternalClientError,  # a pooled connection left in a broken protocol state
+    _E.InvalidCatalogNameError,  # 3D000 at connect: the database does not exist (dropped, not created yet)
+    _E.InvalidAuthorizationSpecificationError,  # 28xxx at connect: the role or password is refused
     *SCHEMA_ERRORS,
 )
 # Errors after which the pooled connections are not to be trusted: they are replaced.
