@@ -29,7 +29,9 @@ class Jid:
         return self.user
 
 
-@lru_cache(maxsize=65_536)  # a fleet's JIDs repeat on every event; the result is immutable
+# The hot set of a fleet's JIDs (they repeat on every event); bounded at ~2 MB so a fleet of many phones
+# (or fresh ones) does not turn it into memory that grows with the fleet. The result is immutable.
+@lru_cache(maxsize=8_192)
 def parse_jid(text: str) -> Jid:
     match = _JID.match(text) if isinstance(text, str) else None
     if match is None:
