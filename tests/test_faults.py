@@ -158,17 +158,22 @@ async def test_a_crashing_step_worker_is_restarted_and_reported(
     assert await bad_macs_stored(database, phone.organization_phone_id) == 1
 
 
-async def test_a_statement_slower_than_the_timeout_is_retried_a_few_times_then_failed_alone(
-    database: str, db: asyncpg.Connection
-) -> None:
-    slow, fine = await add_phone(db, 1, "79001112233"), await add_phone(db, 1, "79004445566")
+async def slow_counter_writes(db: asyncpg.Connection, organization_phone_id: int) -> None:
+    """Every write of this phone's counter row takes 2 s (a trigger): slower than the tests' 0.3 s timeout."""
     await db.execute(
         f"""CREATE FUNCTION slow_counter() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN IF NEW.organization_phone_id = {slow.organization_phone_id} THEN PERFORM pg_sleep(2); END IF;
+        BEGIN IF NEW.organization_phone_id = {organization_phone_id} THEN PERFORM pg_sleep(2); END IF;
         RETURN NEW; END $$;
         CREATE TRIGGER slow BEFORE INSERT OR UPDATE ON wa_sidecar.session_counters
         FOR EACH ROW EXECUTE FUNCTION slow_counter();"""
     )
+
+
+async def test_a_statement_slower_than_the_timeout_is_retried_a_few_times_then_failed_alone(
+    database: str, db: asyncpg.Connection
+) -> None:
+    slow, fine = await add_phone(db, 1, "79001112233"), await add_phone(db, 1, "79004445566")
+    await slow_counter_writes(db, slow.organization_phone_id)
     registry = CollectorRegistry()
     async with serving(local(database, database_command_timeout=0.3), extras=Extras(registry=registry)) as served:
         events = [
@@ -190,13 +195,7 @@ async def test_in_fleet_mode_a_slow_decision_is_retried_alone_then_dropped(
     database: str, db: asyncpg.Connection
 ) -> None:
     slow, fine = await add_phone(db, 1, "79001112233"), await add_phone(db, 1, "79004445566")
-    await db.execute(
-        f"""CREATE FUNCTION slow_counter() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN IF NEW.organization_phone_id = {slow.organization_phone_id} THEN PERFORM pg_sleep(2); END IF;
-        RETURN NEW; END $$;
-        CREATE TRIGGER slow BEFORE INSERT OR UPDATE ON wa_sidecar.session_counters
-        FOR EACH ROW EXECUTE FUNCTION slow_counter();"""
-    )
+    await slow_counter_writes(db, slow.organization_phone_id)
     registry = CollectorRegistry()
     config = sidecar_config(database, api_token=TOKEN, database_command_timeout=0.3)  # fleet mode: the default
     async with serving(config, extras=Extras(registry=registry)) as served:

@@ -58,8 +58,9 @@ async def readyz(request: web.Request) -> web.Response:
         "pendingStepAgeSeconds": round(components.pending.oldest_age, 3),
         "runtimeConnections": components.link.connection_count,
     }
+    if down:
+        body["tasksDown"] = sorted(down)
     if reasons:
-        body |= {"tasksDown": sorted(down)} if down else {}
         return web.json_response({"ready": False, "reason": "; ".join(reasons), **body}, status=503)
     return web.json_response({"ready": True, **body})
 
