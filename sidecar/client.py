@@ -69,6 +69,7 @@ def decrypt_error(
     source: str | None = None,
     peer_jid: str | None = None,
     message_type: str | None = None,
+    collection: str | None = None,
 ) -> dict[str, Any]:
     event: dict[str, Any] = {
         "type": "decrypt.error",
@@ -78,7 +79,8 @@ def decrypt_error(
         "error": error,
         "at": _now(),
     }
-    for key, value in (("source", source), ("peerJid", peer_jid), ("messageType", message_type)):
+    optional = (("source", source), ("peerJid", peer_jid), ("messageType", message_type), ("collection", collection))
+    for key, value in optional:
         if value is not None:
             event[key] = value
     return event

@@ -21,14 +21,30 @@ const pairedPhones = new Set()
 
 // App-state failures reach only the logger: Baileys 6.x logs them at info level, 7.x (with
 // appStateMacVerification) at warn level. One failure can log twice (retry from scratch, then give up).
+// Baileys 7 skips a record it cannot decrypt without a word; what it still logs is below, each with the
+// `kind` the sidecar counts it as (whatsapp_app_state_sync_failures_total; sidecar/rules/app_state.py).
+const APP_STATE_MESSAGES = [
+  [/^LTHash verification failed, skipping remaining patches/, 'lthash_patch'],
+  [/^LTHash verification failed on snapshot/, 'lthash_snapshot'],
+  [/ blocked on missing key from v\d+, parking after \d+ attempts$/, 'missing_key'],
+  [/^failed to sync \S+ from v\d+, forcing snapshot retry$/, 'snapshot_retry'],
+  [/^failed to sync \S+ from v\d+, giving up$/, 'gave_up'],
+]
+const COLLECTION = /^[a-z_]{1,64}$/
+
 function appStateFailure(record) {
   if (!record || typeof record !== 'object') return null
   const msg = typeof record.msg === 'string' ? record.msg : ''
-  if (!msg.startsWith('failed to sync state from version') && msg !== 'failed to decode patch, skipping') return null
-  const error = record.error ?? record.err
-  const text = typeof error === 'string' ? error : error?.stack || error?.message || ''
-  if (!/bad decrypt|ERR_OSSL_BAD_DECRYPT|Invalid patch mac|wrong final block length/i.test(text)) return null
-  return { error: text.split('\n')[0], collection: record.name ?? '' }
+  const collection = typeof record.name === 'string' && COLLECTION.test(record.name) ? record.name : undefined
+  if (msg.startsWith('failed to sync state from version') || msg === 'failed to decode patch, skipping') {
+    const error = record.error ?? record.err
+    const text = typeof error === 'string' ? error : error?.stack || error?.message || ''
+    if (!/bad decrypt|ERR_OSSL_BAD_DECRYPT|Invalid patch mac|wrong final block length/i.test(text)) return null
+    const kind = /Invalid patch mac/i.test(text) ? 'patch_mac' : 'decrypt'
+    return { error: text.split('\n')[0], collection, kind }
+  }
+  const known = APP_STATE_MESSAGES.find(([pattern]) => pattern.test(msg))
+  return known ? { error: msg, collection, kind: known[1] } : null
 }
 
 // A pino-compatible logger that forwards everything to `base` and lets attached sidecar links see app-state
@@ -140,11 +156,12 @@ function attachSidecar(sock, options) {
     }
   }
 
-  function onAppStateFailure({ error, collection }) {
+  function onAppStateFailure({ error, collection, kind }) {
     const now = Date.now()
-    if (now - (seenAppState.get(collection) ?? -Infinity) < APP_STATE_DEDUP_MS) return
-    seenAppState.set(collection, now)
-    enqueue({ type: 'decrypt.error', error, source: 'app-state' })
+    const key = `${collection}/${kind}`
+    if (now - (seenAppState.get(key) ?? -Infinity) < APP_STATE_DEDUP_MS) return
+    seenAppState.set(key, now)
+    enqueue({ type: 'decrypt.error', error, source: 'app-state', ...(collection ? { collection } : {}) })
   }
 
   async function clearCachedKeys(prefixes) {

@@ -6,8 +6,9 @@ What becomes an event:
 - `failed to decrypt message` (Baileys, level 50): a decrypt error with `err.message`, the sender as peer and the
   message type; once per message id (Baileys retries a failed message and logs it again).
 - app-state sync failures: `failed to sync state from version…` (6.x, info level, OpenSSL's bad decrypt in the
-  stack) and `failed to decode patch, skipping` (7.x, `Invalid patch mac`); one failure that logs twice
-  (retry, then give up) counts once per collection within APP_STATE_REPEAT_SECONDS.
+  stack), `failed to decode patch, skipping` (7.x, `Invalid patch mac`), and 7.x's LTHash, missing-key, retry
+  and give-up messages (rules/app_state.py says what each means); one failure that logs twice (6.x: retry, then
+  give up) counts once per collection and kind within APP_STATE_REPEAT_SECONDS.
 - connections: Baileys' `opened connection to WA` and `connection errored` (a known Boom message gives the
   status code), and an app's own logged `connection.update` events (`event`, `update.connection`).
 - libsignal's console block (`Session error:<Type>: <message>`) names the real cause behind Baileys'
@@ -27,14 +28,17 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from sidecar.rules.app_state import app_state_signal
 from sidecar.rules.jid import InvalidJid, parse_jid
 
 # Most lines of a busy backend are none of these: a chunk of the log is searched for them (str.find runs in C)
 # and only the lines that hold one are parsed; the rest are only counted.
 NEEDLES = (
     "failed to decrypt message",
-    "failed to sync state",
+    "failed to sync ",
     "failed to decode patch",
+    "LTHash verification failed",
+    "blocked on missing key",
     "opened connection to WA",
     "connection errored",
     "connection.update",
@@ -42,6 +46,7 @@ NEEDLES = (
     "pairing configured successfully",
 )
 APP_STATE_TEXT = re.compile(r"bad decrypt|ERR_OSSL_BAD_DECRYPT|Invalid patch mac|wrong final block length", re.I)
+COLLECTION_NAME = re.compile(r"^[a-z_]{1,64}\Z")
 SESSION_ERROR = re.compile(r"^Session error:(?P<type>\w+): (?P<message>.*?)(?: (?P=type): (?P=message))?\s*$")
 NO_MATCHING_SESSIONS = "No matching sessions found for message"
 APP_STATE_REPEAT_SECONDS = 10.0
@@ -163,7 +168,7 @@ class BaileysLogReader:
     session_map: SessionMap | None = None
     stats: ReadStats = field(default_factory=ReadStats)
     _seen: OrderedDict[tuple[int, str], None] = field(default_factory=OrderedDict)
-    _app_state: dict[tuple[int, str], float] = field(default_factory=dict)
+    _app_state: dict[tuple[int, str, str], float] = field(default_factory=dict)
     _cause: str | None = None
     _cause_age: int = 0
     # Phones paired anew (a QR shown or a pairing completed): their next `open` is a new login.
@@ -245,6 +250,8 @@ class BaileysLogReader:
             message.startswith("failed to sync state from version") or message == "failed to decode patch, skipping"
         ):
             return self._app_state_failure(record)
+        if isinstance(message, str) and (signal := app_state_signal(message)) is not None:
+            return self._app_state_failure(record, message, str(signal.kind))  # 7.x: the message is the signal
         if isinstance(message, str) and message.startswith("pairing configured successfully"):
             self._pair(record)
             return None
@@ -328,23 +335,30 @@ class BaileysLogReader:
             event["messageType"] = record["messageType"]
         return event
 
-    def _app_state_failure(self, record: dict[str, Any]) -> dict[str, Any] | None:
-        error = record.get("error", record.get("err"))
-        if isinstance(error, dict):
-            error = error.get("stack") or error.get("message")
-        if not isinstance(error, str) or not APP_STATE_TEXT.search(error):
-            return None
+    def _app_state_failure(
+        self, record: dict[str, Any], text: str | None = None, kind: str = "decrypt"
+    ) -> dict[str, Any] | None:
+        if text is None:
+            error = record.get("error", record.get("err"))
+            if isinstance(error, dict):
+                error = error.get("stack") or error.get("message")
+            if not isinstance(error, str) or not APP_STATE_TEXT.search(error):
+                return None
+            text = error.split("\n", 1)[0]
         event = self._base(record, "decrypt.error")
         if event is None:
             return None
         _, moment = _timestamp(record.get("time"))
-        collection = (event["organizationPhoneId"], str(record.get("name", "")))
-        last = self._app_state.get(collection)
+        name = record.get("name")
+        repeat = (event["organizationPhoneId"], str(name or ""), kind)
+        last = self._app_state.get(repeat)
         if moment is not None and last is not None and moment - last < APP_STATE_REPEAT_SECONDS:
             self.stats.duplicates += 1
             return None
         if moment is not None:
-            self._app_state[collection] = moment
-        event["error"] = error.split("\n", 1)[0]
+            self._app_state[repeat] = moment
+        event["error"] = text
         event["source"] = "app-state"
+        if isinstance(name, str) and COLLECTION_NAME.match(name):
+            event["collection"] = name
         return event

@@ -26,4 +26,5 @@ async def apply_event(runtime: SessionRuntime, event: SessionEvent) -> None:
             event.source,
             event.peer_jid,
             context_from_traceparent(event.traceparent),
+            event.collection,
         )

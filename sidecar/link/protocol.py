@@ -28,6 +28,7 @@ MAX_EVENTS_PER_FRAME = 10_000
 MAX_ERROR_TEXT = 16_384
 SOURCES = tuple(source.value for source in ErrorSource)
 MESSAGE_TYPES = ("pkmsg", "msg", "skmsg")
+_COLLECTION = re.compile(r"^[a-z_]{1,64}\Z")
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}\Z")
 
 
@@ -73,6 +74,7 @@ class DecryptError:
     message_type: str | None = None
     at: datetime | None = None
     traceparent: str | None = None
+    collection: str | None = None  # app-state collection (Baileys' patch name), for source app-state
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +211,9 @@ def _read(index: int, item: object, problems: list[Problem]) -> InboundMessage |
     source = r.choice("source", SOURCES, required=False)
     peer_jid = r.jid("peerJid", required=False)
     message_type = r.choice("messageType", MESSAGE_TYPES, required=False)
+    collection = r.text("collection", required=False, max_length=64)
+    if collection is not None and not _COLLECTION.match(collection):
+        r.fail("collection", "must be an app-state collection name (lowercase letters and _)")
     if len(problems) > before:
         return None
     return DecryptError(
@@ -221,6 +226,7 @@ def _read(index: int, item: object, problems: list[Problem]) -> InboundMessage |
         message_type,
         at,
         traceparent,
+        collection,
     )
 
 

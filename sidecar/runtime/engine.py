@@ -22,6 +22,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import INVALID_SPAN, Span
 
 from sidecar.ports import FleetState, SessionStore, SocketController, StepQueue
+from sidecar.rules.app_state import app_state_signal, collection_label
 from sidecar.rules.classification import ErrorClass, ErrorSource, classify
 from sidecar.rules.inputs import checked_connection, peer_user, phone_ref
 from sidecar.rules.policy import (
@@ -67,6 +68,7 @@ from sidecar.runtime.tasks import BackgroundTasks
 from sidecar.runtime.waiting import EventJournal, Traced
 
 ZERO_COUNTERS = SessionState().counters
+APP_STATE_CLASSES = frozenset({ErrorClass.BAD_DECRYPT, ErrorClass.APP_STATE_SYNC})
 
 
 class SessionRuntime:
@@ -259,10 +261,14 @@ class SessionRuntime:
         source: ErrorSource | None = None,
         peer_jid: str | None = None,
         trace_context: Context | None = None,
+        collection: str | None = None,
     ) -> ErrorClass:
         """Classify a raw decryption error and apply it; returns its class."""
         error_class = classify(error, source)
         phone = phone_ref(organization_id, organization_phone_id, phone_jid)
+        if error_class in APP_STATE_CLASSES and (signal := app_state_signal(error)) is not None:
+            for observer in self._observers:
+                observer.app_state_failure(phone, collection_label(collection), signal.kind)
         await self._decrypt_error(phone, error_class, peer_user(peer_jid), trace_context)
         return error_class
 

@@ -9,6 +9,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from sidecar.rules.app_state import AppStateKind
 from sidecar.rules.classification import ErrorClass
 from sidecar.rules.policy import Counters, ErrorStats, Heal
 from sidecar.rules.records import ClosureRecord, PhoneRef, RecordDecision
@@ -18,6 +19,8 @@ log = logging.getLogger("sidecar.runtime.observer")
 
 class RuntimeObserver(Protocol):
     def decrypt_error(self, phone: PhoneRef, error_class: ErrorClass) -> None: ...
+
+    def app_state_failure(self, phone: PhoneRef, collection: str, kind: AppStateKind) -> None: ...
 
     def counters_changed(self, phone: PhoneRef, counters: Counters) -> None: ...
 
@@ -50,6 +53,9 @@ class BaseObserver:
     """Does nothing for every notification; observers override what they care about."""
 
     def decrypt_error(self, phone: PhoneRef, error_class: ErrorClass) -> None:
+        return None
+
+    def app_state_failure(self, phone: PhoneRef, collection: str, kind: AppStateKind) -> None:
         return None
 
     def counters_changed(self, phone: PhoneRef, counters: Counters) -> None:
@@ -108,6 +114,9 @@ class IsolatedObservers:
 
     def decrypt_error(self, phone: PhoneRef, error_class: ErrorClass) -> None:
         self._each("decrypt_error", phone, error_class)
+
+    def app_state_failure(self, phone: PhoneRef, collection: str, kind: AppStateKind) -> None:
+        self._each("app_state_failure", phone, collection, kind)
 
     def counters_changed(self, phone: PhoneRef, counters: Counters) -> None:
         self._each("counters_changed", phone, counters)

@@ -14,6 +14,7 @@ from opentelemetry import trace
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from sidecar import __version__
+from sidecar.rules.app_state import COLLECTIONS, OTHER_COLLECTION, AppStateKind
 from sidecar.rules.classification import ErrorClass
 from sidecar.rules.policy import CRYPTO_LIMIT_REASONS, CloseReason, Heal, KeyScope, Limits
 from sidecar.rules.records import ClosureRecord, PhoneRef, RecordDecision
@@ -58,6 +59,15 @@ class SidecarMetrics:
             ["kind", "organization_id"],
             registry=registry,
         )
+        self.app_state_sync_failures = Counter(
+            "whatsapp_app_state_sync_failures",
+            "App-state sync failures reported by runtimes, by collection and kind (rules/app_state.py)",
+            ["collection", "kind"],
+            registry=registry,
+        )
+        for collection in (*COLLECTIONS, OTHER_COLLECTION):
+            for app_state_kind in AppStateKind:
+                self.app_state_sync_failures.labels(collection, str(app_state_kind))
         self.heals = Counter(
             "whatsapp_session_heals", "Heals started (keys deleted, session kept)", ["kind"], registry=registry
         )
@@ -289,6 +299,9 @@ class MetricsObserver(BaseObserver):
             organization = self._m.organization_seen(phone.organization_id)
             child = self._decrypt_children[key] = self._m.decrypt_errors.labels(str(error_class), organization)
         child.inc()
+
+    def app_state_failure(self, phone: PhoneRef, collection: str, kind: AppStateKind) -> None:
+        self._m.app_state_sync_failures.labels(collection, str(kind)).inc()
 
     def healed(
         self, phone: PhoneRef, heal: Heal, keys_deleted: int | None, database: str, socket: str, duration: float

@@ -3,59 +3,18 @@
 // decrypted by Baileys' own decryptMessageNode, which yields the CIPHERTEXT stub a live socket upserts.
 import { test, before, after } from 'node:test'
 import assert from 'node:assert/strict'
-import { spawn } from 'node:child_process'
 import { createRequire } from 'node:module'
 import fs from 'node:fs'
-import os from 'node:os'
 import path from 'node:path'
-import { fileURLToPath } from 'node:url'
 import * as B from '@whiskeysockets/baileys'
 import pino from 'pino'
+import { eventually, startSidecar, REPO, TOKEN } from './sidecar.mjs'
 
 const require = createRequire(import.meta.url)
 const { attachSidecar, sidecarLogger, appStateFailure } = require('../index.cjs')
 const NodeCache = require('@cacheable/node-cache').default ?? require('@cacheable/node-cache')
 
-const HERE = path.dirname(fileURLToPath(import.meta.url))
-const REPO = path.resolve(HERE, '..', '..', '..')
-const PYTHON = process.env.WA_SIDECAR_PYTHON || path.join(REPO, '.venv', 'bin', 'python')
-const TOKEN = 'runtime-token-for-tests'
 const quiet = pino({ level: 'silent' })
-
-async function eventually(condition, what, deadlineMs = 20_000) {
-  const end = Date.now() + deadlineMs
-  for (;;) {
-    const value = await condition()
-    if (value) return value
-    if (Date.now() > end) throw new Error(`not within ${deadlineMs} ms: ${what}`)
-    await new Promise((resolve) => setTimeout(resolve, 50))
-  }
-}
-
-// ---- a real sidecar -------------------------------------------------------------------------------------
-async function startSidecar(port = 0) {
-  const stateDir = fs.mkdtempSync(path.join(os.tmpdir(), 'wa-adapter-'))
-  const child = spawn(PYTHON, ['-m', 'sidecar', 'serve', '--listen', `127.0.0.1:${port}`, '--closure-log', path.join(stateDir, 'closures.jsonl')], {
-    cwd: REPO,
-    env: { ...process.env, WA_SIDECAR_RUNTIME_TOKEN: TOKEN, WA_SIDECAR_API_TOKEN: 'api-token' },
-    stdio: ['ignore', 'pipe', 'pipe'],
-  })
-  let output = ''
-  child.stdout.on('data', (chunk) => { output += chunk })
-  child.stderr.on('data', (chunk) => { output += chunk })
-  const base = await eventually(() => {
-    const line = output.split('\n').find((l) => l.includes('"msg":"serving"'))
-    return line && JSON.parse(line).listen
-  }, `sidecar started: ${output}`)
-  return {
-    base, child, stateDir,
-    ws: base.replace('http://', 'ws://') + '/v1/runtime',
-    log: () => output,
-    async get(p) { return (await fetch(base + p)).json() },
-    async metrics() { return (await fetch(base + '/metrics')).text() },
-    async stop() { child.kill('SIGTERM'); await new Promise((resolve) => child.once('exit', resolve)) },
-  }
-}
 
 // ---- genuine Signal failures ----------------------------------------------------------------------------
 function memStore() {
@@ -259,7 +218,8 @@ test('an app-state bad decrypt logged by Baileys makes the sidecar heal: cached 
 test('the golden Baileys lines: app-state failures are recognised, everything else is not', () => {
   const golden = fs.readFileSync(path.join(REPO, 'tests', 'fixtures', 'baileys', 'golden_lines.jsonl'), 'utf8').trim().split('\n').map((l) => JSON.parse(l))
   const recognised = golden.filter((g) => appStateFailure(g.line)).map((g) => g.label).sort()
-  assert.deepEqual(recognised, ['appstate.bad_decrypt_giving_up', 'appstate.bad_decrypt_retrying', 'appstate.invalid_patch_mac_skipped'])
+  assert.deepEqual(recognised, ['appstate.bad_decrypt_giving_up', 'appstate.bad_decrypt_retrying', 'appstate.invalid_patch_mac_skipped', 'appstate.missing_key_parked'])
+  assert.equal(appStateFailure(golden.find((g) => g.label === 'appstate.missing_key_parked').line).kind, 'missing_key')
 })
 
 test('with the sidecar away the backend is unaffected; events wait and arrive once it is up', async () => {

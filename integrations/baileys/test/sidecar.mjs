@@ -1,0 +1,45 @@
+// A real sidecar process for the adapter's tests, and a polling wait.
+import { spawn } from 'node:child_process'
+import fs from 'node:fs'
+import os from 'node:os'
+import path from 'node:path'
+import { fileURLToPath } from 'node:url'
+
+const HERE = path.dirname(fileURLToPath(import.meta.url))
+export const REPO = path.resolve(HERE, '..', '..', '..')
+export const PYTHON = process.env.WA_SIDECAR_PYTHON || path.join(REPO, '.venv', 'bin', 'python')
+export const TOKEN = 'runtime-token-for-tests'
+
+export async function eventually(condition, what, deadlineMs = 20_000) {
+  const end = Date.now() + deadlineMs
+  for (;;) {
+    const value = await condition()
+    if (value) return value
+    if (Date.now() > end) throw new Error(`not within ${deadlineMs} ms: ${what}`)
+    await new Promise((resolve) => setTimeout(resolve, 50))
+  }
+}
+
+export async function startSidecar(port = 0) {
+  const stateDir = fs.mkdtempSync(path.join(os.tmpdir(), 'wa-adapter-'))
+  const child = spawn(PYTHON, ['-m', 'sidecar', 'serve', '--listen', `127.0.0.1:${port}`, '--closure-log', path.join(stateDir, 'closures.jsonl')], {
+    cwd: REPO,
+    env: { ...process.env, WA_SIDECAR_RUNTIME_TOKEN: TOKEN, WA_SIDECAR_API_TOKEN: 'api-token' },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  })
+  let output = ''
+  child.stdout.on('data', (chunk) => { output += chunk })
+  child.stderr.on('data', (chunk) => { output += chunk })
+  const base = await eventually(() => {
+    const line = output.split('\n').find((l) => l.includes('"msg":"serving"'))
+    return line && JSON.parse(line).listen
+  }, `sidecar started: ${output}`)
+  return {
+    base, child, stateDir,
+    ws: base.replace('http://', 'ws://') + '/v1/runtime',
+    log: () => output,
+    async get(p) { return (await fetch(base + p)).json() },
+    async metrics() { return (await fetch(base + '/metrics')).text() },
+    async stop() { child.kill('SIGTERM'); await new Promise((resolve) => child.once('exit', resolve)) },
+  }
+}
