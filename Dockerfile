@@ -1,7 +1,10 @@
 # The image the Helm chart runs by default (repository whatsapp-session-sidecar, tag = the chart's appVersion):
 #   docker build -t whatsapp-session-sidecar:0.1.0 .
 # Multi-stage: the build stage compiles nothing the runtime keeps; the final stage holds a venv and runs as an
-# unprivileged user (UID 10001, matching the chart's securityContext) on a read-only root filesystem.
+# unprivileged user (UID 10001, matching the chart's securityContext) on a read-only root filesystem, writing
+# only to the chart's mounts (/var/lib/wa-sidecar, /tmp).
+# Any Debian-based Python 3.11 works as PYTHON_IMAGE: the test suite builds from a bookworm root filesystem made
+# by Debian's mmdebstrap and imported into buildah, with no registry (README, "Container image").
 ARG PYTHON_IMAGE=python:3.11.7-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
@@ -9,10 +12,14 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY sidecar ./sidecar
-RUN python -m venv /opt/wa-sidecar && /opt/wa-sidecar/bin/pip install .
+RUN python3 -m venv /opt/wa-sidecar \
+    && /opt/wa-sidecar/bin/pip install . \
+    && /opt/wa-sidecar/bin/pip uninstall --yes pip setuptools
 
 FROM ${PYTHON_IMAGE}
-RUN groupadd --gid 10001 sidecar && useradd --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin sidecar
+RUN groupadd --gid 10001 sidecar \
+    && useradd --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin sidecar \
+    && mkdir -p /var/lib/wa-sidecar && chown 10001:10001 /var/lib/wa-sidecar
 COPY --from=build /opt/wa-sidecar /opt/wa-sidecar
 ENV PATH=/opt/wa-sidecar/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
