@@ -1,0 +1,141 @@
+"""Deaf sessions: connected, keep-alive pings answered, and yet nothing arrives. Pure: the caller passes the time.
+
+Each session's baseline is its own inbound traffic: the gaps between the inbound stanzas its runtime reported
+(`activity` events carry the time of the last one). A connected session that is normally busy and has been
+silent for much longer than its own longest recent gap (never less than a floor) becomes *suspect* and is
+probed: a real round trip with WhatsApp's server through its socket. A failed probe, or silence that goes on
+`confirm_seconds` past a successful probe, makes it *deaf*. Traffic arriving again makes it *recovered*.
+
+Why these defaults (LivenessConfig): an account with a few messages an hour has gaps of tens of minutes, so it
+becomes suspect only after four times its longest recent gap; the floor keeps a busy account with second-long
+gaps from being probed over a quiet coffee break; a session needs `min_reports` reports with traffic before its
+gaps mean anything, so an idle account (no history) is never called deaf on silence alone. A successful probe
+shows only that the socket answers (pings are answered on deaf sessions too), so it buys `confirm_seconds` more
+before the verdict instead of clearing the session.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from enum import StrEnum
+
+
+class Status(StrEnum):
+    OK = "ok"
+    SUSPECT = "suspect"  # silent past its threshold; a probe is out or has answered
+    DEAF = "deaf"  # declared deaf; only traffic clears it (a reconnect restarts the watch)
+
+
+class Action(StrEnum):
+    NONE = "none"
+    PROBE = "probe"
+    DEAF = "deaf"
+    RECOVERED = "recovered"
+
+
+@dataclass(frozen=True, slots=True)
+class LivenessConfig:
+    floor_seconds: float = 600.0  # never suspect before this much silence
+    gap_factor: float = 4.0  # suspect after this many times the session's longest recent gap
+    confirm_seconds: float = 300.0  # silence this long after a successful probe: deaf
+    min_reports: int = 10  # activity reports with traffic before the session's gaps are its baseline
+    history: int = 32  # recent gaps remembered
+
+    def __post_init__(self) -> None:
+        if self.floor_seconds <= 0 or self.confirm_seconds <= 0:
+            raise ValueError("liveness floor and confirm times must be positive")
+        if self.gap_factor < 1:
+            raise ValueError("liveness gap factor must be at least 1")
+        if self.min_reports < 1 or self.history < 1:
+            raise ValueError("liveness min reports and history must be at least 1")
+
+
+@dataclass(frozen=True, slots=True)
+class Liveness:
+    """One session's watch: its traffic baseline and where it stands."""
+
+    last_inbound: float | None = None
+    connected_since: float | None = None  # None while disconnected
+    gaps: tuple[float, ...] = ()
+    reports: int = 0
+    status: Status = Status.OK
+    probing: bool = False
+    probe_ok_at: float | None = None
+    declared_at: float | None = None  # when it was last declared deaf on this connection
+
+    @property
+    def connected(self) -> bool:
+        return self.connected_since is not None
+
+
+def threshold(state: Liveness, config: LivenessConfig) -> float | None:
+    """Silence that makes this session suspect; None while it has no traffic history (never deaf on silence)."""
+    if state.reports < config.min_reports or not state.gaps:
+        return None
+    return max(config.floor_seconds, config.gap_factor * max(state.gaps))
+
+
+def silence(state: Liveness, now: float) -> float:
+    """Seconds without inbound traffic on this connection (0 while disconnected)."""
+    if state.connected_since is None:
+        return 0.0
+    since = state.connected_since if state.last_inbound is None else max(state.last_inbound, state.connected_since)
+    return max(0.0, now - since)
+
+
+def on_activity(state: Liveness, last_inbound_at: float, config: LivenessConfig) -> tuple[Liveness, Action]:
+    """A report of inbound traffic whose last stanza arrived at `last_inbound_at`."""
+    previous = state.last_inbound
+    if previous is not None and last_inbound_at <= previous:
+        return state, Action.NONE  # nothing newer than what is known (a late or repeated report)
+    gaps = state.gaps
+    # A gap counts only within one connection: time spent disconnected is not the session's rhythm.
+    if previous is not None and state.connected_since is not None and previous >= state.connected_since:
+        gaps = (*gaps, last_inbound_at - previous)[-config.history :]
+    action = Action.RECOVERED if state.status is Status.DEAF else Action.NONE
+    fresh = replace(
+        state,
+        last_inbound=last_inbound_at,
+        gaps=gaps,
+        reports=state.reports + 1,
+        status=Status.OK,
+        probing=False,
+        probe_ok_at=None,
+        declared_at=None,
+    )
+    return fresh, action
+
+
+def on_connection(state: Liveness, now: float, connected: bool) -> Liveness:
+    """An open starts a new watch (after a restart the session gets its whole threshold again); a close stops it."""
+    if connected:
+        return replace(state, connected_since=now, probing=False, probe_ok_at=None, declared_at=None)
+    return replace(state, connected_since=None, probing=False, probe_ok_at=None)
+
+
+def on_tick(state: Liveness, now: float, config: LivenessConfig) -> tuple[Liveness, Action]:
+    """Time passed: a probe to send, a verdict to give, or nothing."""
+    limit = threshold(state, config)
+    if limit is None or not state.connected or state.probing or state.declared_at is not None:
+        return state, Action.NONE
+    if silence(state, now) <= limit:
+        return state, Action.NONE
+    if state.probe_ok_at is None:
+        status = Status.DEAF if state.status is Status.DEAF else Status.SUSPECT
+        return replace(state, status=status, probing=True), Action.PROBE
+    if now - state.probe_ok_at >= config.confirm_seconds:
+        return _declared(state, now), Action.DEAF
+    return state, Action.NONE
+
+
+def on_probe(state: Liveness, now: float, ok: bool) -> tuple[Liveness, Action]:
+    """The probe's answer: a failure is a verdict; a success buys `confirm_seconds`."""
+    if not state.probing:
+        return state, Action.NONE  # traffic or a reconnect overtook the probe
+    if ok:
+        return replace(state, probing=False, probe_ok_at=now), Action.NONE
+    return _declared(replace(state, probing=False), now), Action.DEAF
+
+
+def _declared(state: Liveness, now: float) -> Liveness:
+    return replace(state, status=Status.DEAF, probe_ok_at=None, declared_at=now)
