@@ -145,6 +145,7 @@ def _components(config: Config, link: RuntimeLink, extras: Extras) -> Callable[[
             notifications=config.owners_file is not None,
             safety=Safety(
                 breaker=Breaker(config.breaker),
+                restarts=Breaker(config.breaker),
                 mode=config.mode,
                 observe_organizations=config.observe_organizations,
                 logout_stick_seconds=config.logout_stick_seconds,
@@ -153,6 +154,9 @@ def _components(config: Config, link: RuntimeLink, extras: Extras) -> Callable[[
             backlog_limit=config.pending_steps_limit,
             events_journal=events_journal,
             state_ttl=config.state_ttl,
+            liveness=config.liveness,
+            deaf_action=config.deaf_action,
+            liveness_sockets=fleet_sockets or link,
             on_failure=lambda what, name: (
                 (metrics.observer_failures if what == "observer" else metrics.task_failures).labels(name).inc()
             ),
@@ -174,6 +178,11 @@ def _components(config: Config, link: RuntimeLink, extras: Extras) -> Callable[[
             lambda: runtime.session_count,
             lambda: runtime.closed_count,
             lambda: pending.oldest_age,
+        )
+        metrics.bind_liveness(
+            lambda: runtime.liveness.deaf_count,
+            lambda: runtime.liveness.watched_count,
+            lambda: runtime.liveness.restarts_tripped,
         )
         metrics.bind_safety(
             lambda: runtime.breaker_tripped,
@@ -205,6 +214,8 @@ def _components(config: Config, link: RuntimeLink, extras: Extras) -> Callable[[
         supervisor.start("restore", lambda: _restore(components))
         supervisor.start("owners-watch", lambda: _watch_owners(owners))
         supervisor.start("housekeeping", lambda: _housekeeping(components))
+        stop_liveness = asyncio.Event()
+        supervisor.start("liveness", lambda: runtime.liveness.run(stop_liveness, config.liveness_tick))
         if schema is not None:
             supervisor.start("schema-check", schema.run)
         stop_fleet = asyncio.Event()
@@ -221,6 +232,7 @@ def _components(config: Config, link: RuntimeLink, extras: Extras) -> Callable[[
             yield
         finally:
             stop_fleet.set()
+            stop_liveness.set()
             await supervisor.stop(keep={"pending-steps", "owner-notifications"})  # stopped in order below
             # A close needs at most the socket wait plus the database wait; past that, what is left is cancelled.
             if runtime.fleet is not None:

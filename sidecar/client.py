@@ -30,6 +30,7 @@ log = logging.getLogger("sidecar.client")
 
 Command = dict[str, Any]
 CommandHandler = Callable[[Command], Awaitable[None] | None]
+ProbeHandler = Callable[[Command], Awaitable[float] | float]
 ErrorHandler = Callable[[dict[str, Any]], None]
 
 
@@ -86,6 +87,30 @@ def decrypt_error(
     return event
 
 
+def activity(
+    organization_id: int,
+    organization_phone_id: int,
+    phone_jid: str,
+    last_inbound_at: datetime,
+    *,
+    messages: int = 0,
+    receipts: int = 0,
+    notifications: int = 0,
+) -> dict[str, Any]:
+    """Inbound traffic since the last report (send one per interval, only for sessions that had any)."""
+    return {
+        "type": "activity",
+        "organizationId": organization_id,
+        "organizationPhoneId": organization_phone_id,
+        "phoneJid": phone_jid,
+        "messages": messages,
+        "receipts": receipts,
+        "notifications": notifications,
+        "lastInboundAt": last_inbound_at.isoformat(),
+        "at": _now(),
+    }
+
+
 class RuntimeClient:
     def __init__(
         self,
@@ -94,6 +119,8 @@ class RuntimeClient:
         *,
         on_session_end: CommandHandler | None = None,
         on_auth_clear: CommandHandler | None = None,
+        on_session_probe: ProbeHandler | None = None,
+        on_session_restart: CommandHandler | None = None,
         on_error: ErrorHandler | None = None,
         batch_size: int = 100,
         max_buffered: int = 10_000,
@@ -102,7 +129,12 @@ class RuntimeClient:
     ) -> None:
         self.url = url
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._handlers: dict[str, CommandHandler | None] = {"session.end": on_session_end, "auth.clear": on_auth_clear}
+        self._handlers: dict[str, CommandHandler | ProbeHandler | None] = {
+            "session.end": on_session_end,
+            "auth.clear": on_auth_clear,
+            "session.probe": on_session_probe,  # returns the round trip in milliseconds
+            "session.restart": on_session_restart,
+        }
         self._on_error = on_error
         self._batch_size = batch_size
         self._buffer: deque[dict[str, Any]] = deque()
@@ -240,14 +272,18 @@ class RuntimeClient:
 
     async def _obey(self, ws: ClientConnection, command: Command) -> None:
         handler = self._handlers.get(str(command.get("type")))
-        ok, error = True, None
+        ok, error, result = True, None, None
         try:
+            if handler is None and command.get("type") == "session.probe":
+                raise NotImplementedError("this runtime does not probe (no on_session_probe)")
             if handler is not None:
                 result = handler(command)
                 if inspect.isawaitable(result):
-                    await result
+                    result = await result
         except Exception as failure:
             ok, error = False, f"{type(failure).__name__}: {failure}"
-        ack = {"type": "command.ack", "commandId": command.get("commandId"), "ok": ok, "error": error}
+        ack: dict[str, Any] = {"type": "command.ack", "commandId": command.get("commandId"), "ok": ok, "error": error}
+        if ok and command.get("type") == "session.probe" and isinstance(result, int | float):
+            ack["roundTripMs"] = float(result)
         with contextlib.suppress(ConnectionClosed):
             await ws.send(json.dumps(ack))

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+from sidecar.rules.liveness import DeafAction, LivenessConfig
 from sidecar.rules.policy import DEFAULT_CRITICAL_STATUS_CODES, HealthPolicy, Limits, PolicyConfig
 from sidecar.rules.safety import BreakerConfig, Mode
 from sidecar.store.sqlnames import InvalidIdentifier, quote_identifier, quote_qualified
@@ -100,6 +101,10 @@ class Config:
     database_command_timeout: float = 30.0
     state_ttl: float = 86_400.0  # sessions holding nothing, closed/logged-out markers: forgotten after a day
     retention: float = 30 * 86_400.0  # closures, decisions, finished notifications: deleted after 30 days
+    # Deaf sessions (rules/liveness.py): what to do (none: report only; restart) and the watch's thresholds.
+    deaf_action: DeafAction = DeafAction.NONE
+    liveness: LivenessConfig = field(default_factory=LivenessConfig)
+    liveness_tick: float = 5.0
     # A client that takes longer to send a request body gets 408 (slow or stalled clients hold no connection).
     request_body_timeout: float = 10.0
     # ... and one slower to send its request head (or idle between keep-alive requests) is disconnected.
@@ -177,6 +182,12 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         "--database-command-timeout",
         help="seconds one SQL statement may run before it counts as slow (retried 3 times, then failed; default 30)",
     )
+    add("--deaf-action", help="a deaf session (connected, nothing arrives): none (default, report only) or restart")
+    add("--deaf-floor", help="silence never suspect below this (e.g. 10m; default 10m)")
+    add("--deaf-gap-factor", help="suspect after this many times the session's longest recent gap (default 4)")
+    add("--deaf-confirm", help="silence this long after a successful probe makes it deaf (default 5m)")
+    add("--deaf-min-reports", help="activity reports with traffic before a session has a baseline (default 10)")
+    add("--liveness-tick", help="seconds between liveness checks (default 5)")
     add("--mode", help="enforce (default) or observe: decide and report everything, delete no key, end no socket")
     add("--observe-organizations", help="organization ids kept in observe mode while the rest enforce, comma-separated")
     add("--breaker-max-closes", help="automatic logouts allowed per breaker window before it trips (default 20)")
@@ -373,6 +384,25 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = N
         changes["retention"] = duration("retention", raw)
     if (raw := setting("database_command_timeout")) is not None:
         changes["database_command_timeout"] = _positive_float("database-command-timeout", raw)
+    if (raw := setting("deaf_action")) is not None:
+        if raw not in {item.value for item in DeafAction}:
+            raise ConfigError("deaf-action", f"must be none or restart, got {raw!r}")
+        changes["deaf_action"] = DeafAction(raw)
+    liveness = LivenessConfig()
+    if (raw := setting("deaf_floor")) is not None:
+        liveness = replace(liveness, floor_seconds=duration("deaf-floor", raw))
+    if (raw := setting("deaf_gap_factor")) is not None:
+        factor = _positive_float("deaf-gap-factor", raw)
+        if factor < 1:
+            raise ConfigError("deaf-gap-factor", f"must be at least 1, got {raw!r}")
+        liveness = replace(liveness, gap_factor=factor)
+    if (raw := setting("deaf_confirm")) is not None:
+        liveness = replace(liveness, confirm_seconds=duration("deaf-confirm", raw))
+    if (raw := setting("deaf_min_reports")) is not None:
+        liveness = replace(liveness, min_reports=_positive_int("deaf-min-reports", raw))
+    changes["liveness"] = liveness
+    if (raw := setting("liveness_tick")) is not None:
+        changes["liveness_tick"] = _positive_float("liveness-tick", raw)
     if (raw := setting("mode")) is not None:
         if raw not in {item.value for item in Mode}:
             raise ConfigError("mode", f"must be enforce or observe, got {raw!r}")

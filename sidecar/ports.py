@@ -45,6 +45,17 @@ class SocketController(Protocol):
         """Drop the runtime's in-memory copies of keys with these prefixes."""
 
 
+class LivenessSockets(Protocol):
+    """Asks the runtime about a session's socket for the liveness watch (runtime link v1, additive)."""
+
+    async def probe_session(self, organization_phone_id: int) -> float:
+        """One real round trip with WhatsApp's server through the session's socket; returns milliseconds.
+        Raises SocketUnreachable, or SocketCommandFailed when the round trip failed."""
+
+    async def restart_session(self, organization_phone_id: int, reason: str, detail: str) -> None:
+        """End the socket with a restartable status code, so the backend's usual reconnect runs (never a logout)."""
+
+
 @dataclass(slots=True)
 class OutboxRow:
     notification_id: str

@@ -79,7 +79,8 @@ async def metrics(request: web.Request) -> web.StreamResponse:
     await response.write(fleet[: -len(eof)] if openmetrics else fleet)
     runtime = components.runtime
     windowed = runtime.policy.health is HealthPolicy.WINDOWED
-    async for chunk in components.families.render(runtime.sessions(), runtime.counters_now if windowed else None):
+    counters_of = runtime.counters_now if windowed else None
+    async for chunk in components.families.render(runtime.sessions(), counters_of, runtime.liveness.last_inbound):
         await response.write(chunk)
     if openmetrics:
         await response.write(eof)

@@ -1,7 +1,8 @@
-"""HTTP API v1, sessions: list, stats (getSessionErrorStats), force close (forceCloseSession)."""
+"""HTTP API v1, sessions: list, stats (getSessionErrorStats), force close (forceCloseSession), probe."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 from typing import Any
 
@@ -9,6 +10,7 @@ from aiohttp import web
 
 from sidecar.components import Components
 from sidecar.http.errors import api_auth_error, components_of, json_body
+from sidecar.ports import SocketCommandFailed, SocketUnreachable
 from sidecar.rules.inputs import MAX_ID, ascii_id
 from sidecar.rules.policy import is_healthy
 from sidecar.runtime import InvalidInput, SessionView
@@ -75,7 +77,27 @@ async def close_session(request: web.Request) -> web.Response:
     return web.json_response({**record, "alreadyClosed": outcome.already_closed})
 
 
+async def probe_session(request: web.Request) -> web.Response:
+    """One real round trip with WhatsApp's server through the session's socket (what the liveness watch does)."""
+    components = components_of(request)
+    if (refused := api_auth_error(request, "session probe")) is not None:
+        return refused
+    phone_id = _phone_id(request)
+    try:
+        round_trip = await asyncio.wait_for(
+            components.runtime.liveness.probe(phone_id), components.config.socket_end_timeout
+        )
+    except SocketUnreachable as unreachable:
+        return web.json_response({"error": f"cannot probe: {unreachable}", "details": []}, status=404)
+    except TimeoutError:
+        return web.json_response({"organizationPhoneId": phone_id, "ok": False, "error": "timeout"})
+    except SocketCommandFailed as failed:
+        return web.json_response({"organizationPhoneId": phone_id, "ok": False, "error": str(failed)})
+    return web.json_response({"organizationPhoneId": phone_id, "ok": True, "roundTripMs": round(round_trip, 3)})
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/sessions", list_sessions)
     app.router.add_get("/v1/sessions/{organizationPhoneId}/stats", session_stats)
     app.router.add_post("/v1/sessions/{organizationPhoneId}/close", close_session)
+    app.router.add_post("/v1/sessions/{organizationPhoneId}/probe", probe_session)

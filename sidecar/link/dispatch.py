@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sidecar.link.protocol import ConnectionUpdate, SessionEvent
+from sidecar.link.protocol import Activity, ConnectionUpdate, SessionEvent
 from sidecar.runtime import SessionRuntime
 from sidecar.telemetry.tracing import context_from_traceparent
 
@@ -16,6 +16,10 @@ async def apply_event(runtime: SessionRuntime, event: SessionEvent) -> None:
             event.connection,
             event.status_code,
             event.new_login,
+        )
+    elif isinstance(event, Activity):
+        await runtime.handle_activity(
+            event.organization_id, event.organization_phone_id, event.phone_jid, event.last_inbound_at
         )
     else:
         await runtime.handle_decrypt_error(

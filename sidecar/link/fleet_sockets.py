@@ -43,6 +43,16 @@ class FleetSockets:
             return
         await self._route(organization_phone_id, {"type": "auth.clear", "keyPrefixes": list(key_prefixes)})
 
+    async def probe_session(self, organization_phone_id: int) -> float:
+        """Probes go to the local connection only: the liveness watch runs where the session's traffic arrives."""
+        return await self._link.probe_session(organization_phone_id)
+
+    async def restart_session(self, organization_phone_id: int, reason: str, detail: str) -> None:
+        if self._link.owner_of(organization_phone_id) is not None:
+            await self._link.restart_session(organization_phone_id, reason, detail)
+            return
+        await self._route(organization_phone_id, {"type": "session.restart", "reason": reason, "detail": detail})
+
     async def _route(self, organization_phone_id: int, body: dict[str, Any]) -> None:
         try:
             owner = await self._leases.owner(organization_phone_id)
@@ -84,6 +94,8 @@ class FleetSockets:
         try:
             if body.get("type") == "session.end":
                 await self._link.end_session(organization_phone_id, str(body["reason"]), str(body["detail"]))
+            elif body.get("type") == "session.restart":
+                await self._link.restart_session(organization_phone_id, str(body["reason"]), str(body["detail"]))
             else:
                 await self._link.clear_cached_keys(organization_phone_id, list(body.get("keyPrefixes", [])))
             self.delivered_for_others += 1

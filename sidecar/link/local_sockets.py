@@ -40,3 +40,16 @@ class LocalSocketController:
         if socket is None:
             raise SocketUnreachable(f"no socket registered for organizationPhoneId {organization_phone_id}")
         await socket.clear_keys(key_prefixes)
+
+    async def probe_session(self, organization_phone_id: int) -> float:
+        """A socket with a `probe()` coroutine (milliseconds) can be probed; others are unreachable for probes."""
+        probe = getattr(self._sockets.get(organization_phone_id), "probe", None)
+        if probe is None:
+            raise SocketUnreachable(f"no probing socket registered for organizationPhoneId {organization_phone_id}")
+        return float(await probe())
+
+    async def restart_session(self, organization_phone_id: int, reason: str, detail: str) -> None:
+        restart = getattr(self._sockets.get(organization_phone_id), "restart", None)
+        if restart is None:
+            raise SocketUnreachable(f"no restartable socket registered for organizationPhoneId {organization_phone_id}")
+        await restart(detail)

@@ -26,6 +26,7 @@ from sidecar.rules.jid import InvalidJid
 
 MAX_EVENTS_PER_FRAME = 10_000
 MAX_ERROR_TEXT = 16_384
+MAX_COUNT = 1_000_000_000
 SOURCES = tuple(source.value for source in ErrorSource)
 MESSAGE_TYPES = ("pkmsg", "msg", "skmsg")
 _COLLECTION = re.compile(r"^[a-z_]{1,64}\Z")
@@ -78,14 +79,30 @@ class DecryptError:
 
 
 @dataclass(frozen=True, slots=True)
+class Activity:
+    """Inbound traffic since the runtime's last report (sent only for sessions that had any)."""
+
+    organization_id: int
+    organization_phone_id: int
+    phone_jid: str
+    messages: int
+    receipts: int
+    notifications: int
+    last_inbound_at: datetime
+    at: datetime | None = None
+    traceparent: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class CommandAck:
     command_id: str
     ok: bool
     error: str | None = None
+    round_trip_ms: float | None = None  # session.probe: the measured round trip with WhatsApp's server
 
 
-SessionEvent = ConnectionUpdate | DecryptError
-InboundMessage = ConnectionUpdate | DecryptError | CommandAck
+SessionEvent = ConnectionUpdate | DecryptError | Activity
+InboundMessage = ConnectionUpdate | DecryptError | Activity | CommandAck
 
 
 class _Reader:
@@ -160,6 +177,14 @@ class _Reader:
             return None
         return value
 
+    def count(self, field: str) -> int:
+        """A count since the last report: 0 when absent."""
+        value = self.item.get(field, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
+            self.fail(field, f"must be an integer from 0 to {MAX_COUNT}")
+            return 0
+        return value
+
     def status_code(self) -> int | None:
         value = self.item.get("statusCode")
         if value is None:
@@ -185,11 +210,16 @@ def _read(index: int, item: object, problems: list[Problem]) -> InboundMessage |
         error = item.get("error")
         if error is not None and not isinstance(error, str):
             r.fail("error", "must be a string or null")
+        round_trip = item.get("roundTripMs")
+        if round_trip is not None and (
+            isinstance(round_trip, bool) or not isinstance(round_trip, int | float) or not 0 <= round_trip <= 1e7
+        ):
+            r.fail("roundTripMs", "must be a number of milliseconds from 0 to 10000000")
         if len(problems) > before:
             return None
-        return CommandAck(str(command_id), bool(ok), error)
-    if kind not in ("connection.update", "decrypt.error"):
-        r.fail("type", "must be one of connection.update, decrypt.error, command.ack")
+        return CommandAck(str(command_id), bool(ok), error, None if round_trip is None else float(round_trip))
+    if kind not in ("connection.update", "decrypt.error", "activity"):
+        r.fail("type", "must be one of connection.update, decrypt.error, activity, command.ack")
         return None
     organization_id = r.positive_int("organizationId")
     phone_id = r.positive_int("organizationPhoneId")
@@ -207,6 +237,17 @@ def _read(index: int, item: object, problems: list[Problem]) -> InboundMessage |
         return ConnectionUpdate(
             organization_id, phone_id, str(phone_jid), str(connection), status_code, at, traceparent, bool(new_login)
         )
+    if kind == "activity":
+        messages, receipts, notifications = (r.count(n) for n in ("messages", "receipts", "notifications"))
+        last_inbound_at = r.timestamp("lastInboundAt")
+        if last_inbound_at is None and item.get("lastInboundAt") is None:
+            r.fail("lastInboundAt", "is required (an RFC 3339 timestamp with a time zone)")
+        if len(problems) > before or last_inbound_at is None:
+            return None
+        return Activity(
+            organization_id, phone_id, str(phone_jid), messages, receipts, notifications, last_inbound_at, at,
+            traceparent,
+        )  # fmt: skip
     error_text = r.text("error", max_length=MAX_ERROR_TEXT)
     source = r.choice("source", SOURCES, required=False)
     peer_jid = r.jid("peerJid", required=False)

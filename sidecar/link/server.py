@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from aiohttp import WSMsgType, web
 
 from sidecar.link.dispatch import apply_event
 from sidecar.link.protocol import (
+    Activity,
     CommandAck,
     ConnectionUpdate,
     DecryptError,
@@ -29,9 +31,15 @@ from sidecar.link.protocol import (
 )
 from sidecar.ports import SocketCommandFailed, SocketLeases, SocketUnreachable, StoreUnavailable
 from sidecar.runtime import SessionRuntime
+from sidecar.runtime.liveness import RESTART_STATUS
 from sidecar.telemetry.metrics import SidecarMetrics
 
-EVENT_NAMES = {CommandAck: "command.ack", ConnectionUpdate: "connection.update", DecryptError: "decrypt.error"}
+EVENT_NAMES = {
+    CommandAck: "command.ack",
+    ConnectionUpdate: "connection.update",
+    DecryptError: "decrypt.error",
+    Activity: "activity",
+}
 
 log = logging.getLogger("sidecar.link")
 
@@ -58,7 +66,7 @@ class RuntimeLink:
         self.admission: Callable[[], Awaitable[None]] | None = None
         self._connections: set[RuntimeConnection] = set()
         self._owners: dict[int, RuntimeConnection] = {}
-        self._commands: dict[str, tuple[RuntimeConnection, asyncio.Future[None]]] = {}
+        self._commands: dict[str, tuple[RuntimeConnection, asyncio.Future[CommandAck]]] = {}
         self.frames_rejected = 0
         self.ownership_changes = 0
         self.metrics: SidecarMetrics | None = None
@@ -127,18 +135,33 @@ class RuntimeLink:
             {"type": "auth.clear", "keyPrefixes": list(key_prefixes)},
         )
 
+    async def probe_session(self, organization_phone_id: int) -> float:
+        started = time.perf_counter()
+        ack = await self._command(
+            self._owners.get(organization_phone_id), organization_phone_id, {"type": "session.probe"}
+        )
+        # The runtime's own measure of the round trip with WhatsApp; ours (it includes the link) if it gave none.
+        return ack.round_trip_ms if ack.round_trip_ms is not None else (time.perf_counter() - started) * 1000
+
+    async def restart_session(self, organization_phone_id: int, reason: str, detail: str) -> None:
+        await self._command(
+            self._owners.get(organization_phone_id),
+            organization_phone_id,
+            {"type": "session.restart", "reason": reason, "detail": detail, "statusCode": RESTART_STATUS},
+        )
+
     async def _command(
         self, connection: RuntimeConnection | None, organization_phone_id: int, body: dict[str, Any]
-    ) -> None:
+    ) -> CommandAck:
         if connection is None or connection.ws.closed:
             raise SocketUnreachable(f"no runtime connection owns organizationPhoneId {organization_phone_id}")
         command_id = uuid.uuid4().hex
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[CommandAck] = asyncio.get_running_loop().create_future()
         self._commands[command_id] = (connection, future)
         try:
             frame = {"type": body["type"], "commandId": command_id, "organizationPhoneId": organization_phone_id}
             await connection.ws.send_json({**frame, **body})
-            await future
+            return await future
         except ConnectionError as error:
             raise SocketUnreachable(f"runtime connection lost: {error}") from error
         finally:
@@ -153,7 +176,7 @@ class RuntimeLink:
             return
         future = entry[1]
         if ack.ok:
-            future.set_result(None)
+            future.set_result(ack)
         else:
             future.set_exception(SocketCommandFailed(ack.error or "runtime answered ok=false"))
 

@@ -26,6 +26,11 @@ class Status(StrEnum):
     DEAF = "deaf"  # declared deaf; only traffic clears it (a reconnect restarts the watch)
 
 
+class DeafAction(StrEnum):
+    NONE = "none"  # report only
+    RESTART = "restart"  # a session.restart command: the backend reconnects (never a logout)
+
+
 class Action(StrEnum):
     NONE = "none"
     PROBE = "probe"

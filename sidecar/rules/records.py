@@ -46,6 +46,8 @@ class NotificationEvent(StrEnum):
     RECONNECTED_AFTER_LOGOUT = "session.reconnected_after_logout"
     RECONNECT_LOOP = "session.reconnect_loop"
     CREDENTIALS_CONFLICT = "session.credentials_conflict"
+    DEAF = "session.deaf"  # connected, but nothing arrives (rules/liveness.py)
+    DEAF_RECOVERED = "session.deaf_recovered"  # traffic arrives again on a session found deaf
     BREAKER_TRIPPED = "breaker.tripped"  # fleet-level: organizationId and organizationPhoneId are 0
     BREAKER_RELEASED = "breaker.released"
 

@@ -22,6 +22,7 @@ class IncidentKind(StrEnum):
     RECONNECTED_AFTER_LOGOUT = "reconnected_after_logout"
     RECONNECT_LOOP = "reconnect_loop"
     CREDENTIALS_CONFLICT = "credentials_conflict"
+    DEAF = "deaf"  # connected, pings answered, nothing arrives (rules/liveness.py)
 
 
 CONFLICT_STATUS = 440  # DisconnectReason.connectionReplaced: another client took the same credentials

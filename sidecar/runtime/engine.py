@@ -21,10 +21,11 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import INVALID_SPAN, Span
 
-from sidecar.ports import FleetState, SessionStore, SocketController, StepQueue
+from sidecar.ports import FleetState, LivenessSockets, SessionStore, SocketController, StepQueue
 from sidecar.rules.app_state import app_state_signal, collection_label
 from sidecar.rules.classification import ErrorClass, ErrorSource, classify
 from sidecar.rules.inputs import checked_connection, peer_user, phone_ref
+from sidecar.rules.liveness import DeafAction, LivenessConfig
 from sidecar.rules.policy import (
     BadDecrypt,
     BadMac,
@@ -59,6 +60,7 @@ from sidecar.runtime.errors import UnknownSession
 from sidecar.runtime.fleet import FleetDecisions
 from sidecar.runtime.fleet_safety import Incidents, Safety, SafetyView, needs_admission
 from sidecar.runtime.heal import HealRunner
+from sidecar.runtime.liveness import LivenessWatch
 from sidecar.runtime.notices import Notices
 from sidecar.runtime.observer import IsolatedObservers, RuntimeObserver
 from sidecar.runtime.operator import OperatorControls
@@ -92,6 +94,9 @@ class SessionRuntime:
         events_journal: EventJournal | None = None,
         on_failure: Callable[[str, str], None] | None = None,
         state_ttl: float = 86_400.0,
+        liveness: LivenessConfig | None = None,
+        deaf_action: DeafAction = DeafAction.NONE,
+        liveness_sockets: LivenessSockets | None = None,
     ) -> None:
         """`fleet`: fleet mode, decisions taken in PostgreSQL and shared by every replica (runtime/fleet.py).
         `on_failure(what, name)`: an observer ("observer", its class) or a background effect ("task",
@@ -121,6 +126,10 @@ class SessionRuntime:
             socket_timeout=socket_end_timeout,
         )  # fmt: skip
         now = lambda: self._clock().timestamp()  # noqa: E731
+        self.liveness = LivenessWatch(
+            liveness or LivenessConfig(), deaf_action, liveness_sockets, self._safety, self._incidents, self._tasks,
+            now, lambda: self._registry.session_count, self.is_closed, socket_timeout=socket_end_timeout,
+        )  # fmt: skip
         if fleet is not None:
             self._closes.release_claim = fleet.release_close
         self._effects = Effects(
@@ -237,6 +246,7 @@ class SessionRuntime:
         now = self._clock().timestamp()
         forgotten = self._registry.sweep(now, self._state_ttl)
         for phone in forgotten:
+            self.liveness.forget(phone.organization_phone_id)
             for observer in self._observers:
                 observer.forgotten(phone)
         self._safety.loops.expire(now)
@@ -364,6 +374,8 @@ class SessionRuntime:
         checked_connection(connection)
         phone = phone_ref(organization_id, organization_phone_id, phone_jid)
         now = self._clock().timestamp()
+        if connection != "connecting":
+            self.liveness.connection(phone, connection == "open")
         if connection == "open" and self._fleet is not None:
             await self._fleet.open(phone, now, new_login)
         elif connection == "open":
@@ -388,6 +400,15 @@ class SessionRuntime:
                 await self._incidents.connection_closed(phone, now, status_code)
             if self._fleet is not None or not self.is_closed(organization_phone_id):
                 await self._apply(phone, ConnectionClosed(status_code), None)
+
+    async def handle_activity(
+        self, organization_id: int, organization_phone_id: int, phone_jid: str, last_inbound_at: datetime
+    ) -> None:
+        """The runtime's report of inbound traffic (rules/liveness.py): the session's baseline, and its recovery."""
+        if self.is_closed(organization_phone_id):
+            return
+        phone = phone_ref(organization_id, organization_phone_id, phone_jid)
+        self.liveness.activity(phone, last_inbound_at.timestamp())
 
     async def report_credentials_conflict(
         self, organization_id: int, organization_phone_id: int, phone_jid: str, detail: dict[str, Any]

@@ -38,6 +38,7 @@ class Safety:
     """The fleet safety state the runtime consults; operators change it through the API without a restart."""
 
     breaker: Breaker = field(default_factory=lambda: Breaker(BreakerConfig()))
+    restarts: Breaker = field(default_factory=lambda: Breaker(BreakerConfig()))  # deaf-session restarts
     loops: LoopDetector = field(default_factory=LoopDetector)
     mode: Mode = Mode.ENFORCE
     observe_organizations: frozenset[int] = frozenset()

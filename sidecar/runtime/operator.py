@@ -149,6 +149,7 @@ class OperatorControls:
         if self._fleet is not None:
             return await self._fleet_release(self._fleet, operator, close_held)
         self._safety.breaker.release()
+        self._safety.restarts.release()  # deaf-session restarts resume too
         held = [session for session in self._registry.sessions() if session.state.phase is Phase.HELD]
         detail = {"operator": operator, "closeHeld": close_held, "held": len(held)}
         await self._incidents.record(None, "breaker.released", detail, NotificationEvent.BREAKER_RELEASED)
@@ -161,6 +162,7 @@ class OperatorControls:
 
     async def _fleet_release(self, fleet: FleetDecisions, operator: str, close_held: bool) -> list[ClosureRecord]:
         await fleet.fleet.release_breaker()
+        self._safety.restarts.release()  # this replica's deaf-session restarts resume too
         await fleet.refresh_settings()
         held = (await fleet.fleet.breaker_status(self._now())).held
         detail = {"operator": operator, "closeHeld": close_held, "held": held}

@@ -148,6 +148,21 @@ class SidecarMetrics:
             ["organization_id", "team"],
             registry=registry,
         )
+        self.deaf_sessions = Gauge(
+            "whatsapp_sidecar_deaf_sessions",
+            "Sessions found deaf (connected, nothing arrives) and not recovered yet",
+            registry=registry,
+        )
+        self.liveness_watched = Gauge(
+            "whatsapp_sidecar_liveness_watched_sessions",
+            "Sessions the liveness watch follows (those whose runtime reported inbound activity or a connection)",
+            registry=registry,
+        )
+        self.restart_breaker_tripped = Gauge(
+            "whatsapp_sidecar_restart_breaker_tripped",
+            "1 while too many deaf-session restarts in the breaker window hold further ones (an operator releases it)",
+            registry=registry,
+        )
         self.breaker_tripped = Gauge(
             "whatsapp_sidecar_breaker_tripped",
             "1 while the fleet circuit breaker holds automatic logouts (an operator must release it)",
@@ -248,6 +263,13 @@ class SidecarMetrics:
         self.pending_step_age.set_function(pending_age)
         self.tracked_sessions.labels("active").set_function(active)
         self.tracked_sessions.labels("closed").set_function(closed)
+
+    def bind_liveness(
+        self, deaf: Callable[[], int], watched: Callable[[], int], restarts_tripped: Callable[[], bool]
+    ) -> None:
+        self.deaf_sessions.set_function(lambda: float(deaf()))
+        self.liveness_watched.set_function(lambda: float(watched()))
+        self.restart_breaker_tripped.set_function(lambda: float(restarts_tripped()))
 
     def bind_safety(
         self,

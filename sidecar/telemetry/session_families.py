@@ -27,6 +27,7 @@ FAMILIES = (
     ("whatsapp_session_healthy", "1 while isHealthy is true (no counter one short of its limit)"),
     ("whatsapp_session_connected", "1 while the runtime reports the connection open"),
     ("whatsapp_session_last_error_timestamp_seconds", "Time of the session's last decryption error"),
+    ("whatsapp_session_last_inbound_timestamp_seconds", "Time of the last inbound stanza the runtime reported"),
 )
 
 
@@ -64,10 +65,14 @@ class SessionFamilies(BaseObserver):
         return len(self._labels)
 
     async def render(
-        self, sessions: Iterable[SessionView], counters_of: Callable[[SessionView], Counters] | None = None
+        self,
+        sessions: Iterable[SessionView],
+        counters_of: Callable[[SessionView], Counters] | None = None,
+        last_inbound_of: Callable[[int], float | None] = lambda _: None,
     ) -> AsyncIterator[bytes]:
-        """The five families as chunks of text, yielding to the event loop between chunks. `counters_of`: the
-        counters to show (the windowed policy's current ones); the stored ones by default."""
+        """The six families as chunks of text, yielding to the event loop between chunks. `counters_of`: the
+        counters to show (the windowed policy's current ones); the stored ones by default. `last_inbound_of`:
+        the liveness watch's time of a session's last inbound stanza."""
         views = list(sessions)  # the dict may change while we yield
         snapshot = views if counters_of is None else [_Shown(v, counters_of(v)) for v in views]
         limits, labels = self._limits, self.labels
@@ -83,8 +88,11 @@ class SessionFamilies(BaseObserver):
                     lines = [f"{name}{labels(s.phone)} {int(is_healthy(s.counters, limits))}\n" for s in chunk]
                 elif name == "whatsapp_session_connected":
                     lines = [f"{name}{labels(s.phone)} {int(s.connected)}\n" for s in chunk]
-                else:
+                elif name == "whatsapp_session_last_error_timestamp_seconds":
                     lines = [f"{name}{labels(s.phone)} {s.last_error_at}\n" for s in chunk if s.last_error_at]
+                else:
+                    inbound = [(s.phone, last_inbound_of(s.phone.organization_phone_id)) for s in chunk]
+                    lines = [f"{name}{labels(phone)} {at}\n" for phone, at in inbound if at is not None]
                 yield "".join(lines).encode()
                 await asyncio.sleep(0)  # writes rarely wait, so yield to event processing here
 
