@@ -220,7 +220,7 @@ async def test_two_runtimes_claiming_one_phone_on_two_replicas_is_one_conflict_i
             await eventually(lambda: _incidents(db, pid), what="the conflict recorded")
             async with aiohttp.ClientSession() as http, http.get(b.base + "/metrics") as response:
                 metrics = await response.text()
-        assert await _held_by(db, pid, "replica-a")
+            assert await _held_by(db, pid, "replica-a"), "the first runtime keeps the phone"  # both still connected
     rows = await db.fetch(
         "SELECT detail FROM wa_sidecar.decisions "
         "WHERE decision = 'credentials_conflict' AND organization_phone_id = $1",

@@ -12,6 +12,10 @@ const WebSocket = require('ws')
 
 const CIPHERTEXT = 2 // proto.WebMessageInfo.StubType.CIPHERTEXT
 const LOGGED_OUT = 401 // DisconnectReason.loggedOut
+const RESTART_REQUIRED = 515 // DisconnectReason.restartRequired: the usual "reconnect unless logged out" branch reconnects
+// Inbound stanzas counted for the liveness watch (deaf sessions). Answers to our own queries (iq results, which
+// include the keep-alive pings a deaf session still answers) are not traffic.
+const INBOUND_TAGS = { message: 'messages', receipt: 'receipts', notification: 'notifications' }
 const USER_JID = /^[0-9]{1,20}(:[0-9]{1,4})?@(s\.whatsapp\.net|c\.us|lid|hosted|hosted\.lid)$/
 const APP_STATE_PATCH_NAMES = ['critical_block', 'critical_unblock_low', 'regular_high', 'regular_low', 'regular']
 const APP_STATE_DEDUP_MS = 10_000
@@ -76,12 +80,31 @@ function loggedOutError(reason) {
   return error
 }
 
+function restartError(reason) {
+  const error = new Error(`Restart requested by whatsapp-session-sidecar: ${reason}`)
+  error.isBoom = true
+  error.output = { statusCode: RESTART_REQUIRED, payload: { statusCode: RESTART_REQUIRED, error: 'Restart Required', message: error.message }, headers: {} }
+  error.data = { reason, by: 'whatsapp-session-sidecar' }
+  return error
+}
+
+// One real round trip with WhatsApp's server: the account's privacy settings (an iq the server's account
+// service answers, unlike the keep-alive ping a deaf session still answers; read-only, small, never cached when
+// forced). Falls back to a ping where the socket has no fetchPrivacySettings.
+async function probeRoundTrip(sock) {
+  const started = performance.now()
+  if (typeof sock.fetchPrivacySettings === 'function') await sock.fetchPrivacySettings(true)
+  else await sock.query({ tag: 'iq', attrs: { to: 's.whatsapp.net', type: 'get', xmlns: 'w:p' }, content: [{ tag: 'ping', attrs: {} }] })
+  return Math.round((performance.now() - started) * 1000) / 1000
+}
+
 function attachSidecar(sock, options) {
   const {
     organizationId, organizationPhoneId, url, token,
     logger = console, keyCache, clearKeys,
     batchSize = 100, maxBuffered = 10_000, flushIntervalMs = 50,
     reconnectInitialMs = 500, reconnectMaxMs = 30_000,
+    activityIntervalMs = 30_000,
   } = options
   if (!Number.isInteger(organizationId) || organizationId < 1) throw new TypeError('organizationId must be a positive integer')
   if (!Number.isInteger(organizationPhoneId) || organizationPhoneId < 1) throw new TypeError('organizationPhoneId must be a positive integer')
@@ -97,6 +120,21 @@ function attachSidecar(sock, options) {
   let reconnectDelay = reconnectInitialMs
   let reconnectTimer = null
   let flushTimer = null
+  const inbound = { messages: 0, receipts: 0, notifications: 0, last: null }
+  const countInbound = (kind) => () => {
+    inbound[kind]++
+    inbound.last = new Date()
+  }
+  const inboundListeners = Object.entries(INBOUND_TAGS).map(([tag, kind]) => [`CB:${tag}`, countInbound(kind)])
+  // Every interval, for a session that had any inbound traffic: one small event with the counts and the time of
+  // the last stanza (the sidecar's baseline for deaf sessions). A silent session sends nothing.
+  const activityTimer = setInterval(() => {
+    if (!inbound.last) return
+    const { messages, receipts, notifications, last } = inbound
+    Object.assign(inbound, { messages: 0, receipts: 0, notifications: 0, last: null })
+    enqueue({ type: 'activity', messages, receipts, notifications, lastInboundAt: last.toISOString() })
+  }, activityIntervalMs)
+  activityTimer.unref?.()
 
   const phoneJid = () => {
     const jid = options.phoneJid || sock.user?.id || sock.authState?.creds?.me?.id
@@ -198,6 +236,7 @@ function attachSidecar(sock, options) {
     stats.commands++
     let ok = true
     let error = null
+    let roundTripMs = null
     try {
       if (command.organizationPhoneId !== organizationPhoneId) throw new Error(`not this socket's session (${command.organizationPhoneId})`)
       if (command.type === 'auth.clear') {
@@ -207,6 +246,10 @@ function attachSidecar(sock, options) {
         log.warn?.({ reason: command.reason }, 'sidecar: ending the session (logged out; do not reconnect)')
         detachListeners()
         sock.end(loggedOutError(command.reason))
+      } else if (command.type === 'session.probe') {
+        roundTripMs = await probeRoundTrip(sock)
+      } else if (command.type === 'session.restart') {
+        log.warn?.({ reason: command.reason }, 'sidecar: restarting the socket (deaf session); the backend reconnects')
       } else {
         throw new Error(`unknown command ${command.type}`)
       }
@@ -214,8 +257,16 @@ function attachSidecar(sock, options) {
       ok = false
       error = String(failure?.message || failure)
     }
-    if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify({ type: 'command.ack', commandId: command.commandId, ok, error }))
+    const ack = { type: 'command.ack', commandId: command.commandId, ok, error }
+    if (roundTripMs !== null) ack.roundTripMs = roundTripMs
+    if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify(ack))
     if (command.type === 'session.end' && ok) stop()
+    if (command.type === 'session.restart' && ok) {
+      // After the ack: this link ends with its socket; the backend's reconnect attaches a new one.
+      detachListeners()
+      stop()
+      sock.end(restartError(command.reason || 'restart'))
+    }
   }
 
   function connect() {
@@ -237,7 +288,7 @@ function attachSidecar(sock, options) {
       }
       for (const item of Array.isArray(frame) ? frame : [frame]) {
         if (item?.type === 'error') log.warn?.({ error: item.error, details: item.details }, 'sidecar refused events')
-        else if (item?.type === 'session.end' || item?.type === 'auth.clear') obey(item)
+        else if (['session.end', 'auth.clear', 'session.probe', 'session.restart'].includes(item?.type)) obey(item)
       }
     })
     socket.on('error', (error) => log.debug?.({ err: error.message }, 'sidecar link error'))
@@ -254,11 +305,14 @@ function attachSidecar(sock, options) {
   const taps = options.logger?.[Symbol.for('wa-sidecar.taps')]
   sock.ev.on('connection.update', onConnectionUpdate)
   sock.ev.on('messages.upsert', onMessagesUpsert)
+  for (const [event, listener] of inboundListeners) sock.ws?.on?.(event, listener)
   taps?.add(onAppStateFailure)
 
   function detachListeners() {
     sock.ev.off('connection.update', onConnectionUpdate)
     sock.ev.off('messages.upsert', onMessagesUpsert)
+    for (const [event, listener] of inboundListeners) sock.ws?.off?.(event, listener)
+    clearInterval(activityTimer)
     taps?.delete(onAppStateFailure)
   }
 
@@ -284,4 +338,4 @@ function attachSidecar(sock, options) {
   }
 }
 
-module.exports = { attachSidecar, sidecarLogger, appStateFailure, loggedOutError }
+module.exports = { attachSidecar, sidecarLogger, appStateFailure, loggedOutError, restartError, probeRoundTrip }

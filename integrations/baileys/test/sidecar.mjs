@@ -20,9 +20,9 @@ export async function eventually(condition, what, deadlineMs = 20_000) {
   }
 }
 
-export async function startSidecar(port = 0) {
+export async function startSidecar(port = 0, extraArgs = []) {
   const stateDir = fs.mkdtempSync(path.join(os.tmpdir(), 'wa-adapter-'))
-  const child = spawn(PYTHON, ['-m', 'sidecar', 'serve', '--listen', `127.0.0.1:${port}`, '--closure-log', path.join(stateDir, 'closures.jsonl')], {
+  const child = spawn(PYTHON, ['-m', 'sidecar', 'serve', '--listen', `127.0.0.1:${port}`, '--closure-log', path.join(stateDir, 'closures.jsonl'), ...extraArgs], {
     cwd: REPO,
     env: { ...process.env, WA_SIDECAR_RUNTIME_TOKEN: TOKEN, WA_SIDECAR_API_TOKEN: 'api-token' },
     stdio: ['ignore', 'pipe', 'pipe'],
@@ -40,6 +40,15 @@ export async function startSidecar(port = 0) {
     log: () => output,
     async get(p) { return (await fetch(base + p)).json() },
     async metrics() { return (await fetch(base + '/metrics')).text() },
+    async post(p, body, token = 'api-token') {
+      const response = await fetch(base + p, { method: 'POST', headers: { Authorization: `Bearer ${token}`, 'Content-Type': 'application/json' }, body: JSON.stringify(body ?? {}) })
+      return { status: response.status, body: await response.json() }
+    },
+    decisions(name) {
+      const file = path.join(stateDir, 'closures.jsonl')
+      const lines = fs.existsSync(file) ? fs.readFileSync(file, 'utf8').split('\n').filter(Boolean).map((l) => JSON.parse(l)) : []
+      return lines.filter((entry) => entry.decision === name)
+    },
     async stop() { child.kill('SIGTERM'); await new Promise((resolve) => child.once('exit', resolve)) },
   }
 }

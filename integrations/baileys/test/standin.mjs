@@ -77,6 +77,9 @@ function serverConnection(ws, standIn) {
     ws,
     closed: false,
     loggedIn: false,
+    deaf: false, // stops delivering traffic; still answers every query (pings included)
+    mute: false, // stops answering queries too
+    privacyQueries: 0,
     async send(node) {
       if (conn.closed || ws.readyState !== 1) return
       ws.send(frame(aesEncryptGCM(encodeBinaryNode(node), sendKey, ivOf(sent++), Buffer.alloc(0))))
@@ -166,9 +169,10 @@ export async function startStandIn() {
     },
     async onNode(node, conn) {
       standIn.received.push(node)
-      if (node.tag !== 'iq') return
+      if (node.tag !== 'iq' || conn.mute) return
       const child = Array.isArray(node.content) ? node.content[0] : undefined
       const { id, xmlns, type } = node.attrs
+      if (xmlns === 'privacy') conn.privacyQueries++
       const result = (content) => conn.send({ tag: 'iq', attrs: { from: 's.whatsapp.net', type: 'result', id }, content })
       if (xmlns === 'encrypt' && child?.tag === 'count') return result([{ tag: 'count', attrs: { value: '812' } }])
       if (xmlns === 'encrypt' && child?.tag === 'digest') return result([{ tag: 'digest', attrs: {} }])
@@ -177,6 +181,16 @@ export async function startStandIn() {
         return result([{ tag: 'sync', attrs: {}, content: await Promise.all(collections.map((c) => standIn.appState(c))) }])
       }
       if (type === 'get' || type === 'set') return result(undefined)
+    },
+    // Inbound traffic on one connection: a delivery receipt every `everyMs` while it is not deaf.
+    deliver(conn, everyMs) {
+      let n = 0
+      const timer = setInterval(() => {
+        if (conn.closed) return clearInterval(timer)
+        if (conn.deaf) return
+        conn.send({ tag: 'receipt', attrs: { id: `3EB0${Date.now()}${n++}`, from: '15550002222@s.whatsapp.net', t: tsNow() } })
+      }, everyMs)
+      return () => clearInterval(timer)
     },
     async serverSync(conn, name) {
       await conn.send({
@@ -246,7 +260,7 @@ export async function pairedDevice({ key } = {}) {
 }
 
 // The real makeWASocket against the stand-in; resolves once the stand-in has logged the socket in.
-export async function openSocket(standIn, device, { logger, appStateMacVerification } = {}) {
+export async function openSocket(standIn, device, { logger, appStateMacVerification, onSocket } = {}) {
   const keys = B.addTransactionCapability(device.store.keys, logger, { maxCommitRetries: 2, delayBetweenTriesMs: 10 })
   const login = standIn.nextLogin()
   const sock = makeWASocket({
@@ -261,6 +275,7 @@ export async function openSocket(standIn, device, { logger, appStateMacVerificat
     ...(appStateMacVerification ? { appStateMacVerification } : {}),
   })
   sock.ev.on('creds.update', (update) => Object.assign(device.creds, update))
+  onSocket?.(sock) // what a backend does right after makeWASocket (attachSidecar), before the login completes
   const conn = await login
   return { sock, conn }
 }
