@@ -303,7 +303,31 @@ def fleet_overview() -> Json:
                     "{{kind}}",
                 ),
             ),
-            description="Logouts that did not stick, reconnect loops, credentials shared by two runtimes.",
+            description="Logouts that did not stick, reconnect loops, credentials shared by two runtimes, deaf sessions.",
+        ),
+        Panel(
+            "Deaf sessions and restarts",
+            "short",
+            (
+                query(f"sum(whatsapp_sidecar_deaf_sessions{{{JOB}}})", "deaf now"),
+                query(
+                    f'sum(increase(whatsapp_session_incidents_total{{{ORGANIZATION}, kind="deaf"}}{RATE}))',
+                    "found deaf",
+                ),
+                query(f"max(whatsapp_sidecar_restart_breaker_tripped{{{JOB}}})", "restarts held"),
+            ),
+            description="Connected sessions that receive nothing (probed, then deaf); restarts pass their own breaker.",
+        ),
+        Panel(
+            "App-state sync failures by kind",
+            "short",
+            (
+                query(
+                    f"sum by (kind) (increase(whatsapp_app_state_sync_failures_total{{{JOB}}}{RATE}))",
+                    "{{kind}}",
+                ),
+            ),
+            description="Baileys' app-state signals: patch_mac and lthash_patch count toward the bad decrypt limit.",
         ),
     ]
     return _dashboard(
@@ -372,6 +396,18 @@ def session_drilldown() -> Json:
             (query(f"max(whatsapp_session_last_error_timestamp_seconds{{{phone}}}) * 1000", "last error"),),
             kind="stat",
             width=8,
+        ),
+        Panel(
+            "Silence: time since the last inbound stanza",
+            "s",
+            (
+                query(
+                    f"time() - max(whatsapp_session_last_inbound_timestamp_seconds{{{phone}}})",
+                    "silent for",
+                ),
+            ),
+            description="What the deaf-session watch compares with the session's own usual gaps.",
+            width=24,
         ),
         Panel(
             "Organization closes by reason",
