@@ -25,7 +25,7 @@ from sidecar.config import Config, ConfigError, add_config_arguments, config_fro
 from sidecar.ingest.baileys_log import BaileysLogReader
 from sidecar.ingest.command import SessionMapError, announce, lines_of, load_session_map, pump, summary_line
 from sidecar.notify.owners import OwnersError, load_owners
-from sidecar.sim.demo import DemoTally, add_demo_arguments, fleet_config, run_demo
+from sidecar.sim.demo import DemoTally, add_demo_arguments, demo_config, fleet_config, run_demo
 from sidecar.store.migrations import migrate
 from sidecar.store.schema_check import check_schema
 from sidecar.telemetry.logs import configure_logging
@@ -108,6 +108,7 @@ def _ingest_logs(config: Config, args: argparse.Namespace) -> int:
 
 
 def _demo(config: Config, args: argparse.Namespace) -> int:
+    config = demo_config(config)
     tally = DemoTally()
     fleet = fleet_config(args)
 

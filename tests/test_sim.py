@@ -6,6 +6,7 @@ import asyncio
 import re
 import signal
 import sys
+import time
 from dataclasses import replace
 
 import pytest
@@ -105,3 +106,39 @@ async def test_ctrl_c_stops_the_demo_cleanly_with_a_summary() -> None:
     rest, errors = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode == 0, errors.decode()[-2000:]
     assert b"\nsummary\n" in rest and b"heal ratio" in rest
+
+
+async def test_the_fleet_s_deaf_sessions_are_found_and_restarted_and_its_idle_ones_never_flagged() -> None:
+    """The simulated fleet at the demo's liveness scale: deaf sessions (nothing arrives, probes answered) are
+    restarted and hear again; idle sessions (no traffic at all) are never probed; a flapped session comes back."""
+    from sidecar.rules.liveness import DeafAction
+    from sidecar.sim.demo import DEMO_LIVENESS
+
+    fast = replace(DEMO_LIVENESS, floor_seconds=1.5, confirm_seconds=0.5, min_reports=3)
+    config = sidecar_config(None, liveness=fast, liveness_tick=0.1, deaf_action=DeafAction.RESTART)
+    async with serving(config) as served:
+        faults = FaultRates(bad_mac=0, bad_decrypt=0, flap=0.005, deaf=0.0)
+        fleet_config = FleetConfig(sessions=20, messages_per_second=5, faults=faults, idle_share=0.25, seed=7,
+                                   activity_seconds=0.25)  # fmt: skip
+        fleet = SimFleet(served.ws_url, fleet_config)
+        stop = asyncio.Event()
+        running = asyncio.create_task(fleet.run(stop=stop))
+        try:
+            await eventually(lambda: served.components.runtime.liveness.watched_count == 20, what="all watched")
+            busy = [phone for phone in fleet.phones.values() if not phone.idle]
+            await eventually(
+                lambda: all(served.components.runtime.liveness.reports(p.phone_id) >= 4 for p in busy),
+                what="baselines",
+            )
+            for phone in busy[:3]:  # three go deaf at once
+                phone.deaf_since = time.monotonic()
+                fleet.stats.deaf_injected += 1
+            await eventually(lambda: fleet.stats.deaf_restarted == 3, what="the deaf sessions restarted")
+            await eventually(lambda: served.components.runtime.liveness.deaf_count == 0, what="and recovered")
+        finally:
+            stop.set()
+            await running
+    assert fleet.stats.idle_flagged == 0
+    assert all(1.5 < seconds < 10 for seconds in fleet.stats.detection_seconds), fleet.stats.detection_seconds
+    connected = [s for s in served.components.runtime.sessions() if s.connected]
+    assert fleet.stats.flaps > 0 and len(connected) >= 18, "flapped sessions come back (a few may be mid-flap)"

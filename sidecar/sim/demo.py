@@ -8,13 +8,16 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TextIO
 
 from prometheus_client import CollectorRegistry
 
 from sidecar.components import Components
+from sidecar.config import Config
+from sidecar.rules.liveness import DeafAction, LivenessConfig
 from sidecar.rules.policy import ErrorStats
-from sidecar.rules.records import ClosureRecord, PhoneRef
+from sidecar.rules.records import ClosureRecord, PhoneRef, RecordDecision
 from sidecar.runtime.observer import BaseObserver
 from sidecar.sim.fleet import FaultRates, FleetConfig, FleetStats, SimFleet
 
@@ -33,12 +36,31 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         help="chance per session and tick of a network flap (0.001)")  # fmt: skip
     add("--rescan-seconds", type=_number(float, "rescan-seconds", 0.1, 1e6), default=3.0,
         help="a logged-out phone comes back after a QR re-scan this long after (3)")  # fmt: skip
+    add("--deaf-rate", type=_number(float, "deaf-rate", 0, 1), default=0.00005,
+        help="chance per session and tick of going deaf: nothing arrives, pings still answered (0.00005)")  # fmt: skip
+    add("--idle-share", type=_number(float, "idle-share", 0, 1), default=0.1,
+        help="share of sessions that receive nothing at all and must never be flagged (0.1)")  # fmt: skip
     add("--seed", type=int, help="random seed for a repeatable fleet")
 
 
 def fleet_config(args: argparse.Namespace) -> FleetConfig:
-    faults = FaultRates(bad_mac=args.bad_mac_rate, bad_decrypt=args.bad_decrypt_rate, flap=args.flap_rate)
-    return FleetConfig(sessions=args.sessions, faults=faults, rescan_seconds=args.rescan_seconds, seed=args.seed)
+    faults = FaultRates(
+        bad_mac=args.bad_mac_rate, bad_decrypt=args.bad_decrypt_rate, flap=args.flap_rate, deaf=args.deaf_rate
+    )
+    return FleetConfig(
+        sessions=args.sessions, faults=faults, rescan_seconds=args.rescan_seconds, seed=args.seed,
+        idle_share=args.idle_share,
+    )  # fmt: skip
+
+
+# The simulated fleet lives in seconds, not hours: a watch on its scale (unless liveness flags were given).
+DEMO_LIVENESS = LivenessConfig(floor_seconds=4.0, gap_factor=4.0, confirm_seconds=2.0, min_reports=5)
+
+
+def demo_config(config: Config) -> Config:
+    if config.liveness != LivenessConfig():
+        return config
+    return replace(config, liveness=DEMO_LIVENESS, liveness_tick=0.5, deaf_action=DeafAction.RESTART)
 
 
 def _number(kind: Callable[[str], float], name: str, low: float, high: float) -> Callable[[str], float]:
@@ -59,12 +81,17 @@ class DemoTally(BaseObserver):
 
     def __init__(self) -> None:
         self.notifications: Counter[str] = Counter()
+        self.liveness: Counter[str] = Counter()
 
     def health_changed(self, phone: PhoneRef, stats: ErrorStats) -> None:
         self.notifications["session.recovered" if stats["isHealthy"] else "session.unhealthy"] += 1
 
     def closed(self, record: ClosureRecord) -> None:
         self.notifications["session.closed"] += 1
+
+    def decided(self, decision: RecordDecision) -> None:
+        if decision.decision in ("deaf", "session.restarted", "session.deaf_recovered", "session.restart_held"):
+            self.liveness[decision.decision] += 1
 
 
 def _totals(registry: CollectorRegistry, family: str, label: str) -> Counter[str]:
@@ -101,6 +128,9 @@ def view(components: Components, tally: DemoTally, fleet: FleetStats, base: str,
             f"  fleet      {fleet.messages} messages, {fleet.patches} app-state patches, {fleet.faults_injected} "
             f"faults injected, {fleet.faults_healed} healed, {fleet.faults_logged_out} ended in a logout"
             + (f" (heal ratio {ratio:.0%})" if ratio is not None else ""),
+            f"  deaf       found {tally.liveness['deaf']}, restarted {tally.liveness['session.restarted']}, "
+            f"recovered {tally.liveness['session.deaf_recovered']} (injected {fleet.deaf_injected}; "
+            f"idle sessions flagged {fleet.idle_flagged})",
             f"  breaker    {breaker}",
         ]
     )

@@ -2,6 +2,8 @@
 peers and app-state patches, with faults injected at the key level. Its errors are real decryption failures
 (sidecar.sim.crypto), reported over the runtime link with the Python SDK exactly as a runtime would; it obeys the
 sidecar's commands, so a heal really heals and a logout really logs out (until a simulated QR re-scan).
+Some sessions can go deaf (nothing arrives any more, probes still answered) until the sidecar restarts them, and
+some are idle (no traffic at all): the liveness watch must find the first and never flag the second.
 """
 
 from __future__ import annotations
@@ -10,8 +12,9 @@ import asyncio
 import random
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
-from sidecar.client import Command, RuntimeClient, connection_update, decrypt_error
+from sidecar.client import Command, RuntimeClient, activity, connection_update, decrypt_error
 from sidecar.sim.crypto import AppStateKey, ChainSide, DecryptFailure, corrupt, desynchronize, new_session
 
 TICK_SECONDS = 0.1
@@ -23,6 +26,7 @@ class FaultRates:
     bad_mac: float = 0.01  # chance a message finds its peer session desynchronized
     bad_decrypt: float = 0.05  # chance an app-state sync finds the cached key corrupted
     flap: float = 0.001  # chance per session and tick of a network flap (close 428, then open)
+    deaf: float = 0.0  # chance per session and tick of going deaf: nothing arrives, pings still answered
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,8 @@ class FleetConfig:
     faults: FaultRates = field(default_factory=FaultRates)
     first_phone_id: int = 1
     seed: int | None = None
+    idle_share: float = 0.0  # sessions that never receive anything (never to be flagged deaf)
+    activity_seconds: float = 1.0  # how often a session with inbound traffic reports it
 
 
 @dataclass
@@ -51,6 +57,11 @@ class FleetStats:
     logouts_obeyed: int = 0
     rescans: int = 0
     flaps: int = 0
+    deaf_injected: int = 0
+    deaf_restarted: int = 0  # restarted by the sidecar while deaf (the restart cures it)
+    idle_flagged: int = 0  # probes or restarts of an idle session: false positives
+    probes: int = 0
+    detection_seconds: list[float] = field(default_factory=list)  # deaf -> restart command
 
     @property
     def heal_ratio(self) -> float | None:
@@ -65,6 +76,10 @@ class SimPhone:
         self.peer_users = [f"1555{phone_id:05d}{index:02d}" for index in range(peers)]
         self.rng = rng
         self.logged_out_until: float | None = None
+        self.idle = False
+        self.deaf_since: float | None = None
+        self.inbound = {"messages": 0, "receipts": 0, "notifications": 0}
+        self.last_inbound: datetime | None = None
         self.reset_keys()
 
     def reset_keys(self) -> None:
@@ -78,6 +93,10 @@ class SimPhone:
     @property
     def ids(self) -> tuple[int, int, str]:
         return self.organization_id, self.phone_id, self.jid
+
+    def received(self, kind: str) -> None:
+        self.inbound[kind] += 1
+        self.last_inbound = datetime.now(UTC)
 
     @property
     def outstanding_faults(self) -> int:
@@ -96,11 +115,17 @@ class SimFleet:
             )
             for index in range(config.sessions)
         }
+        for phone in rng.sample(list(self.phones.values()), int(config.idle_share * config.sessions)):
+            phone.idle = True
         self.clients = [
-            RuntimeClient(url, token, on_session_end=self._on_session_end, on_auth_clear=self._on_auth_clear)
+            RuntimeClient(
+                url, token, on_session_end=self._on_session_end, on_auth_clear=self._on_auth_clear,
+                on_session_probe=self._on_probe, on_session_restart=self._on_restart,
+            )
             for _ in range(max(1, config.runtimes))
-        ]
+        ]  # fmt: skip
         self._flapping: dict[int, float] = {}
+        self._next_report = 0.0
 
     def _client(self, phone: SimPhone) -> RuntimeClient:
         return self.clients[phone.phone_id % len(self.clients)]
@@ -124,13 +149,17 @@ class SimFleet:
 
     async def tick(self, now: float) -> None:
         rates, config = self.config.faults, self.config
+        if now >= self._next_report:
+            self._next_report = now + config.activity_seconds
+            await self._report_activity()
         for phone in self.phones.values():
             if phone.logged_out_until is not None:
                 if now >= phone.logged_out_until:
                     await self._rescan(phone)
                 continue
             if phone.phone_id in self._flapping:
-                if now >= self._flapping.pop(phone.phone_id):
+                if now >= self._flapping[phone.phone_id]:  # back after the flap (not before: pop only then)
+                    del self._flapping[phone.phone_id]
                     await self._client(phone).send(connection_update(*phone.ids, "open"))
                 continue
             if self.rng.random() < rates.flap:
@@ -138,13 +167,55 @@ class SimFleet:
                 self._flapping[phone.phone_id] = now + 0.3
                 await self._client(phone).send(connection_update(*phone.ids, "close", 428))
                 continue
+            if phone.idle or phone.deaf_since is not None:
+                continue  # nothing arrives
+            if self.rng.random() < rates.deaf:
+                phone.deaf_since = now
+                self.stats.deaf_injected += 1
+                continue
             if self.rng.random() < config.messages_per_second * TICK_SECONDS:
                 await self._message(phone)
             if self.rng.random() < config.patches_per_second * TICK_SECONDS:
                 await self._patch(phone)
 
+    async def _report_activity(self) -> None:
+        for phone in self.phones.values():
+            if phone.last_inbound is None or not any(phone.inbound.values()):
+                continue
+            counts, phone.inbound = phone.inbound, dict.fromkeys(phone.inbound, 0)
+            event = activity(
+                *phone.ids, phone.last_inbound,
+                messages=counts["messages"], receipts=counts["receipts"], notifications=counts["notifications"],
+            )  # fmt: skip
+            await self._client(phone).send(event)
+
+    async def _on_probe(self, command: Command) -> float:
+        """A deaf session still answers: a probe succeeds (only silence that goes on makes it deaf)."""
+        phone = self.phones[int(command["organizationPhoneId"])]
+        self.stats.probes += 1
+        if phone.idle:
+            self.stats.idle_flagged += 1
+        return self.rng.uniform(20, 80)
+
+    async def _on_restart(self, command: Command) -> None:
+        phone = self.phones.get(int(command["organizationPhoneId"]))
+        if phone is None:
+            return
+        if phone.idle:
+            self.stats.idle_flagged += 1
+        if phone.deaf_since is not None:
+            self.stats.deaf_restarted += 1
+            self.stats.detection_seconds.append(time.monotonic() - phone.deaf_since)
+            phone.deaf_since = None  # a new socket hears again
+        asyncio.get_running_loop().call_soon(asyncio.ensure_future, self._reconnect(phone))
+
+    async def _reconnect(self, phone: SimPhone) -> None:
+        await self._client(phone).send(connection_update(*phone.ids, "close", 515))
+        await self._client(phone).send(connection_update(*phone.ids, "open"))
+
     async def _message(self, phone: SimPhone) -> None:
         self.stats.messages += 1
+        phone.received("messages")
         peer = self.rng.choice(phone.peer_users)
         sender, receiver = phone.sessions[peer]
         if peer not in phone.broken_peers and self.rng.random() < self.config.faults.bad_mac:
@@ -160,6 +231,7 @@ class SimFleet:
 
     async def _patch(self, phone: SimPhone) -> None:
         self.stats.patches += 1
+        phone.received("notifications")
         if not phone.app_state_broken and self.rng.random() < self.config.faults.bad_decrypt:
             phone.cached_key = corrupt(phone.cached_key)
             phone.app_state_broken = True
