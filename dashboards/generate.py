@@ -303,7 +303,7 @@ def fleet_overview() -> Json:
                     "{{kind}}",
                 ),
             ),
-            description="Logouts that did not stick, reconnect loops, credentials shared by two runtimes, deaf sessions.",
+            description="Logouts that did not stick, reconnect loops, shared credentials, deaf sessions.",
         ),
         Panel(
             "Deaf sessions and restarts",

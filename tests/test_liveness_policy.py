@@ -126,7 +126,8 @@ def test_a_busy_session_that_goes_silent_is_found_deaf_in_bounded_time(
     more_confirm=st.floats(0, 1_000),
     period=st.floats(1, 60),
     busy=st.integers(20, 100),
-    deaf_from=st.floats(0, 3_000),
+    probe_answers=st.booleans(),
+    stops_answering=st.floats(0, 3_000),
 )
 def test_larger_thresholds_never_find_a_session_deaf_sooner(
     base: LivenessConfig,
@@ -135,8 +136,12 @@ def test_larger_thresholds_never_find_a_session_deaf_sooner(
     more_confirm: float,
     period: float,
     busy: int,
-    deaf_from: float,
+    probe_answers: bool,
+    stops_answering: float,
 ) -> None:
+    """With the probe's answer fixed, the verdict comes no sooner; whatever the probe answers, the suspicion (the
+    first probe) comes no sooner. (A later probe may fail where an earlier one would have passed: with a socket
+    that dies meanwhile, a larger threshold can give an earlier verdict, which is right.)"""
     larger = LivenessConfig(
         floor_seconds=base.floor_seconds + more_floor,
         gap_factor=base.gap_factor + more_factor,
@@ -144,16 +149,17 @@ def test_larger_thresholds_never_find_a_session_deaf_sooner(
         min_reports=base.min_reports,
     )
     times = tuple(period * (k + 1) for k in range(busy))
-    end = times[-1] + 12_000
-    silent_at = times[-1]
-
-    def probe(now: float) -> bool:
-        return now < silent_at + deaf_from  # the socket stops answering some time after traffic stopped
-
-    first = deaf_times(run(Trace(times, end=end), base, probe))
-    later = deaf_times(run(Trace(times, end=end), larger, probe))
+    trace = Trace(times, end=times[-1] + 12_000)
+    first = deaf_times(run(trace, base, lambda _: probe_answers))
+    later = deaf_times(run(trace, larger, lambda _: probe_answers))
     assert first, "the smaller thresholds find it"
     assert not later or later[0] >= first[0]
+
+    def dies(now: float) -> bool:
+        return now < times[-1] + stops_answering
+
+    probes = [[t for t, a in run(trace, c, dies) if a is Action.PROBE] for c in (base, larger)]
+    assert probes[0] and (not probes[1] or probes[1][0] >= probes[0][0])
 
 
 def test_recovery_and_a_reconnect_restart_the_watch() -> None:
@@ -161,7 +167,7 @@ def test_recovery_and_a_reconnect_restart_the_watch() -> None:
     state = on_connection(Liveness(), 0.0, True)
     for t in (1.0, 2.0, 3.0, 4.0):
         state, _ = on_activity(state, t, config)
-    assert threshold(state, config) == 60
+    assert threshold(state, config, 5.0) == 60
     state, action = on_tick(state, 70.0, config)
     assert (action, state.status) == (Action.PROBE, Status.SUSPECT)
     state, action = on_probe(state, 70.0, True)
@@ -176,3 +182,13 @@ def test_recovery_and_a_reconnect_restart_the_watch() -> None:
     state, action = on_activity(state, 564.0, config)
     assert (action, state.status) == (Action.RECOVERED, Status.OK)
     assert on_probe(state, 565.0, False)[1] is Action.NONE, "a probe overtaken by traffic is moot"
+
+
+def test_a_session_quiet_every_night_is_suspect_at_most_on_its_first_night() -> None:
+    config = LivenessConfig()  # the defaults
+    hour = 3600.0
+    day_one = [k * 30.0 for k in range(int(8 * hour / 30))]  # busy 8 hours, then 12 hours of night
+    day_two = [20 * hour + k * 30.0 for k in range(int(8 * hour / 30))]  # busy again, then night again
+    actions = run(Trace((*day_one, *day_two), end=44 * hour), config, lambda _: True)
+    assert [t for t, a in actions if a is Action.PROBE and t < 20 * hour], "no history of nights yet: suspect"
+    assert [t for t, _ in actions if t > 28 * hour] == [], "the second night is within its own usual gaps"

@@ -1,10 +1,13 @@
 """Deaf sessions: connected, keep-alive pings answered, and yet nothing arrives. Pure: the caller passes the time.
 
 Each session's baseline is its own inbound traffic: the gaps between the inbound stanzas its runtime reported
-(`activity` events carry the time of the last one). A connected session that is normally busy and has been
-silent for much longer than its own longest recent gap (never less than a floor) becomes *suspect* and is
-probed: a real round trip with WhatsApp's server through its socket. A failed probe, or silence that goes on
-`confirm_seconds` past a successful probe, makes it *deaf*. Traffic arriving again makes it *recovered*.
+(`activity` events carry the time of the last one): its recent gaps, and its long gaps of the last
+`baseline_seconds` (a day by default), so a session that is quiet every night is not suspect every night. A
+connected session that is normally busy and has been silent for much longer than its own longest gap (never less
+than a floor) becomes *suspect* and is probed: a real round trip with WhatsApp's server through its socket. A
+failed probe, or silence that goes on `confirm_seconds` past a successful probe, makes it *deaf*. Traffic
+arriving again makes it *recovered*. A new session's first night can look deaf (it has no night in its history
+yet): report-only (`--deaf-action none`) is the default for that reason.
 
 Why these defaults (LivenessConfig): an account with a few messages an hour has gaps of tens of minutes, so it
 becomes suspect only after four times its longest recent gap; the floor keeps a busy account with second-long
@@ -45,14 +48,23 @@ class LivenessConfig:
     confirm_seconds: float = 300.0  # silence this long after a successful probe: deaf
     min_reports: int = 10  # activity reports with traffic before the session's gaps are its baseline
     history: int = 32  # recent gaps remembered
+    baseline_seconds: float = 86_400.0  # long gaps (a night, a weekend afternoon) remembered this long
+    long_gaps: int = 16  # at most this many long gaps remembered (the longest kept)
 
     def __post_init__(self) -> None:
         if self.floor_seconds <= 0 or self.confirm_seconds <= 0:
             raise ValueError("liveness floor and confirm times must be positive")
         if self.gap_factor < 1:
             raise ValueError("liveness gap factor must be at least 1")
-        if self.min_reports < 1 or self.history < 1:
+        if self.min_reports < 1 or self.history < 1 or self.long_gaps < 1:
             raise ValueError("liveness min reports and history must be at least 1")
+        if self.baseline_seconds <= 0:
+            raise ValueError("liveness baseline must be positive")
+
+    @property
+    def long_gap_seconds(self) -> float:
+        """A gap this long could move a threshold above the floor: worth remembering past the recent ones."""
+        return self.floor_seconds / self.gap_factor
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +74,7 @@ class Liveness:
     last_inbound: float | None = None
     connected_since: float | None = None  # None while disconnected
     gaps: tuple[float, ...] = ()
+    long_gaps: tuple[tuple[float, float], ...] = ()  # (when it ended, seconds), within the baseline period
     reports: int = 0
     status: Status = Status.OK
     probing: bool = False
@@ -73,11 +86,13 @@ class Liveness:
         return self.connected_since is not None
 
 
-def threshold(state: Liveness, config: LivenessConfig) -> float | None:
+def threshold(state: Liveness, config: LivenessConfig, now: float) -> float | None:
     """Silence that makes this session suspect; None while it has no traffic history (never deaf on silence)."""
     if state.reports < config.min_reports or not state.gaps:
         return None
-    return max(config.floor_seconds, config.gap_factor * max(state.gaps))
+    since = now - config.baseline_seconds
+    longest = max([*state.gaps, *(gap for ended, gap in state.long_gaps if ended >= since)])
+    return max(config.floor_seconds, config.gap_factor * longest)
 
 
 def silence(state: Liveness, now: float) -> float:
@@ -93,15 +108,21 @@ def on_activity(state: Liveness, last_inbound_at: float, config: LivenessConfig)
     previous = state.last_inbound
     if previous is not None and last_inbound_at <= previous:
         return state, Action.NONE  # nothing newer than what is known (a late or repeated report)
-    gaps = state.gaps
+    gaps, long_gaps = state.gaps, state.long_gaps
     # A gap counts only within one connection: time spent disconnected is not the session's rhythm.
     if previous is not None and state.connected_since is not None and previous >= state.connected_since:
-        gaps = (*gaps, last_inbound_at - previous)[-config.history :]
+        gap = last_inbound_at - previous
+        gaps = (*gaps, gap)[-config.history :]
+        if gap >= config.long_gap_seconds:
+            since = last_inbound_at - config.baseline_seconds
+            kept = [(ended, seconds) for ended, seconds in long_gaps if ended >= since] + [(last_inbound_at, gap)]
+            long_gaps = tuple(sorted(kept, key=lambda item: item[1])[-config.long_gaps :])
     action = Action.RECOVERED if state.status is Status.DEAF else Action.NONE
     fresh = replace(
         state,
         last_inbound=last_inbound_at,
         gaps=gaps,
+        long_gaps=long_gaps,
         reports=state.reports + 1,
         status=Status.OK,
         probing=False,
@@ -120,7 +141,7 @@ def on_connection(state: Liveness, now: float, connected: bool) -> Liveness:
 
 def on_tick(state: Liveness, now: float, config: LivenessConfig) -> tuple[Liveness, Action]:
     """Time passed: a probe to send, a verdict to give, or nothing."""
-    limit = threshold(state, config)
+    limit = threshold(state, config, now)
     if limit is None or not state.connected or state.probing or state.declared_at is not None:
         return state, Action.NONE
     if silence(state, now) <= limit:

@@ -181,7 +181,7 @@ class LivenessWatch:
         phone, state, now = watched.phone, watched.state, self._now()
         detail: dict[str, Any] = {
             "silentForSeconds": round(silence(state, now), 3),
-            "thresholdSeconds": threshold(state, self.config),
+            "thresholdSeconds": threshold(state, self.config, now),
             "why": why,
             "probeRoundTripMs": watched.probe_ms,
             "action": str(self.action),
