@@ -186,6 +186,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     add("--deaf-floor", help="silence never suspect below this (e.g. 10m; default 10m)")
     add("--deaf-gap-factor", help="suspect after this many times the session's longest recent gap (default 4)")
     add("--deaf-confirm", help="silence this long after a successful probe makes it deaf (default 5m)")
+    add("--deaf-min-history", help="judge a session once its traffic history spans this long (default 1d)")
     add("--deaf-min-reports", help="activity reports with traffic before a session has a baseline (default 10)")
     add("--liveness-tick", help="seconds between liveness checks (default 5)")
     add("--mode", help="enforce (default) or observe: decide and report everything, delete no key, end no socket")
@@ -398,6 +399,8 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = N
         liveness = replace(liveness, gap_factor=factor)
     if (raw := setting("deaf_confirm")) is not None:
         liveness = replace(liveness, confirm_seconds=duration("deaf-confirm", raw))
+    if (raw := setting("deaf_min_history")) is not None:
+        liveness = replace(liveness, min_history_seconds=duration("deaf-min-history", raw))
     if (raw := setting("deaf_min_reports")) is not None:
         liveness = replace(liveness, min_reports=_positive_int("deaf-min-reports", raw))
     changes["liveness"] = liveness

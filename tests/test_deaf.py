@@ -26,7 +26,7 @@ from tests.server import Served, serving, sidecar_config
 from tests.test_notifications import SECRET, owners_file
 from tests.waiting import eventually
 
-FAST = LivenessConfig(floor_seconds=0.8, gap_factor=2, confirm_seconds=0.5, min_reports=3)
+FAST = LivenessConfig(floor_seconds=0.8, gap_factor=2, confirm_seconds=0.5, min_reports=3, min_history_seconds=0.3)
 TRAFFIC_EVERY = 0.1
 
 

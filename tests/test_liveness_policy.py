@@ -69,6 +69,7 @@ configs = st.builds(
     gap_factor=st.floats(1, 8),
     confirm_seconds=st.floats(10, 1_000),
     min_reports=st.integers(1, 20),
+    min_history_seconds=st.floats(0, 60),
 )
 
 
@@ -147,6 +148,7 @@ def test_larger_thresholds_never_find_a_session_deaf_sooner(
         gap_factor=base.gap_factor + more_factor,
         confirm_seconds=base.confirm_seconds + more_confirm,
         min_reports=base.min_reports,
+        min_history_seconds=base.min_history_seconds,
     )
     times = tuple(period * (k + 1) for k in range(busy))
     trace = Trace(times, end=times[-1] + 12_000)
@@ -163,7 +165,7 @@ def test_larger_thresholds_never_find_a_session_deaf_sooner(
 
 
 def test_recovery_and_a_reconnect_restart_the_watch() -> None:
-    config = LivenessConfig(floor_seconds=60, gap_factor=2, confirm_seconds=30, min_reports=3)
+    config = LivenessConfig(floor_seconds=60, gap_factor=2, confirm_seconds=30, min_reports=3, min_history_seconds=0)
     state = on_connection(Liveness(), 0.0, True)
     for t in (1.0, 2.0, 3.0, 4.0):
         state, _ = on_activity(state, t, config)
@@ -184,11 +186,17 @@ def test_recovery_and_a_reconnect_restart_the_watch() -> None:
     assert on_probe(state, 565.0, False)[1] is Action.NONE, "a probe overtaken by traffic is moot"
 
 
-def test_a_session_quiet_every_night_is_suspect_at_most_on_its_first_night() -> None:
-    config = LivenessConfig()  # the defaults
+def test_a_session_quiet_every_night_is_judged_after_a_day_and_its_nights_are_its_own() -> None:
+    config = LivenessConfig(min_history_seconds=0)
     hour = 3600.0
     day_one = [k * 30.0 for k in range(int(8 * hour / 30))]  # busy 8 hours, then 12 hours of night
     day_two = [20 * hour + k * 30.0 for k in range(int(8 * hour / 30))]  # busy again, then night again
     actions = run(Trace((*day_one, *day_two), end=44 * hour), config, lambda _: True)
     assert [t for t, a in actions if a is Action.PROBE and t < 20 * hour], "no history of nights yet: suspect"
     assert [t for t, _ in actions if t > 28 * hour] == [], "the second night is within its own usual gaps"
+
+
+def test_with_the_default_history_a_new_session_s_first_night_is_not_judged() -> None:
+    hour = 3600.0
+    day_one = [k * 30.0 for k in range(int(8 * hour / 30))]
+    assert run(Trace(tuple(day_one), end=20 * hour), LivenessConfig(), lambda _: False) == []

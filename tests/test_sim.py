@@ -114,7 +114,7 @@ async def test_the_fleet_s_deaf_sessions_are_found_and_restarted_and_its_idle_on
     from sidecar.rules.liveness import DeafAction
     from sidecar.sim.demo import DEMO_LIVENESS
 
-    fast = replace(DEMO_LIVENESS, floor_seconds=1.5, confirm_seconds=0.5, min_reports=3)
+    fast = replace(DEMO_LIVENESS, floor_seconds=1.5, confirm_seconds=0.5, min_reports=3, min_history_seconds=0.5)
     config = sidecar_config(None, liveness=fast, liveness_tick=0.1, deaf_action=DeafAction.RESTART)
     async with serving(config) as served:
         faults = FaultRates(bad_mac=0, bad_decrypt=0, flap=0.005, deaf=0.0)

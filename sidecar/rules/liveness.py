@@ -6,8 +6,10 @@ Each session's baseline is its own inbound traffic: the gaps between the inbound
 connected session that is normally busy and has been silent for much longer than its own longest gap (never less
 than a floor) becomes *suspect* and is probed: a real round trip with WhatsApp's server through its socket. A
 failed probe, or silence that goes on `confirm_seconds` past a successful probe, makes it *deaf*. Traffic
-arriving again makes it *recovered*. A new session's first night can look deaf (it has no night in its history
-yet): report-only (`--deaf-action none`) is the default for that reason.
+arriving again makes it *recovered*. A session is judged once its history spans `min_history_seconds` (a day):
+before that its first quiet evening would look like deafness. The history is this process's memory, so a
+restarted sidecar watches again a day later (lower the setting to watch sooner, at the price of first-night
+reports; report-only, `--deaf-action none`, is the default).
 
 Why these defaults (LivenessConfig): an account with a few messages an hour has gaps of tens of minutes, so it
 becomes suspect only after four times its longest recent gap; the floor keeps a busy account with second-long
@@ -49,6 +51,7 @@ class LivenessConfig:
     min_reports: int = 10  # activity reports with traffic before the session's gaps are its baseline
     history: int = 32  # recent gaps remembered
     baseline_seconds: float = 86_400.0  # long gaps (a night, a weekend afternoon) remembered this long
+    min_history_seconds: float = 86_400.0  # a session is judged once its traffic history spans this long
     long_gaps: int = 16  # at most this many long gaps remembered (the longest kept)
 
     def __post_init__(self) -> None:
@@ -58,7 +61,7 @@ class LivenessConfig:
             raise ValueError("liveness gap factor must be at least 1")
         if self.min_reports < 1 or self.history < 1 or self.long_gaps < 1:
             raise ValueError("liveness min reports and history must be at least 1")
-        if self.baseline_seconds <= 0:
+        if self.baseline_seconds <= 0 or self.min_history_seconds < 0:
             raise ValueError("liveness baseline must be positive")
 
     @property
@@ -75,6 +78,7 @@ class Liveness:
     connected_since: float | None = None  # None while disconnected
     gaps: tuple[float, ...] = ()
     long_gaps: tuple[tuple[float, float], ...] = ()  # (when it ended, seconds), within the baseline period
+    first_inbound: float | None = None  # the start of its traffic history (as this watch knows it)
     reports: int = 0
     status: Status = Status.OK
     probing: bool = False
@@ -88,8 +92,10 @@ class Liveness:
 
 def threshold(state: Liveness, config: LivenessConfig, now: float) -> float | None:
     """Silence that makes this session suspect; None while it has no traffic history (never deaf on silence)."""
-    if state.reports < config.min_reports or not state.gaps:
+    if state.reports < config.min_reports or not state.gaps or state.first_inbound is None:
         return None
+    if now - state.first_inbound < config.min_history_seconds:
+        return None  # no night in its history yet: a quiet evening could look like deafness
     since = now - config.baseline_seconds
     longest = max([*state.gaps, *(gap for ended, gap in state.long_gaps if ended >= since)])
     return max(config.floor_seconds, config.gap_factor * longest)
@@ -123,6 +129,7 @@ def on_activity(state: Liveness, last_inbound_at: float, config: LivenessConfig)
         last_inbound=last_inbound_at,
         gaps=gaps,
         long_gaps=long_gaps,
+        first_inbound=last_inbound_at if state.first_inbound is None else state.first_inbound,
         reports=state.reports + 1,
         status=Status.OK,
         probing=False,

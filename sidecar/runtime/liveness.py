@@ -111,6 +111,10 @@ class LivenessWatch:
         watched = self._watched.get(organization_phone_id)
         return watched.state.last_inbound if watched is not None else None
 
+    def state_of(self, organization_phone_id: int) -> Liveness | None:
+        watched = self._watched.get(organization_phone_id)
+        return watched.state if watched is not None else None
+
     def reports(self, organization_phone_id: int) -> int:
         """Activity reports with traffic so far: a session has a baseline from `min_reports` on."""
         watched = self._watched.get(organization_phone_id)

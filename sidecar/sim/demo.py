@@ -54,7 +54,9 @@ def fleet_config(args: argparse.Namespace) -> FleetConfig:
 
 
 # The simulated fleet lives in seconds, not hours: a watch on its scale (unless liveness flags were given).
-DEMO_LIVENESS = LivenessConfig(floor_seconds=4.0, gap_factor=4.0, confirm_seconds=2.0, min_reports=5)
+DEMO_LIVENESS = LivenessConfig(
+    floor_seconds=4.0, gap_factor=4.0, confirm_seconds=2.0, min_reports=5, min_history_seconds=3.0
+)
 
 
 def demo_config(config: Config) -> Config:

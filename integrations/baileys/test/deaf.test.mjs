@@ -20,7 +20,7 @@ const FLOOR_SECONDS = 1.5
 const CONFIRM_SECONDS = 1
 const LIVENESS = [
   '--deaf-action', 'restart', '--deaf-floor', `${FLOOR_SECONDS}s`, '--deaf-gap-factor', '2',
-  '--deaf-confirm', `${CONFIRM_SECONDS}s`, '--deaf-min-reports', '3', '--liveness-tick', '0.1',
+  '--deaf-confirm', `${CONFIRM_SECONDS}s`, '--deaf-min-reports', '3', '--deaf-min-history', '0.5s', '--liveness-tick', '0.1',
 ]
 
 let sidecar
