@@ -2,7 +2,7 @@
 
 Each session's baseline is its own inbound traffic: the gaps between the inbound stanzas its runtime reported
 (`activity` events carry the time of the last one): its recent gaps, and its long gaps of the last
-`baseline_seconds` (a day by default), so a session that is quiet every night is not suspect every night. A
+`baseline_seconds` (a week by default), so a session that is quiet every night is not suspect every night. A
 connected session that is normally busy and has been silent for much longer than its own longest gap (never less
 than a floor) becomes *suspect* and is probed: a real round trip with WhatsApp's server through its socket. A
 failed probe, or silence that goes on `confirm_seconds` past a successful probe, makes it *deaf*. Traffic
@@ -50,9 +50,9 @@ class LivenessConfig:
     confirm_seconds: float = 300.0  # silence this long after a successful probe: deaf
     min_reports: int = 10  # activity reports with traffic before the session's gaps are its baseline
     history: int = 32  # recent gaps remembered
-    baseline_seconds: float = 86_400.0  # long gaps (a night, a weekend afternoon) remembered this long
+    baseline_seconds: float = 7 * 86_400.0  # long gaps (nights, weekends) remembered this long
     min_history_seconds: float = 86_400.0  # a session is judged once its traffic history spans this long
-    long_gaps: int = 16  # at most this many long gaps remembered (the longest kept)
+    long_gaps: int = 32  # at most this many long gaps remembered (the longest kept)
 
     def __post_init__(self) -> None:
         if self.floor_seconds <= 0 or self.confirm_seconds <= 0:
@@ -92,10 +92,12 @@ class Liveness:
 
 def threshold(state: Liveness, config: LivenessConfig, now: float) -> float | None:
     """Silence that makes this session suspect; None while it has no traffic history (never deaf on silence)."""
-    if state.reports < config.min_reports or not state.gaps or state.first_inbound is None:
+    if state.reports < config.min_reports or not state.gaps:
         return None
-    if now - state.first_inbound < config.min_history_seconds:
-        return None  # no night in its history yet: a quiet evening could look like deafness
+    if state.last_inbound is None or state.first_inbound is None:
+        return None
+    if state.last_inbound - state.first_inbound < config.min_history_seconds:
+        return None  # its traffic does not span a night yet: a quiet evening could look like deafness
     since = now - config.baseline_seconds
     longest = max([*state.gaps, *(gap for ended, gap in state.long_gaps if ended >= since)])
     return max(config.floor_seconds, config.gap_factor * longest)
