@@ -112,6 +112,16 @@ user asked for an open listener and gave none. */}}
       value: {{ .Values.housekeeping.stateTtl | quote }}
     - name: WA_SIDECAR_RETENTION
       value: {{ .Values.housekeeping.retention | quote }}
+    - name: WA_SIDECAR_DEAF_ACTION
+      value: {{ .Values.deafSessions.action | quote }}
+    - name: WA_SIDECAR_DEAF_FLOOR
+      value: {{ .Values.deafSessions.floor | quote }}
+    - name: WA_SIDECAR_DEAF_GAP_FACTOR
+      value: {{ .Values.deafSessions.gapFactor | quote }}
+    - name: WA_SIDECAR_DEAF_CONFIRM
+      value: {{ .Values.deafSessions.confirm | quote }}
+    - name: WA_SIDECAR_DEAF_MIN_HISTORY
+      value: {{ .Values.deafSessions.minHistory | quote }}
     - name: WA_SIDECAR_COORDINATION
       value: {{ .Values.fleet.coordination | quote }}
     - name: WA_SIDECAR_CLOSE_LEASE_SECONDS
