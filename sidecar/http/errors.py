@@ -57,16 +57,19 @@ def api_auth_error(request: web.Request, what: str) -> web.Response | None:
     return None
 
 
-async def json_body(request: web.Request) -> object:
+async def text_body(request: web.Request) -> str:
     try:
         raw = await asyncio.wait_for(request.read(), request.app[BODY_TIMEOUT])
     except TimeoutError:
         raise web.HTTPRequestTimeout(reason="the request body did not arrive in time") from None
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError:
         raise FrameInvalid("body is not UTF-8 text", reason="malformed") from None
-    return decode_json(text, "body")
+
+
+async def json_body(request: web.Request) -> object:
+    return decode_json(await text_body(request), "body")
 
 
 def runtime_auth_error(request: web.Request, token: str | None) -> web.Response | None:

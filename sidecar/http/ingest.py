@@ -7,10 +7,11 @@ import asyncio
 
 from aiohttp import web
 
-from sidecar.http.errors import components_of, error_response, json_body, runtime_auth_error
+from sidecar.http.errors import components_of, error_response, runtime_auth_error, text_body
 from sidecar.link.dispatch import apply_event
-from sidecar.link.protocol import CommandAck, FrameInvalid, parse_messages
+from sidecar.link.protocol import CommandAck, FrameInvalid
 from sidecar.link.server import YIELD_EVERY
+from sidecar.link.wire import parse_frame
 
 
 async def ingest_events(request: web.Request) -> web.Response:
@@ -18,7 +19,7 @@ async def ingest_events(request: web.Request) -> web.Response:
     if (refused := runtime_auth_error(request, components.config.runtime_token)) is not None:
         return refused
     try:
-        messages = parse_messages(await json_body(request))
+        messages = parse_frame(await text_body(request), "body")
     except FrameInvalid as invalid:
         components.link.rejected(invalid.reason)
         return error_response(400, invalid.error, list(invalid.details))

@@ -29,8 +29,8 @@ MAX_ERROR_TEXT = 16_384
 MAX_COUNT = 1_000_000_000
 SOURCES = tuple(source.value for source in ErrorSource)
 MESSAGE_TYPES = ("pkmsg", "msg", "skmsg")
-_COLLECTION = re.compile(r"^[a-z_]{1,64}\Z")
-_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}\Z")
+COLLECTION_PATTERN = re.compile(r"^[a-z_]{1,64}\Z")
+TRACEPARENT_PATTERN = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}\Z")
 
 
 class Problem(TypedDict):
@@ -172,7 +172,7 @@ class _Reader:
 
     def traceparent(self) -> str | None:
         value = self.text("traceparent", required=False, max_length=55)
-        if value is not None and not _TRACEPARENT.match(value):
+        if value is not None and not TRACEPARENT_PATTERN.match(value):
             self.fail("traceparent", "must be a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>)")
             return None
         return value
@@ -253,7 +253,7 @@ def _read(index: int, item: object, problems: list[Problem]) -> InboundMessage |
     peer_jid = r.jid("peerJid", required=False)
     message_type = r.choice("messageType", MESSAGE_TYPES, required=False)
     collection = r.text("collection", required=False, max_length=64)
-    if collection is not None and not _COLLECTION.match(collection):
+    if collection is not None and not COLLECTION_PATTERN.match(collection):
         r.fail("collection", "must be an app-state collection name (lowercase letters and _)")
     if len(problems) > before:
         return None
@@ -298,5 +298,5 @@ def decode_json(text: str, what: str) -> object:
         raise FrameInvalid(f"{what} is not JSON: {error}", reason="malformed") from None
 
 
-def parse_text(text: str) -> list[InboundMessage]:
-    return parse_messages(decode_json(text, "frame"))
+def parse_text(text: str, what: str = "frame") -> list[InboundMessage]:
+    return parse_messages(decode_json(text, what))

@@ -27,8 +27,8 @@ from sidecar.link.protocol import (
     FrameInvalid,
     InboundMessage,
     SessionEvent,
-    parse_text,
 )
+from sidecar.link.wire import parse_frame
 from sidecar.ports import SocketCommandFailed, SocketLeases, SocketUnreachable, StoreUnavailable
 from sidecar.runtime import SessionRuntime
 from sidecar.runtime.liveness import RESTART_STATUS
@@ -222,7 +222,7 @@ class RuntimeLink:
     async def handle_frame(self, connection: RuntimeConnection, text: str) -> int:
         """Validate a whole frame, then apply it in order. Returns how many events were applied."""
         try:
-            messages = parse_text(text)
+            messages = parse_frame(text)
         except FrameInvalid as invalid:
             self.rejected(invalid.reason)
             await connection.ws.send_json({"type": "error", **invalid.to_json()})
