@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import yaml
 from aiohttp import web
 
 from dashboards.generate import DASHBOARDS
-from sidecar.client import RuntimeClient, connection_update, decrypt_error
+from sidecar.client import RuntimeClient, activity, connection_update, decrypt_error
 from tests.monitoring import ALERTMANAGER_EXAMPLE, SCRAPE_JOB, Prometheus, alertmanager, prometheus
 from tests.receiver import verified
 from tests.seed import SeededPhone, add_phone
@@ -162,6 +163,7 @@ async def test_two_bad_macs_alert_the_owning_team_one_does_not_and_a_close_is_cr
 
             for phone in fleet:
                 await runtime.send(connection_update(*ids(phone), "open"))
+                await runtime.send(activity(*ids(phone), datetime.now(UTC), messages=3))  # inbound traffic
             await runtime.flush()
             await eventually(lambda: scraped("count(whatsapp_session_connected == 1) == 3"), what="fleet scraped")
 
