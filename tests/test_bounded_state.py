@@ -167,3 +167,20 @@ async def test_in_fleet_mode_an_open_then_a_close_leave_the_session_disconnected
             return len(sessions) == 50 and not any(s.connected for s in sessions)
 
         await eventually(all_decided_and_disconnected, deadline_seconds=10, what="50 sessions, none connected")
+
+
+async def test_the_liveness_watch_forgets_disconnected_sessions_without_traffic_after_the_ttl() -> None:
+    now = [datetime(2026, 11, 30, 12, 0, tzinfo=UTC)]
+    config = sidecar_config(None, state_ttl=DAY)
+    jid = "79001112233@s.whatsapp.net"
+    async with serving(config, extras=Extras(clock=lambda: now[0])) as served:
+        runtime = served.components.runtime
+        await runtime.handle_activity(1, 11, jid, now[0])  # traffic, then its connection closes
+        await runtime.on_connection_update(1, 11, jid, "close", 428)
+        await runtime.on_connection_update(1, 12, jid, "open")  # connected, no traffic yet: kept
+        assert runtime.liveness.watched_count == 2
+        runtime.expire_state()
+        assert runtime.liveness.watched_count == 2, "not yet a day"
+        now[0] += timedelta(seconds=DAY + 1)
+        runtime.expire_state()
+        assert runtime.liveness.state_of(11) is None and runtime.liveness.state_of(12) is not None

@@ -250,6 +250,7 @@ class SessionRuntime:
             for observer in self._observers:
                 observer.forgotten(phone)
         self._safety.loops.expire(now)
+        self.liveness.expire(now, self._state_ttl)
         return forgotten
 
     async def settle(self) -> None:

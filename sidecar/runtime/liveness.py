@@ -105,6 +105,17 @@ class LivenessWatch:
     def forget(self, organization_phone_id: int) -> None:
         self._watched.pop(organization_phone_id, None)
 
+    def expire(self, now: float, ttl: float) -> int:
+        """Bounded memory: forget disconnected sessions with no traffic for `ttl` (--state-ttl); returns how many."""
+        quiet = [
+            phone_id
+            for phone_id, watched in self._watched.items()
+            if not watched.state.connected and (watched.state.last_inbound or 0.0) < now - ttl
+        ]
+        for phone_id in quiet:
+            del self._watched[phone_id]
+        return len(quiet)
+
     # Views --------------------------------------------------------------------------------------------
 
     def last_inbound(self, organization_phone_id: int) -> float | None:
