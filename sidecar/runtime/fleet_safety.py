@@ -49,9 +49,17 @@ class Safety:
 
     def admit_automatic_close(self, now: float, live_sessions: int) -> tuple[bool, bool]:
         """(admitted, this refusal tripped the breaker)."""
-        was_tripped = self.breaker.tripped
-        admitted = self.breaker.admit(now, live_sessions)
-        return admitted, not admitted and not was_tripped
+        return _admit(self.breaker, now, live_sessions)
+
+    def admit_restart(self, now: float, live_sessions: int) -> tuple[bool, bool]:
+        """A deaf-session restart, on its own budget: (admitted, this refusal tripped it)."""
+        return _admit(self.restarts, now, live_sessions)
+
+
+def _admit(breaker: Breaker, now: float, live_sessions: int) -> tuple[bool, bool]:
+    was_tripped = breaker.tripped
+    admitted = breaker.admit(now, live_sessions)
+    return admitted, not admitted and not was_tripped
 
 
 def needs_admission(transition: Transition, trigger: CloseTrigger) -> bool:

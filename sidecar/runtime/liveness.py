@@ -207,10 +207,10 @@ class LivenessWatch:
         if self._safety.observing(phone.organization_id):
             await self._incidents.record(phone, "session.restart_observed", {"why": why}, None)
             return
-        was_tripped = self._safety.restarts.tripped
-        if not self._safety.restarts.admit(now, self._live_sessions()):
+        admitted, tripped = self._safety.admit_restart(now, self._live_sessions())
+        if not admitted:
             self.restarts_held += 1
-            if not was_tripped:
+            if tripped:
                 trip = {"kind": "restart", "why": "too many deaf-session restarts in the window"}
                 await self._incidents.record(None, "restart_breaker.tripped", trip, NotificationEvent.BREAKER_TRIPPED)
             await self._incidents.record(phone, "session.restart_held", {"why": why}, None)

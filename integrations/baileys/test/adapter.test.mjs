@@ -9,6 +9,7 @@ import path from 'node:path'
 import * as B from '@whiskeysockets/baileys'
 import pino from 'pino'
 import { eventually, startSidecar, REPO, TOKEN } from './sidecar.mjs'
+import { memStore } from './memstore.mjs'
 
 const require = createRequire(import.meta.url)
 const { attachSidecar, sidecarLogger, appStateFailure } = require('../index.cjs')
@@ -17,33 +18,6 @@ const NodeCache = require('@cacheable/node-cache').default ?? require('@cacheabl
 const quiet = pino({ level: 'silent' })
 
 // ---- genuine Signal failures ----------------------------------------------------------------------------
-function memStore() {
-  const data = {}
-  const keys = {
-    async get(type, ids) {
-      const out = {}
-      for (const id of ids) {
-        let value = data[type]?.[id]
-        if (value !== undefined && value !== null) {
-          if (type === 'app-state-sync-key') value = B.proto.Message.AppStateSyncKeyData.fromObject(value)
-          out[id] = value
-        }
-      }
-      return out
-    },
-    async set(changes) {
-      for (const type in changes) {
-        data[type] ??= {}
-        for (const id in changes[type]) {
-          if (changes[type][id]) data[type][id] = changes[type][id]
-          else delete data[type][id]
-        }
-      }
-    },
-  }
-  return { data, keys }
-}
-
 function party(jid) {
   const creds = B.initAuthCreds()
   creds.me = { id: jid, name: 'x' }

@@ -8,6 +8,7 @@
 import http from 'node:http'
 import { createRequire } from 'node:module'
 import * as B from '@whiskeysockets/baileys'
+import { memStore } from './memstore.mjs'
 
 const require = createRequire(import.meta.url)
 const { WebSocketServer } = require('ws')
@@ -211,36 +212,6 @@ export async function startStandIn() {
     ws.on('close', () => { conn.closed = true })
   })
   return standIn
-}
-
-// An in-memory key store of the shape makeWASocket's auth.keys has.
-export function memStore() {
-  const data = {}
-  return {
-    data,
-    keys: {
-      async get(type, ids) {
-        const out = {}
-        for (const id of ids) {
-          let value = data[type]?.[id]
-          if (value !== undefined && value !== null) {
-            if (type === 'app-state-sync-key') value = proto.Message.AppStateSyncKeyData.fromObject(value)
-            out[id] = value
-          }
-        }
-        return out
-      },
-      async set(changes) {
-        for (const type in changes) {
-          data[type] ??= {}
-          for (const id in changes[type]) {
-            if (changes[type][id]) data[type][id] = changes[type][id]
-            else delete data[type][id]
-          }
-        }
-      },
-    },
-  }
 }
 
 export const appStateKey = (fill) => ({ keyData: Buffer.alloc(32, fill), fingerprint: { rawId: 1, currentIndex: 1, deviceIndexes: [0] }, timestamp: 1764043200 })
