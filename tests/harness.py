@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -81,9 +81,10 @@ async def runtime_over(
     database_step_timeout: float = 5.0,
     observers: Sequence[RuntimeObserver] = (),
     restore: bool = True,
+    clock: Callable[[], datetime] = now,
 ) -> AsyncIterator[Harness]:
     store: SessionStore
-    store = await PostgresStore.connect(dsn, SchemaMapping()) if dsn else MemoryStore(now)
+    store = await PostgresStore.connect(dsn, SchemaMapping()) if dsn else MemoryStore(clock)
     pending = PendingSteps(store, 100_000, Journal(state_dir) if state_dir else None)
     sockets = LocalSocketController()
     runtime = SessionRuntime(
@@ -92,7 +93,7 @@ async def runtime_over(
         pending,
         sockets,
         observers,
-        clock=now,
+        clock=clock,
         socket_end_timeout=socket_end_timeout,
         database_step_timeout=database_step_timeout,
     )

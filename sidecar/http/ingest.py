@@ -3,14 +3,11 @@ WebSocket link). Both need the runtime token when one is configured."""
 
 from __future__ import annotations
 
-import asyncio
-
 from aiohttp import web
 
 from sidecar.http.errors import components_of, error_response, runtime_auth_error, text_body
-from sidecar.link.dispatch import apply_event
-from sidecar.link.protocol import CommandAck, FrameInvalid
-from sidecar.link.server import YIELD_EVERY
+from sidecar.link.dispatch import apply_events
+from sidecar.link.protocol import CommandAck, FrameInvalid, SessionEvent
 from sidecar.link.wire import parse_frame
 
 
@@ -33,16 +30,15 @@ async def ingest_events(request: web.Request) -> web.Response:
         return error_response(
             429, "the sidecar is busy (pending queue full); retry after the given seconds", headers={"Retry-After": "1"}
         )
+    components.link.counted_all(messages, "http")
+    events: list[SessionEvent] = []
     for message in messages:
-        components.link.counted(message, "http")
+        if isinstance(message, CommandAck):
+            components.link.acknowledge(message)
+        else:
+            events.append(message)
     async with components.runtime.batch():
-        for index, message in enumerate(messages, start=1):
-            if isinstance(message, CommandAck):
-                components.link.acknowledge(message)
-            else:
-                await apply_event(components.runtime, message)
-            if index % YIELD_EVERY == 0:
-                await asyncio.sleep(0)
+        await apply_events(components.runtime, events)
     return web.json_response({"accepted": len(messages)}, status=202)
 
 

@@ -73,7 +73,7 @@ async def _apply(components: Components, event: dict[str, object]) -> None:
         return
     async with components.runtime.batch():
         for message in messages:
-            components.link.counted(message, "logs")
+            components.link.counted_all((message,), "logs")
             if not isinstance(message, CommandAck):
                 await apply_event(components.runtime, message)
 

@@ -12,13 +12,14 @@ import itertools
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from sidecar.link.dispatch import apply_event
+from sidecar.link.dispatch import apply_events
 from sidecar.link.protocol import (
     Activity,
     CommandAck,
@@ -45,7 +46,6 @@ log = logging.getLogger("sidecar.link")
 
 MAX_FRAME_BYTES = 4 * 1024 * 1024
 HEARTBEAT_SECONDS = 30.0
-YIELD_EVERY = 100
 _connection_ids = itertools.count(1)
 
 
@@ -80,14 +80,15 @@ class RuntimeLink:
         if self.metrics is not None:
             self.metrics.events_rejected.labels(reason).inc()
 
-    def counted(self, message: InboundMessage, channel: str) -> None:
+    def counted_all(self, messages: Sequence[InboundMessage], channel: str) -> None:
+        """whatsapp_sidecar_events_total, incremented once per message type of the batch."""
         if self.metrics is not None:
-            kind = type(message)
-            child = self._event_children.get((kind, channel))
-            if child is None:
-                name = EVENT_NAMES[kind]
-                child = self._event_children[(kind, channel)] = self.metrics.events.labels(name, channel)
-            child.inc()
+            for kind, count in Counter(type(message) for message in messages).items():
+                child = self._event_children.get((kind, channel))
+                if child is None:
+                    name = EVENT_NAMES[kind]
+                    child = self._event_children[(kind, channel)] = self.metrics.events.labels(name, channel)
+                child.inc(count)
 
     @property
     def connection_count(self) -> int:
@@ -230,29 +231,32 @@ class RuntimeLink:
         assert self.runtime is not None
         for message in messages:  # acknowledgements first and at once: closes in flight wait for them
             if isinstance(message, CommandAck):
-                self.counted(message, "websocket")
+                self.counted_all((message,), "websocket")
                 self.acknowledge(message)
         if self.admission is not None and not all(isinstance(m, CommandAck) for m in messages):
             await self.admission()  # events wait for the database writer; not reading meanwhile, TCP pushes back
-        applied = 0
+        events: list[SessionEvent] = []
         claimed: list[SessionEvent] = []
+        owners = self._owners
+        for message in messages:
+            if isinstance(message, CommandAck):
+                continue  # acknowledged above
+            events.append(message)
+            if owners.get(message.organization_phone_id) is connection:
+                continue  # the common case, kept cheap: this connection owns the phone already
+            # Ownership follows the runtime's reports, but a phone the sidecar just closed is not re-claimed by
+            # its own late errors; only an `open` (a new login) claims it again. Claiming before the frame is
+            # applied claims what claiming before each event would: the first event of a phone that is not
+            # closed, or its first `open` (events of a closed phone other than `open` do not reopen it).
+            reopening = isinstance(message, ConnectionUpdate) and message.connection == "open"
+            if (reopening or not self.runtime.is_closed(message.organization_phone_id)) and self._claim(
+                connection, message.organization_phone_id
+            ):
+                claimed.append(message)
+        self.counted_all(events, "websocket")
         # A frame is decided as one batch, after the batches handed over before it (one decider per replica).
         async with self.runtime.batch():
-            for message in messages:
-                if isinstance(message, CommandAck):
-                    continue  # acknowledged above
-                self.counted(message, "websocket")
-                # Ownership follows the runtime's reports, but a phone the sidecar just closed is not re-claimed
-                # by its own late errors; only an `open` (a new login) claims it again.
-                reopening = isinstance(message, ConnectionUpdate) and message.connection == "open"
-                if (reopening or not self.runtime.is_closed(message.organization_phone_id)) and self._claim(
-                    connection, message.organization_phone_id
-                ):
-                    claimed.append(message)
-                await apply_event(self.runtime, message)
-                applied += 1
-                if applied % YIELD_EVERY == 0:
-                    await asyncio.sleep(0)  # a big frame must not starve the API and the other connections
+            applied = await apply_events(self.runtime, events)
         if self.leases is not None:
             for message in claimed:
                 await self._claim_lease(connection, message)

@@ -38,6 +38,12 @@ from sidecar.rules.jid import InvalidJid
 Id = Annotated[int, msgspec.Meta(ge=1, le=MAX_ID)]
 Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_COUNT)]
 _SOURCES = {source.value: source for source in ErrorSource}
+# Strings that passed the Python checks: a fleet's JIDs and error texts repeat on every event. Bounded (cleared
+# when full; only short texts are kept), so fresh strings cost memory no matter how many come.
+_ACCEPTED_LIMIT = 16_384
+_ACCEPTED_LENGTH = 256
+_accepted_jids: set[str] = set()
+_accepted_errors: set[str] = set()
 
 
 class _Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", rename="camel", forbid_unknown_fields=True):
@@ -123,7 +129,9 @@ def _message(item: WireMessage) -> InboundMessage:
             at, item.traceparent, item.is_new_login,
         )  # fmt: skip
     if isinstance(item, WireDecryptError):
-        _text(item.error, MAX_ERROR_TEXT)
+        if item.error not in _accepted_errors:
+            _text(item.error, MAX_ERROR_TEXT)
+            _accept(_accepted_errors, item.error)
         if item.peer_jid is not None:
             _jid(item.peer_jid)
         if item.collection is not None:
@@ -153,11 +161,21 @@ def _match(pattern: re.Pattern[str], value: str) -> None:
 
 
 def _jid(value: str) -> None:
+    if value in _accepted_jids:
+        return
     _text(value, 256)
     try:
         user_of_jid(value)
     except InvalidJid:
         raise NotFast from None
+    _accept(_accepted_jids, value)
+
+
+def _accept(accepted: set[str], value: str) -> None:
+    if len(value) <= _ACCEPTED_LENGTH:
+        if len(accepted) >= _ACCEPTED_LIMIT:
+            accepted.clear()
+        accepted.add(value)
 
 
 def _timestamp(value: str) -> datetime:

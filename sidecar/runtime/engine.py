@@ -22,8 +22,8 @@ from opentelemetry.context import Context
 from opentelemetry.trace import INVALID_SPAN, Span
 
 from sidecar.ports import FleetState, LivenessSockets, SessionStore, SocketController, StepQueue
-from sidecar.rules.app_state import app_state_signal, collection_label
-from sidecar.rules.classification import ErrorClass, ErrorSource, classify
+from sidecar.rules.app_state import collection_label
+from sidecar.rules.classification import ErrorClass, ErrorSource
 from sidecar.rules.inputs import checked_connection, peer_user, phone_ref
 from sidecar.rules.liveness import DeafAction, LivenessConfig
 from sidecar.rules.policy import (
@@ -66,11 +66,11 @@ from sidecar.runtime.observer import IsolatedObservers, RuntimeObserver
 from sidecar.runtime.operator import OperatorControls
 from sidecar.runtime.outcomes import span_ids
 from sidecar.runtime.registry import MemorySessionRegistry, Session, SessionRegistry, SessionView
+from sidecar.runtime.tally import Classifier, ErrorTally
 from sidecar.runtime.tasks import BackgroundTasks
 from sidecar.runtime.waiting import EventJournal, Traced
 
 ZERO_COUNTERS = SessionState().counters
-APP_STATE_CLASSES = frozenset({ErrorClass.BAD_DECRYPT, ErrorClass.APP_STATE_SYNC})
 
 
 class SessionRuntime:
@@ -112,6 +112,7 @@ class SessionRuntime:
         self._tracer = tracer or trace.NoOpTracerProvider().get_tracer("whatsapp-session-sidecar")
         self._traced = not isinstance(self._tracer, trace.NoOpTracer)
         self._registry: SessionRegistry = registry or MemorySessionRegistry()
+        self._classify = Classifier()
         self._tasks = BackgroundTasks(lambda: report("task", "effects"))
         self._notices = Notices(notifications, clock, self._observers, steps)
         timeouts = {"socket_timeout": socket_end_timeout, "database_timeout": database_step_timeout}
@@ -275,13 +276,20 @@ class SessionRuntime:
         collection: str | None = None,
     ) -> ErrorClass:
         """Classify a raw decryption error and apply it; returns its class."""
-        error_class = classify(error, source)
+        classified = self._classify(error, source)
         phone = phone_ref(organization_id, organization_phone_id, phone_jid)
-        if error_class in APP_STATE_CLASSES and (signal := app_state_signal(error)) is not None:
+        if classified.app_state is not None:
             for observer in self._observers:
-                observer.app_state_failure(phone, collection_label(collection), signal.kind)
-        await self._decrypt_error(phone, error_class, peer_user(peer_jid), trace_context)
-        return error_class
+                observer.app_state_failure(phone, collection_label(collection), classified.app_state)
+        await self._decrypt_error(phone, classified.error_class, peer_user(peer_jid), trace_context)
+        return classified.error_class
+
+    def error_tally(self) -> ErrorTally | None:
+        """A tally for one batch's counted-only errors (runtime/tally.py); None when each error must be applied
+        on its own (a tracing exporter is configured: every error gets its span)."""
+        if self._traced:
+            return None
+        return ErrorTally(self._classify, self._observers, self._registry, lambda: self._clock().timestamp())
 
     async def handle_bad_mac_error(
         self, organization_id: int, organization_phone_id: int, phone_jid: str, peer_jid: str | None = None

@@ -6,7 +6,8 @@ Observers are called synchronously from the runtime and must not block: anything
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from sidecar.rules.app_state import AppStateKind
@@ -17,8 +18,19 @@ from sidecar.rules.records import ClosureRecord, PhoneRef, RecordDecision
 log = logging.getLogger("sidecar.runtime.observer")
 
 
+@dataclass(frozen=True, slots=True)
+class ErrorTotals:
+    """One batch's errors that change no decision, tallied (runtime/tally.py): counts per (class, organization)
+    and app-state sync failures per (collection, kind). Their sessions were told apart already."""
+
+    by_class: Mapping[tuple[ErrorClass, int], int]
+    app_state: Mapping[tuple[str, AppStateKind], int]
+
+
 class RuntimeObserver(Protocol):
     def decrypt_error(self, phone: PhoneRef, error_class: ErrorClass) -> None: ...
+
+    def errors_tallied(self, totals: ErrorTotals) -> None: ...
 
     def app_state_failure(self, phone: PhoneRef, collection: str, kind: AppStateKind) -> None: ...
 
@@ -53,6 +65,9 @@ class BaseObserver:
     """Does nothing for every notification; observers override what they care about."""
 
     def decrypt_error(self, phone: PhoneRef, error_class: ErrorClass) -> None:
+        return None
+
+    def errors_tallied(self, totals: ErrorTotals) -> None:
         return None
 
     def app_state_failure(self, phone: PhoneRef, collection: str, kind: AppStateKind) -> None:
@@ -114,6 +129,9 @@ class IsolatedObservers:
 
     def decrypt_error(self, phone: PhoneRef, error_class: ErrorClass) -> None:
         self._each("decrypt_error", phone, error_class)
+
+    def errors_tallied(self, totals: ErrorTotals) -> None:
+        self._each("errors_tallied", totals)
 
     def app_state_failure(self, phone: PhoneRef, collection: str, kind: AppStateKind) -> None:
         self._each("app_state_failure", phone, collection, kind)

@@ -19,7 +19,7 @@ from sidecar.rules.classification import ErrorClass
 from sidecar.rules.policy import CRYPTO_LIMIT_REASONS, CloseReason, Heal, KeyScope, Limits
 from sidecar.rules.records import ClosureRecord, PhoneRef, RecordDecision
 from sidecar.rules.safety import IncidentKind, Mode
-from sidecar.runtime.observer import BaseObserver
+from sidecar.runtime.observer import BaseObserver, ErrorTotals
 
 # A close waits on the runtime (usually 1-50 ms, up to --socket-end-timeout, 5 s by default) and on one
 # PostgreSQL transaction (1-20 ms). Buckets from 1 ms to 10 s resolve both the healthy path and timeouts.
@@ -315,12 +315,21 @@ class MetricsObserver(BaseObserver):
         self._m.organization_seen(phone.organization_id)
 
     def decrypt_error(self, phone: PhoneRef, error_class: ErrorClass) -> None:
-        key = (error_class, phone.organization_id)
+        self._decrypt_child(error_class, phone.organization_id).inc()
+
+    def errors_tallied(self, totals: ErrorTotals) -> None:
+        for (error_class, organization_id), count in totals.by_class.items():
+            self._decrypt_child(error_class, organization_id).inc(count)
+        for (collection, kind), count in totals.app_state.items():
+            self._m.app_state_sync_failures.labels(collection, str(kind)).inc(count)
+
+    def _decrypt_child(self, error_class: ErrorClass, organization_id: int) -> Any:
+        key = (error_class, organization_id)
         child = self._decrypt_children.get(key)
         if child is None:  # labels() takes a lock and builds a key; once per class and organization is enough
-            organization = self._m.organization_seen(phone.organization_id)
+            organization = self._m.organization_seen(organization_id)
             child = self._decrypt_children[key] = self._m.decrypt_errors.labels(str(error_class), organization)
-        child.inc()
+        return child
 
     def app_state_failure(self, phone: PhoneRef, collection: str, kind: AppStateKind) -> None:
         self._m.app_state_sync_failures.labels(collection, str(kind)).inc()
