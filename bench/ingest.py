@@ -7,8 +7,9 @@ event -> decision latency at a fixed rate.
 - Servers are separate processes: `wa-sidecar serve` (embedded store, no tracing exporter) and `bench.sink`.
 - The client (`websockets`, one asyncio task per connection) sends pre-built frames as fast as it can; the run
   ends when the server has counted every event (the sidecar's whatsapp_sidecar_events_total, the sink's /count).
-  Events: decrypt errors of a counted-only class ("No session record") over 1,000 sessions, so each one is
-  validated, classified, counted and applied without database work.
+  Events: decrypt errors of a counted-only class ("No session record") over 1,000 sessions, each connection
+  reporting its own 1,000 / connections of them, so each event is validated, classified, counted and applied
+  without database work.
 - Latency: at `--rate` events/s, every 100th event is a Bad MAC for a fresh session; its heal decision comes back
   as an `auth.clear` command on the same connection. Send -> command received is event -> decision -> command,
   an upper bound of event -> decision.
@@ -40,8 +41,11 @@ def event(phone: int, error: str = "No session record") -> dict[str, object]:
             "phoneJid": f"7900{phone:07d}@s.whatsapp.net", "error": error}  # fmt: skip
 
 
-def frames(total: int, batch: int, offset: int) -> list[str]:
-    events = [event(1 + (offset + index) % SESSIONS) for index in range(total)]
+def frames(total: int, batch: int, connection: int, connections: int) -> list[str]:
+    """Each connection reports its own phones (SESSIONS / connections of them), as a runtime process owns its
+    sessions; phones shared by connections would measure ownership changing hands on every event."""
+    share = SESSIONS // connections
+    events = [event(1 + connection * share + index % share) for index in range(total)]
     if batch <= 1:
         return [json.dumps(item) for item in events]
     return [json.dumps(events[start : start + batch]) for start in range(0, total, batch)]
@@ -88,7 +92,7 @@ async def throughput(base: str, sidecar: bool, connections: int, total: int, bat
     """Events/s until the server has taken every event: the sink's count, or, for the sidecar, each connection's
     final marker (a Bad MAC of a fresh session) applied; a connection's frames are applied in order."""
     per_connection = total // connections
-    prepared = [frames(per_connection, batch, index * per_connection) for index in range(connections)]
+    prepared = [frames(per_connection, batch, index, connections) for index in range(connections)]
     markers = [next(_markers) for _ in range(connections)]
     if sidecar:
         for items, marker in zip(prepared, markers, strict=True):
@@ -139,6 +143,7 @@ async def latency(base: str, connections: int, rate: float, seconds: float) -> l
 
     listeners = [asyncio.create_task(listen(ws)) for ws in sockets]
     sequence, probe = 0, 0
+    share = SESSIONS // connections
     started = time.perf_counter()
     try:
         while (elapsed := time.perf_counter() - started) < seconds:
@@ -150,7 +155,8 @@ async def latency(base: str, connections: int, rate: float, seconds: float) -> l
                     sent[phone] = time.perf_counter()
                     await ws.send(json.dumps(event(phone, "Bad MAC")))
                 else:
-                    await ws.send(json.dumps(event(1 + sequence % SESSIONS)))
+                    owned = 1 + (sequence % connections) * share + sequence // connections % share
+                    await ws.send(json.dumps(event(owned)))  # each connection its own phones, as in throughput()
                 sequence += 1
             await asyncio.sleep(0.001)
         deadline = time.perf_counter() + 10

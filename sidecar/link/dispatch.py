@@ -7,7 +7,6 @@ from collections.abc import Iterable
 
 from sidecar.link.protocol import Activity, ConnectionUpdate, DecryptError, SessionEvent
 from sidecar.runtime import SessionRuntime
-from sidecar.runtime.tally import ErrorTally
 from sidecar.telemetry.tracing import context_from_traceparent
 
 YIELD_EVERY = 100  # events between yields to the loop: a big frame must not starve the API and other connections
@@ -19,27 +18,24 @@ async def apply_events(runtime: SessionRuntime, events: Iterable[SessionEvent]) 
     that phone, so every session sees its events in the order they came."""
     tally = runtime.error_tally()
     count = 0
+    if tally is None:
+        for event in events:
+            count += 1
+            if count % YIELD_EVERY == 0:
+                await asyncio.sleep(0)
+            await apply_event(runtime, event)
+        return count
+    tallied, flush = tally.add, tally.flush
     for event in events:
         count += 1
         if count % YIELD_EVERY == 0:
             await asyncio.sleep(0)
-        if tally is None:
-            await apply_event(runtime, event)
+        if type(event) is DecryptError and tallied(event):
             continue
-        if type(event) is DecryptError and _tallied(tally, event):
-            continue
-        tally.flush(event.organization_phone_id)
+        flush(event.organization_phone_id)
         await apply_event(runtime, event)
-    if tally is not None:
-        tally.flush_all()
+    tally.flush_all()
     return count
-
-
-def _tallied(tally: ErrorTally, event: DecryptError) -> bool:
-    return tally.add(
-        event.organization_id, event.organization_phone_id, event.phone_jid, event.error, event.source,
-        event.collection,
-    )  # fmt: skip
 
 
 async def apply_event(runtime: SessionRuntime, event: SessionEvent) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from sidecar.rules.app_state import AppStateKind, app_state_signal, collection_label
 from sidecar.rules.classification import ErrorClass, ErrorSource, classify
@@ -22,7 +23,7 @@ from sidecar.rules.inputs import phone_ref
 from sidecar.runtime.observer import ErrorTotals, RuntimeObserver
 from sidecar.runtime.registry import SessionRegistry
 
-COUNTED_CLASSES = frozenset({ErrorClass.BAD_MAC, ErrorClass.BAD_DECRYPT})
+COUNTED = frozenset({ErrorClass.BAD_MAC, ErrorClass.BAD_DECRYPT})
 APP_STATE_CLASSES = frozenset({ErrorClass.BAD_DECRYPT, ErrorClass.APP_STATE_SYNC})
 CACHE_LIMIT = 4096  # distinct (error text, source) pairs remembered; error texts repeat in a storm
 
@@ -31,6 +32,24 @@ CACHE_LIMIT = 4096  # distinct (error text, source) pairs remembered; error text
 class Classified:
     error_class: ErrorClass
     app_state: AppStateKind | None  # the app-state signal the text shows, for the app-state classes
+    tallied: bool  # a class that changes no counter: a batch tallies it
+
+
+class ErrorReport(Protocol):
+    """A decryption error as an adapter reports it (the runtime link's `decrypt.error`)."""
+
+    @property
+    def organization_id(self) -> int: ...
+    @property
+    def organization_phone_id(self) -> int: ...
+    @property
+    def phone_jid(self) -> str: ...
+    @property
+    def error(self) -> str: ...
+    @property
+    def source(self) -> ErrorSource | None: ...
+    @property
+    def collection(self) -> str | None: ...
 
 
 class Classifier:
@@ -46,7 +65,7 @@ class Classifier:
         if known is None:
             error_class = classify(error, source)
             signal = app_state_signal(error) if error_class in APP_STATE_CLASSES else None
-            known = Classified(error_class, signal.kind if signal is not None else None)
+            known = Classified(error_class, signal.kind if signal is not None else None, error_class not in COUNTED)
             if len(self._known) >= self._limit:
                 self._known.clear()
             self._known[key] = known
@@ -74,23 +93,15 @@ class ErrorTally:
         self._app_state: list[tuple[str, AppStateKind]] = []
         self._phones: dict[int, tuple[int, str]] = {}
 
-    def add(
-        self,
-        organization_id: int,
-        organization_phone_id: int,
-        phone_jid: str,
-        error: str,
-        source: ErrorSource | None,
-        collection: str | None,
-    ) -> bool:
+    def add(self, report: ErrorReport) -> bool:
         """Keep a counted-only error in the tally (True); False for one that must be decided on its own."""
-        classified = self._classify(error, source)
-        if classified.error_class in COUNTED_CLASSES:
+        classified = self._classify(report.error, report.source)
+        if not classified.tallied:
             return False
-        self._by_class.append((classified.error_class, organization_id))
+        self._by_class.append((classified.error_class, report.organization_id))
         if classified.app_state is not None:
-            self._app_state.append((collection_label(collection), classified.app_state))
-        self._phones[organization_phone_id] = (organization_id, phone_jid)
+            self._app_state.append((collection_label(report.collection), classified.app_state))
+        self._phones[report.organization_phone_id] = (report.organization_id, report.phone_jid)
         return True
 
     def flush(self, organization_phone_id: int) -> None:
