@@ -4,7 +4,7 @@
 # unprivileged user (UID 10001, matching the chart's securityContext) on a read-only root filesystem, writing
 # only to the chart's mounts (/var/lib/wa-sidecar, /tmp).
 # Any Debian-based Python 3.11 works as PYTHON_IMAGE: the test suite builds from a bookworm root filesystem made
-# by Debian's mmdebstrap and imported into buildah, with no registry (README, "Container image").
+# by Debian's mmdebstrap and imported into buildah, with no registry (docs/quickstart/kubernetes.md, "Container image").
 ARG PYTHON_IMAGE=python:3.11.7-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build

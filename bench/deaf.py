@@ -164,11 +164,12 @@ def activity_event(phone: int) -> dict[str, object]:
             "lastInboundAt": datetime.now(UTC).isoformat()}  # fmt: skip
 
 
-def frames_with_activity(total: int, batch: int, offset: int) -> list[str]:
+def frames_with_activity(total: int, batch: int, connection: int, connections: int) -> list[str]:
     """bench.ingest's stream with one activity event after every 100 events (not counted as ingest events)."""
     events: list[dict[str, object]] = []
+    share = ingest.SESSIONS // connections
     for index in range(total):
-        phone = 1 + (offset + index) % ingest.SESSIONS
+        phone = 1 + connection * share + index % share
         events.append(ingest.event(phone))
         if index % 100 == 99:
             events.append(activity_event(phone))

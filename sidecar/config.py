@@ -20,6 +20,12 @@ from sidecar.rules.safety import BreakerConfig, Mode
 from sidecar.store.sqlnames import InvalidIdentifier, quote_identifier, quote_qualified
 
 ENV_PREFIX = "WA_SIDECAR_"
+# Settings read only from the environment (secrets stay out of process listings); docs/reference lists them.
+ENVIRONMENT_ONLY = {
+    "API_TOKEN": "bearer token the operator endpoints (mutating routes) require; refused on a public listener "
+    "without it unless --insecure",
+    "RUNTIME_TOKEN": "bearer token runtimes present on /v1/runtime and POST /v1/events",
+}
 DEFAULT_TEAM = "unassigned"
 _TEAM = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
 
@@ -365,7 +371,7 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = N
             changes[name] = _positive_float(name.replace("_", "-"), raw)
     if (raw := setting("organization_teams")) is not None:
         changes["organization_teams"] = _organization_teams(raw)
-    changes["api_token"] = env.get(ENV_PREFIX + "API_TOKEN") or None
+    changes["api_token"] = env.get(ENV_PREFIX + "API_TOKEN") or None  # ENVIRONMENT_ONLY
     changes["runtime_token"] = env.get(ENV_PREFIX + "RUNTIME_TOKEN") or None
     if (raw := setting("insecure")) is not None:
         changes["insecure"] = _boolean("insecure", raw)

@@ -11,11 +11,11 @@ from typing import Any
 
 from aiohttp import web
 
-README = Path(__file__).parent.parent / "README.md"
+README = Path(__file__).parent.parent / "docs" / "concepts" / "webhooks.md"
 
 
 def readme_receiver() -> Callable[[str | bytes, Mapping[str, str], bytes], Any]:
-    """The README's receiver snippet, run as written: it verifies with the stock `standardwebhooks` library."""
+    """The webhooks page's receiver snippet, run as written: it verifies with the stock `standardwebhooks` library."""
     text = README.read_text()
     snippet = text[text.index("```python\n# receiver\n") + len("```python\n") :]
     snippet = snippet[: snippet.index("```")]

@@ -376,7 +376,7 @@ NODE_RECEIVER = Path(__file__).parent / "node_receiver"
 def readme_node_receiver() -> str:
     """The README's Node snippet, as written, plus a harness: one JSON {secret, headers, body} per stdin line in,
     the verified payload (or null) per line out."""
-    text = (Path(__file__).parent.parent / "README.md").read_text()
+    text = (Path(__file__).parent.parent / "docs" / "concepts" / "webhooks.md").read_text()
     snippet = text[text.index("```js\n// receiver (Node)\n") + len("```js\n") :]
     snippet = snippet[: snippet.index("```")]
     harness = (

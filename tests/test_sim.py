@@ -8,6 +8,7 @@ import signal
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +17,8 @@ from sidecar.sim.crypto import AppStateKey, DecryptFailure, corrupt, desynchroni
 from sidecar.sim.fleet import FaultRates, FleetConfig, SimFleet
 from tests.server import serving, sidecar_config
 from tests.waiting import eventually
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_a_desynchronized_session_fails_with_bad_mac_and_a_new_one_heals() -> None:
@@ -92,6 +95,8 @@ async def test_the_demo_runs_and_shows_heals_and_closes() -> None:
     closes = re.search(r"closes\s+bad_mac_limit (\d+)", summary)
     assert heals >= 1 and closes and int(closes.group(1)) >= 1, summary
     assert "/metrics" in text and "heal ratio" in summary
+    pointed = re.findall(r"docs/[\w/.-]+\.md", summary.split("next steps", 1)[1])
+    assert len(pointed) >= 4 and all((ROOT / page).is_file() for page in pointed), pointed  # where to go next
 
 
 async def test_ctrl_c_stops_the_demo_cleanly_with_a_summary() -> None:

@@ -111,6 +111,15 @@ def _line(counts: Counter[str]) -> str:
     return ", ".join(shown) or "none"
 
 
+NEXT_STEPS = """
+next steps (docs/ in the repository; `.venv/bin/mkdocs serve` shows them as a site)
+  your Baileys backend   docs/quickstart/baileys.md   (adapter, PostgreSQL, scrape, dashboards, alerts)
+  no code change         docs/quickstart/logs.md      (wa-sidecar ingest-logs reads the backend's log)
+  Kubernetes             docs/quickstart/kubernetes.md
+  what it decided, why   docs/concepts/rules.md, docs/concepts/safety.md
+"""
+
+
 def view(components: Components, tally: DemoTally, fleet: FleetStats, base: str, elapsed: float) -> str:
     runtime, registry = components.runtime, components.metrics.registry
     sessions = list(runtime.sessions())
@@ -168,5 +177,6 @@ async def run_demo(
         ratio = fleet.stats.heal_ratio
         verdict = "no fault settled yet" if ratio is None else f"{ratio:.0%} of settled faults healed without a logout"
         out.write(f"  heal ratio {verdict}\n")
+        out.write(NEXT_STEPS)
         out.flush()
     return fleet.stats
