@@ -11,9 +11,14 @@ FROM ${PYTHON_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY requirements/image.txt ./requirements/
 COPY sidecar ./sidecar
+# Exact versions from the lockfile (requirements/image.txt: the runtime and the otlp extra), then the sidecar itself
+# without resolving anything; pip check fails the build if the lock misses a dependency.
 RUN python3 -m venv /opt/wa-sidecar \
-    && /opt/wa-sidecar/bin/pip install . \
+    && /opt/wa-sidecar/bin/pip install --no-deps -r requirements/image.txt \
+    && /opt/wa-sidecar/bin/pip install --no-deps . \
+    && /opt/wa-sidecar/bin/pip check \
     && /opt/wa-sidecar/bin/pip uninstall --yes pip setuptools
 
 FROM ${PYTHON_IMAGE}

@@ -158,6 +158,7 @@ def simulated_days(sessions: int, seed: int, config: LivenessConfig, days: int =
 
 # Activity's cost on the ingest benchmark -----------------------------------------------------------------
 
+
 def activity_event(phone: int) -> dict[str, object]:
     return {"type": "activity", "organizationId": 1 + phone % 20, "organizationPhoneId": phone,
             "phoneJid": f"7900{phone:07d}@s.whatsapp.net", "messages": 100, "receipts": 20, "notifications": 1,

@@ -1,7 +1,7 @@
 """Copies the single sources of truth, alerts/ and dashboards/, into the chart's files/.
 
-    python helm/sync_chart_files.py          # copy
-    python helm/sync_chart_files.py --check  # exit 1 when the chart's copies drift (the tests run this)
+python helm/sync_chart_files.py          # copy
+python helm/sync_chart_files.py --check  # exit 1 when the chart's copies drift (the tests run this)
 """
 
 from __future__ import annotations

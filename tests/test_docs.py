@@ -51,3 +51,12 @@ def test_the_readme_opens_with_the_two_commands() -> None:
     blocks = text.split("```sh\n")[1:3]
     assert blocks[0].startswith("python3 -m venv .venv") and "wa-sidecar demo" in blocks[0]
     assert "pytest" in blocks[1]
+
+
+def test_the_contributor_hooks_pass_on_the_tree() -> None:
+    """CONTRIBUTING's pre-commit hooks, run by the stock tool on every tracked file, as a contributor's commit
+    would run them: the tree passes what it asks contributors to pass."""
+    hooks = [str(ROOT / ".venv" / "bin" / "pre-commit"), "run", "--all-files", "--show-diff-on-failure"]
+    result = subprocess.run(hooks, cwd=ROOT, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert "Passed" in result.stdout and "Failed" not in result.stdout

@@ -50,24 +50,39 @@ def events(draw: st.DrawFn) -> Any:
     kind = draw(st.sampled_from(["connection.update", "decrypt.error", "activity", "command.ack", "other", None]))
     fields: dict[str, Any] = {"type": kind}
     if kind == "command.ack":
-        fields |= {"commandId": draw(TEXTS), "ok": draw(st.sampled_from([True, False, None, 1])),
-                   "error": draw(maybe(TEXTS)), "roundTripMs": draw(maybe(st.sampled_from([0, 4.5, -1, 1e8, True])))}
+        fields |= {
+            "commandId": draw(TEXTS),
+            "ok": draw(st.sampled_from([True, False, None, 1])),
+            "error": draw(maybe(TEXTS)),
+            "roundTripMs": draw(maybe(st.sampled_from([0, 4.5, -1, 1e8, True]))),
+        }
     else:
-        fields |= {"organizationId": draw(maybe(IDS)), "organizationPhoneId": draw(maybe(IDS)),
-                   "phoneJid": draw(maybe(JIDS)), "at": draw(maybe(TIMES)), "traceparent": draw(maybe(TRACEPARENTS))}
+        fields |= {
+            "organizationId": draw(maybe(IDS)),
+            "organizationPhoneId": draw(maybe(IDS)),
+            "phoneJid": draw(maybe(JIDS)),
+            "at": draw(maybe(TIMES)),
+            "traceparent": draw(maybe(TRACEPARENTS)),
+        }
         if kind == "connection.update":
-            fields |= {"connection": draw(maybe(st.sampled_from(["open", "close", "connecting", "opened", None]))),
-                       "statusCode": draw(maybe(st.sampled_from([401, 515, 99, 600, True, None, "401"]))),
-                       "isNewLogin": draw(maybe(st.sampled_from([True, False, None, 0])))}
+            fields |= {
+                "connection": draw(maybe(st.sampled_from(["open", "close", "connecting", "opened", None]))),
+                "statusCode": draw(maybe(st.sampled_from([401, 515, 99, 600, True, None, "401"]))),
+                "isNewLogin": draw(maybe(st.sampled_from([True, False, None, 0]))),
+            }
         elif kind == "decrypt.error":
-            fields |= {"error": draw(maybe(TEXTS)),
-                       "source": draw(maybe(st.sampled_from(["message", "app-state", "media", "other", None]))),
-                       "peerJid": draw(maybe(JIDS)),
-                       "messageType": draw(maybe(st.sampled_from(["pkmsg", "msg", "skmsg", "x", None]))),
-                       "collection": draw(maybe(st.sampled_from(["regular_high", "Regular", "", None, 3])))}
+            fields |= {
+                "error": draw(maybe(TEXTS)),
+                "source": draw(maybe(st.sampled_from(["message", "app-state", "media", "other", None]))),
+                "peerJid": draw(maybe(JIDS)),
+                "messageType": draw(maybe(st.sampled_from(["pkmsg", "msg", "skmsg", "x", None]))),
+                "collection": draw(maybe(st.sampled_from(["regular_high", "Regular", "", None, 3]))),
+            }
         elif kind == "activity":
-            fields |= {"lastInboundAt": draw(maybe(TIMES)),
-                       "messages": draw(maybe(st.sampled_from([0, 12, -1, 10**9 + 1, True, None, 1.5])))}
+            fields |= {
+                "lastInboundAt": draw(maybe(TIMES)),
+                "messages": draw(maybe(st.sampled_from([0, 12, -1, 10**9 + 1, True, None, 1.5]))),
+            }
     if draw(st.booleans()):
         fields["unknownField"] = draw(st.sampled_from([1, "x", [1, 2], {"a": None}]))
     if kind is None:
@@ -114,11 +129,17 @@ def test_the_fast_path_accepts_only_what_the_reader_accepts_with_the_same_result
 @given(
     frame=st.lists(
         st.fixed_dictionaries(
-            {"type": st.just("decrypt.error"), "organizationId": st.integers(1, 2**31 - 1),
-             "organizationPhoneId": st.integers(1, 2**31 - 1), "phoneJid": st.just("79001112233@s.whatsapp.net"),
-             "error": st.text(min_size=1, max_size=50).filter(lambda s: s.strip() and not UNSURE.search(s))},
-            optional={"source": st.sampled_from(["message", "app-state", "media"]),
-                      "at": st.just("2026-11-25T03:52:37Z")},
+            {
+                "type": st.just("decrypt.error"),
+                "organizationId": st.integers(1, 2**31 - 1),
+                "organizationPhoneId": st.integers(1, 2**31 - 1),
+                "phoneJid": st.just("79001112233@s.whatsapp.net"),
+                "error": st.text(min_size=1, max_size=50).filter(lambda s: s.strip() and not UNSURE.search(s)),
+            },
+            optional={
+                "source": st.sampled_from(["message", "app-state", "media"]),
+                "at": st.just("2026-11-25T03:52:37Z"),
+            },
         ),
         min_size=1,
         max_size=20,
