@@ -23,6 +23,7 @@ from sidecar.config import ENV_PREFIX, ENVIRONMENT_ONLY
 from sidecar.rules.policy import Limits
 from sidecar.telemetry.metrics import SidecarMetrics
 from sidecar.telemetry.session_families import FAMILIES
+from sidecar.telemetry.tracing import OTEL_VARIABLES
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT / "docs" / "reference"
@@ -87,10 +88,13 @@ def configuration_page() -> str:
         "# Configuration\n\n"
         + GENERATED.format(source="the command-line parser (`sidecar/cli.py`, `sidecar/config.py`)")
         + "Every command takes these flags; each can also be set by its environment variable (the flag wins). "
-        "A bad setting exits with code 2 and a message naming it.\n\n"
+        "A bad setting exits with code 2 and a message naming it. Listening on a non-loopback address without "
+        "`WA_SIDECAR_API_TOKEN` and `WA_SIDECAR_RUNTIME_TOKEN` is refused unless `--insecure` is given.\n\n"
         + table(("flag", "environment variable", "meaning"), rows)
         + "\n## Environment only\n\n"
         + table(("environment variable", "meaning"), env_rows)
+        + "\n## OpenTelemetry\n\n"
+        + table(("environment variable", "meaning"), ((f"`{name}`", text) for name, text in OTEL_VARIABLES.items()))
         + "\n## Commands\n\n"
         + table(("command", "what it does"), ((f"`wa-sidecar {n}`", c.description) for n, c in commands.items()))
     )

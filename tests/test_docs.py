@@ -3,6 +3,7 @@ errors (the stock builder, `mkdocs build --strict`)."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -60,3 +61,13 @@ def test_the_contributor_hooks_pass_on_the_tree() -> None:
     result = subprocess.run(hooks, cwd=ROOT, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert "Passed" in result.stdout and "Failed" not in result.stdout
+
+
+def test_every_environment_variable_the_code_reads_is_in_the_reference() -> None:
+    """Independent of the generator's tables: the names the code spells out, found in its source text."""
+    page = (ROOT / "docs" / "reference" / "configuration.md").read_text()
+    source = "".join(path.read_text() for path in (ROOT / "sidecar").rglob("*.py"))
+    spelled = set(re.findall(r'"((?:OTEL|WA_SIDECAR)_[A-Z_]+)"', source))
+    spelled |= {"WA_SIDECAR_" + name for name in re.findall(r'ENV_PREFIX \+ "([A-Z_]+)"', source)}
+    assert len(spelled) >= 6
+    assert sorted(name for name in spelled if f"`{name}`" not in page) == []

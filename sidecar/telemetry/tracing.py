@@ -38,6 +38,17 @@ class Tracing:
             self.provider.shutdown()
 
 
+# The standard variables this module acts on (docs/reference/configuration.md lists them; the SDK reads more).
+OTEL_VARIABLES = {
+    "OTEL_EXPORTER_OTLP_ENDPOINT": "turns tracing on: spans go there by OTLP over HTTP (needs the `otlp` extra)",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "the same, for traces only",
+    "OTEL_TRACES_EXPORTER": "`none` turns tracing off even with an endpoint",
+    "OTEL_SDK_DISABLED": "`true` turns tracing off",
+    "OTEL_SERVICE_NAME": "the service name on spans (default whatsapp-session-sidecar)",
+    "OTEL_RESOURCE_ATTRIBUTES": "extra resource attributes (k=v,k=v), over the defaults",
+}
+
+
 def no_tracing() -> Tracing:
     return Tracing(trace.NoOpTracerProvider().get_tracer(TRACER_NAME))
 
