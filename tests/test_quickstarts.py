@@ -104,3 +104,33 @@ def test_the_kubernetes_quickstart_values_render_what_the_page_promises() -> Non
     secrets = {reference["name"] for reference in references}
     assert {"wa-sidecar-database", "wa-sidecar-tokens"} <= secrets
     assert all(f"secret generic {name}" in commands for name in ("wa-sidecar-database", "wa-sidecar-tokens"))
+
+
+def test_the_adapter_installs_into_a_backend_as_the_baileys_quickstart_says(tmp_path: Path) -> None:
+    """Step 2 as written, in an empty backend that has Baileys' `ws` (its one peer): the packed adapter installs and
+    loads with the functions the page calls."""
+    page = QUICKSTART / "baileys.md"
+    (block,) = [block for block in blocks(page, "sh") if "npm pack" in block]
+    backend = tmp_path / "backend"
+    backend.mkdir()
+    (backend / "package.json").write_text('{"name": "backend", "version": "1.0.0", "private": true}')
+    ws = ROOT / "integrations" / "baileys" / "node_modules" / "ws"
+    if not ws.is_dir():
+        run_npm(["ci", "--no-audit", "--no-fund"], ROOT / "integrations" / "baileys")
+    run_npm(["install", "--no-audit", "--no-fund", "--offline", str(ws)], backend)  # the backend's ws, as Baileys'
+    for line in block.strip().splitlines():
+        argv = shlex.split(line.split("#")[0].replace("/path/to/whatsapp-session-sidecar", str(ROOT)))
+        assert argv[0] == "npm"
+        run_npm([*argv[1:], "--no-audit", "--no-fund", "--offline"], backend)
+    script = "const a = require('@whatsapp-session-sidecar/baileys'); console.log(Object.keys(a).sort().join(','))"
+    loaded = subprocess.run(["node", "-e", script], cwd=backend, capture_output=True, text=True, check=False)
+    assert loaded.returncode == 0, loaded.stderr
+    exported = set(loaded.stdout.strip().split(","))
+    called = set(re.findall(r"\b(attachSidecar|sidecarLogger)\(", page.read_text()))
+    assert called and called <= exported
+    assert not (backend / "node_modules" / "@whatsapp-session-sidecar" / "baileys").is_symlink()
+
+
+def run_npm(argv: list[str], cwd: Path) -> None:
+    result = subprocess.run(["npm", *argv], cwd=cwd, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, f"npm {' '.join(argv)}: {result.stdout[-2000:]}{result.stderr[-2000:]}"
