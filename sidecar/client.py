@@ -111,6 +111,10 @@ def activity(
     }
 
 
+class Unsupported(Exception):
+    """A command this runtime does not implement (acked `unsupported: …`)."""
+
+
 class RuntimeClient:
     def __init__(
         self,
@@ -265,21 +269,25 @@ class RuntimeClient:
                 self.errors.append(message)
                 if self._on_error is not None:
                     self._on_error(message)
-            elif kind in self._handlers:
+            elif kind in self._handlers or "commandId" in message:  # a command this SDK does not know: refused
                 task = asyncio.create_task(self._obey(ws, message))
                 self._commands.add(task)
                 task.add_done_callback(self._commands.discard)
 
     async def _obey(self, ws: ClientConnection, command: Command) -> None:
-        handler = self._handlers.get(str(command.get("type")))
+        kind = str(command.get("type"))
+        handler = self._handlers.get(kind)
         ok, error, result = True, None, None
         try:
-            if handler is None and command.get("type") == "session.probe":
-                raise NotImplementedError("this runtime does not probe (no on_session_probe)")
+            if kind not in self._handlers or (handler is None and kind == "session.probe"):
+                # Protocol v1's convention: "unsupported: …" tells the sidecar this runtime lacks the command.
+                raise Unsupported(f"unsupported: {kind} (no handler in this runtime)")
             if handler is not None:
                 result = handler(command)
                 if inspect.isawaitable(result):
                     result = await result
+        except Unsupported as unsupported:
+            ok, error = False, str(unsupported)
         except Exception as failure:
             ok, error = False, f"{type(failure).__name__}: {failure}"
         ack: dict[str, Any] = {"type": "command.ack", "commandId": command.get("commandId"), "ok": ok, "error": error}

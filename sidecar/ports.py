@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -30,6 +31,21 @@ class SocketUnreachable(Exception):
 
 class SocketCommandFailed(Exception):
     """The runtime answered a command with ok=false."""
+
+
+class SocketCommandUnsupported(SocketCommandFailed):
+    """The runtime does not implement the command: its ack's error starts with `unsupported` (or `unknown command`,
+    what adapters older than the command say). A runtime older than the sidecar, not a fault of the session."""
+
+
+_UNSUPPORTED = re.compile(r"(unsupported|unknown command)\b", re.IGNORECASE)
+
+
+def command_failure(error: str | None) -> SocketCommandFailed:
+    """What a runtime's `ok:false` ack means (protocol v1), wherever it is read (this replica or another's)."""
+    if error is not None and _UNSUPPORTED.match(error):
+        return SocketCommandUnsupported(error)
+    return SocketCommandFailed(error or "runtime answered ok=false")
 
 
 class SocketController(Protocol):

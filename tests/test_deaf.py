@@ -41,6 +41,7 @@ class FakeBackend:
     restarts: list[int] = field(default_factory=list)
     probe_fails: bool = False
     heal_on_restart: bool = True
+    probes_supported: bool = True  # False: an older runtime, which acks session.probe "unsupported: …"
     client: RuntimeClient | None = None
 
     async def probe(self, command: Command) -> float:
@@ -75,8 +76,9 @@ class FakeBackend:
 async def backend(served: Served, jids: dict[int, str], **options: Any) -> AsyncIterator[FakeBackend]:
     fake = FakeBackend(jids, **options)
     client = RuntimeClient(
-        served.ws_url, on_session_probe=fake.probe, on_session_restart=fake.restart, reconnect_initial=0.05
-    )
+        served.ws_url, on_session_probe=fake.probe if fake.probes_supported else None,
+        on_session_restart=fake.restart, reconnect_initial=0.05,
+    )  # fmt: skip
     fake.client = client
     await client.start()
     await client.wait_connected()
@@ -201,3 +203,66 @@ async def test_a_fleet_wide_silence_trips_the_restart_breaker_instead_of_restart
         assert len(decisions(log, "restart_breaker.tripped")) == 1
         assert await metric(served, "whatsapp_sidecar_breaker_tripped") == 0, "logouts are a separate budget"
     assert len(fake.restarts) == 3
+
+
+async def test_a_runtime_that_cannot_probe_is_judged_on_silence_alone_never_on_the_refusal(
+    database: str, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """An older runtime acks session.probe `unsupported: …` (the SDK without a probe handler does): that is not a
+    verdict. The session is deaf only once its silence also outlasts the confirmation window; an operator's probe
+    is answered 501, naming the reason."""
+    quiet, other = await add_phone(db, 1, "79001118899"), await add_phone(db, 1, "79001118800")
+    jids = {quiet.organization_phone_id: quiet.phone_jid, other.organization_phone_id: other.phone_jid}
+    log = tmp_path / "closures.jsonl"
+    slow = LivenessConfig(floor_seconds=0.8, gap_factor=2, confirm_seconds=1.5, min_reports=3, min_history_seconds=0.3)
+    config = sidecar_config(
+        database, api_token="operator", closure_log_path=log, liveness=slow, liveness_tick=0.05,
+    )  # fmt: skip
+    async with serving(config) as served, backend(served, jids, probes_supported=False) as fake:
+        fake.delivering.update(jids)
+        await eventually(lambda: _reports(served, quiet.organization_phone_id) >= 5, what="a baseline")
+        silenced_at = asyncio.get_running_loop().time()
+        fake.delivering.discard(quiet.organization_phone_id)
+        await eventually(lambda: bool(decisions(log, "deaf")), what="deaf once the confirmation window passed too")
+        detected_after = asyncio.get_running_loop().time() - silenced_at
+        headers = {"Authorization": "Bearer operator"}
+        url = f"{served.base}/v1/sessions/{other.organization_phone_id}/probe"
+        async with aiohttp.ClientSession() as http, http.post(url, headers=headers) as response:
+            status, body = response.status, await response.json()
+    (deaf,) = decisions(log, "deaf")
+    assert deaf["organizationPhoneId"] == quiet.organization_phone_id
+    assert deaf["detail"]["why"] == "silent past the confirmation window; its runtime cannot probe"
+    assert deaf["detail"]["probeRoundTripMs"] is None
+    assert detected_after > slow.floor_seconds + slow.confirm_seconds, "the refusal itself gave no verdict"
+    assert fake.probes == [], "the runtime's probe handler is absent"
+    assert status == 501 and "does not implement session.probe" in body["error"] and body["details"] == []
+
+
+async def test_an_operator_probe_returns_the_runtime_round_trip(database: str, db: asyncpg.Connection) -> None:
+    phone = await add_phone(db, 1, "79001117788")
+    config = sidecar_config(database, api_token="operator", liveness=FAST, liveness_tick=0.05)
+    async with serving(config) as served, backend(served, {phone.organization_phone_id: phone.phone_jid}) as fake:
+        url = f"{served.base}/v1/sessions/{phone.organization_phone_id}/probe"
+        async with aiohttp.ClientSession() as http:
+            async with http.post(url) as refused:
+                assert refused.status == 401
+            await eventually(lambda: served.components.link.owner_of(phone.organization_phone_id) is not None,
+                             what="the runtime holds the session")  # fmt: skip
+            async with http.post(url, headers={"Authorization": "Bearer operator"}) as response:
+                assert response.status == 200
+                assert await response.json() == {
+                    "organizationPhoneId": phone.organization_phone_id, "ok": True, "roundTripMs": 4.5,
+                }  # fmt: skip
+    assert fake.probes == [phone.organization_phone_id]
+
+
+def test_which_acks_say_unsupported() -> None:
+    """The convention, read the same on this replica (link/server.py) and from another's (link/fleet_sockets.py)."""
+    from sidecar.ports import SocketCommandUnsupported, command_failure
+
+    refusals = ["unsupported: session.probe (no handler in this runtime)", "unknown command session.probe",
+                "Unsupported: probe", "unsupported"]  # fmt: skip
+    failures = ["Timed Out", "NotImplementedError: x", "the socket is closed; unsupported later", None, ""]
+    assert all(isinstance(command_failure(text), SocketCommandUnsupported) for text in refusals)
+    assert not any(isinstance(command_failure(text), SocketCommandUnsupported) for text in failures)
+    assert str(command_failure(None)) == "runtime answered ok=false"

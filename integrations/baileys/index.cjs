@@ -251,7 +251,7 @@ function attachSidecar(sock, options) {
       } else if (command.type === 'session.restart') {
         log.warn?.({ reason: command.reason }, 'sidecar: restarting the socket (deaf session); the backend reconnects')
       } else {
-        throw new Error(`unknown command ${command.type}`)
+        throw new Error(`unsupported: unknown command ${command.type}`)  // the protocol's word for "not implemented"
       }
     } catch (failure) {
       ok = false

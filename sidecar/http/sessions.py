@@ -10,7 +10,7 @@ from aiohttp import web
 
 from sidecar.components import Components
 from sidecar.http.errors import api_auth_error, components_of, json_body
-from sidecar.ports import SocketCommandFailed, SocketUnreachable
+from sidecar.ports import SocketCommandFailed, SocketCommandUnsupported, SocketUnreachable
 from sidecar.rules.inputs import MAX_ID, ascii_id
 from sidecar.rules.policy import is_healthy
 from sidecar.runtime import InvalidInput, SessionView
@@ -91,6 +91,9 @@ async def probe_session(request: web.Request) -> web.Response:
         return web.json_response({"error": f"cannot probe: {unreachable}", "details": []}, status=404)
     except TimeoutError:
         return web.json_response({"organizationPhoneId": phone_id, "ok": False, "error": "timeout"})
+    except SocketCommandUnsupported as unsupported:
+        problem = f"the session's runtime does not implement session.probe: {unsupported}"
+        return web.json_response({"error": problem, "details": []}, status=501)
     except SocketCommandFailed as failed:
         return web.json_response({"organizationPhoneId": phone_id, "ok": False, "error": str(failed)})
     return web.json_response({"organizationPhoneId": phone_id, "ok": True, "roundTripMs": round(round_trip, 3)})

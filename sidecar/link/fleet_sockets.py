@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from sidecar.link.server import RuntimeLink
-from sidecar.ports import SocketCommandFailed, SocketLeases, SocketUnreachable, StoreUnavailable
+from sidecar.ports import SocketCommandFailed, SocketLeases, SocketUnreachable, StoreUnavailable, command_failure
 
 log = logging.getLogger("sidecar.link")
 
@@ -65,10 +65,10 @@ class FleetSockets:
                 if status not in ("pending", "delivering"):
                     break
                 await asyncio.sleep(RESULT_POLL_SECONDS)
-        except StoreUnavailable as error:
-            raise SocketUnreachable(f"cannot reach the owning replica: {error}") from error
+        except StoreUnavailable as unavailable:
+            raise SocketUnreachable(f"cannot reach the owning replica: {unavailable}") from unavailable
         if status == "failed":
-            raise SocketCommandFailed(error or "runtime answered ok=false")
+            raise command_failure(error)
         if status != "ok":
             raise SocketUnreachable(error or f"the owning replica answered {status}")
 

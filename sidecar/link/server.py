@@ -30,7 +30,12 @@ from sidecar.link.protocol import (
     SessionEvent,
 )
 from sidecar.link.wire import parse_frame
-from sidecar.ports import SocketCommandFailed, SocketLeases, SocketUnreachable, StoreUnavailable
+from sidecar.ports import (
+    SocketLeases,
+    SocketUnreachable,
+    StoreUnavailable,
+    command_failure,
+)
 from sidecar.runtime import SessionRuntime
 from sidecar.runtime.liveness import RESTART_STATUS
 from sidecar.telemetry.metrics import SidecarMetrics
@@ -179,7 +184,7 @@ class RuntimeLink:
         if ack.ok:
             future.set_result(ack)
         else:
-            future.set_exception(SocketCommandFailed(ack.error or "runtime answered ok=false"))
+            future.set_exception(command_failure(ack.error))
 
     def _claim(self, connection: RuntimeConnection, organization_phone_id: int) -> bool:
         """Commands for the phone go to this connection from now on; True when that is new."""

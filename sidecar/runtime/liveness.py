@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from sidecar.ports import LivenessSockets, SocketCommandFailed, SocketUnreachable
+from sidecar.ports import LivenessSockets, SocketCommandFailed, SocketCommandUnsupported, SocketUnreachable
 from sidecar.rules.liveness import (
     Action,
     DeafAction,
@@ -49,6 +49,7 @@ class Watched:
     phone: PhoneRef
     state: Liveness
     probe_ms: float | None = None
+    unprobed: bool = False  # its runtime does not implement session.probe: the confirmation window stands in
 
 
 class LivenessWatch:
@@ -171,7 +172,8 @@ class LivenessWatch:
             if action is Action.PROBE:
                 self._tasks.spawn(self._probe(watched))
             elif action is Action.DEAF:
-                await self._deaf(watched, "silent past a successful probe")
+                why = "silent past the confirmation window; its runtime cannot probe" if watched.unprobed else None
+                await self._deaf(watched, why or "silent past a successful probe")
 
     async def _probe(self, watched: Watched) -> None:
         ok, outcome = True, "ok"
@@ -186,8 +188,20 @@ class LivenessWatch:
             log.info("liveness probe: no runtime connection", extra={"fields": {"error": str(unreachable)}})
             watched.state = replace(watched.state, probing=False)
             return
+        except SocketCommandUnsupported as unsupported:
+            # An older runtime: no evidence either way, so it is judged like a session whose probe succeeded (deaf
+            # if the silence lasts the confirmation window too), never on the refusal itself.
+            if not watched.unprobed:
+                log.warning(
+                    "liveness probe: the runtime does not implement session.probe; judging on silence alone",
+                    extra={"fields": {"organizationPhoneId": watched.phone.organization_phone_id,
+                                      "error": str(unsupported)}},
+                )  # fmt: skip
+            watched.unprobed, watched.probe_ms = True, None
         except (TimeoutError, SocketCommandFailed) as failed:
             ok, outcome, watched.probe_ms = False, f"failed: {failed}" if str(failed) else "timeout", None
+        else:
+            watched.unprobed = False
         watched.state, action = on_probe(watched.state, self._now(), ok)
         if action is Action.DEAF:
             await self._deaf(watched, f"probe {outcome}")
