@@ -15,6 +15,7 @@ from pathlib import Path
 
 import aiohttp
 import asyncpg
+from aiohttp import web
 
 ROOT = Path(__file__).parent.parent
 SEED_SCHEMA = (ROOT / "tests" / "fixtures" / "seed-schema.sql").read_text()
@@ -33,6 +34,18 @@ KEYS_PER_PHONE = (
 
 # A fleet-wide storm is exactly what the circuit breaker holds back; these benchmarks measure the close path.
 NO_BREAKER = ("--breaker-max-closes", "1000000")
+
+
+@asynccontextmanager
+async def served_here(app: web.Application) -> AsyncIterator[int]:
+    """The app served in this process on a free loopback port (yielded) until the block ends."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield runner.addresses[0][1]
+    finally:
+        await runner.cleanup()
 
 
 def free_port() -> int:

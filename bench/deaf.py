@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from aiohttp import web
 
 import bench.ingest as ingest
-from bench.common import free_port
+from bench.common import free_port, served_here
 from sidecar.app import create_app
 from sidecar.components import COMPONENTS
 from sidecar.config import Config
@@ -64,11 +64,11 @@ async def detection_run(seed: int) -> tuple[float, float, int]:
     config = Config(listen_host="127.0.0.1", listen_port=0, log_level="ERROR", liveness=FLEET_WATCH,
                     liveness_tick=TICK, deaf_action=DeafAction.RESTART)  # fmt: skip
     app = create_app(config)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    base = f"ws://127.0.0.1:{runner.addresses[0][1]}/v1/runtime"
+    async with served_here(app) as port:
+        return await _detect(app, f"ws://127.0.0.1:{port}/v1/runtime", seed)
+
+
+async def _detect(app: web.Application, base: str, seed: int) -> tuple[float, float, int]:
     runtime = app[COMPONENTS].runtime
     faults = FaultRates(bad_mac=0, bad_decrypt=0, flap=0)
     fleet = SimFleet(base, FleetConfig(sessions=30, messages_per_second=5, patches_per_second=0.5, faults=faults,
@@ -90,7 +90,6 @@ async def detection_run(seed: int) -> tuple[float, float, int]:
     finally:
         stop.set()
         await running
-        await runner.cleanup()
     return fleet.stats.detection_seconds[0], bound, fleet.stats.idle_flagged
 
 

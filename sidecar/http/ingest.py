@@ -7,7 +7,7 @@ from aiohttp import web
 
 from sidecar.http.errors import components_of, error_response, runtime_auth_error, text_body
 from sidecar.link.dispatch import apply_events
-from sidecar.link.protocol import CommandAck, FrameInvalid, SessionEvent
+from sidecar.link.protocol import FrameInvalid
 from sidecar.link.wire import parse_frame
 
 
@@ -30,13 +30,7 @@ async def ingest_events(request: web.Request) -> web.Response:
         return error_response(
             429, "the sidecar is busy (pending queue full); retry after the given seconds", headers={"Retry-After": "1"}
         )
-    components.link.counted_all(messages, "http")
-    events: list[SessionEvent] = []
-    for message in messages:
-        if isinstance(message, CommandAck):
-            components.link.acknowledge(message)
-        else:
-            events.append(message)
+    events = components.link.accept(messages, "http")
     async with components.runtime.batch():
         await apply_events(components.runtime, events)
     return web.json_response({"accepted": len(messages)}, status=202)

@@ -16,25 +16,19 @@ async def apply_events(runtime: SessionRuntime, events: Iterable[SessionEvent]) 
     """Apply one batch in arrival order; returns how many events it held. Errors that change no decision are
     tallied and applied once per phone and class (runtime/tally.py), each phone's tally before anything else of
     that phone, so every session sees its events in the order they came."""
-    tally = runtime.error_tally()
+    tally = runtime.error_tally()  # None with a tracing exporter: every error then gets its own span
     count = 0
-    if tally is None:
-        for event in events:
-            count += 1
-            if count % YIELD_EVERY == 0:
-                await asyncio.sleep(0)
-            await apply_event(runtime, event)
-        return count
-    tallied, flush = tally.add, tally.flush
     for event in events:
         count += 1
         if count % YIELD_EVERY == 0:
             await asyncio.sleep(0)
-        if type(event) is DecryptError and tallied(event):
-            continue
-        flush(event.organization_phone_id)
+        if tally is not None:
+            if type(event) is DecryptError and tally.add(event):
+                continue
+            tally.flush(event.organization_phone_id)
         await apply_event(runtime, event)
-    tally.flush_all()
+    if tally is not None:
+        tally.flush_all()
     return count
 
 

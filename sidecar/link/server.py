@@ -85,6 +85,18 @@ class RuntimeLink:
         if self.metrics is not None:
             self.metrics.events_rejected.labels(reason).inc()
 
+    def accept(self, messages: Sequence[InboundMessage], channel: str) -> list[SessionEvent]:
+        """A validated batch taken in: counted, its acknowledgements applied at once (closes in flight wait for
+        them); returns its session events, in order."""
+        self.counted_all(messages, channel)
+        events: list[SessionEvent] = []
+        for message in messages:
+            if isinstance(message, CommandAck):
+                self.acknowledge(message)
+            else:
+                events.append(message)
+        return events
+
     def counted_all(self, messages: Sequence[InboundMessage], channel: str) -> None:
         """whatsapp_sidecar_events_total, incremented once per message type of the batch."""
         if self.metrics is not None:
@@ -234,19 +246,12 @@ class RuntimeLink:
             await connection.ws.send_json({"type": "error", **invalid.to_json()})
             return 0
         assert self.runtime is not None
-        for message in messages:  # acknowledgements first and at once: closes in flight wait for them
-            if isinstance(message, CommandAck):
-                self.counted_all((message,), "websocket")
-                self.acknowledge(message)
-        if self.admission is not None and not all(isinstance(m, CommandAck) for m in messages):
+        events = self.accept(messages, "websocket")
+        if self.admission is not None and events:
             await self.admission()  # events wait for the database writer; not reading meanwhile, TCP pushes back
-        events: list[SessionEvent] = []
         claimed: list[SessionEvent] = []
         owners = self._owners
-        for message in messages:
-            if isinstance(message, CommandAck):
-                continue  # acknowledged above
-            events.append(message)
+        for message in events:
             if owners.get(message.organization_phone_id) is connection:
                 continue  # the common case, kept cheap: this connection owns the phone already
             # Ownership follows the runtime's reports, but a phone the sidecar just closed is not re-claimed by
@@ -258,7 +263,6 @@ class RuntimeLink:
                 connection, message.organization_phone_id
             ):
                 claimed.append(message)
-        self.counted_all(events, "websocket")
         # A frame is decided as one batch, after the batches handed over before it (one decider per replica).
         async with self.runtime.batch():
             applied = await apply_events(self.runtime, events)
