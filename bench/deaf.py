@@ -45,7 +45,7 @@ from sidecar.rules.liveness import (
     on_tick,
     threshold,
 )
-from sidecar.sim.fleet import FaultRates, FleetConfig, SimFleet
+from sidecar.sim.simulated_fleet import FaultRates, FleetConfig, SimFleet
 from sidecar.telemetry.logs import configure_logging
 
 FLEET_WATCH = LivenessConfig(

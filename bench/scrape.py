@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from sidecar.app import Extras, create_app
 from sidecar.components import COMPONENTS
 from sidecar.config import Config
+from sidecar.events.schema import ConnectionUpdate
 
 
 class LoopBlockMeter:
@@ -80,7 +81,11 @@ async def measure(size: int, runs: int) -> dict[str, float]:
     runtime = app[COMPONENTS].runtime
     for phone in range(1, size + 1):
         jid = f"7{phone:011d}@s.whatsapp.net"
-        await runtime.on_connection_update(1 + phone % 50, phone, jid, "open")
+        await runtime.apply(
+            ConnectionUpdate(
+                organization_id=1 + phone % 50, organization_phone_id=phone, phone_jid=jid, connection="open"
+            )
+        )
         if phone % 3 == 0:
             await runtime.handle_bad_mac_error(1 + phone % 50, phone, jid)
     await runtime.settle()

@@ -1,6 +1,9 @@
 """Writes the reference pages of the docs site from the code that defines what they describe, so they cannot
 drift: every metric (the metrics module), every flag and environment variable (the config's parser), every
-route (openapi.json), every alert (the rules file). `--check` compares instead of writing (CI's drift test).
+route (openapi.json), every alert (the rules file), every runtime link message (the event schema). It also
+writes what is derived from the event schema outside the docs: the OpenAPI document's event components, the
+Baileys adapter's JSON Schema and its app-state message table. `--check` compares instead of writing (CI's
+drift test).
 
     python -m docs.generate [--check]
 """
@@ -20,6 +23,8 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from sidecar.cli import build_parser
 from sidecar.config import ENV_PREFIX, ENVIRONMENT_ONLY
+from sidecar.events import contract
+from sidecar.rules.app_state import app_state_table
 from sidecar.rules.policy import Limits
 from sidecar.telemetry.metrics import SidecarMetrics
 from sidecar.telemetry.session_families import FAMILIES
@@ -151,12 +156,45 @@ def runbook_page() -> str:
     return (ROOT / "alerts" / "runbook.md").read_text()
 
 
+def runtime_link_page() -> str:
+    """The protocol page: its prose (docs/templates/runtime-link.md) around every message's fields."""
+    template = (ROOT / "docs" / "templates" / "runtime-link.md").read_text()
+    sections = ["## Messages\n\n" + GENERATED.format(source="`sidecar/events/schema.py`").strip() + "\n"]
+    for direction, name, kind in contract.messages():
+        about = " ".join((kind.__doc__ or "").split())
+        rows = [(f"`{key}`", shown, default, meaning) for key, shown, default, meaning in contract.field_rows(kind)]
+        sections.append(
+            f"### `{name}`\n\n{direction}. {about}\n\n" + table(("key", "type", "required", "meaning"), rows)
+        )
+    return template.replace("<!-- messages -->\n", "\n".join(sections))
+
+
+def openapi_document() -> str:
+    """openapi.json with the event components derived from the schema (the rest is written by hand)."""
+    path = ROOT / "sidecar" / "http" / "openapi.json"
+    spec: dict[str, Any] = json.loads(path.read_text())
+    spec["components"]["schemas"].update(contract.openapi_components())
+    return json.dumps(spec, indent=2, ensure_ascii=False) + "\n"
+
+
+def adapter_schema() -> str:
+    return json.dumps(contract.json_schema(), indent=2, ensure_ascii=False) + "\n"
+
+
+def adapter_app_state_table() -> str:
+    return json.dumps(app_state_table(), indent=2, ensure_ascii=False) + "\n"
+
+
 PAGES = {
     "../operations/runbook.md": runbook_page,
     "metrics.md": metrics_page,
     "configuration.md": configuration_page,
     "api.md": api_page,
     "alerts.md": alerts_page,
+    "runtime-link.md": runtime_link_page,
+    str(ROOT / "sidecar" / "http" / "openapi.json"): openapi_document,
+    str(ROOT / "integrations" / "baileys" / "runtime-link.schema.json"): adapter_schema,
+    str(ROOT / "integrations" / "baileys" / "app-state-messages.json"): adapter_app_state_table,
 }
 
 

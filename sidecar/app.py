@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -17,20 +16,19 @@ from prometheus_client import CollectorRegistry
 from sidecar import http
 from sidecar.components import COMPONENTS, Components
 from sidecar.config import Config
-from sidecar.http.errors import BODY_TIMEOUT
-from sidecar.link.fleet_sockets import FleetSockets
-from sidecar.link.server import RuntimeLink
+from sidecar.coordination import coordination_for
+from sidecar.events.intake import STEPS_PER_EVENT, Admission, Intake
+from sidecar.http.requests import BODY_TIMEOUT
+from sidecar.link.connections import LinkConnections
+from sidecar.link.server import LinkServer
 from sidecar.notify.delivery import Delivery, DeliveryPolicy
 from sidecar.notify.owners import OwnersError, OwnersWatcher
-from sidecar.ports import SessionStore, SocketController, StoreUnavailable
+from sidecar.ports import SessionStore, StoreUnavailable
 from sidecar.rules.records import Step, step_kind
 from sidecar.rules.safety import Breaker
-from sidecar.runtime import Safety, SessionRuntime
+from sidecar.runtime import Safety, Watch, assemble
 from sidecar.runtime.observer import RuntimeObserver
-from sidecar.runtime.waiting import waiting_from_json, waiting_to_json
-from sidecar.store.fleet import PostgresFleet
-from sidecar.store.journal import EVENTS_FILE, Journal, JournalError
-from sidecar.store.leases import LEASE_SECONDS, PostgresLeases
+from sidecar.store.journal import Journal, JournalError
 from sidecar.store.memory import MemoryStore
 from sidecar.store.pending import PendingSteps
 from sidecar.store.postgres import PostgresStore
@@ -68,42 +66,44 @@ def create_app(config: Config, extras: Extras | None = None) -> web.Application:
     """The one factory: builds every part and owns its lifecycle (cleanup_ctx), for `serve` and the tests."""
     app = web.Application(client_max_size=http.MAX_BODY_BYTES)
     app[BODY_TIMEOUT] = config.request_body_timeout
-    link = RuntimeLink()
-    app.cleanup_ctx.append(_components(config, link, extras or Extras()))
+    app.cleanup_ctx.append(_components(config, extras or Extras()))
 
     async def close_runtime_connections(app: web.Application) -> None:
-        await link.close_all()
+        await app[COMPONENTS].link.close_all()
 
     app.on_shutdown.append(close_runtime_connections)
     http.add_routes(app)
     return app
 
 
-def _components(config: Config, link: RuntimeLink, extras: Extras) -> Callable[[web.Application], AsyncIterator[None]]:
+def _components(config: Config, extras: Extras) -> Callable[[web.Application], AsyncIterator[None]]:
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         clock = extras.clock
         try:
             tracing = extras.tracing or tracing_from_env(os.environ)
         except TracingUnavailable as error:
             raise StartupError(str(error)) from None
-        metrics = SidecarMetrics(extras.registry or CollectorRegistry(), config.policy.limits)
-        link.metrics = metrics
-        owners = _owners(config)
-        team_of = _team_of(config, owners)
-        families = SessionFamilies(config.policy.limits, team_of)
-        metrics.team_of = lambda organization_id: team_of(organization_id, 0)
-
         delivery: Delivery | None = None
+        owners = _owners(config, lambda _: teams_changed())
+        team_of = _team_of(config, owners)
+        metrics = SidecarMetrics(
+            extras.registry or CollectorRegistry(),
+            config.policy.limits,
+            lambda organization_id: team_of(organization_id, 0),
+        )
+        families = SessionFamilies(config.policy.limits, team_of)
 
-        def teams_changed(_: object) -> None:
+        def teams_changed() -> None:
             families.reset_labels()
             metrics.teams_changed()
             if delivery is not None:
                 delivery.owners_changed()
 
-        owners.on_change = teams_changed
         supervisor = Supervisor(lambda task: metrics.task_failures.labels(task).inc())
         store = await open_store(config, clock)
+        if config.owners_file is not None:
+            policy = DeliveryPolicy(config.webhook_max_attempts, config.webhook_timeout, config.webhook_backoff_initial)
+            delivery = Delivery(store, lambda: owners.current, metrics, tracing.tracer, config.instance, policy)
         journal: Journal[Step] | None = Journal(config.state_dir) if config.state_dir and config.database_url else None
         pending = PendingSteps(
             store,
@@ -112,27 +112,17 @@ def _components(config: Config, link: RuntimeLink, extras: Extras) -> Callable[[
             on_wait=metrics.step_wait.observe,
             on_failed=lambda step, reason: metrics.steps_failed.labels(step_kind(step), reason).inc(),
             supervisor=supervisor,
+            on_applied=delivery.wake if delivery is not None else None,
         )
         observers: list[RuntimeObserver] = [ActionLog(), MetricsObserver(metrics), families]
         closure_log = ClosureLogFile(config.closure_log_path) if config.closure_log_path is not None else None
         if closure_log is not None:
             observers.append(closure_log)
         observers.extend(extras.observers)
-        fleet: PostgresFleet | None = None
-        sockets: SocketController = link
-        fleet_sockets: FleetSockets | None = None
-        events_journal: Journal[Any] | None = None
-        if config.fleet_mode and isinstance(store, PostgresStore):
-            # One process, one lease holder: a restarted replica never inherits a dead process's connections.
-            replica_id = f"{config.instance}/{uuid.uuid4().hex[:8]}"
-            fleet = PostgresFleet(store, config.breaker, replica_id, config.close_lease_seconds)
-            link.leases = PostgresLeases(store, replica_id)
-            sockets = fleet_sockets = FleetSockets(link, link.leases, LEASE_SECONDS)
-            if config.state_dir is not None:
-                events_journal = Journal(
-                    config.state_dir, EVENTS_FILE, waiting_to_json, waiting_from_json, suffix=":events"
-                )
-        runtime = SessionRuntime(
+        coordination = coordination_for(config, store)
+        link = LinkConnections(coordination.leases)
+        sockets = coordination.sockets(link)
+        runtime = assemble(
             config.policy,
             store,
             pending,
@@ -150,27 +140,21 @@ def _components(config: Config, link: RuntimeLink, extras: Extras) -> Callable[[
                 observe_organizations=config.observe_organizations,
                 logout_stick_seconds=config.logout_stick_seconds,
             ),
-            fleet=fleet,
-            backlog_limit=config.pending_steps_limit,
-            events_journal=events_journal,
+            fleet=coordination.fleet(
+                lambda reason: metrics.steps_failed.labels("decide_event", reason).inc(),
+                delivery.wake if delivery is not None else None,  # flips are written with the decisions
+            ),
             state_ttl=config.state_ttl,
-            liveness=config.liveness,
-            deaf_action=config.deaf_action,
-            liveness_sockets=fleet_sockets or link,
+            watch=Watch(config.liveness, config.deaf_action, sockets),
             on_failure=lambda what, name: (
                 (metrics.observer_failures if what == "observer" else metrics.task_failures).labels(name).inc()
             ),
         )
-        link.runtime = runtime
-        if runtime.fleet is not None:
-            runtime.fleet.queue.on_dropped = lambda reason: metrics.steps_failed.labels("decide_event", reason).inc()
-        link.admission = pending.caught_up
-        if config.owners_file is not None:
-            policy = DeliveryPolicy(config.webhook_max_attempts, config.webhook_timeout, config.webhook_backoff_initial)
-            delivery = Delivery(store, lambda: owners.current, metrics, tracing.tracer, config.instance, policy)
-            pending.on_applied = delivery.wake
-            if runtime.fleet is not None:
-                runtime.fleet.queue.on_decided = delivery.wake  # flips are written with the decisions
+        decider = runtime.decider
+        admission = Admission(pending.caught_up, lambda: pending.room - STEPS_PER_EVENT * decider.backlog)
+        intake = Intake(runtime, link.acknowledge, admission, metrics)
+        link_server = LinkServer(link, intake, runtime)
+        if delivery is not None:
             metrics.outbox_depth.set_function(lambda: delivery.depth if delivery else 0)
         metrics.bind(
             lambda: link.connection_count,
@@ -196,12 +180,13 @@ def _components(config: Config, link: RuntimeLink, extras: Extras) -> Callable[[
             else None
         )
         components = Components(
-            config, store, pending, runtime, link, metrics, families, tracing, owners, delivery, supervisor, schema
-        )
+            config, store, pending, runtime, link, intake, link_server, metrics, families, tracing, owners, delivery,
+            supervisor, schema,
+        )  # fmt: skip
         app[COMPONENTS] = components
         try:
             replayed = await pending.start()
-            undecided = await runtime.fleet.replay() if runtime.fleet is not None else 0
+            undecided = await decider.start()
         except JournalError as error:
             await store.close()
             raise StartupError(str(error)) from None
@@ -219,15 +204,8 @@ def _components(config: Config, link: RuntimeLink, extras: Extras) -> Callable[[
         if schema is not None:
             supervisor.start("schema-check", schema.run)
         stop_fleet = asyncio.Event()
-        if fleet is not None:
-            supervisor.start("fleet-settings", lambda: _watch_fleet(fleet, runtime, config))
-        if fleet_sockets is not None and link.leases is not None and config.database_url is not None:
-            leases = link.leases
-            assert isinstance(leases, PostgresLeases)
-            url = config.database_url
-            supervisor.start("lease-listener", lambda: leases.listen(url, fleet_sockets.wake, stop_fleet))
-            supervisor.start("routed-commands", lambda: fleet_sockets.deliver_routed(stop_fleet))
-            supervisor.start("lease-heartbeat", lambda: fleet_sockets.heartbeat(stop_fleet))
+        for name, task in (decider.background() | coordination.background(stop_fleet)).items():
+            supervisor.start(name, task)
         try:
             yield
         finally:
@@ -235,12 +213,10 @@ def _components(config: Config, link: RuntimeLink, extras: Extras) -> Callable[[
             stop_liveness.set()
             await supervisor.stop(keep={"pending-steps", "owner-notifications"})  # stopped in order below
             # A close needs at most the socket wait plus the database wait; past that, what is left is cancelled.
-            if runtime.fleet is not None:
-                await runtime.fleet.stop()
+            await decider.stop()
             await runtime.shutdown(config.socket_end_timeout + config.database_step_timeout + 1)
             await pending.stop()
-            if events_journal is not None:
-                events_journal.close()
+            coordination.close()
             if delivery is not None:
                 await delivery.stop()
             await store.close()
@@ -254,9 +230,9 @@ def _components(config: Config, link: RuntimeLink, extras: Extras) -> Callable[[
 OWNERS_POLL_SECONDS = 2.0
 
 
-def _owners(config: Config) -> OwnersWatcher:
+def _owners(config: Config, on_change: Callable[[Any], None]) -> OwnersWatcher:
     try:
-        return OwnersWatcher(config.owners_file)
+        return OwnersWatcher(config.owners_file, on_change)
     except OwnersError as error:
         raise StartupError(f"owners file {config.owners_file}: {error}") from None
 
@@ -293,19 +269,6 @@ async def open_store(config: Config, clock: Callable[[], datetime]) -> SessionSt
             f"{store.latest_schema_version}: run `wa-sidecar migrate` first"
         )
     return store
-
-
-async def _watch_fleet(fleet: PostgresFleet, runtime: SessionRuntime, config: Config) -> None:
-    """Seed the fleet's mode from this replica's flags if none is stored yet, then follow the stored one."""
-    while True:
-        try:
-            await fleet.start(config.mode, config.observe_organizations)
-            break
-        except StoreUnavailable as error:
-            log.warning("cannot read the fleet settings yet: %s", error)
-            await asyncio.sleep(RESTORE_RETRY_SECONDS)
-    assert runtime.fleet is not None
-    await runtime.fleet.watch_settings()  # reads them at once, then every SETTINGS_REFRESH_SECONDS
 
 
 HOUSEKEEPING_SECONDS = 60.0

@@ -88,13 +88,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _ingest_logs(config: Config, args: argparse.Namespace) -> int:
-    reader = BaileysLogReader()
-    if args.sessions is not None:
-        try:
-            reader.session_map = load_session_map(args.sessions)
-        except SessionMapError as error:
-            print(f"wa-sidecar: --sessions {error}", file=sys.stderr)
-            return EXIT_CONFIG
+    try:
+        reader = BaileysLogReader(load_session_map(args.sessions) if args.sessions is not None else None)
+    except SessionMapError as error:
+        print(f"wa-sidecar: --sessions {error}", file=sys.stderr)
+        return EXIT_CONFIG
     if args.source != "-" and not Path(args.source).is_file():
         print(f"wa-sidecar: {args.source}: no such log file", file=sys.stderr)
         return EXIT_CONFIG

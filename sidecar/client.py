@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import json
 import logging
@@ -21,12 +22,17 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any
+from typing import Any, ParamSpec
 
+import msgspec
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from sidecar.events.contract import encode_hook
+from sidecar.events.schema import Activity, ConnectionUpdate, DecryptError, Timestamp
+
 log = logging.getLogger("sidecar.client")
+P = ParamSpec("P")
 
 Command = dict[str, Any]
 CommandHandler = Callable[[Command], Awaitable[None] | None]
@@ -34,34 +40,34 @@ ProbeHandler = Callable[[Command], Awaitable[float] | float]
 ErrorHandler = Callable[[dict[str, Any]], None]
 
 
-def _now() -> str:
-    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+def _now() -> Timestamp:
+    return Timestamp.now(UTC)
 
 
-def connection_update(
+def _frame(event: msgspec.Struct) -> dict[str, Any]:
+    """An event as the link carries it: the schema's struct (events/schema.py), defaults left out."""
+    built = msgspec.to_builtins(event, enc_hook=encode_hook)
+    assert isinstance(built, dict)
+    return built
+
+
+def connection_update_event(
     organization_id: int,
     organization_phone_id: int,
     phone_jid: str,
     connection: str,
     status_code: int | None = None,
     new_login: bool = False,
-) -> dict[str, Any]:
-    event: dict[str, Any] = {
-        "type": "connection.update",
-        "organizationId": organization_id,
-        "organizationPhoneId": organization_phone_id,
-        "phoneJid": phone_jid,
-        "connection": connection,
-        "at": _now(),
-    }
-    if status_code is not None:
-        event["statusCode"] = status_code
-    if new_login:
-        event["isNewLogin"] = True
-    return event
+) -> ConnectionUpdate:
+    """The event as the schema's struct (sidecar/events/schema.py); `connection_update` gives its frame."""
+    return ConnectionUpdate(
+        organization_id=organization_id, organization_phone_id=organization_phone_id, phone_jid=phone_jid,
+        connection=connection,  # type: ignore[arg-type]  # the sidecar names a bad state in its answer
+        status_code=status_code, new_login=new_login, at=_now(),
+    )  # fmt: skip
 
 
-def decrypt_error(
+def decrypt_error_event(
     organization_id: int,
     organization_phone_id: int,
     phone_jid: str,
@@ -71,23 +77,17 @@ def decrypt_error(
     peer_jid: str | None = None,
     message_type: str | None = None,
     collection: str | None = None,
-) -> dict[str, Any]:
-    event: dict[str, Any] = {
-        "type": "decrypt.error",
-        "organizationId": organization_id,
-        "organizationPhoneId": organization_phone_id,
-        "phoneJid": phone_jid,
-        "error": error,
-        "at": _now(),
-    }
-    optional = (("source", source), ("peerJid", peer_jid), ("messageType", message_type), ("collection", collection))
-    for key, value in optional:
-        if value is not None:
-            event[key] = value
-    return event
+) -> DecryptError:
+    return DecryptError(
+        organization_id=organization_id, organization_phone_id=organization_phone_id, phone_jid=phone_jid,
+        error=error, peer_jid=peer_jid, collection=collection, at=_now(),
+        # Passed as given: the sidecar names a bad value in its answer.
+        source=source,  # type: ignore[arg-type]
+        message_type=message_type,  # type: ignore[arg-type]
+    )  # fmt: skip
 
 
-def activity(
+def activity_event(
     organization_id: int,
     organization_phone_id: int,
     phone_jid: str,
@@ -96,19 +96,27 @@ def activity(
     messages: int = 0,
     receipts: int = 0,
     notifications: int = 0,
-) -> dict[str, Any]:
-    """Inbound traffic since the last report (send one per interval, only for sessions that had any)."""
-    return {
-        "type": "activity",
-        "organizationId": organization_id,
-        "organizationPhoneId": organization_phone_id,
-        "phoneJid": phone_jid,
-        "messages": messages,
-        "receipts": receipts,
-        "notifications": notifications,
-        "lastInboundAt": last_inbound_at.isoformat(),
-        "at": _now(),
-    }
+) -> Activity:
+    return Activity(
+        organization_id=organization_id, organization_phone_id=organization_phone_id, phone_jid=phone_jid,
+        last_inbound_at=Timestamp.combine(last_inbound_at.date(), last_inbound_at.timetz()),
+        messages=messages, receipts=receipts, notifications=notifications, at=_now(),
+    )  # fmt: skip
+
+
+def _framed(build: Callable[P, msgspec.Struct]) -> Callable[P, dict[str, Any]]:
+    """The frame builder of an event builder: same arguments, the event as the link carries it."""
+
+    @functools.wraps(build)
+    def frame(*args: P.args, **kwargs: P.kwargs) -> dict[str, Any]:
+        return _frame(build(*args, **kwargs))
+
+    return frame
+
+
+connection_update = _framed(connection_update_event)
+decrypt_error = _framed(decrypt_error_event)
+activity = _framed(activity_event)  # inbound traffic since the last report (one per interval, sessions with any)
 
 
 class Unsupported(Exception):

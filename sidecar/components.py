@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from sidecar.config import Config
-from sidecar.link.server import RuntimeLink
+from sidecar.events.intake import Intake
+from sidecar.link.connections import LinkConnections
+from sidecar.link.server import LinkServer
 from sidecar.notify.delivery import Delivery
 from sidecar.notify.owners import OwnersWatcher
 from sidecar.ports import SessionStore
@@ -27,7 +29,9 @@ class Components:
     store: SessionStore
     pending: PendingSteps
     runtime: SessionRuntime
-    link: RuntimeLink
+    link: LinkConnections
+    intake: Intake
+    link_server: LinkServer
     metrics: SidecarMetrics
     families: SessionFamilies
     tracing: Tracing

@@ -1,6 +1,6 @@
 """One frozen config, from command-line flags and WA_SIDECAR_* environment variables, validated once.
 
-Over 300 lines because each setting is declared once here (flag, variable, default, check, error text).
+Each setting is declared once here (flag, variable, default, meaning); config_values.py reads one setting's text.
 """
 
 from __future__ import annotations
@@ -8,12 +8,21 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
-import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+from sidecar.config_values import (
+    ConfigError,
+    boolean,
+    duration,
+    listen_address,
+    organization_teams,
+    positive_float,
+    positive_int,
+    status_codes,
+)
 from sidecar.rules.liveness import DeafAction, LivenessConfig
 from sidecar.rules.policy import DEFAULT_CRITICAL_STATUS_CODES, HealthPolicy, Limits, PolicyConfig
 from sidecar.rules.safety import BreakerConfig, Mode
@@ -27,16 +36,6 @@ ENVIRONMENT_ONLY = {
     "RUNTIME_TOKEN": "bearer token runtimes present on /v1/runtime and POST /v1/events",
 }
 DEFAULT_TEAM = "unassigned"
-_TEAM = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
-
-
-class ConfigError(ValueError):
-    """A bad setting; `key` names the flag or variable."""
-
-    def __init__(self, key: str, problem: str) -> None:
-        super().__init__(f"{key}: {problem}")
-        self.key = key
-        self.problem = problem
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,62 +212,6 @@ def _setting(args: argparse.Namespace, env: Mapping[str, str], name: str) -> str
     return env.get(ENV_PREFIX + name.upper())
 
 
-def _positive_int(key: str, raw: str) -> int:
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(key, f"must be a positive integer, got {raw!r}") from None
-    if value < 1:
-        raise ConfigError(key, f"must be a positive integer, got {raw!r}")
-    return value
-
-
-def _positive_float(key: str, raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(key, f"must be a number of seconds, got {raw!r}") from None
-    if not value > 0:
-        raise ConfigError(key, f"must be greater than 0, got {raw!r}")
-    return value
-
-
-DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86_400.0}
-
-
-def duration(key: str, raw: str) -> float:
-    """`90`, `90s`, `15m`, `12h`, `30d` as seconds (greater than 0)."""
-    text = raw.strip()
-    unit = DURATION_UNITS.get(text[-1:].lower())
-    number = text[:-1] if unit is not None else text
-    try:
-        value = float(number) * (unit or 1.0)
-    except ValueError:
-        raise ConfigError(key, f"must be a duration like 3600, 90s, 15m, 12h or 30d, got {raw!r}") from None
-    if not 0 < value < float("inf"):
-        raise ConfigError(key, f"must be greater than 0, got {raw!r}")
-    return value
-
-
-def _boolean(key: str, raw: str) -> bool:
-    folded = raw.strip().lower()
-    if folded in {"1", "true", "yes", "on"}:
-        return True
-    if folded in {"0", "false", "no", "off", ""}:
-        return False
-    raise ConfigError(key, f"must be true or false, got {raw!r}")
-
-
-def _listen(raw: str) -> tuple[str, int]:
-    host, sep, port = raw.rpartition(":")
-    if not sep or not host:
-        raise ConfigError("listen", f"must be host:port, got {raw!r}")
-    if not port.isdigit() or int(port) > 65535:
-        raise ConfigError("listen", f"port must be a number from 0 to 65535 (0: any free port), got {port!r}")
-    port_number = int(port)
-    return host.strip("[]"), port_number
-
-
 def _schema(overrides: list[str]) -> SchemaMapping:
     known = {item.name for item in fields(SchemaMapping)}
     values: dict[str, str] = {}
@@ -285,32 +228,6 @@ def _schema(overrides: list[str]) -> SchemaMapping:
     return mapping
 
 
-def _status_codes(raw: str) -> frozenset[int]:
-    codes = [part.strip() for part in raw.split(",") if part.strip()]
-    result = set()
-    for code in codes:
-        value = _positive_int("critical-status-codes", code)
-        if not 100 <= value <= 599:
-            raise ConfigError("critical-status-codes", f"{value} is not a status code (100-599)")
-        result.add(value)
-    return frozenset(result)
-
-
-def _organization_teams(raw: str) -> dict[int, str]:
-    teams: dict[int, str] = {}
-    for item in (part.strip() for part in raw.split(",")):
-        if not item:
-            continue
-        organization, sep, team = item.partition("=")
-        if not sep:
-            raise ConfigError("organization-teams", f"expected organizationId=team, got {item!r}")
-        organization_id = _positive_int("organization-teams", organization.strip())
-        if not _TEAM.match(team.strip()):
-            raise ConfigError("organization-teams", f"team {team!r} must be 1-63 letters, digits, '_', '-' or '.'")
-        teams[organization_id] = team.strip()
-    return teams
-
-
 def config_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Config:
     env = os.environ if env is None else env
 
@@ -320,33 +237,33 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = N
     config = Config()
     changes: dict[str, object] = {}
     if (raw := setting("listen")) is not None:
-        changes["listen_host"], changes["listen_port"] = _listen(raw)
+        changes["listen_host"], changes["listen_port"] = listen_address(raw)
     if (raw := setting("database_url")) is not None and raw.strip():
         if not raw.startswith(("postgres://", "postgresql://")):
             raise ConfigError("database-url", "must start with postgresql:// or postgres://")
         changes["database_url"] = raw
     limits = Limits()
     if (raw := setting("max_bad_mac_errors")) is not None:
-        limits = replace(limits, max_bad_mac_errors=_positive_int("max-bad-mac-errors", raw))
+        limits = replace(limits, max_bad_mac_errors=positive_int("max-bad-mac-errors", raw))
     if (raw := setting("max_bad_decrypt_errors")) is not None:
-        limits = replace(limits, max_bad_decrypt_errors=_positive_int("max-bad-decrypt-errors", raw))
+        limits = replace(limits, max_bad_decrypt_errors=positive_int("max-bad-decrypt-errors", raw))
     policy = PolicyConfig(limits=limits)
     if (raw := setting("health_policy")) is not None:
         if raw not in {item.value for item in HealthPolicy}:
             raise ConfigError("health-policy", f"must be counters or windowed, got {raw!r}")
         policy = replace(policy, health=HealthPolicy(raw))
     if (raw := setting("health_window")) is not None:
-        policy = replace(policy, window_seconds=_positive_float("health-window", raw))
+        policy = replace(policy, window_seconds=positive_float("health-window", raw))
     if (raw := setting("delete_prekeys_on_heal")) is not None:
-        policy = replace(policy, delete_prekeys_on_heal=_boolean("delete-prekeys-on-heal", raw))
+        policy = replace(policy, delete_prekeys_on_heal=boolean("delete-prekeys-on-heal", raw))
     raw = setting("critical_status_codes")
-    policy = replace(policy, critical_status_codes=DEFAULT_CRITICAL_STATUS_CODES if raw is None else _status_codes(raw))
+    policy = replace(policy, critical_status_codes=DEFAULT_CRITICAL_STATUS_CODES if raw is None else status_codes(raw))
     changes["policy"] = policy
     for name in ("socket_end_timeout", "database_step_timeout"):
         if (raw := setting(name)) is not None:
-            changes[name] = _positive_float(name.replace("_", "-"), raw)
+            changes[name] = positive_float(name.replace("_", "-"), raw)
     if (raw := setting("pending_steps_limit")) is not None:
-        changes["pending_steps_limit"] = _positive_int("pending-steps-limit", raw)
+        changes["pending_steps_limit"] = positive_int("pending-steps-limit", raw)
     if (raw := setting("closure_log")) is not None and raw:
         changes["closure_log_path"] = Path(raw)
     if (raw := setting("state_dir")) is not None and raw:
@@ -365,32 +282,32 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = N
     if (raw := setting("owners_file")) is not None and raw:
         changes["owners_file"] = Path(raw)
     if (raw := setting("webhook_max_attempts")) is not None:
-        changes["webhook_max_attempts"] = _positive_int("webhook-max-attempts", raw)
+        changes["webhook_max_attempts"] = positive_int("webhook-max-attempts", raw)
     for name in ("webhook_timeout", "webhook_backoff_initial"):
         if (raw := setting(name)) is not None:
-            changes[name] = _positive_float(name.replace("_", "-"), raw)
+            changes[name] = positive_float(name.replace("_", "-"), raw)
     if (raw := setting("organization_teams")) is not None:
-        changes["organization_teams"] = _organization_teams(raw)
+        changes["organization_teams"] = organization_teams(raw)
     changes["api_token"] = env.get(ENV_PREFIX + "API_TOKEN") or None  # ENVIRONMENT_ONLY
     changes["runtime_token"] = env.get(ENV_PREFIX + "RUNTIME_TOKEN") or None
     if (raw := setting("insecure")) is not None:
-        changes["insecure"] = _boolean("insecure", raw)
+        changes["insecure"] = boolean("insecure", raw)
     if (raw := setting("coordination")) is not None:
         if raw not in ("fleet", "local"):
             raise ConfigError("coordination", f"must be fleet or local, got {raw!r}")
         changes["coordination"] = raw
     if (raw := setting("request_header_timeout")) is not None:
-        changes["request_header_timeout"] = _positive_float("request-header-timeout", raw)
+        changes["request_header_timeout"] = positive_float("request-header-timeout", raw)
     if (raw := setting("request_body_timeout")) is not None:
-        changes["request_body_timeout"] = _positive_float("request-body-timeout", raw)
+        changes["request_body_timeout"] = positive_float("request-body-timeout", raw)
     if (raw := setting("close_lease_seconds")) is not None:
-        changes["close_lease_seconds"] = _positive_float("close-lease-seconds", raw)
+        changes["close_lease_seconds"] = positive_float("close-lease-seconds", raw)
     if (raw := setting("state_ttl")) is not None:
         changes["state_ttl"] = duration("state-ttl", raw)
     if (raw := setting("retention")) is not None:
         changes["retention"] = duration("retention", raw)
     if (raw := setting("database_command_timeout")) is not None:
-        changes["database_command_timeout"] = _positive_float("database-command-timeout", raw)
+        changes["database_command_timeout"] = positive_float("database-command-timeout", raw)
     if (raw := setting("deaf_action")) is not None:
         if raw not in {item.value for item in DeafAction}:
             raise ConfigError("deaf-action", f"must be none or restart, got {raw!r}")
@@ -399,7 +316,7 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = N
     if (raw := setting("deaf_floor")) is not None:
         liveness = replace(liveness, floor_seconds=duration("deaf-floor", raw))
     if (raw := setting("deaf_gap_factor")) is not None:
-        factor = _positive_float("deaf-gap-factor", raw)
+        factor = positive_float("deaf-gap-factor", raw)
         if factor < 1:
             raise ConfigError("deaf-gap-factor", f"must be at least 1, got {raw!r}")
         liveness = replace(liveness, gap_factor=factor)
@@ -408,28 +325,39 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = N
     if (raw := setting("deaf_min_history")) is not None:
         liveness = replace(liveness, min_history_seconds=duration("deaf-min-history", raw))
     if (raw := setting("deaf_min_reports")) is not None:
-        liveness = replace(liveness, min_reports=_positive_int("deaf-min-reports", raw))
+        liveness = replace(liveness, min_reports=positive_int("deaf-min-reports", raw))
     changes["liveness"] = liveness
     if (raw := setting("liveness_tick")) is not None:
-        changes["liveness_tick"] = _positive_float("liveness-tick", raw)
+        changes["liveness_tick"] = positive_float("liveness-tick", raw)
     if (raw := setting("mode")) is not None:
         if raw not in {item.value for item in Mode}:
             raise ConfigError("mode", f"must be enforce or observe, got {raw!r}")
         changes["mode"] = Mode(raw)
     if (raw := setting("observe_organizations")) is not None:
         ids = [part.strip() for part in raw.split(",") if part.strip()]
-        changes["observe_organizations"] = frozenset(_positive_int("observe-organizations", item) for item in ids)
+        changes["observe_organizations"] = frozenset(positive_int("observe-organizations", item) for item in ids)
     breaker = BreakerConfig()
     if (raw := setting("breaker_max_closes")) is not None:
-        breaker = replace(breaker, max_closes=_positive_int("breaker-max-closes", raw))
+        breaker = replace(breaker, max_closes=positive_int("breaker-max-closes", raw))
     if (raw := setting("breaker_max_share")) is not None:
-        share = _positive_float("breaker-max-share", raw)
+        share = positive_float("breaker-max-share", raw)
         if share > 1:
             raise ConfigError("breaker-max-share", f"must be a share from 0 to 1, got {raw!r}")
         breaker = replace(breaker, max_share=share)
     if (raw := setting("breaker_window")) is not None:
-        breaker = replace(breaker, window_seconds=_positive_float("breaker-window", raw))
+        breaker = replace(breaker, window_seconds=positive_float("breaker-window", raw))
     changes["breaker"] = breaker
     if (raw := setting("logout_stick_seconds")) is not None:
-        changes["logout_stick_seconds"] = _positive_float("logout-stick-seconds", raw)
+        changes["logout_stick_seconds"] = positive_float("logout-stick-seconds", raw)
     return replace(config, **changes)  # type: ignore[arg-type]
+
+
+__all__ = [
+    "ENVIRONMENT_ONLY",
+    "ENV_PREFIX",
+    "Config",
+    "ConfigError",
+    "SchemaMapping",
+    "add_config_arguments",
+    "config_from_args",
+]

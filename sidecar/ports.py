@@ -253,6 +253,9 @@ class FleetState(Protocol):
 
     async def settings(self) -> FleetSettings: ...
 
+    async def seed_settings(self, mode: Mode, observe_organizations: frozenset[int]) -> None:
+        """Store this replica's mode flags as the fleet's when the fleet has not seen them yet."""
+
     async def set_mode(self, mode: Mode, observe_organizations: frozenset[int]) -> None: ...
 
     async def trip_breaker(self, now: float, operator: str) -> bool:

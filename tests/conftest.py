@@ -92,3 +92,9 @@ def no_phone_numbers_in_logs(caplog: pytest.LogCaptureFixture) -> Iterator[None]
         if record.levelno >= logging.INFO and record.name.startswith("sidecar"):
             text = record.getMessage() + " " + json.dumps(record.__dict__.get("fields", {}), default=str)
             assert not phone_numbers_in(text), f"a phone number in a log line: {text[:300]}"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Each test is marked with its tier, so `-m unit` / `-m integration` select them wherever they are named."""
+    for item in items:
+        item.add_marker("unit" if "unit" in item.path.parts[-2:-1] else "integration")

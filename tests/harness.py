@@ -13,7 +13,7 @@ from sidecar.config import SchemaMapping
 from sidecar.link.local_sockets import LocalSocketController
 from sidecar.ports import SessionStore
 from sidecar.rules.policy import PolicyConfig
-from sidecar.runtime import SessionRuntime
+from sidecar.runtime import SessionRuntime, assemble
 from sidecar.runtime.observer import RuntimeObserver
 from sidecar.store.journal import Journal
 from sidecar.store.memory import MemoryStore
@@ -87,7 +87,7 @@ async def runtime_over(
     store = await PostgresStore.connect(dsn, SchemaMapping()) if dsn else MemoryStore(clock)
     pending = PendingSteps(store, 100_000, Journal(state_dir) if state_dir else None)
     sockets = LocalSocketController()
-    runtime = SessionRuntime(
+    runtime = assemble(
         policy or PolicyConfig(),
         store,
         pending,

@@ -9,6 +9,10 @@
 // batches; every failure of the link is logged and retried with backoff. Works with Baileys 6.x and 7.x.
 
 const WebSocket = require('ws')
+// Both generated from the sidecar's own definitions (python -m docs.generate): the runtime link's schema
+// (sidecar/events/schema.py) and the app-state message table (sidecar/rules/app_state.py).
+const LINK_SCHEMA = require('./runtime-link.schema.json')
+const APP_STATE = require('./app-state-messages.json')
 
 const CIPHERTEXT = 2 // proto.WebMessageInfo.StubType.CIPHERTEXT
 const LOGGED_OUT = 401 // DisconnectReason.loggedOut
@@ -16,8 +20,11 @@ const RESTART_REQUIRED = 515 // DisconnectReason.restartRequired: the usual "rec
 // Inbound stanzas counted for the liveness watch (deaf sessions). Answers to our own queries (iq results, which
 // include the keep-alive pings a deaf session still answers) are not traffic.
 const INBOUND_TAGS = { message: 'messages', receipt: 'receipts', notification: 'notifications' }
-const USER_JID = /^[0-9]{1,20}(:[0-9]{1,4})?@(s\.whatsapp\.net|c\.us|lid|hosted|hosted\.lid)$/
-const APP_STATE_PATCH_NAMES = ['critical_block', 'critical_unblock_low', 'regular_high', 'regular_low', 'regular']
+const errorFields = LINK_SCHEMA.$defs.DecryptError.properties
+const nonNull = (property) => (property.anyOf || [property]).find((option) => option.type !== 'null')
+const USER_JID = new RegExp(errorFields.phoneJid.pattern)
+const COLLECTION = new RegExp(nonNull(errorFields.collection).pattern)
+const APP_STATE_PATCH_NAMES = APP_STATE.collections
 const APP_STATE_DEDUP_MS = 10_000
 // Phones that showed a QR code or completed a pairing: their next `open` is a new login. Kept per phone
 // across sockets, because Baileys restarts the socket (515) right after pairing.
@@ -27,28 +34,21 @@ const pairedPhones = new Set()
 // appStateMacVerification) at warn level. One failure can log twice (retry from scratch, then give up).
 // Baileys 7 skips a record it cannot decrypt without a word; what it still logs is below, each with the
 // `kind` the sidecar counts it as (whatsapp_app_state_sync_failures_total; sidecar/rules/app_state.py).
-const APP_STATE_MESSAGES = [
-  [/^LTHash verification failed, skipping remaining patches/, 'lthash_patch'],
-  [/^LTHash verification failed on snapshot/, 'lthash_snapshot'],
-  [/ blocked on missing key from v\d+, parking after \d+ attempts$/, 'missing_key'],
-  [/^failed to sync \S+ from v\d+, forcing snapshot retry$/, 'snapshot_retry'],
-  [/^failed to sync \S+ from v\d+, giving up$/, 'gave_up'],
-]
-const COLLECTION = /^[a-z_]{1,64}$/
+const APP_STATE_SIGNALS = APP_STATE.signals.map((signal) => ({ ...signal, regex: new RegExp(signal.pattern, signal.flags) }))
+const firstSignal = (text, foundIn) => APP_STATE_SIGNALS.find((signal) => signal.foundIn === foundIn && signal.regex.test(text))
 
 function appStateFailure(record) {
   if (!record || typeof record !== 'object') return null
   const msg = typeof record.msg === 'string' ? record.msg : ''
   const collection = typeof record.name === 'string' && COLLECTION.test(record.name) ? record.name : undefined
-  if (msg.startsWith('failed to sync state from version') || msg === 'failed to decode patch, skipping') {
+  if (APP_STATE.wrapperMessages.some((wrapper) => msg.startsWith(wrapper))) {
     const error = record.error ?? record.err
     const text = typeof error === 'string' ? error : error?.stack || error?.message || ''
-    if (!/bad decrypt|ERR_OSSL_BAD_DECRYPT|Invalid patch mac|wrong final block length/i.test(text)) return null
-    const kind = /Invalid patch mac/i.test(text) ? 'patch_mac' : 'decrypt'
-    return { error: text.split('\n')[0], collection, kind }
+    const known = firstSignal(text, 'error')
+    return known ? { error: text.split('\n')[0], collection, kind: known.kind } : null
   }
-  const known = APP_STATE_MESSAGES.find(([pattern]) => pattern.test(msg))
-  return known ? { error: msg, collection, kind: known[1] } : null
+  const known = firstSignal(msg, 'message')
+  return known ? { error: msg, collection, kind: known.kind } : null
 }
 
 // A pino-compatible logger that forwards everything to `base` and lets attached sidecar links see app-state

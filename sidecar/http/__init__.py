@@ -1,19 +1,19 @@
 """The HTTP API (aiohttp), routes by concern; `openapi.json` here is the contract.
 
-sessions.py    /v1/sessions, stats, force close
-safety.py      /v1/breaker, /v1/mode
-ingest.py      /v1/events, /v1/runtime (WebSocket)
-operations.py  /healthz, /readyz, /metrics, /v1/openapi.json, /v1/notifications
-errors.py      JSON error bodies, middlewares, token checks, request bodies
+sessions.py         /v1/sessions, stats, force close
+safety_controls.py  /v1/breaker, /v1/mode
+ingest.py           /v1/events, /v1/runtime (WebSocket)
+operations.py       /healthz, /readyz, /metrics, /v1/openapi.json, /v1/notifications
+requests.py         what every route shares: JSON error bodies, middlewares, token checks, request bodies
 """
 
 from __future__ import annotations
 
 from aiohttp import web
 
-from sidecar.http import ingest, operations, safety, sessions
-from sidecar.http.errors import MAX_BODY_BYTES, input_errors, json_errors
+from sidecar.http import ingest, operations, safety_controls, sessions
 from sidecar.http.operations import OPENAPI_PATH
+from sidecar.http.requests import MAX_BODY_BYTES, input_errors, json_errors
 
 
 def add_routes(app: web.Application) -> None:
@@ -21,7 +21,7 @@ def add_routes(app: web.Application) -> None:
     operations.add_routes(app)
     ingest.add_routes(app)
     sessions.add_routes(app)
-    safety.add_routes(app)
+    safety_controls.add_routes(app)
 
 
 __all__ = ["MAX_BODY_BYTES", "OPENAPI_PATH", "add_routes"]

@@ -7,7 +7,7 @@ from pathlib import Path
 from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
-from sidecar.http.errors import components_of
+from sidecar.http.requests import components_of
 from sidecar.ports import StoreUnavailable
 from sidecar.rules.inputs import ascii_id
 from sidecar.rules.policy import HealthPolicy
@@ -39,9 +39,7 @@ async def readyz(request: web.Request) -> web.Response:
     """Ready when the database answers, its schema is migrated, and no background task is down."""
     components = components_of(request)
     reasons: list[str] = []
-    reason = components.pending.unavailable_reason
-    if reason is None and components.runtime.fleet is not None:
-        reason = components.runtime.fleet.unavailable_reason
+    reason = components.pending.unavailable_reason or components.runtime.decider.unavailable_reason
     if reason is None:
         try:
             await components.store.ping()

@@ -9,7 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from sidecar.components import Components
-from sidecar.http.errors import api_auth_error, components_of, json_body
+from sidecar.http.requests import api_auth_error, components_of, json_body
 from sidecar.ports import SocketCommandFailed, SocketCommandUnsupported, SocketUnreachable
 from sidecar.rules.inputs import MAX_ID, ascii_id
 from sidecar.rules.policy import is_healthy

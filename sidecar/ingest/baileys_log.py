@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sidecar.rules.app_state import app_state_signal
+from sidecar.events.reader import COLLECTION
+from sidecar.rules.app_state import WRAPPER_MESSAGES, app_state_signal, error_signal
 from sidecar.rules.jid import InvalidJid, parse_jid
 
 # Most lines of a busy backend are none of these: a chunk of the log is searched for them (str.find runs in C)
@@ -45,8 +46,6 @@ NEEDLES = (
     "Session error:",
     "pairing configured successfully",
 )
-APP_STATE_TEXT = re.compile(r"bad decrypt|ERR_OSSL_BAD_DECRYPT|Invalid patch mac|wrong final block length", re.I)
-COLLECTION_NAME = re.compile(r"^[a-z_]{1,64}\Z")
 SESSION_ERROR = re.compile(r"^Session error:(?P<type>\w+): (?P<message>.*?)(?: (?P=type): (?P=message))?\s*$")
 NO_MATCHING_SESSIONS = "No matching sessions found for message"
 APP_STATE_REPEAT_SECONDS = 10.0
@@ -246,9 +245,7 @@ class BaileysLogReader:
         message = record.get("msg")
         if message == "failed to decrypt message":
             return self._decrypt_failure(record)
-        if isinstance(message, str) and (
-            message.startswith("failed to sync state from version") or message == "failed to decode patch, skipping"
-        ):
+        if isinstance(message, str) and message.startswith(WRAPPER_MESSAGES):
             return self._app_state_failure(record)
         if isinstance(message, str) and (signal := app_state_signal(message)) is not None:
             return self._app_state_failure(record, message, str(signal.kind))  # 7.x: the message is the signal
@@ -342,7 +339,7 @@ class BaileysLogReader:
             error = record.get("error", record.get("err"))
             if isinstance(error, dict):
                 error = error.get("stack") or error.get("message")
-            if not isinstance(error, str) or not APP_STATE_TEXT.search(error):
+            if not isinstance(error, str) or error_signal(error) is None:
                 return None
             text = error.split("\n", 1)[0]
         event = self._base(record, "decrypt.error")
@@ -359,6 +356,6 @@ class BaileysLogReader:
             self._app_state[repeat] = moment
         event["error"] = text
         event["source"] = "app-state"
-        if isinstance(name, str) and COLLECTION_NAME.match(name):
+        if isinstance(name, str) and COLLECTION.match(name):
             event["collection"] = name
         return event

@@ -14,13 +14,16 @@ from pathlib import Path
 import yaml
 
 from sidecar.components import Components
+from sidecar.events.decode import decode_objects
+from sidecar.events.intake import Channel
+from sidecar.events.reader import FrameInvalid
+from sidecar.events.schema import DecryptError, InboundMessage
 from sidecar.ingest.baileys_log import BaileysLogReader, SessionMap
 from sidecar.ingest.source import file_lines, stdin_lines
-from sidecar.link.dispatch import apply_event
-from sidecar.link.protocol import CommandAck, FrameInvalid, parse_messages
-from sidecar.rules.classification import ErrorSource, classify
 
 log = logging.getLogger("sidecar.ingest")
+
+BATCH = 1000  # events of the log handed to the intake at once (a chunk of the log can hold more)
 
 
 class SessionMapError(ValueError):
@@ -43,19 +46,22 @@ def lines_of(source: str, follow: bool, from_end: bool) -> AsyncIterator[str]:
 
 
 async def pump(components: Components, lines: AsyncIterator[str], reader: BaileysLogReader) -> dict[str, object]:
-    """Feeds every event the log holds to the runtime; returns what it read. Waits when the pending queue is full
-    (apply_event waits for room), so a fast log slows down instead of growing memory."""
+    """Feeds every event the log holds to the intake, a batch at a time; returns what it read. The intake waits
+    while the database writer is behind, so a fast log slows down instead of growing memory."""
     if not components.restored.is_set():
         log.warning("waiting for the stored counters to load before reading the log (failures are logged)")
         await components.restored.wait()
     started = time.perf_counter()
     by_class: Counter[str] = Counter()
     async for chunk in lines:
-        for event in reader.feed(chunk):
-            if event["type"] == "decrypt.error":
-                source = event.get("source")
-                by_class[classify(str(event["error"]), ErrorSource(source) if source else None)] += 1
-            await _apply(components, event)
+        events = reader.feed(chunk)
+        for start in range(0, len(events), BATCH):
+            messages = _decoded(components, events[start : start + BATCH])
+            for message in messages:
+                if type(message) is DecryptError:
+                    by_class[components.runtime.error_class(message)] += 1
+            if messages:
+                await components.intake.take(messages, Channel.LOGS)
         await asyncio.sleep(0)  # a chunk is at most 1 MB of log: yield so the API stays responsive
     await components.runtime.settle()
     seconds = time.perf_counter() - started
@@ -64,18 +70,20 @@ async def pump(components: Components, lines: AsyncIterator[str], reader: Bailey
     return stats | {"decryptErrors": dict(by_class), "seconds": round(seconds, 3), "linesPerSecond": rate}
 
 
-async def _apply(components: Components, event: dict[str, object]) -> None:
+def _decoded(components: Components, events: list[dict[str, object]]) -> list[InboundMessage]:
+    """The batch's events; one the reader refuses is logged and left out, the others go on."""
     try:
-        messages = parse_messages(event)
+        return decode_objects(events)
     except FrameInvalid as invalid:
-        components.link.rejected(invalid.reason)
-        log.warning("log event refused", extra={"fields": {"error": invalid.error, "details": invalid.details}})
-        return
-    async with components.runtime.batch():
-        for message in messages:
-            components.link.counted_all((message,), "logs")
-            if not isinstance(message, CommandAck):
-                await apply_event(components.runtime, message)
+        refused = {problem["index"] for problem in invalid.details}
+        for index in sorted(refused):
+            components.intake.rejected(invalid.reason)
+            problems = [problem for problem in invalid.details if problem["index"] == index]
+            log.warning("log event refused", extra={"fields": {"error": invalid.error, "details": problems}})
+        if not refused:  # the batch as a whole (none of a log's batches is empty or too long)
+            components.intake.rejected(invalid.reason)
+            return []
+        return decode_objects([event for index, event in enumerate(events) if index not in refused])
 
 
 def announce(source: str, follow: bool) -> None:

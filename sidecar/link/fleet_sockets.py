@@ -10,7 +10,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from sidecar.link.server import RuntimeLink
+from sidecar.link.connections import LinkConnections
 from sidecar.ports import SocketCommandFailed, SocketLeases, SocketUnreachable, StoreUnavailable, command_failure
 
 log = logging.getLogger("sidecar.link")
@@ -22,7 +22,7 @@ COMMAND_POLL_SECONDS = 1.0  # the fallback when a NOTIFY was missed
 class FleetSockets:
     """The SocketController in fleet mode: the local connection when it holds the phone, else its owner's."""
 
-    def __init__(self, link: RuntimeLink, leases: SocketLeases, lease_seconds: float) -> None:
+    def __init__(self, link: LinkConnections, leases: SocketLeases, lease_seconds: float) -> None:
         self._link = link
         self._leases = leases
         self._lease_seconds = lease_seconds

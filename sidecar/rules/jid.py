@@ -13,6 +13,10 @@ _JID = re.compile(
 )
 
 
+# The same rule as a JSON Schema / ECMAScript pattern (the OpenAPI document, the adapter's schema).
+USER_JID_PATTERN = r"^[0-9]{1,20}(:[0-9]{1,4})?@(" + "|".join(map(re.escape, _USER_SERVERS)) + r")$"
+
+
 class InvalidJid(ValueError):
     """A text that is not a user JID."""
 

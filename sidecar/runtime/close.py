@@ -10,21 +10,15 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from datetime import datetime
 
-from opentelemetry import trace
-
-from sidecar.ports import SocketController, StepQueue, StoreUnavailable
-from sidecar.rules.policy import Close, CloseCompleted, Phase, PolicyConfig, SessionState, decide, error_stats
+from sidecar.ports import StoreUnavailable
+from sidecar.rules.policy import Close, CloseCompleted, Phase, SessionState, decide, error_stats
 from sidecar.rules.records import CloseTrigger, ClosureRecord, Logout, LogoutResult, NotificationEvent, StepOutcome
-from sidecar.rules.safety import LoopDetector
-from sidecar.runtime.notices import Notices
-from sidecar.runtime.observer import RuntimeObserver
 from sidecar.runtime.outcomes import fail_span, socket_command, span_ids
-from sidecar.runtime.registry import LoggedOut, Session, SessionRegistry
-from sidecar.runtime.tasks import BackgroundTasks
+from sidecar.runtime.parts import RuntimeParts
+from sidecar.runtime.registry import LoggedOut, Session
 
 DATABASE_PARTS = ("authKeys", "phoneStatus", "closureRecord", "counters")
 DATABASE_SPANS = {
@@ -40,39 +34,24 @@ def database_failed(record: ClosureRecord) -> bool:
 
 
 class CloseSequence:
-    def __init__(
-        self,
-        policy: PolicyConfig,
-        registry: SessionRegistry,
-        steps: StepQueue,
-        sockets: SocketController,
-        observers: Sequence[RuntimeObserver],
-        notices: Notices,
-        tasks: BackgroundTasks,
-        tracer: trace.Tracer,
-        clock: Callable[[], datetime],
-        observing: Callable[[int], bool],
-        loops: LoopDetector,
-        *,
-        socket_timeout: float,
-        database_timeout: float,
-    ) -> None:
-        self._policy = policy
-        self._registry = registry
-        self._steps = steps
-        self._sockets = sockets
-        self._observers = observers
-        self._notices = notices
-        self._tasks = tasks
-        self._tracer = tracer
-        self._clock = clock
-        self._observing = observing
-        self._loops = loops
-        self._socket_timeout = socket_timeout
-        self._database_timeout = database_timeout
+    def __init__(self, parts: RuntimeParts, release_claim: Callable[[int, int], Awaitable[None]] | None) -> None:
+        """`release_claim` (fleet mode): give a claimed close back (phone id, generation) when an operator's
+        close is undone."""
+        self._policy = parts.policy
+        self._registry = parts.registry
+        self._steps = parts.steps
+        self._sockets = parts.sockets
+        self._observers = parts.observers
+        self._notices = parts.notices
+        self._tasks = parts.tasks
+        self._tracer = parts.tracer
+        self._clock = parts.clock
+        self._observing = parts.safety.observing
+        self._loops = parts.safety.loops
+        self._socket_timeout = parts.socket_timeout
+        self._database_timeout = parts.database_timeout
         self._in_flight: dict[int, asyncio.Task[ClosureRecord]] = {}
-        # Fleet mode: give a claimed close back (phone id, generation) when an operator's close is undone.
-        self.release_claim: Callable[[int, int], Awaitable[None]] | None = None
+        self.release_claim = release_claim
 
     def start(
         self, session: Session, decision: Close, trigger: CloseTrigger, generation: int | None = None

@@ -24,7 +24,14 @@ Decide = Callable[[list[tuple[Waiting, int]], tuple[str, int] | None], Awaitable
 
 
 class DecisionQueue:
-    def __init__(self, decide: Decide, limit: int, journal: EventJournal | None = None) -> None:
+    def __init__(
+        self,
+        decide: Decide,
+        limit: int,
+        journal: EventJournal | None = None,
+        on_dropped: Callable[[str], None] | None = None,
+        on_decided: Callable[[], None] | None = None,
+    ) -> None:
         self._decide = decide  # one batch in one transaction: (events with journal positions, journal mark)
         self._waiting: deque[tuple[Waiting, Submission, int]] = deque()  # event, waiter, journal position
         self._journal = journal
@@ -33,10 +40,10 @@ class DecisionQueue:
         self._wake = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
         self.unavailable_reason: str | None = None
-        self.on_dropped: Callable[[str], None] | None = None  # an event dropped: "timeout" or "other"
+        self.on_dropped = on_dropped  # an event dropped: "timeout" or "other"
         self._single = 0  # after a timed-out batch: how many events to decide one at a time
         self._slow_attempts = 0
-        self.on_decided: Callable[[], None] | None = None  # after every committed batch (wakes webhook delivery)
+        self.on_decided = on_decided  # after every committed batch (wakes webhook delivery)
 
     @property
     def backlog(self) -> int:

@@ -4,14 +4,11 @@ the effect (heal or close), and record holds and breaker trips."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
-
 from sidecar.rules.policy import (
     Close,
     Heal,
     Hold,
     Phase,
-    PolicyConfig,
     SessionState,
     Transition,
     error_stats,
@@ -20,31 +17,20 @@ from sidecar.rules.policy import (
 from sidecar.rules.records import CloseTrigger, Notification, NotificationEvent, PhoneRef
 from sidecar.rules.safety import BreakerStatus
 from sidecar.runtime.close import CloseSequence
-from sidecar.runtime.fleet_safety import Incidents
 from sidecar.runtime.heal import HealRunner
-from sidecar.runtime.notices import Notices
-from sidecar.runtime.observer import RuntimeObserver
+from sidecar.runtime.incidents import Incidents
+from sidecar.runtime.parts import RuntimeParts
 from sidecar.runtime.registry import Session
 
 
 class Effects:
-    def __init__(
-        self,
-        policy: PolicyConfig,
-        observers: Sequence[RuntimeObserver],
-        notices: Notices,
-        heals: HealRunner,
-        closes: CloseSequence,
-        incidents: Incidents,
-        breaker_status: Callable[[], Awaitable[BreakerStatus]],
-    ) -> None:
-        self.policy = policy
-        self._observers = observers
-        self._notices = notices
+    def __init__(self, parts: RuntimeParts, heals: HealRunner, closes: CloseSequence, incidents: Incidents) -> None:
+        self.policy = parts.policy
+        self._observers = parts.observers
+        self._notices = parts.notices
         self._heals = heals
         self._closes = closes
         self._incidents = incidents
-        self._breaker_status = breaker_status
 
     def set_connected(self, session: Session, connected: bool) -> None:
         if session.connected != connected:
@@ -88,12 +74,12 @@ class Effects:
             self._heals.supersede(session.organization_phone_id)
             self._closes.start(session, decision, trigger, generation)
 
-    async def after_decision(self, phone: PhoneRef, decision: object, just_tripped: bool) -> None:
-        """Records of a hold and of a breaker trip, once the decision stands."""
+    async def after_decision(self, phone: PhoneRef, decision: object, tripped: BreakerStatus | None) -> None:
+        """Records of a hold and of a breaker trip (`tripped`: the breaker this decision tripped), once the
+        decision stands."""
         if isinstance(decision, Hold):
             detail = {"reason": str(decision.reason), "detail": decision.detail}
             await self._incidents.record(phone, "session.held", detail, NotificationEvent.HELD)
-        if just_tripped:
-            status = await self._breaker_status()
-            counts = {"closesInWindow": status.closes_in_window, "allowedInWindow": status.allowed_in_window}
+        if tripped is not None:
+            counts = {"closesInWindow": tripped.closes_in_window, "allowedInWindow": tripped.allowed_in_window}
             await self._incidents.record(None, "breaker.tripped", counts, NotificationEvent.BREAKER_TRIPPED)

@@ -5,41 +5,26 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
 
-from opentelemetry import trace
 from opentelemetry.trace import Span
 
-from sidecar.ports import SocketController, StepQueue
 from sidecar.rules.policy import Heal, KeyScope, Phase
 from sidecar.rules.records import DeleteKeys, StepOutcome, StepResult
-from sidecar.runtime.observer import RuntimeObserver
 from sidecar.runtime.outcomes import fail_span, socket_command, span_ids
+from sidecar.runtime.parts import RuntimeParts
 from sidecar.runtime.registry import Session
-from sidecar.runtime.tasks import BackgroundTasks
 
 
 class HealRunner:
-    def __init__(
-        self,
-        steps: StepQueue,
-        sockets: SocketController,
-        observers: Sequence[RuntimeObserver],
-        tasks: BackgroundTasks,
-        tracer: trace.Tracer,
-        observing: Callable[[int], bool],
-        *,
-        socket_timeout: float,
-        database_timeout: float,
-    ) -> None:
-        self._steps = steps
-        self._sockets = sockets
-        self._observers = observers
-        self._tasks = tasks
-        self._tracer = tracer
-        self._observing = observing  # organization id -> observe mode applies
-        self._socket_timeout = socket_timeout
-        self._database_timeout = database_timeout
+    def __init__(self, parts: RuntimeParts) -> None:
+        self._steps = parts.steps
+        self._sockets = parts.sockets
+        self._observers = parts.observers
+        self._tasks = parts.tasks
+        self._tracer = parts.tracer
+        self._observing = parts.safety.observing  # organization id -> observe mode applies
+        self._socket_timeout = parts.socket_timeout
+        self._database_timeout = parts.database_timeout
         # Sessions with a heal in flight, and the heals queued behind it (merged per scope).
         self._queued: dict[int, dict[KeyScope, tuple[str, ...]]] = {}
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from sidecar.rules.app_state import AppStateKind
 from sidecar.rules.classification import ErrorClass
@@ -27,42 +27,9 @@ class ErrorTotals:
     app_state: Mapping[tuple[str, AppStateKind], int]
 
 
-class RuntimeObserver(Protocol):
-    def decrypt_error(self, phone: PhoneRef, error_class: ErrorClass) -> None: ...
-
-    def errors_tallied(self, totals: ErrorTotals) -> None: ...
-
-    def app_state_failure(self, phone: PhoneRef, collection: str, kind: AppStateKind) -> None: ...
-
-    def counters_changed(self, phone: PhoneRef, counters: Counters) -> None: ...
-
-    def health_changed(self, phone: PhoneRef, stats: ErrorStats) -> None: ...
-
-    def connection_changed(self, phone: PhoneRef, connected: bool) -> None: ...
-
-    def healed(
-        self,
-        phone: PhoneRef,
-        heal: Heal,
-        keys_deleted: int | None,
-        database: str,
-        socket: str,
-        duration: float,
-    ) -> None: ...
-
-    def heal_coalesced(self, phone: PhoneRef, heal: Heal) -> None: ...
-
-    def closing(self, record: ClosureRecord) -> None: ...
-
-    def closed(self, record: ClosureRecord) -> None: ...
-
-    def forgotten(self, phone: PhoneRef) -> None: ...
-
-    def decided(self, decision: RecordDecision) -> None: ...
-
-
-class BaseObserver:
-    """Does nothing for every notification; observers override what they care about."""
+class RuntimeObserver:
+    """What the runtime tells its observers, declared once. Every method does nothing here: an observer
+    subclasses this and overrides what it cares about; IsolatedObservers fans each one out."""
 
     def decrypt_error(self, phone: PhoneRef, error_class: ErrorClass) -> None:
         return None
@@ -109,9 +76,10 @@ class BaseObserver:
         return None
 
 
-class IsolatedObservers:
+class IsolatedObservers(RuntimeObserver):
     """Fans each notification out to every observer; one that raises is logged and reported (`on_failure`
-    with its class name) and neither the others nor the transition that notified are affected."""
+    with its class name) and neither the others nor the transition that notified are affected. Its methods are
+    RuntimeObserver's own, each made a fan-out below (one list of methods, not a second copy of it)."""
 
     def __init__(self, observers: Sequence[RuntimeObserver], on_failure: Callable[[str], None] | None = None) -> None:
         self._observers = list(observers)
@@ -127,46 +95,17 @@ class IsolatedObservers:
                 if self.on_failure is not None:
                     self.on_failure(name)
 
-    def decrypt_error(self, phone: PhoneRef, error_class: ErrorClass) -> None:
-        self._each("decrypt_error", phone, error_class)
 
-    def errors_tallied(self, totals: ErrorTotals) -> None:
-        self._each("errors_tallied", totals)
+OBSERVER_METHODS = tuple(name for name, value in vars(RuntimeObserver).items() if callable(value) and name[0] != "_")
 
-    def app_state_failure(self, phone: PhoneRef, collection: str, kind: AppStateKind) -> None:
-        self._each("app_state_failure", phone, collection, kind)
 
-    def counters_changed(self, phone: PhoneRef, counters: Counters) -> None:
-        self._each("counters_changed", phone, counters)
+def _fan_out(name: str) -> Callable[..., None]:
+    def method(self: IsolatedObservers, *args: Any) -> None:
+        self._each(name, *args)
 
-    def health_changed(self, phone: PhoneRef, stats: ErrorStats) -> None:
-        self._each("health_changed", phone, stats)
+    method.__name__ = method.__qualname__ = name
+    return method
 
-    def connection_changed(self, phone: PhoneRef, connected: bool) -> None:
-        self._each("connection_changed", phone, connected)
 
-    def healed(
-        self,
-        phone: PhoneRef,
-        heal: Heal,
-        keys_deleted: int | None,
-        database: str,
-        socket: str,
-        duration: float,
-    ) -> None:
-        self._each("healed", phone, heal, keys_deleted, database, socket, duration)
-
-    def heal_coalesced(self, phone: PhoneRef, heal: Heal) -> None:
-        self._each("heal_coalesced", phone, heal)
-
-    def closing(self, record: ClosureRecord) -> None:
-        self._each("closing", record)
-
-    def closed(self, record: ClosureRecord) -> None:
-        self._each("closed", record)
-
-    def forgotten(self, phone: PhoneRef) -> None:
-        self._each("forgotten", phone)
-
-    def decided(self, decision: RecordDecision) -> None:
-        self._each("decided", decision)
+for _name in OBSERVER_METHODS:
+    setattr(IsolatedObservers, _name, _fan_out(_name))

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable
 
+from opentelemetry.context import Context
 from opentelemetry.trace import Span, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from sidecar.ports import SocketCommandFailed, SocketUnreachable
 from sidecar.rules.records import PhoneRef, StepOutcome
@@ -40,3 +42,13 @@ def fail_span(span: Span, outcome: str) -> None:
     error_type = parts[1] if parts[0] == StepOutcome.FAILED and len(parts) > 2 else parts[0]
     span.set_status(Status(StatusCode.ERROR, outcome))
     span.set_attribute("error.type", error_type)
+
+
+_PROPAGATOR = TraceContextTextMapPropagator()
+
+
+def context_from_traceparent(traceparent: str | None) -> Context | None:
+    """The W3C trace context a runtime sent with an event, so the sidecar's spans join that trace."""
+    if not traceparent:
+        return None
+    return _PROPAGATOR.extract({"traceparent": traceparent})

@@ -15,8 +15,8 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
+from sidecar.events.schema import DecryptError
 from sidecar.rules.app_state import AppStateKind, app_state_signal, collection_label
 from sidecar.rules.classification import ErrorClass, ErrorSource, classify
 from sidecar.rules.inputs import phone_ref
@@ -33,23 +33,6 @@ class Classified:
     error_class: ErrorClass
     app_state: AppStateKind | None  # the app-state signal the text shows, for the app-state classes
     tallied: bool  # a class that changes no counter: a batch tallies it
-
-
-class ErrorReport(Protocol):
-    """A decryption error as an adapter reports it (the runtime link's `decrypt.error`)."""
-
-    @property
-    def organization_id(self) -> int: ...
-    @property
-    def organization_phone_id(self) -> int: ...
-    @property
-    def phone_jid(self) -> str: ...
-    @property
-    def error(self) -> str: ...
-    @property
-    def source(self) -> ErrorSource | None: ...
-    @property
-    def collection(self) -> str | None: ...
 
 
 class Classifier:
@@ -93,7 +76,7 @@ class ErrorTally:
         self._app_state: list[tuple[str, AppStateKind]] = []
         self._phones: dict[int, tuple[int, str]] = {}
 
-    def add(self, report: ErrorReport) -> bool:
+    def add(self, report: DecryptError) -> bool:
         """Keep a counted-only error in the tally (True); False for one that must be decided on its own."""
         classified = self._classify(report.error, report.source)
         if not classified.tallied:

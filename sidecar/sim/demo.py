@@ -18,8 +18,8 @@ from sidecar.config import Config
 from sidecar.rules.liveness import DeafAction, LivenessConfig
 from sidecar.rules.policy import ErrorStats
 from sidecar.rules.records import ClosureRecord, PhoneRef, RecordDecision
-from sidecar.runtime.observer import BaseObserver
-from sidecar.sim.fleet import FaultRates, FleetConfig, FleetStats, SimFleet
+from sidecar.runtime.observer import RuntimeObserver
+from sidecar.sim.simulated_fleet import FaultRates, FleetConfig, FleetStats, SimFleet
 
 REFRESH_SECONDS = 1.0
 
@@ -78,7 +78,7 @@ def _number(kind: Callable[[str], float], name: str, low: float, high: float) ->
     return parse
 
 
-class DemoTally(BaseObserver):
+class DemoTally(RuntimeObserver):
     """What the view shows besides the metrics: health flips (the owner notifications a team would get)."""
 
     def __init__(self) -> None:

@@ -61,6 +61,7 @@ class PendingSteps:
         on_wait: Callable[[float], None] | None = None,
         on_failed: Callable[[Step, str], None] | None = None,
         supervisor: Supervisor | None = None,
+        on_applied: Callable[[], None] | None = None,
     ) -> None:
         """`on_failed(step, reason)`: a step was dropped (reason: timeout, integrity, data, other)."""
         self._store = store
@@ -82,7 +83,7 @@ class PendingSteps:
         self._position = 0
         self.unavailable_reason: str | None = None
         self.failed_steps = 0
-        self.on_applied: Callable[[], None] | None = None  # after every batch that reached the store
+        self.on_applied = on_applied  # after every batch that reached the store (wakes webhook delivery)
 
     @property
     def depth(self) -> int:

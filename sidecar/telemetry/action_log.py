@@ -11,10 +11,10 @@ from typing import TextIO
 
 from sidecar.rules.policy import ErrorStats, Heal
 from sidecar.rules.records import ClosureRecord, PhoneRef, RecordDecision
-from sidecar.runtime.observer import BaseObserver
+from sidecar.runtime.observer import RuntimeObserver
 
 
-class ActionLog(BaseObserver):
+class ActionLog(RuntimeObserver):
     """One structured log line per action (heal, close, health change), never with the phone number."""
 
     def __init__(self, logger: logging.Logger | None = None) -> None:
@@ -61,7 +61,7 @@ class ActionLog(BaseObserver):
         )
 
 
-class ClosureLogFile(BaseObserver):
+class ClosureLogFile(RuntimeObserver):
     """Appends every closure as one JSON line to its own file (the seed's 'log every close separately').
 
     Writes happen on one worker thread, in order, never on the event loop (a slow disk must not stall event

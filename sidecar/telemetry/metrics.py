@@ -19,7 +19,7 @@ from sidecar.rules.classification import ErrorClass
 from sidecar.rules.policy import CRYPTO_LIMIT_REASONS, CloseReason, Heal, KeyScope, Limits
 from sidecar.rules.records import ClosureRecord, PhoneRef, RecordDecision
 from sidecar.rules.safety import IncidentKind, Mode
-from sidecar.runtime.observer import BaseObserver, ErrorTotals
+from sidecar.runtime.observer import ErrorTotals, RuntimeObserver
 
 # A close waits on the runtime (usually 1-50 ms, up to --socket-end-timeout, 5 s by default) and on one
 # PostgreSQL transaction (1-20 ms). Buckets from 1 ms to 10 s resolve both the healthy path and timeouts.
@@ -43,8 +43,12 @@ SUPERVISED_TASKS = (
 
 
 class SidecarMetrics:
-    def __init__(self, registry: CollectorRegistry, limits: Limits) -> None:
+    def __init__(
+        self, registry: CollectorRegistry, limits: Limits, team_of: Callable[[int], str] = lambda _: "unassigned"
+    ) -> None:
+        """`team_of(organization_id)`: the owning team's name (the owners file), for whatsapp_organization_team."""
         self.registry = registry
+        self.team_of = team_of
         self.error_limit = Gauge(
             "whatsapp_session_error_limit",
             "Configured error limit that closes a session",
@@ -241,7 +245,6 @@ class SidecarMetrics:
         for task in SUPERVISED_TASKS:
             self.task_failures.labels(task)
         self._organizations: set[int] = set()
-        self.team_of: Callable[[int], str] = lambda _: "unassigned"
 
     def teams_changed(self) -> None:
         """After an owners reload: the info series follow the new mapping."""
@@ -304,7 +307,7 @@ def _is_mode(current: Callable[[], Mode], mode: Mode) -> Callable[[], float]:
     return lambda: float(current() is mode)
 
 
-class MetricsObserver(BaseObserver):
+class MetricsObserver(RuntimeObserver):
     """Feeds the fleet-level counters from the runtime's notifications."""
 
     def __init__(self, metrics: SidecarMetrics) -> None:

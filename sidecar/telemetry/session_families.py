@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from sidecar.rules.policy import Counters, Limits, is_healthy
 from sidecar.rules.records import PhoneRef
 from sidecar.runtime import SessionView
-from sidecar.runtime.observer import BaseObserver
+from sidecar.runtime.observer import RuntimeObserver
 
 CHUNK = 500
 DEFAULT_TEAM = "unassigned"
@@ -35,7 +35,7 @@ def escape_label_value(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
-class SessionFamilies(BaseObserver):
+class SessionFamilies(RuntimeObserver):
     def __init__(self, limits: Limits, team_of: Callable[[int, int], str]) -> None:
         self._limits = limits
         self._team_of = team_of

@@ -11,17 +11,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from opentelemetry import trace
-from opentelemetry.context import Context
 from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from sidecar import __version__
 
 TRACER_NAME = "whatsapp-session-sidecar"
 SERVICE = "whatsapp-session-sidecar"
-_PROPAGATOR = TraceContextTextMapPropagator()
 
 
 class TracingUnavailable(RuntimeError):
@@ -80,10 +77,3 @@ def tracing_from_env(env: Mapping[str, str]) -> Tracing:
 def resource() -> Resource:
     # Resource.create() also reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES, which win over these defaults.
     return Resource.create({SERVICE_NAME: SERVICE, SERVICE_VERSION: __version__})
-
-
-def context_from_traceparent(traceparent: str | None) -> Context | None:
-    """The W3C trace context a runtime sent with an event, so the sidecar's spans join that trace."""
-    if not traceparent:
-        return None
-    return _PROPAGATOR.extract({"traceparent": traceparent})

@@ -9,6 +9,7 @@ import path from 'node:path'
 import * as B from '@whiskeysockets/baileys'
 import pino from 'pino'
 import { eventually, startSidecar, REPO, TOKEN } from './sidecar.mjs'
+import { checked, validateFrame } from './schema.mjs'
 import { memStore } from './memstore.mjs'
 
 const require = createRequire(import.meta.url)
@@ -244,4 +245,16 @@ test('a QR pairing makes the next open a new login, on the socket Baileys restar
   assert.equal(opens[1].isNewLogin, undefined, 'a later reconnect is not')
   send.restore()
   after.detach()
+})
+
+test('every frame the adapter sent and every command it got match the runtime link\'s JSON Schema', () => {
+  assert.ok(checked.frames > 0, 'the tests above sent frames through the adapter')
+  assert.ok(checked.commands > 0, 'and received commands')
+  assert.deepEqual(checked.violations, [])
+  // The schema can refuse: a key of the adapter's own, a bad type, a missing field.
+  const good = { type: 'decrypt.error', organizationId: 7, organizationPhoneId: 42, phoneJid: '79001112233@s.whatsapp.net', error: 'Bad MAC' }
+  assert.ok(validateFrame(good) && validateFrame([good, good]))
+  assert.ok(!validateFrame({ ...good, extra: 1 }))
+  assert.ok(!validateFrame({ ...good, organizationPhoneId: '42' }))
+  assert.ok(!validateFrame({ ...good, error: undefined }))
 })

@@ -10,6 +10,7 @@ import path from 'node:path'
 import * as B from '@whiskeysockets/baileys'
 import pino from 'pino'
 import { eventually, startSidecar, REPO, TOKEN } from './sidecar.mjs'
+import { checked } from './schema.mjs'
 import {
   startStandIn, pairedDevice, openSocket, appStateKey, encodePatches, patchNode, collectionResult, snapshotNode, ME_PN,
 } from './standin.mjs'
@@ -155,4 +156,9 @@ test('without MAC verification a patch under another key syncs silently: nothing
   } finally {
     endSocket(sock)
   }
+})
+
+test('every frame sent here matched the runtime link\'s JSON Schema', () => {
+  assert.ok(checked.frames > 0)
+  assert.deepEqual(checked.violations, [])
 })

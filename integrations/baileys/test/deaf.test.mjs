@@ -9,6 +9,7 @@ import assert from 'node:assert/strict'
 import { createRequire } from 'node:module'
 import pino from 'pino'
 import { eventually, startSidecar, TOKEN } from './sidecar.mjs'
+import { checked } from './schema.mjs'
 import { startStandIn, pairedDevice, openSocket } from './standin.mjs'
 
 const require = createRequire(import.meta.url)
@@ -118,4 +119,9 @@ test('session.probe measures a real round trip, and fails when the stand-in stop
   } finally {
     phone.stop()
   }
+})
+
+test('every frame sent here matched the runtime link\'s JSON Schema', () => {
+  assert.ok(checked.frames > 0)
+  assert.deepEqual(checked.violations, [])
 })

@@ -1,0 +1,240 @@
+"""Runtime link protocol v1, defined once: every event a runtime sends and every command the sidecar sends back,
+as msgspec structs with their wire names (camelCase), tags and constraints.
+
+Everything else is derived from these structs: decoding (events/decode.py, with the hand-written reader in
+events/reader.py as its oracle), the Python SDK's builders (sidecar/client.py), the OpenAPI components and
+`docs/reference/runtime-link.md` (docs/generate.py), and the JSON Schema the Baileys adapter's tests validate its
+frames against (integrations/baileys/runtime-link.schema.json). A new optional field is one line here.
+
+A frame (or an HTTP body) holds one JSON object or a JSON array of them. Unknown keys are ignored by the reader,
+so runtimes can add fields of their own without breaking older sidecars (the fast path hands such frames over).
+Constraints that JSON Schema can state but msgspec should not run per event (a JID's pattern, a non-blank text:
+the decoder checks those in Python and remembers the good ones) are given to the schema only (`extra_json_schema`).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Final, Literal, TypedDict
+
+import msgspec
+
+from sidecar.rules.classification import ErrorSource
+from sidecar.rules.inputs import MAX_ID
+from sidecar.rules.jid import USER_JID_PATTERN
+
+MAX_EVENTS_PER_FRAME: Final = 10_000
+MAX_ERROR_TEXT: Final = 16_384
+MAX_COUNT: Final = 1_000_000_000
+MAX_TEXT: Final = 256  # any other string field
+MAX_TIMESTAMP: Final = 64
+COLLECTION_PATTERN: Final = r"^[a-z_]{1,64}$"
+TRACEPARENT_PATTERN: Final = r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"
+NON_BLANK: Final = r"\S"
+MESSAGE_TYPES: Final = ("pkmsg", "msg", "skmsg")
+
+
+class Timestamp(datetime):
+    """An RFC 3339 timestamp with a time zone. Decoded by the reader's own parser (events/reader.py: the
+    decoder's `dec_hook`), so both paths accept exactly the same texts; encoded as any datetime."""
+
+
+Id = Annotated[int, msgspec.Meta(ge=1, le=MAX_ID)]
+Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_COUNT)]
+# `extra` tells the reader (events/reader.py) what msgspec's types cannot: a check of its own (a JID), a problem's
+# wording, a string taken as it comes.
+Jid = Annotated[
+    str,
+    msgspec.Meta(
+        extra_json_schema={"pattern": USER_JID_PATTERN, "examples": ["79001112233@s.whatsapp.net"]},
+        extra={"check": "jid"},
+    ),
+]
+Text = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_TEXT, extra_json_schema={"pattern": NON_BLANK})]
+Traceparent = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=TRACEPARENT_PATTERN,
+        max_length=55,
+        description="W3C trace context; the sidecar's spans join this trace.",
+        extra={"problem": "must be a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>)"},
+    ),
+]
+At = Annotated[Timestamp, msgspec.Meta(description="when the runtime saw it")]
+
+
+class Event(
+    msgspec.Struct,
+    frozen=True,
+    kw_only=True,
+    tag_field="type",
+    rename="camel",
+    omit_defaults=True,
+    forbid_unknown_fields=True,  # the fast path hands a frame with keys of a runtime's own to the reader
+):
+    """What every session event carries: the session (organizationPhoneId) and where it belongs."""
+
+    organization_id: Annotated[Id, msgspec.Meta(description="the organization that owns the number")]
+    organization_phone_id: Annotated[Id, msgspec.Meta(description="the session (one WhatsApp number)")]
+    phone_jid: Annotated[Jid, msgspec.Meta(description="the session's own JID")]
+    at: At | None = None
+    traceparent: Traceparent | None = None
+
+
+class ConnectionUpdate(Event, frozen=True, kw_only=True, tag="connection.update"):
+    """The socket's connection state: `open` resets both counters; `close` with some status codes closes."""
+
+    connection: Literal["connecting", "open", "close"]
+    status_code: (
+        Annotated[
+            int,
+            msgspec.Meta(
+                ge=100, le=599,
+                description="Baileys DisconnectReason on close (401 loggedOut, 403, 411 close the session by default)",
+            ),
+        ]
+        | None
+    ) = None  # fmt: skip
+    # The runtime paired this phone anew (QR scan) since it last closed: an open after a sidecar logout is then a
+    # real re-login, not a logout that failed to stick.
+    new_login: Annotated[
+        bool,
+        msgspec.Meta(
+            description="the runtime paired this phone anew (QR scan) since it last closed; an open after a "
+            "sidecar logout without it is a reconnected_after_logout incident and is ended again"
+        ),
+    ] = msgspec.field(default=False, name="isNewLogin")
+
+
+class DecryptError(Event, frozen=True, kw_only=True, tag="decrypt.error"):
+    """A decryption failure, raw: the sidecar classifies the text (Bad MAC, bad decrypt, ...)."""
+
+    error: Annotated[
+        str,
+        msgspec.Meta(
+            min_length=1, max_length=MAX_ERROR_TEXT, extra_json_schema={"pattern": NON_BLANK},
+            description="raw error text (message or stack); classified by the sidecar",
+        ),
+    ]  # fmt: skip
+    source: Annotated[ErrorSource, msgspec.Meta(description="where the failure happened")] | None = None
+    peer_jid: Annotated[Jid, msgspec.Meta(description="the failing peer (a Bad MAC heals its session)")] | None = None
+    message_type: Literal["pkmsg", "msg", "skmsg"] | None = None
+    collection: (
+        Annotated[
+            str,
+            msgspec.Meta(
+                pattern=COLLECTION_PATTERN,
+                max_length=64,
+                description="app-state collection (Baileys' patch name: regular_high, ...), for source app-state; "
+                "labels whatsapp_app_state_sync_failures_total",
+                extra={"problem": "must be an app-state collection name (lowercase letters and _)"},
+            ),
+        ]
+        | None
+    ) = None
+
+
+class Activity(Event, frozen=True, kw_only=True, tag="activity"):
+    """Inbound traffic since the runtime's last report, sent (for example every 30 s) only for sessions that had
+    any; the liveness watch's baseline (deaf sessions)."""
+
+    messages: Annotated[Count, msgspec.Meta(description="inbound messages since the last report")] = 0
+    receipts: Count = 0
+    notifications: Count = 0
+    last_inbound_at: Annotated[Timestamp, msgspec.Meta(description="time of the last inbound stanza")]
+
+
+class CommandAck(
+    msgspec.Struct,
+    frozen=True,
+    kw_only=True,
+    tag_field="type",
+    tag="command.ack",
+    rename="camel",
+    omit_defaults=True,
+    forbid_unknown_fields=True,
+):
+    """The runtime's answer to a command; `error` starting `unsupported:` means it lacks the command."""
+
+    command_id: Text
+    ok: bool
+    error: Annotated[str, msgspec.Meta(extra={"free": True})] | None = None  # any text, as the runtime gave it
+    round_trip_ms: (
+        Annotated[
+            float,
+            msgspec.Meta(
+                ge=0,
+                le=1e7,
+                description="session.probe: the round trip with WhatsApp's server, measured by the runtime",
+                extra={"problem": "must be a number of milliseconds from 0 to 10000000"},
+            ),
+        ]
+        | None
+    ) = None
+
+
+SessionEvent = ConnectionUpdate | DecryptError | Activity
+InboundMessage = ConnectionUpdate | DecryptError | Activity | CommandAck
+INBOUND: Final = (ConnectionUpdate, DecryptError, Activity, CommandAck)
+
+
+# Sidecar -> runtime ---------------------------------------------------------------------------------------------
+
+
+class Command(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", rename="camel"):
+    """Sent on the connection that holds the phone; answered by one `command.ack` with the same commandId."""
+
+    command_id: str
+    organization_phone_id: Id
+
+
+class SessionEnd(Command, frozen=True, kw_only=True, tag="session.end"):
+    """End the socket as logged out and do not reconnect on your own."""
+
+    reason: str
+    detail: str
+    logout: bool = True
+
+
+class AuthClear(Command, frozen=True, kw_only=True, tag="auth.clear"):
+    """Drop cached copies of the keys with these prefixes (the store's rows are deleted already)."""
+
+    key_prefixes: list[str]
+
+
+class SessionProbe(Command, frozen=True, kw_only=True, tag="session.probe"):
+    """A round trip with WhatsApp's server; acked with `roundTripMs`."""
+
+
+class SessionRestart(Command, frozen=True, kw_only=True, tag="session.restart"):
+    """End the socket with a restartable status and reconnect as usual (deaf sessions)."""
+
+    reason: str
+    detail: str
+    status_code: int
+
+
+OutboundCommand = SessionEnd | AuthClear | SessionProbe | SessionRestart
+COMMANDS: Final = (SessionEnd, AuthClear, SessionProbe, SessionRestart)
+
+
+class Problem(TypedDict):
+    """One thing wrong with a frame: the event's index, its field (camelCase) and the problem in words."""
+
+    index: int
+    field: str
+    problem: str
+
+
+class LinkError(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="error"):
+    """The answer to a frame refused whole (nothing in it was applied); the connection stays open."""
+
+    error: str
+    details: list[Problem] = []
+
+
+def wire_name(kind: type[msgspec.Struct]) -> str:
+    """The `type` a struct travels as."""
+    tag = msgspec.inspect.type_info(kind).tag  # type: ignore[attr-defined]
+    assert isinstance(tag, str)
+    return tag

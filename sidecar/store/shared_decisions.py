@@ -1,0 +1,396 @@
+"""Fleet mode: the decision state every replica shares, in PostgreSQL (ports.FleetState).
+
+Each decision is one transaction: the phone's row is upserted and locked (`INSERT … ON CONFLICT DO UPDATE`
+takes the row lock), the rules decide on the values the database returned, and the new state is written back
+before the commit; so increments are never lost or doubled across replicas, and exactly one replica claims a
+close (the claim bumps the row's generation, which fences a stale close's database half). The breaker's
+admission runs in the same transaction under a transaction-scoped advisory lock over the shared ledger; no
+session-scoped lock is taken anywhere, so PgBouncer in transaction mode works.
+
+About 380 lines because every fleet statement is built here once from the validated schema name, beside the
+batch that uses them; splitting them would scatter the quoting as it would in postgres.py.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+import asyncpg
+
+from sidecar.ports import ClaimedClose, FleetSettings, StoredDecision
+from sidecar.rules.policy import Close, CloseReason, Counters, Phase, Recent, SessionState
+from sidecar.rules.records import CloseTrigger, Notification, PhoneRef
+from sidecar.rules.safety import BreakerConfig, BreakerStatus, IncidentKind, LoopState, Mode
+from sidecar.store.postgres import PostgresStore
+from sidecar.store.sqlnames import quote_identifier
+from sidecar.store.statements import Connection
+
+LIVE_COUNT_SECONDS = 5.0
+CLOSE_LEASE_SECONDS = 60.0  # a claimed close not finished by then is taken over by another replica
+
+
+def _recent_to_json(recent: Recent) -> str | None:
+    if not recent.bad_mac and not recent.bad_decrypt:
+        return None
+    return json.dumps({"mac": [list(item) for item in recent.bad_mac], "decrypt": list(recent.bad_decrypt)})
+
+
+def _recent_from_json(raw: str | None) -> Recent:
+    if not raw:
+        return Recent()
+    data = json.loads(raw)
+    return Recent(tuple((float(at), peer) for at, peer in data["mac"]), tuple(float(at) for at in data["decrypt"]))
+
+
+def _loops_to_json(loops: LoopState) -> str:
+    closes, reported = [list(item) for item in loops.closes], [list(item) for item in loops.reported]
+    return json.dumps({"closes": closes, "reported": reported})
+
+
+def _loops_from_json(raw: str | None) -> LoopState:
+    if not raw:
+        return LoopState()
+    data = json.loads(raw)
+    return LoopState(
+        tuple((float(at), code) for at, code in data["closes"]),
+        tuple((IncidentKind(kind), float(at)) for kind, at in data["reported"]),
+    )
+
+
+def _decision_of(row: asyncpg.Record) -> StoredDecision:
+    state = SessionState(
+        Counters(row["bad_mac_errors"], row["bad_decrypt_errors"]),
+        Phase(row["phase"]),
+        _recent_from_json(row["recent"]),
+    )
+    phone = PhoneRef(row["organization_id"], row["organization_phone_id"], row["phone_user"])
+    loops = _loops_from_json(row["loops"]) if "loops" in row else LoopState()
+    return StoredDecision(state, row["generation"], row["closed_epoch"], row["logged_out_observed"], phone, loops)
+
+
+class _Batch:
+    """The locked rows of one batch of decisions; saved states are written once per phone at commit."""
+
+    def __init__(
+        self, fleet: PostgresFleet, conn: Connection, rows: list[asyncpg.Record], decided_position: int
+    ) -> None:
+        self._fleet, self._conn = fleet, conn
+        self.decided_position = decided_position
+        self._stored = {row["organization_phone_id"]: _decision_of(row) for row in rows}
+        self._saved: dict[int, SessionState] = {}
+        self._claims: dict[int, int] = {}
+        self._closes: dict[int, tuple[Close, CloseTrigger]] = {}
+        self._loops: dict[int, LoopState] = {}
+        self._notifications: list[tuple[PhoneRef, Notification]] = []
+
+    def stored(self, organization_phone_id: int) -> StoredDecision:
+        return self._stored[organization_phone_id]
+
+    async def admit_automatic_close(self, phone: PhoneRef, now: float) -> tuple[bool, bool]:
+        return await self._fleet.admit(self._conn, phone, now)
+
+    def save(
+        self,
+        phone: PhoneRef,
+        state: SessionState,
+        notification: Notification | None,
+        close: tuple[Close, CloseTrigger] | None,
+    ) -> int:
+        phone_id = phone.organization_phone_id
+        self._saved[phone_id] = state
+        if close is not None:
+            self._claims[phone_id] = self._claims.get(phone_id, 0) + 1
+            self._closes[phone_id] = close
+        if notification is not None:
+            self._notifications.append((phone, notification))
+        return self._stored[phone_id].generation + self._claims.get(phone_id, 0)
+
+    def save_loops(self, phone: PhoneRef, loops: LoopState) -> None:
+        self._loops[phone.organization_phone_id] = loops
+
+    async def flush(self) -> None:
+        if self._loops:
+            await self._conn.execute(
+                self._fleet.sql_save_loops,
+                list(self._loops),
+                [_loops_to_json(loops) for loops in self._loops.values()],
+            )
+        if self._saved:
+            ids = list(self._saved)
+            states = [self._saved[phone_id] for phone_id in ids]
+            await self._conn.execute(
+                self._fleet.sql_save,
+                ids,
+                [state.counters.bad_mac_errors for state in states],
+                [state.counters.bad_decrypt_errors for state in states],
+                [str(state.phase) for state in states],
+                [_recent_to_json(state.recent) for state in states],
+                [self._claims.get(phone_id, 0) for phone_id in ids],
+                self._fleet.instance,
+                self._fleet.close_lease_seconds,
+                [str(self._closes[i][0].reason) if i in self._closes else None for i in ids],
+                [str(self._closes[i][1]) if i in self._closes else None for i in ids],
+                [self._closes[i][0].detail if i in self._closes else None for i in ids],
+                [self._closes[i][0].counters.bad_mac_errors if i in self._closes else None for i in ids],
+                [self._closes[i][0].counters.bad_decrypt_errors if i in self._closes else None for i in ids],
+            )
+        for phone, notification in self._notifications:
+            await self._fleet.store.enqueue(self._conn, phone, notification, {})
+
+
+class PostgresFleet:
+    def __init__(
+        self,
+        store: PostgresStore,
+        breaker: BreakerConfig,
+        instance: str,
+        close_lease_seconds: float = CLOSE_LEASE_SECONDS,
+    ) -> None:
+        self.store = store
+        self.instance = instance
+        self.close_lease_seconds = close_lease_seconds
+        self._breaker = breaker
+        self._live: tuple[float, int] | None = None  # (monotonic time read, live sessions): see _live_sessions
+        s = quote_identifier(store.schema)
+        counters, ledger, settings = f"{s}.session_counters", f"{s}.breaker_buckets", f"{s}.fleet_settings"
+        self._lock_key = f"wa-sidecar-breaker:{store.schema}"
+        returning = (
+            "RETURNING bad_mac_errors, bad_decrypt_errors, phase, generation, recent::text AS recent, "
+            "extract(epoch FROM closed_at)::float8 AS closed_epoch, logged_out_observed, "
+            "organization_id, organization_phone_id, c.phone_user, loops::text AS loops"
+        )
+        # Rows are locked in id order, so concurrent batches of different replicas cannot deadlock.
+        self.sql_lock = (
+            f"INSERT INTO {counters} AS c (organization_phone_id, organization_id, phone_user) "
+            "SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[]) ORDER BY 1 "
+            "ON CONFLICT (organization_phone_id) DO UPDATE SET "
+            f"phone_user = COALESCE(EXCLUDED.phone_user, c.phone_user) {returning}"
+        )
+        self.sql_save = (
+            f"UPDATE {counters} AS c SET bad_mac_errors = u.mac, bad_decrypt_errors = u.dec, phase = u.phase, "
+            "recent = u.recent::jsonb, generation = c.generation + u.claims, "
+            "closed_at = CASE WHEN u.phase = 'closed' THEN c.closed_at END, "
+            "close_claimed_by = CASE WHEN u.claims > 0 THEN $7 WHEN u.phase = 'closing' THEN c.close_claimed_by END, "
+            "close_lease_until = CASE WHEN u.claims > 0 THEN now() + make_interval(secs => $8) "
+            "WHEN u.phase = 'closing' THEN c.close_lease_until END, "
+            "close_reason = CASE WHEN u.claims > 0 THEN u.reason WHEN u.phase = 'closing' THEN c.close_reason END, "
+            "close_trigger = CASE WHEN u.claims > 0 THEN u.trig WHEN u.phase = 'closing' THEN c.close_trigger END, "
+            "close_detail = CASE WHEN u.claims > 0 THEN u.detail WHEN u.phase = 'closing' THEN c.close_detail END, "
+            "close_bad_mac = CASE WHEN u.claims > 0 THEN u.cmac WHEN u.phase = 'closing' THEN c.close_bad_mac END, "
+            "close_bad_decrypt = CASE WHEN u.claims > 0 THEN u.cdec "
+            "WHEN u.phase = 'closing' THEN c.close_bad_decrypt END, updated_at = now() "
+            "FROM unnest($1::bigint[], $2::int[], $3::int[], $4::text[], $5::text[], $6::int[], $9::text[], "
+            "$10::text[], $11::text[], $12::int[], $13::int[]) "
+            "AS u(id, mac, dec, phase, recent, claims, reason, trig, detail, cmac, cdec) "
+            "WHERE c.organization_phone_id = u.id"
+        )
+        self.sql_save_loops = (
+            f"UPDATE {counters} AS c SET loops = u.loops::jsonb FROM unnest($1::bigint[], $2::text[]) "
+            "AS u(id, loops) WHERE c.organization_phone_id = u.id"
+        )
+        self.sql_stored = (
+            "SELECT bad_mac_errors, bad_decrypt_errors, phase, generation, recent::text AS recent, "
+            "extract(epoch FROM closed_at)::float8 AS closed_epoch, logged_out_observed, "
+            f"organization_id, organization_phone_id, phone_user FROM {counters} WHERE organization_phone_id = $1"
+        )
+        self.sql_ensure_settings = f"INSERT INTO {settings} (singleton) VALUES (true) ON CONFLICT DO NOTHING"
+        self.sql_seed_settings = (
+            f"INSERT INTO {settings} AS f (singleton, mode, observe_organizations, configured_mode, "
+            "configured_observe) VALUES (true, $1, $2, $1, $2) ON CONFLICT (singleton) DO UPDATE SET "
+            "mode = EXCLUDED.mode, observe_organizations = EXCLUDED.observe_organizations, "
+            "configured_mode = EXCLUDED.configured_mode, configured_observe = EXCLUDED.configured_observe, "
+            "changed_at = now() WHERE f.configured_mode IS DISTINCT FROM EXCLUDED.configured_mode "
+            "OR f.configured_observe IS DISTINCT FROM EXCLUDED.configured_observe"
+        )
+        self.sql_settings = f"SELECT mode, observe_organizations, breaker_tripped_at, breaker_kept_by FROM {settings}"
+        self.sql_set_mode = f"UPDATE {settings} SET mode = $1, observe_organizations = $2, changed_at = now()"
+        self.sql_trip = (
+            f"UPDATE {settings} SET breaker_tripped_at = COALESCE(breaker_tripped_at, $1), "
+            "breaker_kept_by = COALESCE($2, breaker_kept_by), changed_at = now() "
+            "RETURNING breaker_tripped_at = $1 AS fresh"
+        )
+        self.sql_keep = (
+            f"UPDATE {settings} SET breaker_kept_by = $1, changed_at = now() WHERE breaker_tripped_at IS NOT NULL"
+        )
+        self.sql_release = (
+            f"UPDATE {settings} SET breaker_tripped_at = NULL, breaker_kept_by = NULL, changed_at = now()"
+        )
+        self.sql_clear_ledger = f"DELETE FROM {ledger}"
+        # Admitted closes counted per second of the window: O(window seconds) per admission, not O(closes),
+        # as the one-replica breaker counts them. $1: the window's start (epoch seconds).
+        self.sql_prune = f"DELETE FROM {ledger} WHERE second <= floor($1::float8)::bigint"
+        self.sql_in_window = f"SELECT COALESCE(sum(closes), 0) FROM {ledger} WHERE second > floor($1::float8)::bigint"
+        self.sql_admit = (
+            f"INSERT INTO {ledger} AS b (second, closes) VALUES (floor($1::float8)::bigint, 1) "
+            "ON CONFLICT (second) DO UPDATE SET closes = b.closes + 1"
+        )
+        self.sql_live = f"SELECT count(*) FROM {counters} WHERE phase <> 'closed'"
+        self.sql_held = f"SELECT count(*) FROM {counters} WHERE phase = 'held'"
+        self.sql_take_over = (
+            f"UPDATE {counters} AS c SET generation = c.generation + 1, close_claimed_by = $1, "
+            "close_lease_until = now() + make_interval(secs => $2), updated_at = now() "
+            f"WHERE c.organization_phone_id IN (SELECT organization_phone_id FROM {counters} "
+            "WHERE phase = 'closing' AND close_lease_until < now() ORDER BY 1 LIMIT $3 FOR UPDATE SKIP LOCKED) "
+            "RETURNING c.organization_id, c.organization_phone_id, c.phone_user, c.generation, c.close_reason, "
+            "c.close_trigger, c.close_detail, c.close_bad_mac, c.close_bad_decrypt"
+        )
+        self.sql_renew_closes = (
+            f"UPDATE {counters} SET close_lease_until = now() + make_interval(secs => $3) "
+            "WHERE close_claimed_by = $1 AND phase = 'closing' AND organization_phone_id = ANY($2::bigint[])"
+        )
+        self.sql_release_close = (
+            f"UPDATE {counters} SET phase = 'active', closed_at = NULL, close_claimed_by = NULL, "
+            "close_lease_until = NULL, close_reason = NULL, close_trigger = NULL, close_detail = NULL, "
+            "updated_at = now() WHERE organization_phone_id = $1 AND generation = $2 AND phase IN ('closing', 'closed')"
+        )
+        self.sql_held_phones = (
+            f"SELECT organization_id, organization_phone_id, phone_user FROM {counters} WHERE phase = 'held' "
+            "ORDER BY organization_phone_id"
+        )
+
+    async def seed_settings(self, mode: Mode, observe_organizations: frozenset[int]) -> None:
+        """Seed the fleet's mode from this replica's flags when they are new (the first replica, or a changed
+        deployment config); flags the fleet has already seen leave an operator's later change alone."""
+        async with self.store.connection() as conn:
+            await conn.execute(self.sql_seed_settings, str(mode), sorted(observe_organizations))
+
+    @asynccontextmanager
+    async def deciding(self, phones: Sequence[PhoneRef], mark: tuple[str, int] | None) -> AsyncIterator[_Batch]:
+        unique: dict[int, PhoneRef] = {}
+        for phone in phones:
+            known = unique.get(phone.organization_phone_id)
+            if known is None or (known.phone_user is None and phone.phone_user):
+                unique[phone.organization_phone_id] = phone
+        async with self.store.connection() as conn, conn.transaction():
+            rows = await conn.fetch(
+                self.sql_lock,
+                list(unique),
+                [phone.organization_id for phone in unique.values()],
+                [phone.phone_user for phone in unique.values()],
+            )
+            decided = 0
+            if mark is not None:
+                decided = int(await conn.fetchval(self.store.sql.journal_position, mark[0]) or 0)
+            batch = _Batch(self, conn, rows, decided)
+            yield batch
+            await batch.flush()
+            if mark is not None:
+                await conn.execute(self.store.sql.set_journal_position, mark[0], mark[1])
+
+    async def admit(self, conn: Connection, phone: PhoneRef, now: float) -> tuple[bool, bool]:
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", self._lock_key)
+        settings = await conn.fetchrow(self.sql_settings)
+        if settings is None:
+            await conn.execute(self.sql_ensure_settings)
+            settings = await conn.fetchrow(self.sql_settings)
+        assert settings is not None
+        if settings["breaker_tripped_at"] is not None:
+            return False, False
+        cutoff = now - self._breaker.window_seconds
+        await conn.execute(self.sql_prune, cutoff)
+        in_window = int(await conn.fetchval(self.sql_in_window, cutoff))
+        live = await self._live_sessions(conn)
+        if in_window + 1 > self._breaker.allowed(live):
+            await conn.execute(self.sql_trip, now, None)
+            return False, True
+        await conn.execute(self.sql_admit, now)
+        return True, False
+
+    async def _live_sessions(self, conn: Connection) -> int:
+        """The breaker's denominator (sessions not closed), re-counted at most every LIVE_COUNT_SECONDS: the
+        count is O(fleet) and an admission holds the fleet-wide lock, so counting on every close would make
+        each close cost more as the fleet grows. A share-of-fleet threshold does not need it exact."""
+        now = time.monotonic()
+        if self._live is None or now - self._live[0] > LIVE_COUNT_SECONDS:
+            self._live = (now, int(await conn.fetchval(self.sql_live)))
+        return self._live[1]
+
+    async def stored(self, organization_phone_id: int) -> StoredDecision | None:
+        async with self.store.connection() as conn:
+            row = await conn.fetchrow(self.sql_stored, organization_phone_id)
+        return _decision_of(row) if row is not None else None
+
+    async def settings(self) -> FleetSettings:
+        async with self.store.connection() as conn:
+            row = await conn.fetchrow(self.sql_settings)
+            if row is None:
+                await conn.execute(self.sql_ensure_settings)
+                row = await conn.fetchrow(self.sql_settings)
+        assert row is not None
+        return FleetSettings(
+            Mode(row["mode"]),
+            frozenset(int(item) for item in row["observe_organizations"]),
+            row["breaker_tripped_at"],
+            row["breaker_kept_by"],
+        )
+
+    async def set_mode(self, mode: Mode, observe_organizations: frozenset[int]) -> None:
+        async with self.store.connection() as conn, conn.transaction():
+            await conn.execute(self.sql_ensure_settings)
+            await conn.execute(self.sql_set_mode, str(mode), sorted(observe_organizations))
+
+    async def trip_breaker(self, now: float, operator: str) -> bool:
+        async with self.store.connection() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", self._lock_key)
+            await conn.execute(self.sql_ensure_settings)
+            return bool(await conn.fetchval(self.sql_trip, now, operator))
+
+    async def keep_breaker(self, operator: str) -> bool:
+        async with self.store.connection() as conn:
+            status: str = await conn.execute(self.sql_keep, operator)
+        return status.split()[-1] != "0"
+
+    async def release_breaker(self) -> None:
+        async with self.store.connection() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", self._lock_key)
+            await conn.execute(self.sql_release)
+            await conn.execute(self.sql_clear_ledger)
+
+    async def breaker_status(self, now: float) -> BreakerStatus:
+        cutoff = now - self._breaker.window_seconds
+        async with self.store.connection() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+            settings = await conn.fetchrow(self.sql_settings)
+            in_window = int(await conn.fetchval(self.sql_in_window, cutoff))
+            live = await self._live_sessions(conn)
+            held = int(await conn.fetchval(self.sql_held))
+        tripped_at: float | None = settings["breaker_tripped_at"] if settings else None
+        kept_by: str | None = settings["breaker_kept_by"] if settings else None
+        return BreakerStatus(tripped_at is not None, tripped_at, in_window, self._breaker.allowed(live), held, kept_by)
+
+    async def renew_closes(self, organization_phone_ids: Sequence[int]) -> None:
+        async with self.store.connection() as conn:
+            await conn.execute(
+                self.sql_renew_closes, self.instance, list(organization_phone_ids), self.close_lease_seconds
+            )
+
+    async def release_close(self, organization_phone_id: int, generation: int) -> None:
+        async with self.store.connection() as conn:
+            await conn.execute(self.sql_release_close, organization_phone_id, generation)
+
+    async def take_over_closes(self, limit: int) -> list[ClaimedClose]:
+        async with self.store.connection() as conn:
+            rows = await conn.fetch(self.sql_take_over, self.instance, self.close_lease_seconds, limit)
+        return [
+            ClaimedClose(
+                PhoneRef(row["organization_id"], row["organization_phone_id"], row["phone_user"]),
+                Close(
+                    CloseReason(row["close_reason"] or CloseReason.FORCED),
+                    row["close_detail"] or "finished by another replica after the first one stopped mid-close",
+                    Counters(row["close_bad_mac"] or 0, row["close_bad_decrypt"] or 0),
+                ),
+                CloseTrigger(row["close_trigger"] or CloseTrigger.OPERATOR),
+                row["generation"],
+            )
+            for row in rows
+        ]
+
+    async def held_phones(self) -> list[PhoneRef]:
+        async with self.store.connection() as conn:
+            rows = await conn.fetch(self.sql_held_phones)
+        return [PhoneRef(row["organization_id"], row["organization_phone_id"], row["phone_user"]) for row in rows]
+
+
+__all__ = ["CLOSE_LEASE_SECONDS", "PostgresFleet"]

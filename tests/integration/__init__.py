@@ -1,0 +1,1 @@
+"""Tests against real parts: PostgreSQL, Prometheus, Alertmanager, Node and Baileys, subprocesses, images."""
