@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
@@ -32,7 +33,7 @@ from sidecar.store.journal import Journal, JournalError
 from sidecar.store.memory import MemoryStore
 from sidecar.store.pending import PendingSteps
 from sidecar.store.postgres import PostgresStore
-from sidecar.store.schema_check import SchemaWatch
+from sidecar.store.schema_check import SchemaWatch, version_problem
 from sidecar.supervisor import Supervisor
 from sidecar.telemetry.action_log import ActionLog, ClosureLogFile
 from sidecar.telemetry.metrics import MetricsObserver, SidecarMetrics
@@ -42,6 +43,8 @@ from sidecar.telemetry.tracing import Tracing, TracingUnavailable, tracing_from_
 log = logging.getLogger("sidecar.app")
 
 RESTORE_RETRY_SECONDS = 1.0
+# What asyncpg's named prepared statements meet behind a pooler in transaction mode.
+POOLER_SYMPTOMS = (asyncpg.exceptions.DuplicatePreparedStatementError, asyncpg.exceptions.InvalidSQLStatementNameError)
 
 
 def utc_now() -> datetime:
@@ -162,6 +165,8 @@ def _components(config: Config, extras: Extras) -> Callable[[web.Application], A
             lambda: runtime.session_count,
             lambda: runtime.closed_count,
             lambda: pending.oldest_age,
+            lambda: decider.backlog,
+            lambda: decider.oldest_undecided_age,
         )
         metrics.bind_liveness(
             lambda: runtime.liveness.deaf_count,
@@ -255,19 +260,26 @@ async def open_store(config: Config, clock: Callable[[], datetime]) -> SessionSt
         log.warning("no database URL: using the embedded in-memory store; counters and closures are not durable")
         return MemoryStore(clock, config.schema.logged_out_status)
     store = await PostgresStore.connect(
-        config.database_url, config.schema, command_timeout=config.database_command_timeout
+        config.database_url,
+        config.schema,
+        command_timeout=config.database_command_timeout,
+        pooler=config.database_pooler,
     )
     try:
         version = await store.schema_version()
+    except POOLER_SYMPTOMS as error:
+        await store.close()
+        raise StartupError(
+            f"PostgreSQL answered {type(error).__name__} ({str(error).splitlines()[0]}): a pooler in transaction "
+            "mode (PgBouncer) sits in front of it; start with --database-pooler transaction "
+            "(WA_SIDECAR_DATABASE_POOLER)"
+        ) from None
     except StoreUnavailable as error:
         log.warning("PostgreSQL is not reachable yet (%s); starting not ready", error)
         return store
-    if version < store.latest_schema_version:
+    if (problem := version_problem(version, store.latest_schema_version, config.schema.sidecar_schema)) is not None:
         await store.close()
-        raise StartupError(
-            f"the {config.schema.sidecar_schema!r} schema is at version {version}, this sidecar needs "
-            f"{store.latest_schema_version}: run `wa-sidecar migrate` first"
-        )
+        raise StartupError(problem)
     return store
 
 

@@ -26,8 +26,9 @@ from sidecar.ingest.baileys_log import BaileysLogReader
 from sidecar.ingest.command import SessionMapError, announce, lines_of, load_session_map, pump, summary_line
 from sidecar.notify.owners import OwnersError, load_owners
 from sidecar.sim.demo import DemoTally, add_demo_arguments, demo_config, fleet_config, run_demo
-from sidecar.store.migrations import migrate
-from sidecar.store.schema_check import check_schema
+from sidecar.store.migrations import MIGRATIONS, migrate
+from sidecar.store.postgres import connect_options
+from sidecar.store.schema_check import check_schema, migrated_version, version_problem
 from sidecar.telemetry.logs import configure_logging
 
 log = logging.getLogger("sidecar.cli")
@@ -186,10 +187,11 @@ async def _run_server(config: Config, work: Work | None = None, extras: Extras |
         await runner.cleanup()
 
 
-async def _connect(url: str) -> asyncpg.Connection | None:
+async def _connect(url: str, pooler: str) -> asyncpg.Connection | None:
     """A connection, or None after saying on stderr why there is none."""
     try:
-        return await asyncpg.connect(url)
+        connection: asyncpg.Connection = await asyncpg.connect(url, **connect_options(pooler))
+        return connection
     except (OSError, asyncpg.PostgresError) as error:
         print(f"wa-sidecar: cannot connect to PostgreSQL: {error}", file=sys.stderr)
         return None
@@ -199,7 +201,7 @@ async def _migrate(config: Config) -> int:
     if config.database_url is None:
         print("wa-sidecar: migrate needs --database-url or WA_SIDECAR_DATABASE_URL", file=sys.stderr)
         return EXIT_CONFIG
-    connection = await _connect(config.database_url)
+    connection = await _connect(config.database_url, config.database_pooler)
     if connection is None:
         return EXIT_UNAVAILABLE
     try:
@@ -232,13 +234,16 @@ async def _check_config(config: Config) -> int:
             return EXIT_CONFIG
         summary["owners"] = {"teams": sorted(owners.teams), "defaultTeam": owners.default_team}
     if config.database_url is not None:
-        connection = await _connect(config.database_url)
+        connection = await _connect(config.database_url, config.database_pooler)
         if connection is None:
             return EXIT_UNAVAILABLE
         try:
             problems = await check_schema(connection, config.schema)
+            version = await migrated_version(connection, config.schema.sidecar_schema)
         finally:
             await connection.close()
+        if (problem := version_problem(version, len(MIGRATIONS), config.schema.sidecar_schema)) is not None:
+            problems.append(problem)
         if problems:
             for problem in problems:
                 print(f"wa-sidecar: configuration error: {problem}", file=sys.stderr)

@@ -36,6 +36,7 @@ ENVIRONMENT_ONLY = {
     "RUNTIME_TOKEN": "bearer token runtimes present on /v1/runtime and POST /v1/events",
 }
 DEFAULT_TEAM = "unassigned"
+POOLERS = ("none", "session", "transaction")  # session pooling behaves as a direct connection
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +105,9 @@ class Config:
     # Fleet mode: a close not finished within this many seconds (its replica died) is finished by another one.
     close_lease_seconds: float = 60.0
     database_command_timeout: float = 30.0
+    # What sits between the sidecar and PostgreSQL: "none" (direct, or PgBouncer in session mode) or "transaction"
+    # (PgBouncer in transaction mode: no named prepared statements, no LISTEN; routed commands are polled).
+    database_pooler: str = "none"
     state_ttl: float = 86_400.0  # sessions holding nothing, closed/logged-out markers: forgotten after a day
     retention: float = 30 * 86_400.0  # closures, decisions, finished notifications: deleted after 30 days
     # Deaf sessions (rules/liveness.py): what to do (none: report only; restart) and the watch's thresholds.
@@ -183,6 +187,11 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         help="forget sessions holding nothing and closed markers after this long (e.g. 12h, 1d; default 1d)",
     )
     add("--retention", help="delete closures, decisions and sent notifications older than this (default 30d)")
+    add(
+        "--database-pooler",
+        help="none (direct, or PgBouncer in session mode; the default) or transaction (PgBouncer in transaction "
+        "mode: no named prepared statements, no LISTEN; commands between replicas are polled every second)",
+    )
     add(
         "--database-command-timeout",
         help="seconds one SQL statement may run before it counts as slow (retried 3 times, then failed; default 30)",
@@ -306,6 +315,10 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = N
         changes["state_ttl"] = duration("state-ttl", raw)
     if (raw := setting("retention")) is not None:
         changes["retention"] = duration("retention", raw)
+    if (raw := setting("database_pooler")) is not None:
+        if raw.strip() not in POOLERS:
+            raise ConfigError("database-pooler", f"must be one of {', '.join(POOLERS)}, got {raw!r}")
+        changes["database_pooler"] = raw.strip()
     if (raw := setting("database_command_timeout")) is not None:
         changes["database_command_timeout"] = positive_float("database-command-timeout", raw)
     if (raw := setting("deaf_action")) is not None:

@@ -71,6 +71,8 @@ class ThroughPostgres:
         )
         self._backlog_limit = config.pending_steps_limit
         self._url = database_url
+        # Behind PgBouncer in transaction mode a LISTEN gets no server connection of its own: poll only.
+        self._listen = config.database_pooler != "transaction"
         self._sockets: FleetSockets | None = None
 
     def sockets(self, link: LinkConnections) -> FleetSockets:
@@ -83,11 +85,13 @@ class ThroughPostgres:
     def background(self, stop: asyncio.Event) -> Tasks:
         routed = self._sockets
         assert routed is not None, "sockets() first: the tasks deliver through them"
-        return {
-            "lease-listener": lambda: self.leases.listen(self._url, routed.wake, stop),
+        tasks: Tasks = {
             "routed-commands": lambda: routed.deliver_routed(stop),
             "lease-heartbeat": lambda: routed.heartbeat(stop),
         }
+        if self._listen:
+            tasks["lease-listener"] = lambda: self.leases.listen(self._url, routed.wake, stop)
+        return tasks
 
     def close(self) -> None:
         if self._journal is not None:

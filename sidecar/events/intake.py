@@ -79,7 +79,7 @@ class Intake:
         self._acknowledge = acknowledge
         self._admission = admission
         self._metrics = metrics
-        self._event_children: dict[tuple[type, Channel], Any] = {}
+        self._event_children: dict[tuple[type, str], Any] = {}
         self.frames_rejected = 0
 
     def rejected(self, reason: str) -> None:
@@ -87,14 +87,13 @@ class Intake:
         self.frames_rejected += 1
         self._metrics.events_rejected.labels(reason).inc()
 
-    async def take(
-        self,
-        messages: Sequence[InboundMessage],
-        channel: Channel,
-        before_apply: Callable[[list[SessionEvent]], None] | None = None,
-    ) -> int:
-        """Take one validated batch; returns how many session events were applied. `before_apply` sees the
-        session events once the batch is admitted (the link claims their phones). Raises Busy (REFUSE channels)."""
+    async def take(self, messages: Sequence[InboundMessage], channel: Channel) -> int:
+        """Take one validated batch; returns how many session events were applied. Raises Busy (REFUSE channels)."""
+        return await self.apply(await self.admit(messages, channel))
+
+    async def admit(self, messages: Sequence[InboundMessage], channel: Channel) -> list[SessionEvent]:
+        """Count the batch, apply its acknowledgements, wait for room (or raise Busy); its session events, to be
+        handed to `apply` (the link claims their phones in between)."""
         if channel.backpressure is Backpressure.REFUSE:
             await self._admission.caught_up()  # what is accepted becomes durable within the lag target
             if self._admission.room() < STEPS_PER_EVENT * len(messages):
@@ -107,18 +106,20 @@ class Intake:
                 self._acknowledge(message)  # closes in flight wait for them: never held behind the batch
             else:
                 events.append(message)  # type: ignore[arg-type]  # every other message is a session event
+        if events and channel.backpressure is Backpressure.WAIT:
+            await self._admission.caught_up()  # not reading meanwhile: the sender is pushed back
+        return events
+
+    async def apply(self, events: list[SessionEvent]) -> int:
+        """In arrival order, as one batch. Errors that change no decision are tallied (runtime/tally.py), each
+        phone's tally flushed before anything else of that phone is applied, so every session sees its events in
+        order."""
         if not events:
             return 0
-        if channel.backpressure is Backpressure.WAIT:
-            await self._admission.caught_up()  # not reading meanwhile: the sender is pushed back
-        if before_apply is not None:
-            before_apply(events)
         async with self._runtime.batch():
             return await self._apply(events)
 
     async def _apply(self, events: list[SessionEvent]) -> int:
-        """In arrival order. Errors that change no decision are tallied (runtime/tally.py), each phone's tally
-        flushed before anything else of that phone is applied, so every session sees its events in order."""
         runtime = self._runtime
         tally = runtime.error_tally()  # None with a tracing exporter: every error then gets its own span
         count = 0
@@ -138,8 +139,9 @@ class Intake:
     def _count(self, messages: Sequence[InboundMessage], channel: Channel) -> None:
         """whatsapp_sidecar_events_total, incremented once per message type of the batch."""
         for kind, count in Counter(type(message) for message in messages).items():
-            child = self._event_children.get((kind, channel))
+            key = (kind, channel.label)  # a str hashes in C; an Enum member's hash is a Python call
+            child = self._event_children.get(key)
             if child is None:
                 child = self._metrics.events.labels(wire_name(kind), channel.label)
-                self._event_children[(kind, channel)] = child
+                self._event_children[key] = child
             child.inc(count)

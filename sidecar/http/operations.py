@@ -48,12 +48,14 @@ async def readyz(request: web.Request) -> web.Response:
     if reason is not None:
         reasons.append(f"store unreachable: {reason}")
     if components.schema is not None and components.schema.problem is not None:
-        reasons.append(f"schema not migrated: {components.schema.problem}")
+        reasons.append(f"schema not usable: {components.schema.problem}")
     down = components.supervisor.down
     reasons += [f"background task {name} failed ({error}); restarting" for name, error in sorted(down.items())]
     body: dict[str, object] = {
         "pendingSteps": components.pending.depth,
         "pendingStepAgeSeconds": round(components.pending.oldest_age, 3),
+        "undecidedEvents": components.runtime.decider.backlog,
+        "oldestUndecidedEventAgeSeconds": round(components.runtime.decider.oldest_undecided_age, 3),
         "runtimeConnections": components.link.connection_count,
     }
     if down:

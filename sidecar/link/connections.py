@@ -57,9 +57,6 @@ class LinkConnections:
     def owner_of(self, organization_phone_id: int) -> RuntimeConnection | None:
         return self._owners.get(organization_phone_id)
 
-    def owns(self, connection: RuntimeConnection, organization_phone_id: int) -> bool:
-        return self._owners.get(organization_phone_id) is connection
-
     def forget(self, phones: Sequence[int]) -> None:
         """Phones whose sessions expired (disconnected, holding nothing, for the state TTL): the runtime has not
         reported them open since, so their ownership and fleet leases go too (an `open` claims them again)."""

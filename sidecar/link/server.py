@@ -38,27 +38,29 @@ class LinkServer:
             self._intake.rejected(invalid.reason)
             await connection.ws.send_json(msgspec.to_builtins(invalid.answer()))
             return 0
-        claimed: list[SessionEvent] = []
-
-        def claim(events: list[SessionEvent]) -> None:
-            # Ownership follows the runtime's reports, but a phone the sidecar just closed is not re-claimed by
-            # its own late errors; only an `open` (a new login) claims it again. Claiming before the frame is
-            # applied claims what claiming before each event would: the first event of a phone that is not
-            # closed, or its first `open` (events of a closed phone other than `open` do not reopen it).
-            owns, is_closed = self._connections.owns, self._runtime.is_closed
-            for event in events:
-                phone = event.organization_phone_id
-                if owns(connection, phone):
-                    continue  # the common case, kept cheap: this connection owns the phone already
-                reopening = type(event) is ConnectionUpdate and event.connection == "open"
-                if (reopening or not is_closed(phone)) and self._connections.claim(connection, phone):
-                    claimed.append(event)
-
-        applied = await self._intake.take(messages, Channel.WEBSOCKET, claim)
-        if self._connections.leases is not None:
+        events = await self._intake.admit(messages, Channel.WEBSOCKET)
+        claimed = self._claim(connection, events)
+        applied = await self._intake.apply(events)
+        if claimed and self._connections.leases is not None:
             for event in claimed:
                 await self._claim_lease(connection, event)
         return applied
+
+    def _claim(self, connection: RuntimeConnection, events: list[SessionEvent]) -> list[SessionEvent]:
+        """Ownership follows the runtime's reports, but a phone the sidecar just closed is not re-claimed by its
+        own late errors; only an `open` (a new login) claims it again. Claiming before the frame is applied
+        claims what claiming before each event would: the first event of a phone that is not closed, or its
+        first `open` (events of a closed phone other than `open` do not reopen it). Returns the new claims."""
+        claimed: list[SessionEvent] = []
+        owner_of, is_closed = self._connections.owner_of, self._runtime.is_closed
+        for event in events:
+            phone = event.organization_phone_id
+            if owner_of(phone) is connection:
+                continue  # the common case, kept cheap: this connection owns the phone already
+            reopening = type(event) is ConnectionUpdate and event.connection == "open"
+            if (reopening or not is_closed(phone)) and self._connections.claim(connection, phone):
+                claimed.append(event)
+        return claimed
 
     async def _claim_lease(self, connection: RuntimeConnection, event: SessionEvent) -> None:
         """Fleet mode: the phone's lease; a live lease held by another replica means two runtimes share one

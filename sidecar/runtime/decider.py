@@ -80,6 +80,11 @@ class Decider(Protocol):
         ...
 
     @property
+    def oldest_undecided_age(self) -> float:
+        """Seconds the oldest of them has waited (0 with none)."""
+        ...
+
+    @property
     def unavailable_reason(self) -> str | None:
         """Why events cannot be decided now (the database is away), for /readyz; None when they can."""
         ...
@@ -133,7 +138,8 @@ class LocalDecider:
     """One replica: the decisions, the breaker and the mode live in this process."""
 
     decides_later = False
-    backlog = 0
+    backlog = 0  # decided as they come
+    oldest_undecided_age = 0.0
     unavailable_reason: str | None = None
 
     def __init__(self, tools: DecisionTools) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 
@@ -33,7 +34,8 @@ class DecisionQueue:
         on_decided: Callable[[], None] | None = None,
     ) -> None:
         self._decide = decide  # one batch in one transaction: (events with journal positions, journal mark)
-        self._waiting: deque[tuple[Waiting, Submission, int]] = deque()  # event, waiter, journal position
+        # event, waiter, journal position, when it was accepted (monotonic)
+        self._waiting: deque[tuple[Waiting, Submission, int, float]] = deque()
         self._journal = journal
         self._position = 0
         self._room = asyncio.Semaphore(limit)
@@ -50,6 +52,11 @@ class DecisionQueue:
         """Events accepted and not decided yet (all of them wait while PostgreSQL is away)."""
         return len(self._waiting)
 
+    @property
+    def oldest_age(self) -> float:
+        """Seconds the oldest undecided event has waited (0 with none)."""
+        return time.monotonic() - self._waiting[0][3] if self._waiting else 0.0
+
     async def submit(self, items: list[Waiting]) -> list[Result]:
         """Queue events for the one decider of this replica (decided in the order they were submitted, many
         submissions merged into one transaction); waits for their results unless the database is away."""
@@ -63,7 +70,7 @@ class DecisionQueue:
             except BaseException:
                 self._room.release()  # not accepted: the permit goes back
                 raise
-            self._waiting.append((item, submission, position))
+            self._waiting.append((item, submission, position, time.monotonic()))
         self._start_worker()
         if self.unavailable_reason is not None:
             return []  # kept in order; decided once PostgreSQL is back
@@ -88,7 +95,7 @@ class DecisionQueue:
         nobody = Submission(len(entries), asyncio.get_running_loop().create_future())
         for position, item in entries:
             await self._room.acquire()
-            self._waiting.append((item, nobody, position))
+            self._waiting.append((item, nobody, position, time.monotonic()))
         if entries:
             self._start_worker()
         return len(entries)
@@ -104,7 +111,7 @@ class DecisionQueue:
             chunk = [self._waiting[index] for index in range(min(size, len(self._waiting)))]
             mark = (self._journal.instance_id, chunk[-1][2]) if self._journal is not None else None
             try:
-                results = await self._decide([(item, position) for item, _, position in chunk], mark)
+                results = await self._decide([(item, position) for item, _, position, _ in chunk], mark)
             except StoreSlow as error:
                 # Not an outage: a batch is retried one event at a time, an event that times out on each of
                 # SLOW_ATTEMPTS tries is dropped (logged), so a slow statement cannot hold the decider forever.
@@ -125,7 +132,7 @@ class DecisionQueue:
                 continue
             except StoreUnavailable as error:
                 self.unavailable(error)
-                for _, submission, _ in self._waiting:  # nobody waits on a database that is away
+                for _, submission, _, _ in self._waiting:  # nobody waits on a database that is away
                     submission.give_up()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_SECONDS)
@@ -138,7 +145,7 @@ class DecisionQueue:
                 continue
             self._slow_attempts = 0
             self._single = max(0, self._single - len(chunk))
-            for (_, submission, _), result in zip(chunk, results, strict=True):
+            for (_, submission, _, _), result in zip(chunk, results, strict=True):
                 self._waiting.popleft()
                 self._room.release()
                 submission.add(result)
@@ -152,7 +159,7 @@ class DecisionQueue:
             delay = RETRY_INITIAL_SECONDS
 
     def _drop_first(self, why: str, reason: str) -> None:
-        item, submission, position = self._waiting.popleft()
+        item, submission, position, _ = self._waiting.popleft()
         self._room.release()
         submission.give_up()
         if self._journal is not None:

@@ -177,7 +177,7 @@ class SessionRuntime:
         on its own (a tracing exporter is configured: every error gets its span)."""
         if self._traced:
             return None
-        return ErrorTally(self._classify, list(self._observers), self._registry, self._parts.now)
+        return ErrorTally(self._classify, self._observers, self._registry, self._parts.now)
 
     async def handle_bad_mac_error(
         self, organization_id: int, organization_phone_id: int, phone_jid: str, peer_jid: str | None = None

@@ -91,6 +91,10 @@ class FleetDecider(FleetControls):
         return self.queue.backlog
 
     @property
+    def oldest_undecided_age(self) -> float:
+        return self.queue.oldest_age
+
+    @property
     def unavailable_reason(self) -> str | None:
         return self.queue.unavailable_reason
 

@@ -13,7 +13,7 @@ closed), the metrics incremented by the batch's totals (at its end), nothing els
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from sidecar.events.schema import DecryptError
@@ -63,7 +63,7 @@ class ErrorTally:
     def __init__(
         self,
         classifier: Classifier,
-        observers: list[RuntimeObserver],
+        observers: Sequence[RuntimeObserver],
         registry: SessionRegistry,
         now: Callable[[], float],
     ) -> None:

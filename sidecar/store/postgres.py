@@ -39,6 +39,12 @@ from sidecar.store.step_writer import StepWriter
 ACQUIRE_TIMEOUT_SECONDS = 5.0
 
 
+def connect_options(pooler: str) -> dict[str, Any]:
+    """asyncpg options for what sits in front of PostgreSQL. Behind PgBouncer in transaction mode consecutive
+    statements may run on different server connections, so none may leave a named prepared statement behind."""
+    return {"statement_cache_size": 0} if pooler == "transaction" else {}
+
+
 class PostgresStore:
     def __init__(self, pool: asyncpg.Pool, schema: SchemaMapping, command_timeout: float = 30.0) -> None:
         self._pool = pool
@@ -50,12 +56,13 @@ class PostgresStore:
 
     @classmethod
     async def connect(
-        cls, url: str, schema: SchemaMapping, max_size: int = 10, command_timeout: float = 30.0
+        cls, url: str, schema: SchemaMapping, max_size: int = 10, command_timeout: float = 30.0, pooler: str = "none"
     ) -> PostgresStore:
         # min_size=0: the sidecar starts (and reports not-ready) while PostgreSQL is still away.
         pool = await asyncpg.create_pool(
-            url, min_size=0, max_size=max_size, server_settings={"timezone": "UTC"}, command_timeout=command_timeout
-        )
+            url, min_size=0, max_size=max_size, server_settings={"timezone": "UTC"}, command_timeout=command_timeout,
+            **connect_options(pooler),
+        )  # fmt: skip
         return cls(pool, schema, command_timeout)
 
     async def close(self) -> None:

@@ -11,6 +11,7 @@ import asyncpg
 
 from sidecar.config import SchemaMapping
 from sidecar.ports import StoreUnavailable
+from sidecar.store.sqlnames import quote_identifier
 
 log = logging.getLogger("sidecar.store.schema")
 
@@ -60,6 +61,27 @@ async def check_schema(connection: asyncpg.Connection, mapping: SchemaMapping) -
 SCHEMA_POLL_SECONDS = 5.0
 
 
+def version_problem(version: int, latest: int, schema: str) -> str | None:
+    """What is wrong with the sidecar schema's migration level for this release, if anything. A newer level
+    means a newer release migrated the database: this one may misread what that one wrote, so it does not serve."""
+    if version < latest:
+        return f"the {schema!r} schema is at version {version}, this sidecar needs {latest}: run `wa-sidecar migrate`"
+    if version > latest:
+        return (
+            f"the {schema!r} schema is at version {version}, newer than this sidecar knows ({latest}): a newer "
+            "release migrated it; run that release (or a newer one) instead of this one"
+        )
+    return None
+
+
+async def migrated_version(connection: asyncpg.Connection, schema: str) -> int:
+    """The sidecar schema's migration level (0 before the first `wa-sidecar migrate`)."""
+    table = f"{quote_identifier(schema)}.schema_migrations"
+    if await connection.fetchval("SELECT to_regclass($1)", table) is None:
+        return 0
+    return int(await connection.fetchval(f"SELECT max(version) FROM {table}") or 0)
+
+
 class SchemaWatch:
     """Whether the sidecar schema is migrated, re-read every few seconds: a database that comes back (or a
     failover to one restored from an older backup) unmigrated is reported on `/readyz`, not only at start."""
@@ -75,12 +97,7 @@ class SchemaWatch:
             version = await self._version()
         except StoreUnavailable:
             return  # the outage itself is reported by whoever needed the database
-        problem = (
-            None
-            if version >= self._latest
-            else f"the {self._schema!r} schema is at version {version}, this sidecar needs {self._latest}: "
-            "run `wa-sidecar migrate`"
-        )
+        problem = version_problem(version, self._latest, self._schema)
         if problem != self.problem:
             if problem is not None:
                 log.error("%s", problem)

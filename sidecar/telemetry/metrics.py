@@ -224,6 +224,17 @@ class SidecarMetrics:
             "Sessions forgotten after holding nothing for --state-ttl (active, no counts, disconnected)",
             registry=registry,
         )
+        self.undecided_events = Gauge(
+            "whatsapp_sidecar_undecided_events",
+            "Events accepted and waiting for their decision (fleet mode: while PostgreSQL is away or slow; 0 with "
+            "one replica, which decides at once)",
+            registry=registry,
+        )
+        self.oldest_undecided_event_age = Gauge(
+            "whatsapp_sidecar_oldest_undecided_event_age_seconds",
+            "Seconds the oldest undecided event has waited (0 with none): the accepted-to-decided lag",
+            registry=registry,
+        )
         self.pending_step_age = Gauge(
             "whatsapp_sidecar_pending_step_age_seconds",
             "Age of the oldest database step not yet applied: how far durable state lags what was accepted",
@@ -259,8 +270,12 @@ class SidecarMetrics:
         active: Callable[[], float],
         closed: Callable[[], float],
         pending_age: Callable[[], float] = lambda: 0.0,
+        undecided: Callable[[], float] = lambda: 0.0,
+        undecided_age: Callable[[], float] = lambda: 0.0,
     ) -> None:
         """Gauges read at scrape time from the live parts."""
+        self.undecided_events.set_function(undecided)
+        self.oldest_undecided_event_age.set_function(undecided_age)
         self.runtime_connections.set_function(connections)
         self.pending_steps.set_function(pending)
         self.pending_step_age.set_function(pending_age)

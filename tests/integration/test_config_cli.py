@@ -7,6 +7,7 @@ import asyncio
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import aiohttp
 import asyncpg
@@ -14,6 +15,8 @@ import pytest
 
 from sidecar.config import ConfigError, add_config_arguments, config_from_args
 from sidecar.store.migrations import MIGRATIONS, migrate
+from tests.replicas import Replica, replicas
+from tests.waiting import eventually
 
 
 def parse(*argv: str, env: dict[str, str] | None = None) -> object:
@@ -144,3 +147,22 @@ async def test_serve_on_port_zero_reports_the_port_it_bound() -> None:
     finally:
         process.terminate()
         await process.wait()
+
+
+async def test_a_schema_newer_than_this_release_knows_is_refused_by_serve_and_check_config(
+    database: str, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """A rolling upgrade's older replica against the newer release's migration: it does not serve (exit 2, a
+    message saying why), check-config says the same, and one already serving turns not ready."""
+    async with replicas(1, database, tmp_path) as (serving,):
+        await db.execute("INSERT INTO wa_sidecar.schema_migrations (version) VALUES ($1)", len(MIGRATIONS) + 1)
+        await eventually(lambda: _not_usable(serving), deadline_seconds=20, what="the serving replica not ready")
+    started = await asyncio.to_thread(wa_sidecar, "serve", "--listen", "127.0.0.1:0", "--database-url", database)
+    assert started.returncode == 2 and "newer than this sidecar knows" in started.stderr, started.stderr
+    checked = await asyncio.to_thread(wa_sidecar, "check-config", "--database-url", database)
+    assert checked.returncode == 2 and f"version {len(MIGRATIONS) + 1}, newer" in checked.stderr, checked.stderr
+
+
+async def _not_usable(replica: Replica) -> bool:
+    status, body = await replica.request("GET", "/readyz")
+    return status == 503 and "newer than this sidecar knows" in body["reason"]

@@ -238,7 +238,7 @@ async def test_down_at_start_then_up_unmigrated_is_reported_until_migrated(
 
         async def says_unmigrated() -> bool:
             status, body = await readyz(served)
-            return status == 503 and "schema not migrated: the 'wa_sidecar' schema is at version 0" in body["reason"]
+            return status == 503 and "schema not usable: the 'wa_sidecar' schema is at version 0" in body["reason"]
 
         await eventually(says_unmigrated, what="/readyz names the missing migration")
         assert served.components.pending.depth > 0 and served.components.pending.failed_steps == 0

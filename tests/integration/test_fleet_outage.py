@@ -8,7 +8,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
+from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.client import RuntimeClient, connection_update, decrypt_error
 from sidecar.store.journal import JOURNAL_FILE
@@ -60,10 +62,16 @@ async def test_postgres_away_for_30_seconds_no_close_meanwhile_each_close_once_a
                 assert status == 200 and body["sessions"] == [], "no close while the database is away"
             await asyncio.sleep(1.0)  # the pace of arriving errors, not a wait for an outcome
         assert round_ >= 3
+        for replica in fleet:  # the backlog is visible: gauges (the stock parser) and /readyz agree
+            undecided, age = await backlog(replica)
+            status, ready = await replica.request("GET", "/readyz")
+            assert status == 503 and ready["undecidedEvents"] > 0 and undecided == ready["undecidedEvents"], ready
+            assert age >= OUTAGE_SECONDS / 2 and ready["oldestUndecidedEventAgeSeconds"] >= OUTAGE_SECONDS / 2
         cluster.start()
         db = await asyncpg.connect(seeded)
         try:
             await eventually(lambda: _all_closed(db, closing), deadline_seconds=60, what="every phone at its limit")
+            await eventually(lambda: _drained(fleet), what="the backlog decided on every replica")
             await eventually(lambda: settled(fleet), what="no close in flight")
             assert await closures(db) == {phone.organization_phone_id: 1 for phone in closing}
             at_close = await db.fetch("SELECT bad_mac_errors FROM wa_sidecar.closures")
@@ -76,6 +84,18 @@ async def test_postgres_away_for_30_seconds_no_close_meanwhile_each_close_once_a
                 assert await keys_of(db, phone) == {"creds"}  # app-state keys only (none here) were healed
         finally:
             await db.close()
+
+
+async def backlog(replica: Replica) -> tuple[float, float]:
+    """whatsapp_sidecar_undecided_events and ..._oldest_undecided_event_age_seconds, as Prometheus reads them."""
+    async with aiohttp.ClientSession() as http, http.get(replica.base + "/metrics") as response:
+        text = await response.text()
+    values = {sample.name: sample.value for family in text_string_to_metric_families(text) for sample in family.samples}
+    return values["whatsapp_sidecar_undecided_events"], values["whatsapp_sidecar_oldest_undecided_event_age_seconds"]
+
+
+async def _drained(fleet: Sequence[Replica]) -> bool:
+    return all([await backlog(replica) == (0.0, 0.0) for replica in fleet])
 
 
 async def _all_closed(db: asyncpg.Connection, phones: Sequence[object]) -> bool:

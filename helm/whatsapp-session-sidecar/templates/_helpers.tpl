@@ -78,6 +78,8 @@ user asked for an open listener and gave none. */}}
     secretKeyRef:
       name: {{ include "whatsapp-session-sidecar.databaseSecret" . }}
       key: {{ .Values.database.secretKey }}
+- name: WA_SIDECAR_DATABASE_POOLER
+  value: {{ .Values.database.pooler | quote }}
 {{- end }}
 {{- end }}
 
