@@ -185,7 +185,7 @@ class StepFailed(Exception):
         self.error = error
 
 
-# Fleet mode: decision state shared by every replica (sidecar.store.fleet) ------------------------------
+# Fleet mode: decision state shared by every replica (sidecar.store.shared_decisions) -----------------
 
 
 @dataclass(frozen=True, slots=True)

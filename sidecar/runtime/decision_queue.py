@@ -173,6 +173,13 @@ class DecisionQueue:
         if self.on_dropped is not None:
             self.on_dropped(reason)
 
+    def reachable(self) -> None:
+        """PostgreSQL answered someone else (the settings watch). With nothing waiting, no decision will come to say
+        so: the replica is no longer unavailable (it would stay not ready after an outage otherwise, while idle)."""
+        if self.unavailable_reason is not None and not self._waiting:
+            log.info("PostgreSQL is back")
+            self.unavailable_reason = None
+
     def unavailable(self, error: StoreUnavailable) -> None:
         if self.unavailable_reason is None:
             log.warning("PostgreSQL unreachable: decisions wait until it is back (%s)", error)

@@ -128,6 +128,8 @@ class FleetDecider(FleetControls):
                 await self.take_over_closes()
             except StoreUnavailable as error:
                 self.queue.unavailable(error)
+            else:
+                self.queue.reachable()
             await asyncio.sleep(SETTINGS_REFRESH_SECONDS)
 
     # Events -------------------------------------------------------------------------------------------

@@ -70,7 +70,7 @@ class PostgresStore:
 
     @property
     def pool(self) -> asyncpg.Pool:
-        """The pool, shared with the fleet decision state (sidecar.store.fleet)."""
+        """The pool, shared with the fleet decision state (sidecar.store.shared_decisions)."""
         return self._pool
 
     @property

@@ -13,7 +13,7 @@ import asyncpg
 from sidecar.client import RuntimeClient, connection_update, decrypt_error
 from tests.integration.test_fleet import Ends, closures_of, ws_url
 from tests.pgbouncer import PgBouncer
-from tests.replicas import replicas, settled
+from tests.replicas import Replica, replicas, settled
 from tests.seed import add_phone, keys_of, phone_row
 from tests.waiting import eventually
 
@@ -95,12 +95,18 @@ async def test_behind_pgbouncer_an_operator_close_is_routed_and_a_pgbouncer_rest
             pid, jid = later.organization_phone_id, later.phone_jid
             await b.events([connection_update(1, pid, jid, "open")] + [decrypt_error(1, pid, jid, BAD_MAC)] * 3)
             await eventually(lambda: _closed(db, pid), what="decided after PgBouncer's restart")
+            # Both ready again, the idle one too (its settings watch saw PostgreSQL back; no event had to).
+            await eventually(lambda: _ready([a, b]), what="both replicas ready after PgBouncer's restart")
             await eventually(lambda: settled([a, b]), what="no close in flight")
         assert len(await closures_of(db, phone.organization_phone_id)) == 1
         [closure] = await closures_of(db, later.organization_phone_id)
         assert closure["reason"] == "bad_mac_limit" and closure["bad_mac_errors"] == 3
     finally:
         await bouncer.remove()
+
+
+async def _ready(fleet: list[Replica]) -> bool:
+    return all([(await replica.request("GET", "/readyz"))[0] == 200 for replica in fleet])
 
 
 async def _all_closed(db: asyncpg.Connection, phone_ids: list[int]) -> bool:
