@@ -106,10 +106,9 @@ def _vouched(decoded: _Frame) -> list[InboundMessage] | None:
 
 
 def _check(item: InboundMessage) -> None:
-    if type(item) is CommandAck:
+    if isinstance(item, CommandAck):
         _text(item.command_id, MAX_TEXT)
         return
-    assert not isinstance(item, CommandAck)
     _jid(item.phone_jid)
     if item.traceparent is not None:
         _text(item.traceparent, 55)

@@ -28,7 +28,6 @@ from sidecar.events.schema import (
     Timestamp,
     wire_name,
 )
-from sidecar.rules.classification import ErrorSource
 from sidecar.rules.inputs import (
     JID_PROBLEM,
     MAX_ID,
@@ -40,7 +39,6 @@ from sidecar.rules.inputs import (
 )
 from sidecar.rules.jid import InvalidJid
 
-SOURCES = tuple(source.value for source in ErrorSource)
 # The schema's patterns, anchored at the very end (`$` would let a trailing newline through).
 COLLECTION = re.compile(COLLECTION_PATTERN.removesuffix("$") + r"\Z")
 TRACEPARENT = re.compile(TRACEPARENT_PATTERN.removesuffix("$") + r"\Z")

@@ -187,9 +187,10 @@ class LocalDecider:
         if counted is not None and _count(session.state.counters, counted) > _count(before.counters, counted):
             await self._parts.steps.submit(IncrementCounter(session.phone, counted, flip))
         await self._effects.after_decision(session.phone, decision, self._status() if just_tripped else None)
+        continues = not isinstance(decision, Close | Hold) and session.state.phase is Phase.ACTIVE
         if traced is not None:
-            traced.decided(not isinstance(decision, Close | Hold) and session.state.phase is Phase.ACTIVE)
-        return not isinstance(decision, Close | Hold) and session.state.phase is Phase.ACTIVE, flip
+            traced.decided(continues)
+        return continues, flip
 
     def _transition(
         self, session: Session, event: Event, trigger: CloseTrigger
