@@ -1,11 +1,14 @@
 """Error storm: N sessions each sent E Bad MAC / bad decrypt errors as fast as the SDK can send them.
 
     python -m bench.storm [--sessions 1000] [--errors 200] [--connections 4] [--replicas 1,2]
+                          [--poolers none,transaction]
 
 The sidecar runs as its own process (`wa-sidecar serve`, PostgreSQL with the seed schema, 8 keys per phone),
 so its RSS is its own. With `--replicas 1,2` the storm runs once per replica count, each on a fresh database
 (fleet mode: the replicas share it; the runtime connections are spread over them), and the event rates are
-compared. Printed: idle and peak RSS (of the first replica), the storm's duration, closes/s, the time until the
+compared; with `--poolers none,transaction` once directly and once through Debian's PgBouncer in transaction mode
+(`--database-pooler transaction`, as many server connections as the replicas' pools), in the same run. Printed:
+idle and peak RSS (of the first replica), the storm's duration, closes/s, the time until the
 database is consistent (every closure recorded, every key gone), the stats API latency (p50/p99, polled
 throughout), and the consistency checks (every session ended exactly once, every phone logged out, every key
 gone, one closure record per phone). A measurement, not a test.
@@ -27,15 +30,22 @@ import asyncpg
 
 from bench.common import NO_BREAKER, Phone, RssSampler, rss_mb, seeded_database, sidecar_process
 from sidecar.client import RuntimeClient, connection_update, decrypt_error
+from tests.pgbouncer import PgBouncer
 
 BAD_DECRYPT = "Error: error:1C800064:Provider routines::bad decrypt"
 
 
-async def run(sessions: int, errors: int, connections: int, replicas: int) -> float:
+async def run(sessions: int, errors: int, connections: int, replicas: int, pooler: str = "none") -> float:
     """One storm; returns the sidecar's event rate."""
     async with seeded_database(sessions) as (dsn, phones), contextlib.AsyncExitStack() as stack:
+        url, flags = dsn, ["--database-pooler", pooler]
+        if pooler != "none":
+            bouncer = PgBouncer(pool_mode=pooler, pool_size=10 * replicas)
+            await bouncer.start()
+            stack.push_async_callback(bouncer.remove)
+            url = bouncer.url(dsn)
         fleet = [
-            await stack.enter_async_context(sidecar_process(dsn, *NO_BREAKER, "--instance", f"replica-{index}"))
+            await stack.enter_async_context(sidecar_process(url, *NO_BREAKER, *flags, "--instance", f"replica-{index}"))
             for index in range(replicas)
         ]
         sidecar = fleet[0]
@@ -130,6 +140,7 @@ async def run(sessions: int, errors: int, connections: int, replicas: int) -> fl
     events = sessions * errors
     latencies.sort()
     mode = f"fleet mode, {replicas} replica{'s' if replicas > 1 else ''} on one PostgreSQL"
+    mode += f", through PgBouncer ({pooler} mode)" if pooler != "none" else ", direct"
     print(f"storm ({mode}): {sessions} sessions x {errors} errors = {events} events over {connections} connections")
     elapsed = processed - started
     print(
@@ -161,15 +172,24 @@ def main() -> None:
     parser.add_argument("--errors", type=int, default=200)
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument("--replicas", default="1", help="replica counts to run, comma-separated (e.g. 1,2)")
+    parser.add_argument("--poolers", default="none", help="none and/or transaction, comma-separated")
     args = parser.parse_args()
     counts = [int(item) for item in args.replicas.split(",")]
+    poolers = args.poolers.split(",")
     rates = {
-        count: asyncio.run(run(args.sessions, args.errors, max(args.connections, count), count)) for count in counts
+        (count, pooler): asyncio.run(run(args.sessions, args.errors, max(args.connections, count), count, pooler))
+        for pooler in poolers
+        for count in counts
     }
-    if len(rates) > 1:
-        base = rates[counts[0]]
+    for pooler in poolers:
+        base = rates[(counts[0], pooler)]
         for count in counts[1:]:
-            print(f"{count} replicas: {rates[count] / base:.2f}x the event rate of {counts[0]} (goal >= 0.5x)")
+            through = "" if pooler == "none" else f" through PgBouncer ({pooler})"
+            print(f"{count} replicas{through}: {rates[(count, pooler)] / base:.2f}x the event rate of {counts[0]}")
+    for count in counts:
+        for pooler in poolers[1:]:
+            ratio = rates[(count, pooler)] / rates[(count, poolers[0])]
+            print(f"{count} replica(s) through PgBouncer ({pooler}): {ratio:.2f}x the event rate with {poolers[0]}")
 
 
 if __name__ == "__main__":

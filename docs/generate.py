@@ -26,6 +26,7 @@ from sidecar.config import ENV_PREFIX, ENVIRONMENT_ONLY
 from sidecar.events import contract
 from sidecar.rules.app_state import app_state_table
 from sidecar.rules.policy import Limits
+from sidecar.store.postgres import SESSION_LIMITS_WHY
 from sidecar.telemetry.metrics import SidecarMetrics
 from sidecar.telemetry.session_families import FAMILIES
 from sidecar.telemetry.tracing import OTEL_VARIABLES
@@ -96,6 +97,11 @@ def configuration_page() -> str:
         "A bad setting exits with code 2 and a message naming it. Listening on a non-loopback address without "
         "`WA_SIDECAR_API_TOKEN` and `WA_SIDECAR_RUNTIME_TOKEN` is refused unless `--insecure` is given.\n\n"
         + table(("flag", "environment variable", "meaning"), rows)
+        + "\n## Database session limits\n\n"
+        "Not flags: set by the sidecar on every PostgreSQL session it opens for serving (directly as session "
+        "settings; behind a pooler with `SET LOCAL` at the start of each transaction, so nothing leaks to another "
+        "client), so that no sidecar connection can hold the fleet. `migrate` and `check-config` are not bounded.\n\n"
+        + table(("setting", "value and why"), ((f"`{name}`", why) for name, why in SESSION_LIMITS_WHY.items()))
         + "\n## Environment only\n\n"
         + table(("environment variable", "meaning"), env_rows)
         + "\n## OpenTelemetry\n\n"

@@ -123,6 +123,7 @@ def _components(config: Config, extras: Extras) -> Callable[[web.Application], A
             observers.append(closure_log)
         observers.extend(extras.observers)
         coordination = coordination_for(config, store)
+        clock = coordination.clock(clock)
         link = LinkConnections(coordination.leases)
         sockets = coordination.sockets(link)
         runtime = assemble(
@@ -189,7 +190,9 @@ def _components(config: Config, extras: Extras) -> Callable[[web.Application], A
             supervisor, schema,
         )  # fmt: skip
         app[COMPONENTS] = components
+        metrics.bind_fleet(lambda: decider.parked_phones, lambda: coordination.clock_ahead)
         try:
+            await coordination.start()
             replayed = await pending.start()
             undecided = await decider.start()
         except JournalError as error:
@@ -275,6 +278,12 @@ async def open_store(config: Config, clock: Callable[[], datetime]) -> SessionSt
             "(WA_SIDECAR_DATABASE_POOLER)"
         ) from None
     except StoreUnavailable as error:
+        if "unsupported startup parameter" in str(error):  # PgBouncer refusing the session timeouts
+            await store.close()
+            raise StartupError(
+                f"the database answered {str(error).splitlines()[0]!r}: a pooler (PgBouncer) sits in front of "
+                "PostgreSQL; start with --database-pooler transaction or session (WA_SIDECAR_DATABASE_POOLER)"
+            ) from None
         log.warning("PostgreSQL is not reachable yet (%s); starting not ready", error)
         return store
     if (problem := version_problem(version, store.latest_schema_version, config.schema.sidecar_schema)) is not None:

@@ -28,7 +28,7 @@ from sidecar.notify.owners import OwnersError, load_owners
 from sidecar.sim.demo import DemoTally, add_demo_arguments, demo_config, fleet_config, run_demo
 from sidecar.store.migrations import MIGRATIONS, migrate
 from sidecar.store.postgres import connect_options
-from sidecar.store.schema_check import check_schema, migrated_version, version_problem
+from sidecar.store.schema_check import check_schema, migrated_level, newer_note, version_problem
 from sidecar.telemetry.logs import configure_logging
 
 log = logging.getLogger("sidecar.cli")
@@ -239,11 +239,13 @@ async def _check_config(config: Config) -> int:
             return EXIT_UNAVAILABLE
         try:
             problems = await check_schema(connection, config.schema)
-            version = await migrated_version(connection, config.schema.sidecar_schema)
+            level = await migrated_level(connection, config.schema.sidecar_schema)
         finally:
             await connection.close()
-        if (problem := version_problem(version, len(MIGRATIONS), config.schema.sidecar_schema)) is not None:
+        if (problem := version_problem(level, len(MIGRATIONS), config.schema.sidecar_schema)) is not None:
             problems.append(problem)
+        if (note := newer_note(level, len(MIGRATIONS), config.schema.sidecar_schema)) is not None:
+            summary["schemaNote"] = note
         if problems:
             for problem in problems:
                 print(f"wa-sidecar: configuration error: {problem}", file=sys.stderr)

@@ -36,7 +36,7 @@ ENVIRONMENT_ONLY = {
     "RUNTIME_TOKEN": "bearer token runtimes present on /v1/runtime and POST /v1/events",
 }
 DEFAULT_TEAM = "unassigned"
-POOLERS = ("none", "session", "transaction")  # session pooling behaves as a direct connection
+POOLERS = ("none", "session", "transaction")  # behind either pooler, timeouts are set per transaction
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,8 +189,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     add("--retention", help="delete closures, decisions and sent notifications older than this (default 30d)")
     add(
         "--database-pooler",
-        help="none (direct, or PgBouncer in session mode; the default) or transaction (PgBouncer in transaction "
-        "mode: no named prepared statements, no LISTEN; commands between replicas are polled every second)",
+        help="none (direct, the default), session (PgBouncer in session mode) or transaction (PgBouncer in "
+        "transaction mode: no named prepared statements, no LISTEN; commands between replicas are polled every "
+        "second); behind a pooler each transaction sets its own timeouts",
     )
     add(
         "--database-command-timeout",

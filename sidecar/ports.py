@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -216,17 +216,35 @@ class ClaimedClose:
     generation: int
 
 
+@dataclass(frozen=True, slots=True)
+class JournalProgress:
+    """What a decided batch tells the database about the undecided-events journal, in the batch's transaction:
+    every position up to the highest decided is decided, except those `undecided_below` names (events of phones
+    whose rows were locked elsewhere: decided later, out of order). A replay skips exactly the decided ones."""
+
+    instance_id: str
+    undecided_below: Callable[[int, frozenset[int]], list[int]]  # (high, positions this batch decided)
+
+
 class FleetBatch(Protocol):
     """Decisions in progress: the batch's rows are locked until the block ends, then the saved states commit."""
 
-    # The last undecided-events journal position already decided (events up to it are skipped on a replay).
-    decided_position: int
+    # Phones whose rows another PostgreSQL session holds locked: their events are not decided in this batch (the
+    # decider parks them and retries; unrelated phones never wait for them).
+    busy: frozenset[int]
+
+    def already_decided(self, position: int) -> bool:
+        """The undecided-events journal position was decided before (a replay after a crash skips it)."""
+
+    def decided(self, positions: frozenset[int]) -> None:
+        """The journal positions this batch decides (remembered with the decisions at commit)."""
 
     def stored(self, organization_phone_id: int) -> StoredDecision:
         """The phone's state as locked at the start of the batch."""
 
-    async def admit_automatic_close(self, phone: PhoneRef, now: float) -> tuple[bool, bool]:
-        """The fleet breaker's admission of one automatic logout: (admitted, this refusal tripped it)."""
+    async def admit_automatic_close(self, phone: PhoneRef) -> tuple[bool, bool] | None:
+        """The fleet breaker's admission of one automatic logout, counted on the database's clock: (admitted,
+        this refusal tripped it); None when another session holds the breaker's lock (the event is retried)."""
 
     def save(
         self,
@@ -244,10 +262,11 @@ class FleetBatch(Protocol):
 
 class FleetState(Protocol):
     def deciding(
-        self, phones: Sequence[PhoneRef], mark: tuple[str, int] | None
+        self, phones: Sequence[PhoneRef], journal: JournalProgress | None, wait: bool = False
     ) -> AbstractAsyncContextManager[FleetBatch]:
         """Lock the phones' rows (created on first sight) for a batch of decisions; raises StoreUnavailable.
-        `mark` (journal instance, last position of the batch) is remembered with the decisions."""
+        Rows locked elsewhere are skipped (`FleetBatch.busy`) unless `wait` (an operator's close waits, bounded
+        by the lock timeout). `journal`'s progress is remembered with the decisions."""
 
     async def stored(self, organization_phone_id: int) -> StoredDecision | None: ...
 
@@ -258,7 +277,7 @@ class FleetState(Protocol):
 
     async def set_mode(self, mode: Mode, observe_organizations: frozenset[int]) -> None: ...
 
-    async def trip_breaker(self, now: float, operator: str) -> bool:
+    async def trip_breaker(self, operator: str) -> bool:
         """Trip by hand; True if it was not tripped before."""
 
     async def keep_breaker(self, operator: str) -> bool:
@@ -266,7 +285,8 @@ class FleetState(Protocol):
 
     async def release_breaker(self) -> None: ...
 
-    async def breaker_status(self, now: float) -> BreakerStatus: ...
+    async def breaker_status(self) -> BreakerStatus:
+        """Counted on the database's clock, as admissions are."""
 
     async def held_phones(self) -> list[PhoneRef]: ...
 

@@ -20,8 +20,21 @@ API_TOKEN = "fleet-operator-token"
 
 
 class Replica:
-    def __init__(self, name: str, database: str, work: Path, extra: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        name: str,
+        database: str,
+        work: Path,
+        extra: Sequence[str] = (),
+        code: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        """`code`: the directory holding another release's `sidecar` package (run instead of this checkout's);
+        `env`: more environment (libfaketime's LD_PRELOAD and FAKETIME: a replica whose clock is off; set on the
+        process itself, not through a wrapper that a SIGTERM would stop without its child)."""
         self.name = name
+        self._code = code
+        self._env = env or {}
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self._argv = [
@@ -32,10 +45,12 @@ class Replica:
         self._process: asyncio.subprocess.Process | None = None
 
     async def start(self, ready: bool = True) -> None:
-        env = {**os.environ, "WA_SIDECAR_API_TOKEN": API_TOKEN}
+        env = {**os.environ, "WA_SIDECAR_API_TOKEN": API_TOKEN, **self._env}
+        if self._code is not None:  # `-m` puts the working directory first: start where only that code is
+            env["PYTHONPATH"] = str(self._code)
         with self._log_path.open("ab") as log:
             self._process = await asyncio.create_subprocess_exec(
-                *self._argv, env=env, stdout=log, stderr=asyncio.subprocess.STDOUT
+                *self._argv, env=env, stdout=log, stderr=asyncio.subprocess.STDOUT, cwd=self._code
             )
         if ready:
             try:

@@ -47,6 +47,8 @@ async def readyz(request: web.Request) -> web.Response:
             reason = str(error)
     if reason is not None:
         reasons.append(f"store unreachable: {reason}")
+    if (stalled := components.runtime.decider.stalled_reason) is not None:
+        reasons.append(stalled)
     if components.schema is not None and components.schema.problem is not None:
         reasons.append(f"schema not usable: {components.schema.problem}")
     down = components.supervisor.down
@@ -56,6 +58,7 @@ async def readyz(request: web.Request) -> web.Response:
         "pendingStepAgeSeconds": round(components.pending.oldest_age, 3),
         "undecidedEvents": components.runtime.decider.backlog,
         "oldestUndecidedEventAgeSeconds": round(components.runtime.decider.oldest_undecided_age, 3),
+        "phonesWaitingOnLocks": components.runtime.decider.parked_phones,
         "runtimeConnections": components.link.connection_count,
     }
     if down:

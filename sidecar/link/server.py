@@ -98,6 +98,9 @@ class LinkServer:
                     await ws.send_json(msgspec.to_builtins(refusal))
                 elif message.type is WSMsgType.ERROR:
                     log.warning("runtime connection error: %s", ws.exception())
+        except ConnectionResetError as error:  # the runtime (or a proxy) went away mid-frame: routine, no traceback
+            fields = {"connection": connection.id, "error": str(error) or type(error).__name__}
+            log.info("runtime connection reset", extra={"fields": fields})
         finally:
             self._connections.disconnected(connection)
             log.info("runtime disconnected", extra={"fields": {"connection": connection.id}})

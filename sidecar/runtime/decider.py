@@ -89,6 +89,16 @@ class Decider(Protocol):
         """Why events cannot be decided now (the database is away), for /readyz; None when they can."""
         ...
 
+    @property
+    def stalled_reason(self) -> str | None:
+        """Why some events have waited too long on rows or locks held elsewhere, for /readyz; None otherwise."""
+        ...
+
+    @property
+    def parked_phones(self) -> int:
+        """Phones whose events wait on a row or lock another database session holds."""
+        ...
+
     def batch(self) -> AbstractAsyncContextManager[None]:
         """Wrap the events of one frame or body (decided together where that saves transactions)."""
         ...
@@ -141,6 +151,8 @@ class LocalDecider:
     backlog = 0  # decided as they come
     oldest_undecided_age = 0.0
     unavailable_reason: str | None = None
+    stalled_reason: str | None = None
+    parked_phones = 0
 
     def __init__(self, tools: DecisionTools) -> None:
         self._parts = parts = tools.parts

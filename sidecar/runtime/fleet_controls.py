@@ -40,7 +40,7 @@ class FleetControls:
     async def claim_operator_close(self, phone: PhoneRef, reason: str, held_only: bool = False) -> bool:
         """Claim a close for the operator; False when another replica (or an earlier call) already did."""
         claimed: tuple[SessionState, Transition, int] | None = None
-        async with self.fleet.deciding([phone], None) as batch:
+        async with self.fleet.deciding([phone], None, wait=True) as batch:
             before = batch.stored(phone.organization_phone_id).state
             if before.phase in (Phase.ACTIVE, Phase.HELD) and not (held_only and before.phase is not Phase.HELD):
                 transition = decide(before, OperatorClose(reason), self._policy)
@@ -115,7 +115,7 @@ class FleetControls:
         return closed_outcome(await asyncio.shield(started), already_closed=False)
 
     async def breaker_status(self) -> BreakerStatus:
-        return await self.fleet.breaker_status(self._now())
+        return await self.fleet.breaker_status()
 
     async def safety_view(self) -> SafetyView:
         """Read from the database: every replica answers the same."""
@@ -142,7 +142,7 @@ class FleetControls:
         await self._incidents.record(None, "breaker.kept", {"operator": operator}, None)
 
     async def trip_breaker(self, operator: str) -> None:
-        fresh = await self.fleet.trip_breaker(self._now(), operator)
+        fresh = await self.fleet.trip_breaker(operator)
         await self.refresh_settings()
         if fresh:
             detail = {"operator": operator}

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from opentelemetry import context as otel_context
 
-from sidecar.ports import FleetState, StoredDecision, StoredSession, StoreUnavailable
+from sidecar.ports import FleetState, JournalProgress, StoredDecision, StoredSession, StoreUnavailable
 from sidecar.rules.policy import (
     Close,
     ConnectionClosed,
@@ -98,6 +98,14 @@ class FleetDecider(FleetControls):
     def unavailable_reason(self) -> str | None:
         return self.queue.unavailable_reason
 
+    @property
+    def stalled_reason(self) -> str | None:
+        return self.queue.stalled_reason
+
+    @property
+    def parked_phones(self) -> int:
+        return self.queue.parked_phones
+
     async def start(self) -> int:
         return await self.queue.replay()
 
@@ -169,45 +177,61 @@ class FleetDecider(FleetControls):
         else:
             await self.queue.submit([item])
 
-    async def _decide(self, chunk: list[tuple[Waiting, int]], mark: tuple[str, int] | None) -> list[Result]:
-        outcomes: list[_Outcome] = []
-        async with self.fleet.deciding([item.phone for item, _ in chunk], mark) as batch:
+    async def _decide(self, chunk: list[tuple[Waiting, int]], journal: JournalProgress | None) -> list[Result | None]:
+        """One transaction for the batch; None for the events of a phone whose row (or, for a close, the breaker's
+        lock) another PostgreSQL session holds: the queue parks them and the rest are decided without waiting."""
+        outcomes: list[_Outcome | None] = []
+        async with self.fleet.deciding([item.phone for item, _ in chunk], journal) as batch:
             current: dict[int, SessionState] = {}
             loops: dict[int, LoopState] = {}
+            busy = set(batch.busy)
             for item, position in chunk:
-                if position <= batch.decided_position:
+                phone_id = item.phone.organization_phone_id
+                if phone_id in busy:
+                    outcomes.append(None)  # and every later event of the phone: its events stay in order
+                    continue
+                if batch.already_decided(position):
                     outcomes.append(_Outcome(item, skipped=True))  # decided before a crash outlived by its line
                     continue
-                phone_id = item.phone.organization_phone_id
                 stored = batch.stored(phone_id)
                 before = current.get(phone_id, stored.state)
                 outcome = _Outcome(item, before)
-                outcomes.append(outcome)
                 opening = isinstance(item.event, ConnectionOpened)
                 if before.phase is Phase.CLOSED and opening and self._did_not_stick(stored, item):
                     outcome.stick_seconds = item.at - (stored.logged_out_at or item.at)
+                    outcomes.append(outcome)
                     continue
                 if before.phase is Phase.CLOSED and not opening:
                     outcome.logged_out = (stored.logged_out_at, stored.logged_out_observed)
+                    outcomes.append(outcome)
                     continue  # closed by some replica and not opened since: errors change nothing
+                trigger = _trigger(item)
+                transition = decide(before, item.event, self._policy)
+                if needs_admission(transition, trigger):
+                    admission = await batch.admit_automatic_close(item.phone)
+                    if admission is None:  # the breaker's lock is held elsewhere: this close is retried
+                        busy.add(phone_id)
+                        outcomes.append(None)
+                        continue
+                    admitted, outcome.just_tripped = admission
+                    if not admitted:
+                        transition = decide(before, item.event, self._policy, automatic_closes_allowed=False)
                 if isinstance(item.event, ConnectionClosed):  # loops seen by every replica
                     state = loops.get(phone_id, stored.loops)
                     config = self._safety.loops.config
                     loops[phone_id], outcome.incidents = on_close(state, item.at, item.event.status_code, config)
                     batch.save_loops(item.phone, loops[phone_id])
-                trigger = _trigger(item)
-                transition = decide(before, item.event, self._policy)
-                if needs_admission(transition, trigger):
-                    admitted, outcome.just_tripped = await batch.admit_automatic_close(item.phone, item.at)
-                    if not admitted:
-                        transition = decide(before, item.event, self._policy, automatic_closes_allowed=False)
                 outcome.transition = transition
                 outcome.flip = self._engine.health_flip(before, transition.state)
                 close = (transition.decision, trigger) if isinstance(transition.decision, Close) else None
                 outcome.generation = batch.save(item.phone, transition.state, outcome.flip, close)
                 current[phone_id] = transition.state
+                outcomes.append(outcome)
+            batch.decided(
+                frozenset(position for (_, position), o in zip(chunk, outcomes, strict=True) if o is not None)
+            )
         # Committed: the decisions stand fleet-wide; carry them out here, in order.
-        return [await self._carry_out_traced(outcome) for outcome in outcomes]
+        return [await self._carry_out_traced(outcome) if outcome is not None else None for outcome in outcomes]
 
     async def _carry_out_traced(self, outcome: _Outcome) -> Result:
         traced = outcome.item.traced

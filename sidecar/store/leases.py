@@ -60,6 +60,12 @@ class PostgresLeases:
         )
         self._finish = f"UPDATE {commands} SET status = $2, error = $3 WHERE command_id = $1"
         self._forget = f"DELETE FROM {commands} WHERE created_at < now() - make_interval(secs => $1)"
+        # A restarted process of the same instance (the same pod name) is not a second runtime: its dead
+        # predecessor's leases ("<instance>/<process id>") go at start, so the new process can claim them.
+        self._predecessors = (
+            f"DELETE FROM {owners} WHERE left(instance, length($1) + 1) = $1 || '/' AND instance <> $2 "
+            "RETURNING organization_phone_id"
+        )
 
     async def claim(self, organization_phone_id: int, connection_id: int) -> str | None:
         async with self._store.connection() as conn:
@@ -70,6 +76,12 @@ class PostgresLeases:
                 return None
             holder: str | None = await conn.fetchval(self._holder, organization_phone_id)
         return holder
+
+    async def release_predecessors(self, instance: str) -> int:
+        """Drop the leases an earlier process of `instance` left behind; returns how many."""
+        async with self._store.connection() as conn:
+            rows = await conn.fetch(self._predecessors, instance, self.instance)
+        return len(rows)
 
     async def release(self, organization_phone_ids: Sequence[int]) -> None:
         async with self._store.connection() as conn:
@@ -87,7 +99,7 @@ class PostgresLeases:
 
     async def send(self, owner: str, organization_phone_id: int, body: dict[str, Any]) -> str:
         command_id = uuid.uuid4().hex
-        async with self._store.connection() as conn, conn.transaction():
+        async with self._store.transaction() as conn:
             await conn.execute(self._send, command_id, organization_phone_id, owner, json.dumps(body))
             await conn.execute("SELECT pg_notify($1, $2)", self.channel, owner)
         return command_id

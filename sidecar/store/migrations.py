@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import asyncpg
 
 from sidecar.store.sqlnames import quote_identifier
 
+
+@dataclass(frozen=True)
+class Migration:
+    """One schema change. Migrations are written expand-then-contract, because `helm upgrade` migrates first
+    and then rolls the replicas: for a while the previous release serves on the new schema. An expand step
+    (a new table, a new nullable column, a new index) keeps `serves_from` at the previous step's, so the release
+    before it goes on deciding correctly; a contract step (a drop, a rename, a new constraint) raises it to its
+    own number, and waits for a release after the last one that used what it removes. A release that knows
+    fewer migrations than a database's highest `serves_from` does not serve on it."""
+
+    sql: str
+    serves_from: int
+
+
 # Each entry is applied once, in order, inside one transaction; {schema} is the quoted schema name.
-MIGRATIONS: tuple[str, ...] = (
+_HISTORY: tuple[str, ...] = (
     """
     CREATE TABLE {schema}.session_counters (
         organization_phone_id BIGINT PRIMARY KEY,
@@ -151,6 +167,13 @@ MIGRATIONS: tuple[str, ...] = (
     DROP TABLE {schema}.breaker_ledger;
     """,
 )
+# Migrations 1-5 predate the rule: each is taken to need the release that brought it.
+MIGRATIONS: tuple[Migration, ...] = (
+    *(Migration(sql, number) for number, sql in enumerate(_HISTORY, start=1)),
+    # 6 (expand): the undecided-events journal's positions decided out of order (events of a phone whose row
+    # was locked elsewhere wait and are decided later); releases with 5 migrations ignore the column.
+    Migration("ALTER TABLE {schema}.journal_positions ADD COLUMN undecided BIGINT[];", 5),
+)
 
 
 async def migrate(connection: asyncpg.Connection, schema: str) -> list[int]:
@@ -165,11 +188,17 @@ async def migrate(connection: asyncpg.Connection, schema: str) -> list[int]:
             f"CREATE TABLE IF NOT EXISTS {quoted}.schema_migrations "
             "(version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
         )
+        # Which release each migration needs (NULL, as releases before this column write: its own number).
+        await connection.execute(f"ALTER TABLE {quoted}.schema_migrations ADD COLUMN IF NOT EXISTS serves_from INTEGER")
         done = {row["version"] for row in await connection.fetch(f"SELECT version FROM {quoted}.schema_migrations")}
-        for number, sql in enumerate(MIGRATIONS, start=1):
+        for number, migration in enumerate(MIGRATIONS, start=1):
             if number in done:
                 continue
-            await connection.execute(sql.format(schema=quoted))
-            await connection.execute(f"INSERT INTO {quoted}.schema_migrations (version) VALUES ($1)", number)
+            await connection.execute(migration.sql.format(schema=quoted))
+            await connection.execute(
+                f"INSERT INTO {quoted}.schema_migrations (version, serves_from) VALUES ($1, $2)",
+                number,
+                migration.serves_from,
+            )
             applied_now.append(number)
     return applied_now

@@ -33,22 +33,72 @@ from sidecar.rules.records import (
 )
 from sidecar.store.db_errors import RECONNECT_ERRORS, Fault, classify, pool_exhausted, translated
 from sidecar.store.migrations import MIGRATIONS
+from sidecar.store.schema_check import SchemaLevel, migrated_level
 from sidecar.store.statements import Connection, Statements, deleted_rows, like_prefix
 from sidecar.store.step_writer import StepWriter
 
 ACQUIRE_TIMEOUT_SECONDS = 5.0
 
 
-def connect_options(pooler: str) -> dict[str, Any]:
-    """asyncpg options for what sits in front of PostgreSQL. Behind PgBouncer in transaction mode consecutive
-    statements may run on different server connections, so none may leave a named prepared statement behind."""
-    return {"statement_cache_size": 0} if pooler == "transaction" else {}
+LOCK_TIMEOUT = "5s"  # a backstop: decisions skip rows locked elsewhere and never wait on them
+IDLE_IN_TRANSACTION_TIMEOUT = "10s"  # the sidecar never idles inside a transaction: past this its client is gone
+KEEPALIVES = {"tcp_keepalives_idle": "10", "tcp_keepalives_interval": "5", "tcp_keepalives_count": "3"}
+
+
+# What each limit is for (the configuration reference's table is generated from this).
+SESSION_LIMITS_WHY: dict[str, str] = {
+    "lock_timeout": f"{LOCK_TIMEOUT}: a backstop. Decisions never wait for a row another session holds (they skip it "
+    "and retry that phone alone; the breaker's lock is tried, not waited for); an operator's close or a lease "
+    "waits at most this long, then answers or retries",
+    "statement_timeout": "the `--database-command-timeout`, enforced by the server too: a statement its client gave "
+    "up on does not run on holding locks",
+    "idle_in_transaction_session_timeout": f"{IDLE_IN_TRANSACTION_TIMEOUT}: the sidecar never idles inside a "
+    "transaction, so a session that does has lost its client (a replica cut off mid-transaction); ending it "
+    "releases its locks for the rest of the fleet",
+    "tcp_keepalives_idle, _interval, _count": "10 s, 5 s, 3 (direct connections): the server notices a vanished "
+    "client within about 25 s instead of the 2 h default. Behind PgBouncer set its `tcp_keepalive*` and "
+    "`idle_transaction_timeout` instead (the sidecar's per-transaction limits still apply)",
+}
+
+
+def session_timeouts(command_timeout: float) -> dict[str, str]:
+    """What bounds every sidecar session on the server, so none can hold locks for the fleet: a statement runs
+    at most the command timeout, a lock is waited for at most LOCK_TIMEOUT, a transaction whose client vanished
+    (a replica cut off mid-transaction) is ended after IDLE_IN_TRANSACTION_TIMEOUT, releasing its row locks."""
+    return {
+        "lock_timeout": LOCK_TIMEOUT,
+        "statement_timeout": f"{int(command_timeout * 1000)}ms",
+        "idle_in_transaction_session_timeout": IDLE_IN_TRANSACTION_TIMEOUT,
+    }
+
+
+def connect_options(pooler: str, command_timeout: float | None = None) -> dict[str, Any]:
+    """asyncpg options for what sits in front of PostgreSQL. Directly, the timeouts and server-side TCP keepalives
+    are session settings from the start. A pooler (PgBouncer) refuses them as startup parameters: each transaction
+    sets its timeouts itself (PostgresStore.transaction). Behind PgBouncer in transaction mode consecutive
+    statements may run on different server connections, so none may leave a named prepared statement behind.
+    Without a command timeout (`migrate`, `check-config`: one operator's connection) nothing is bounded."""
+    if pooler == "none" and command_timeout is not None:
+        return {"server_settings": {"timezone": "UTC", **session_timeouts(command_timeout), **KEEPALIVES}}
+    options: dict[str, Any] = {"server_settings": {"timezone": "UTC"}}
+    if pooler == "transaction":
+        options["statement_cache_size"] = 0
+    return options
 
 
 class PostgresStore:
-    def __init__(self, pool: asyncpg.Pool, schema: SchemaMapping, command_timeout: float = 30.0) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, schema: SchemaMapping, command_timeout: float = 30.0, pooler: str = "none"
+    ) -> None:
         self._pool = pool
         self._command_timeout = command_timeout
+        # Behind a pooler each transaction sets its own timeouts (SET LOCAL: nothing leaks to the next client).
+        self._set_timeouts = (
+            None
+            if pooler == "none"
+            else "SELECT " + ", ".join(f"set_config('{name}', '{value}', true)"
+                                       for name, value in session_timeouts(command_timeout).items())
+        )  # fmt: skip
         self._sql = Statements(schema)
         self._writer = StepWriter(self._sql, schema.logged_out_status)
         self._schema = schema.sidecar_schema
@@ -60,10 +110,10 @@ class PostgresStore:
     ) -> PostgresStore:
         # min_size=0: the sidecar starts (and reports not-ready) while PostgreSQL is still away.
         pool = await asyncpg.create_pool(
-            url, min_size=0, max_size=max_size, server_settings={"timezone": "UTC"}, command_timeout=command_timeout,
-            **connect_options(pooler),
+            url, min_size=0, max_size=max_size, command_timeout=command_timeout,
+            **connect_options(pooler, command_timeout),
         )  # fmt: skip
-        return cls(pool, schema, command_timeout)
+        return cls(pool, schema, command_timeout, pooler)
 
     async def close(self) -> None:
         await self._pool.close()
@@ -105,6 +155,14 @@ class PostgresStore:
                 await self._pool.expire_connections()
             raise port_error from error
 
+    @asynccontextmanager
+    async def transaction(self, **options: Any) -> AsyncIterator[Connection]:
+        """A pooled connection in a transaction bounded by the session timeouts (session_timeouts)."""
+        async with self.connection() as conn, conn.transaction(**options):
+            if self._set_timeouts is not None:
+                await conn.execute(self._set_timeouts)
+            yield conn
+
     async def enqueue(
         self, conn: Connection, phone: PhoneRef, notification: Notification | None, details: dict[str, Any]
     ) -> None:
@@ -113,20 +171,17 @@ class PostgresStore:
 
     latest_schema_version = len(MIGRATIONS)
 
-    async def schema_version(self) -> int:
-        """The sidecar schema's migration level (0 when `wa-sidecar migrate` never ran)."""
+    async def schema_version(self) -> SchemaLevel:
+        """The sidecar schema's migration level (version 0 when `wa-sidecar migrate` never ran)."""
         async with self.connection() as conn:
-            try:
-                return int(await conn.fetchval(self._sql.schema_version) or 0)
-            except (asyncpg.UndefinedTableError, asyncpg.InvalidSchemaNameError):
-                return 0
+            return await migrated_level(conn, self._schema)
 
     async def ping(self) -> None:
         async with self.connection() as conn:
             await conn.fetchval("SELECT 1")
 
     async def apply(self, steps: Sequence[Step], journal: tuple[str, Sequence[int]] | None = None) -> list[StepResult]:
-        async with self.connection() as conn, conn.transaction():
+        async with self.transaction() as conn:
             skip = 0
             if journal is not None:
                 instance_id, positions = journal

@@ -20,7 +20,7 @@ from contextlib import asynccontextmanager
 
 import asyncpg
 
-from sidecar.ports import ClaimedClose, FleetSettings, StoredDecision
+from sidecar.ports import ClaimedClose, FleetSettings, JournalProgress, StoredDecision
 from sidecar.rules.policy import Close, CloseReason, Counters, Phase, Recent, SessionState
 from sidecar.rules.records import CloseTrigger, Notification, PhoneRef
 from sidecar.rules.safety import BreakerConfig, BreakerStatus, IncidentKind, LoopState, Mode
@@ -75,22 +75,37 @@ class _Batch:
     """The locked rows of one batch of decisions; saved states are written once per phone at commit."""
 
     def __init__(
-        self, fleet: PostgresFleet, conn: Connection, rows: list[asyncpg.Record], decided_position: int
+        self,
+        fleet: PostgresFleet,
+        conn: Connection,
+        rows: list[asyncpg.Record],
+        busy: frozenset[int],
+        journal: asyncpg.Record | None,
     ) -> None:
         self._fleet, self._conn = fleet, conn
-        self.decided_position = decided_position
+        self.busy = busy
         self._stored = {row["organization_phone_id"]: _decision_of(row) for row in rows}
+        self.high: int = journal["position"] if journal is not None else 0
+        self._undecided = frozenset(journal["undecided"] or ()) if journal is not None else frozenset()
+        self.positions: frozenset[int] = frozenset()
+        self._users: dict[int, str] = {}
         self._saved: dict[int, SessionState] = {}
         self._claims: dict[int, int] = {}
         self._closes: dict[int, tuple[Close, CloseTrigger]] = {}
         self._loops: dict[int, LoopState] = {}
         self._notifications: list[tuple[PhoneRef, Notification]] = []
 
+    def already_decided(self, position: int) -> bool:
+        return position <= self.high and position not in self._undecided
+
+    def decided(self, positions: frozenset[int]) -> None:
+        self.positions = positions
+
     def stored(self, organization_phone_id: int) -> StoredDecision:
         return self._stored[organization_phone_id]
 
-    async def admit_automatic_close(self, phone: PhoneRef, now: float) -> tuple[bool, bool]:
-        return await self._fleet.admit(self._conn, phone, now)
+    async def admit_automatic_close(self, phone: PhoneRef) -> tuple[bool, bool] | None:
+        return await self._fleet.admit(self._conn)
 
     def save(
         self,
@@ -101,6 +116,8 @@ class _Batch:
     ) -> int:
         phone_id = phone.organization_phone_id
         self._saved[phone_id] = state
+        if phone.phone_user:
+            self._users[phone_id] = phone.phone_user
         if close is not None:
             self._claims[phone_id] = self._claims.get(phone_id, 0) + 1
             self._closes[phone_id] = close
@@ -136,6 +153,7 @@ class _Batch:
                 [self._closes[i][0].detail if i in self._closes else None for i in ids],
                 [self._closes[i][0].counters.bad_mac_errors if i in self._closes else None for i in ids],
                 [self._closes[i][0].counters.bad_decrypt_errors if i in self._closes else None for i in ids],
+                [self._users.get(phone_id) for phone_id in ids],
             )
         for phone, notification in self._notifications:
             await self._fleet.store.enqueue(self._conn, phone, notification, {})
@@ -157,12 +175,23 @@ class PostgresFleet:
         s = quote_identifier(store.schema)
         counters, ledger, settings = f"{s}.session_counters", f"{s}.breaker_buckets", f"{s}.fleet_settings"
         self._lock_key = f"wa-sidecar-breaker:{store.schema}"
-        returning = (
-            "RETURNING bad_mac_errors, bad_decrypt_errors, phase, generation, recent::text AS recent, "
+        columns = (
+            "bad_mac_errors, bad_decrypt_errors, phase, generation, recent::text AS recent, "
             "extract(epoch FROM closed_at)::float8 AS closed_epoch, logged_out_observed, "
             "organization_id, organization_phone_id, c.phone_user, loops::text AS loops"
         )
-        # Rows are locked in id order, so concurrent batches of different replicas cannot deadlock.
+        returning = f"RETURNING {columns}"
+        # A batch locks the rows that are free and skips those another session holds (a replica cut off mid-
+        # transaction, or one deciding the same phone now): their events wait, unrelated phones do not.
+        self.sql_lock_free = (
+            f"SELECT {columns} FROM {counters} AS c WHERE organization_phone_id = ANY($1::bigint[]) "
+            "ORDER BY organization_phone_id FOR UPDATE SKIP LOCKED"
+        )
+        self.sql_existing = (
+            f"SELECT organization_phone_id FROM {counters} WHERE organization_phone_id = ANY($1::bigint[])"
+        )
+        # New phones' rows, created and locked (and any row, waiting, for an operator's close). Rows are locked
+        # in id order, so concurrent batches of different replicas cannot deadlock.
         self.sql_lock = (
             f"INSERT INTO {counters} AS c (organization_phone_id, organization_id, phone_user) "
             "SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[]) ORDER BY 1 "
@@ -181,10 +210,11 @@ class PostgresFleet:
             "close_detail = CASE WHEN u.claims > 0 THEN u.detail WHEN u.phase = 'closing' THEN c.close_detail END, "
             "close_bad_mac = CASE WHEN u.claims > 0 THEN u.cmac WHEN u.phase = 'closing' THEN c.close_bad_mac END, "
             "close_bad_decrypt = CASE WHEN u.claims > 0 THEN u.cdec "
-            "WHEN u.phase = 'closing' THEN c.close_bad_decrypt END, updated_at = now() "
+            "WHEN u.phase = 'closing' THEN c.close_bad_decrypt END, phone_user = COALESCE(u.usr, c.phone_user), "
+            "updated_at = now() "
             "FROM unnest($1::bigint[], $2::int[], $3::int[], $4::text[], $5::text[], $6::int[], $9::text[], "
-            "$10::text[], $11::text[], $12::int[], $13::int[]) "
-            "AS u(id, mac, dec, phase, recent, claims, reason, trig, detail, cmac, cdec) "
+            "$10::text[], $11::text[], $12::int[], $13::int[], $14::text[]) "
+            "AS u(id, mac, dec, phase, recent, claims, reason, trig, detail, cmac, cdec, usr) "
             "WHERE c.organization_phone_id = u.id"
         )
         self.sql_save_loops = (
@@ -207,10 +237,13 @@ class PostgresFleet:
         )
         self.sql_settings = f"SELECT mode, observe_organizations, breaker_tripped_at, breaker_kept_by FROM {settings}"
         self.sql_set_mode = f"UPDATE {settings} SET mode = $1, observe_organizations = $2, changed_at = now()"
+        # Every time the replicas compare is the database's (now(): the deciding transaction's start), never a
+        # replica's clock: a replica whose clock is off cannot prune the others' buckets or stretch the window.
+        epoch = "extract(epoch FROM now())::float8"
         self.sql_trip = (
-            f"UPDATE {settings} SET breaker_tripped_at = COALESCE(breaker_tripped_at, $1), "
-            "breaker_kept_by = COALESCE($2, breaker_kept_by), changed_at = now() "
-            "RETURNING breaker_tripped_at = $1 AS fresh"
+            f"UPDATE {settings} SET breaker_tripped_at = COALESCE(breaker_tripped_at, {epoch}), "
+            "breaker_kept_by = COALESCE($1, breaker_kept_by), changed_at = now() "
+            f"RETURNING breaker_tripped_at = {epoch} AS fresh"
         )
         self.sql_keep = (
             f"UPDATE {settings} SET breaker_kept_by = $1, changed_at = now() WHERE breaker_tripped_at IS NOT NULL"
@@ -220,12 +253,19 @@ class PostgresFleet:
         )
         self.sql_clear_ledger = f"DELETE FROM {ledger}"
         # Admitted closes counted per second of the window: O(window seconds) per admission, not O(closes),
-        # as the one-replica breaker counts them. $1: the window's start (epoch seconds).
-        self.sql_prune = f"DELETE FROM {ledger} WHERE second <= floor($1::float8)::bigint"
-        self.sql_in_window = f"SELECT COALESCE(sum(closes), 0) FROM {ledger} WHERE second > floor($1::float8)::bigint"
+        # as the one-replica breaker counts them. $1: the window (seconds).
+        start = f"floor({epoch} - $1::float8)::bigint"
+        self.sql_prune = f"DELETE FROM {ledger} WHERE second <= {start}"
+        self.sql_in_window = f"SELECT COALESCE(sum(closes), 0) FROM {ledger} WHERE second > {start}"
         self.sql_admit = (
-            f"INSERT INTO {ledger} AS b (second, closes) VALUES (floor($1::float8)::bigint, 1) "
+            f"INSERT INTO {ledger} AS b (second, closes) VALUES (floor({epoch})::bigint, 1) "
             "ON CONFLICT (second) DO UPDATE SET closes = b.closes + 1"
+        )
+        self.sql_journal = f"SELECT position, undecided FROM {s}.journal_positions WHERE instance_id = $1"
+        self.sql_set_journal = (
+            f"INSERT INTO {s}.journal_positions AS j (instance_id, position, undecided) VALUES ($1, $2, $3) "
+            "ON CONFLICT (instance_id) DO UPDATE SET position = GREATEST(j.position, EXCLUDED.position), "
+            "undecided = EXCLUDED.undecided"
         )
         self.sql_live = f"SELECT count(*) FROM {counters} WHERE phase <> 'closed'"
         self.sql_held = f"SELECT count(*) FROM {counters} WHERE phase = 'held'"
@@ -258,30 +298,49 @@ class PostgresFleet:
             await conn.execute(self.sql_seed_settings, str(mode), sorted(observe_organizations))
 
     @asynccontextmanager
-    async def deciding(self, phones: Sequence[PhoneRef], mark: tuple[str, int] | None) -> AsyncIterator[_Batch]:
+    async def deciding(
+        self, phones: Sequence[PhoneRef], journal: JournalProgress | None, wait: bool = False
+    ) -> AsyncIterator[_Batch]:
         unique: dict[int, PhoneRef] = {}
         for phone in phones:
             known = unique.get(phone.organization_phone_id)
             if known is None or (known.phone_user is None and phone.phone_user):
                 unique[phone.organization_phone_id] = phone
-        async with self.store.connection() as conn, conn.transaction():
-            rows = await conn.fetch(
-                self.sql_lock,
-                list(unique),
-                [phone.organization_id for phone in unique.values()],
-                [phone.phone_user for phone in unique.values()],
-            )
-            decided = 0
-            if mark is not None:
-                decided = int(await conn.fetchval(self.store.sql.journal_position, mark[0]) or 0)
-            batch = _Batch(self, conn, rows, decided)
+        async with self.store.transaction() as conn:
+            rows: list[asyncpg.Record] = []
+            fresh = list(unique)
+            busy: frozenset[int] = frozenset()
+            if not wait:
+                rows = await conn.fetch(self.sql_lock_free, fresh)
+                if len(rows) < len(unique):
+                    locked = {row["organization_phone_id"] for row in rows}
+                    missing = [phone_id for phone_id in unique if phone_id not in locked]
+                    held = {row["organization_phone_id"] for row in await conn.fetch(self.sql_existing, missing)}
+                    busy = frozenset(held)
+                    fresh = [phone_id for phone_id in missing if phone_id not in held]
+                else:
+                    fresh = []
+            if fresh:
+                rows += await conn.fetch(
+                    self.sql_lock,
+                    fresh,
+                    [unique[phone_id].organization_id for phone_id in fresh],
+                    [unique[phone_id].phone_user for phone_id in fresh],
+                )
+            stored = await conn.fetchrow(self.sql_journal, journal.instance_id) if journal is not None else None
+            batch = _Batch(self, conn, rows, busy, stored)
             yield batch
             await batch.flush()
-            if mark is not None:
-                await conn.execute(self.store.sql.set_journal_position, mark[0], mark[1])
+            if journal is not None and batch.positions:
+                high = max(batch.high, *batch.positions)
+                undecided = journal.undecided_below(high, batch.positions)
+                await conn.execute(self.sql_set_journal, journal.instance_id, high, undecided)
 
-    async def admit(self, conn: Connection, phone: PhoneRef, now: float) -> tuple[bool, bool]:
-        await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", self._lock_key)
+    async def admit(self, conn: Connection) -> tuple[bool, bool] | None:
+        """The breaker's admission under its fleet-wide lock, without waiting for it: None when another session
+        holds it (a replica cut off mid-transaction holds it until the server ends that session)."""
+        if not await conn.fetchval("SELECT pg_try_advisory_xact_lock(hashtext($1))", self._lock_key):
+            return None
         settings = await conn.fetchrow(self.sql_settings)
         if settings is None:
             await conn.execute(self.sql_ensure_settings)
@@ -289,14 +348,14 @@ class PostgresFleet:
         assert settings is not None
         if settings["breaker_tripped_at"] is not None:
             return False, False
-        cutoff = now - self._breaker.window_seconds
-        await conn.execute(self.sql_prune, cutoff)
-        in_window = int(await conn.fetchval(self.sql_in_window, cutoff))
+        window = self._breaker.window_seconds
+        await conn.execute(self.sql_prune, window)
+        in_window = int(await conn.fetchval(self.sql_in_window, window))
         live = await self._live_sessions(conn)
         if in_window + 1 > self._breaker.allowed(live):
-            await conn.execute(self.sql_trip, now, None)
+            await conn.execute(self.sql_trip, None)
             return False, True
-        await conn.execute(self.sql_admit, now)
+        await conn.execute(self.sql_admit)
         return True, False
 
     async def _live_sessions(self, conn: Connection) -> int:
@@ -328,15 +387,15 @@ class PostgresFleet:
         )
 
     async def set_mode(self, mode: Mode, observe_organizations: frozenset[int]) -> None:
-        async with self.store.connection() as conn, conn.transaction():
+        async with self.store.transaction() as conn:
             await conn.execute(self.sql_ensure_settings)
             await conn.execute(self.sql_set_mode, str(mode), sorted(observe_organizations))
 
-    async def trip_breaker(self, now: float, operator: str) -> bool:
-        async with self.store.connection() as conn, conn.transaction():
+    async def trip_breaker(self, operator: str) -> bool:
+        async with self.store.transaction() as conn:
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", self._lock_key)
             await conn.execute(self.sql_ensure_settings)
-            return bool(await conn.fetchval(self.sql_trip, now, operator))
+            return bool(await conn.fetchval(self.sql_trip, operator))
 
     async def keep_breaker(self, operator: str) -> bool:
         async with self.store.connection() as conn:
@@ -344,16 +403,15 @@ class PostgresFleet:
         return status.split()[-1] != "0"
 
     async def release_breaker(self) -> None:
-        async with self.store.connection() as conn, conn.transaction():
+        async with self.store.transaction() as conn:
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", self._lock_key)
             await conn.execute(self.sql_release)
             await conn.execute(self.sql_clear_ledger)
 
-    async def breaker_status(self, now: float) -> BreakerStatus:
-        cutoff = now - self._breaker.window_seconds
-        async with self.store.connection() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+    async def breaker_status(self) -> BreakerStatus:
+        async with self.store.transaction(isolation="repeatable_read", readonly=True) as conn:
             settings = await conn.fetchrow(self.sql_settings)
-            in_window = int(await conn.fetchval(self.sql_in_window, cutoff))
+            in_window = int(await conn.fetchval(self.sql_in_window, self._breaker.window_seconds))
             live = await self._live_sessions(conn)
             held = int(await conn.fetchval(self.sql_held))
         tripped_at: float | None = settings["breaker_tripped_at"] if settings else None

@@ -129,7 +129,6 @@ class Statements:
             f"INSERT INTO {s}.journal_positions AS j (instance_id, position) VALUES ($1, $2) "
             "ON CONFLICT (instance_id) DO UPDATE SET position = GREATEST(j.position, EXCLUDED.position)"
         )
-        self.schema_version = f"SELECT max(version) FROM {s}.schema_migrations"
         outbox = f"{s}.outbox"
         self.enqueue = (
             f"INSERT INTO {outbox} (notification_id, event, organization_id, organization_phone_id, occurred_at, "

@@ -36,6 +36,7 @@ EVENT_TYPES = ("connection.update", "decrypt.error", "command.ack")
 CHANNELS = ("websocket", "http", "logs")
 REJECT_REASONS = ("invalid", "malformed", "too_many_events", "binary")
 HEAL_KINDS = ("bad_mac", "bad_decrypt")
+CLOSE_SOCKET_OUTCOMES = ("ended", "timeout", "unreachable", "failed")
 INCIDENT_KINDS = frozenset(str(kind) for kind in IncidentKind)
 SUPERVISED_TASKS = (
     "pending-steps", "restore", "schema-check", "owners-watch", "housekeeping", "owner-notifications", "effects",
@@ -79,6 +80,14 @@ class SidecarMetrics:
             "whatsapp_session_closes",
             "Sessions closed by the sidecar, by reason",
             ["reason", "organization_id"],
+            registry=registry,
+        )
+        self.close_socket_outcomes = Counter(
+            "whatsapp_session_close_socket_outcomes",
+            "Closes by what became of the runtime's socket: ended (the runtime acknowledged session.end), timeout "
+            "(no answer within --socket-end-timeout), unreachable (no runtime connection held the phone), failed "
+            "(the runtime answered an error)",
+            ["outcome"],
             registry=registry,
         )
         self.keys_deleted = Counter(
@@ -235,6 +244,18 @@ class SidecarMetrics:
             "Seconds the oldest undecided event has waited (0 with none): the accepted-to-decided lag",
             registry=registry,
         )
+        self.phones_waiting_on_locks = Gauge(
+            "whatsapp_sidecar_phones_waiting_on_locks",
+            "Fleet mode: phones whose events wait on a row or lock another PostgreSQL session holds (retried, "
+            "never dropped; the other phones are decided meanwhile)",
+            registry=registry,
+        )
+        self.clock_offset = Gauge(
+            "whatsapp_sidecar_clock_offset_seconds",
+            "Fleet mode: seconds this replica's clock is ahead of PostgreSQL's (negative: behind); shared "
+            "decisions use PostgreSQL's time, so this is a hygiene signal, not an error",
+            registry=registry,
+        )
         self.pending_step_age = Gauge(
             "whatsapp_sidecar_pending_step_age_seconds",
             "Age of the oldest database step not yet applied: how far durable state lags what was accepted",
@@ -248,6 +269,8 @@ class SidecarMetrics:
             self.heals_coalesced.labels(kind)
         for scope in KeyScope:
             self.keys_deleted.labels(str(scope))
+        for outcome in CLOSE_SOCKET_OUTCOMES:
+            self.close_socket_outcomes.labels(outcome)
         for event_type in EVENT_TYPES:
             for channel in CHANNELS:
                 self.events.labels(event_type, channel)
@@ -281,6 +304,10 @@ class SidecarMetrics:
         self.pending_step_age.set_function(pending_age)
         self.tracked_sessions.labels("active").set_function(active)
         self.tracked_sessions.labels("closed").set_function(closed)
+
+    def bind_fleet(self, waiting_on_locks: Callable[[], int], clock_ahead: Callable[[], float]) -> None:
+        self.phones_waiting_on_locks.set_function(lambda: float(waiting_on_locks()))
+        self.clock_offset.set_function(clock_ahead)
 
     def bind_liveness(
         self, deaf: Callable[[], int], watched: Callable[[], int], restarts_tripped: Callable[[], bool]
@@ -374,6 +401,8 @@ class MetricsObserver(RuntimeObserver):
     def closed(self, record: ClosureRecord) -> None:
         organization = self._m.organization_seen(record.phone.organization_id)
         self._m.closes.labels(str(record.reason), organization).inc()
+        outcome = record.socket.partition(":")[0] if record.socket else "failed"
+        self._m.close_socket_outcomes.labels(outcome if outcome in CLOSE_SOCKET_OUTCOMES else "failed").inc()
         if record.keys_deleted:
             self._m.keys_deleted.labels(str(KeyScope.ALL)).inc(record.keys_deleted)
         if record.duration_seconds is not None:

@@ -34,13 +34,19 @@ async def test_storm_benchmark_runs() -> None:
 
 
 async def test_storm_benchmark_compares_replica_counts() -> None:
-    output = await bench("-m", "bench.storm", "--sessions", "20", "--errors", "10", "--replicas", "1,2")
-    assert output.count("session.end exactly once each: True") == 2 and "2 replicas:" in output
+    output = await bench(
+        "-m", "bench.storm", "--sessions", "20", "--errors", "10", "--replicas", "1,2", "--poolers", "none,transaction"
+    )  # fmt: skip
+    assert output.count("session.end exactly once each: True") == 4 and "2 replicas:" in output, output
+    assert "1 replica(s) through PgBouncer (transaction):" in output, output
 
 
 async def test_fleet_latency_benchmark_runs() -> None:
-    output = await bench("-m", "bench.fleet_latency", "--seconds", "2", "--rate", "100", "--probes-per-second", "20")
-    assert "event -> decision" in output and "p99" in output
+    output = await bench(
+        "-m", "bench.fleet_latency", "--seconds", "2", "--rate", "100", "--probes-per-second", "20",
+        "--locked-rows", "1",
+    )  # fmt: skip
+    assert "event -> decision" in output and "p99" in output and "rows held:" in output, output
 
 
 async def test_leak_benchmark_runs() -> None:

@@ -149,20 +149,30 @@ async def test_serve_on_port_zero_reports_the_port_it_bound() -> None:
         await process.wait()
 
 
-async def test_a_schema_newer_than_this_release_knows_is_refused_by_serve_and_check_config(
+async def test_a_newer_schema_is_served_while_its_changes_are_additive_and_refused_once_one_is_not(
     database: str, db: asyncpg.Connection, tmp_path: Path
 ) -> None:
-    """A rolling upgrade's older replica against the newer release's migration: it does not serve (exit 2, a
-    message saying why), check-config says the same, and one already serving turns not ready."""
+    """A rolling upgrade's older replica against the newer release's migrations: an expand step (serves_from at
+    most what this release knows) keeps it serving, with a note; a contract step stops it (exit 2, a message
+    saying why), check-config says the same, and one already serving turns not ready."""
+    latest = len(MIGRATIONS)
+    insert = "INSERT INTO wa_sidecar.schema_migrations (version, serves_from) VALUES ($1, $2)"
     async with replicas(1, database, tmp_path) as (serving,):
-        await db.execute("INSERT INTO wa_sidecar.schema_migrations (version) VALUES ($1)", len(MIGRATIONS) + 1)
+        await db.execute(insert, latest + 1, latest)  # an expand step of a newer release
+        await eventually(lambda: "changes since are additive" in serving.log(), what="the note", deadline_seconds=20)
+        status, body = await serving.request("GET", "/readyz")
+        assert status == 200, body
+        checked = await asyncio.to_thread(wa_sidecar, "check-config", "--database-url", database)
+        assert checked.returncode == 0 and "additive" in json.loads(checked.stdout)["schemaNote"], checked
+        await db.execute(insert, latest + 2, latest + 2)  # a contract step: it needs that release
         await eventually(lambda: _not_usable(serving), deadline_seconds=20, what="the serving replica not ready")
     started = await asyncio.to_thread(wa_sidecar, "serve", "--listen", "127.0.0.1:0", "--database-url", database)
-    assert started.returncode == 2 and "newer than this sidecar knows" in started.stderr, started.stderr
+    refusal = f"needs a release that knows at least {latest + 2} migrations; this sidecar knows {latest}"
+    assert started.returncode == 2 and refusal in started.stderr, started.stderr
     checked = await asyncio.to_thread(wa_sidecar, "check-config", "--database-url", database)
-    assert checked.returncode == 2 and f"version {len(MIGRATIONS) + 1}, newer" in checked.stderr, checked.stderr
+    assert checked.returncode == 2 and refusal in checked.stderr, checked.stderr
 
 
 async def _not_usable(replica: Replica) -> bool:
     status, body = await replica.request("GET", "/readyz")
-    return status == 503 and "newer than this sidecar knows" in body["reason"]
+    return status == 503 and "needs a release that knows at least" in body["reason"]

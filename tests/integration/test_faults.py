@@ -191,7 +191,7 @@ async def test_a_statement_slower_than_the_timeout_is_retried_a_few_times_then_f
     assert await bad_macs_stored(database, slow.organization_phone_id) is None
 
 
-async def test_in_fleet_mode_a_slow_decision_is_retried_alone_then_dropped(
+async def test_in_fleet_mode_a_slow_decision_waits_alone_and_is_decided_once_the_statement_is_fast_again(
     database: str, db: asyncpg.Connection
 ) -> None:
     slow, fine = await add_phone(db, 1, "79001112233"), await add_phone(db, 1, "79004445566")
@@ -205,19 +205,25 @@ async def test_in_fleet_mode_a_slow_decision_is_retried_alone_then_dropped(
             decrypt_error(1, fine.organization_phone_id, fine.phone_jid, "Bad MAC"),
         ]
         assert await post_events(served, events) == 202
-        labels = {"kind": "decide_event", "reason": "timeout"}
-        await eventually(
-            lambda: registry.get_sample_value("whatsapp_sidecar_steps_failed_total", labels) == 1,
-            what="the slow event dropped after its attempts",
-        )
 
         async def fine_counted() -> bool:
             return await bad_macs_stored(database, fine.organization_phone_id) == 2
 
-        await eventually(fine_counted, what="the others decided")
+        await eventually(fine_counted, what="the others decided while the slow one waits")
+        gauge = "whatsapp_sidecar_phones_waiting_on_locks"
+        await eventually(lambda: registry.get_sample_value(gauge) == 1, what="the slow phone shown waiting")
+        assert served.components.runtime.decider.backlog == 1
+        await db.execute("DROP TRIGGER slow ON wa_sidecar.session_counters")  # the statement is fast again
+
+        async def slow_counted() -> bool:
+            return await bad_macs_stored(database, slow.organization_phone_id) == 1
+
+        await eventually(slow_counted, what="the waiting event decided, not dropped")
+        assert served.components.runtime.decider.backlog == 0 and registry.get_sample_value(gauge) == 0
+        labels = {"kind": "decide_event", "reason": "timeout"}
+        assert not registry.get_sample_value("whatsapp_sidecar_steps_failed_total", labels)
         assert (await readyz(served))[0] == 200
     assert await bad_macs_stored(database, fine.organization_phone_id) == 2
-    assert await bad_macs_stored(database, slow.organization_phone_id) is None
 
 
 async def test_down_at_start_then_up_unmigrated_is_reported_until_migrated(

@@ -246,3 +246,18 @@ def test_sidecar_mode_snippet_adds_the_container_to_a_runtime_pod(tmp_path: Path
     service = of_kind(documents, "Service")[0]
     assert service["spec"]["selector"] == {"app.kubernetes.io/name": "messenger-runtime"}
     assert of_kind(documents, "Job"), "the migrate Job comes with the subchart"
+
+
+def test_an_upgrade_migrates_first_then_rolls_as_the_upgrades_page_says() -> None:
+    documents = render({"database": {"url": "postgresql://db/wa"}})
+    [job] = of_kind(documents, "Job")
+    annotations = job["metadata"]["annotations"]
+    assert annotations["helm.sh/hook"] == "pre-install,pre-upgrade" and annotations["helm.sh/hook-weight"] == "0"
+    [secret] = [d for d in of_kind(documents, "Secret") if "helm.sh/hook" in d["metadata"].get("annotations", {})]
+    assert int(secret["metadata"]["annotations"]["helm.sh/hook-weight"]) < 0  # the Secret the Job reads exists first
+    [deployment] = of_kind(documents, "Deployment")
+    strategy = deployment["spec"]["strategy"]
+    assert strategy == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    page = (ROOT / "docs" / "operations" / "upgrades.md").read_text()
+    for said in ("`pre-upgrade` hook Job (weight 0", "Secret at weight -5", "(`RollingUpdate`)"):
+        assert said in page, said

@@ -132,9 +132,9 @@ async def _leased(db: asyncpg.Connection, phone_id: int) -> bool:
 async def test_without_the_flag_a_replica_behind_a_transaction_pooler_stops_with_a_message_naming_it(
     database: str, tmp_path: Path
 ) -> None:
-    """The finding as operators met it (a raw traceback, a crash loop), now a clear message and exit 2. One server
-    connection makes it certain: `migrate` leaves asyncpg's first named statement on it, `serve` names its own
-    first statement the same."""
+    """The finding as operators met it (a raw traceback, a crash loop), now a clear message and exit 2: PgBouncer
+    refuses the session timeouts a direct connection starts with (and, were they accepted, one server connection
+    makes the prepared-statement clash certain: `migrate` leaves asyncpg's first named statement on it)."""
     bouncer = PgBouncer(pool_size=1)
     await bouncer.start()
     try:
