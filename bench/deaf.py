@@ -164,8 +164,9 @@ def activity_event(phone: int) -> dict[str, object]:
             "lastInboundAt": datetime.now(UTC).isoformat()}  # fmt: skip
 
 
-def frames_with_activity(total: int, batch: int, connection: int, connections: int) -> list[str]:
-    """bench.ingest's stream with one activity event after every 100 events (not counted as ingest events)."""
+def frames_with_activity(total: int, batch: int, connection: int, connections: int, seq: bool = False) -> list[str]:
+    """bench.ingest's stream with one activity event after every 100 events (not counted as ingest events);
+    without sequence numbers (`seq` is bench.ingest's, unused here)."""
     events: list[dict[str, object]] = []
     share = ingest.SESSIONS // connections
     for index in range(total):
@@ -180,14 +181,10 @@ async def activity_cost(events: int, runs: int) -> tuple[float, float]:
     port = free_port()
     argv = [sys.executable, "-m", "sidecar", "serve", "--listen", f"127.0.0.1:{port}", "--log-level", "ERROR"]
     plain, mixed = [], []
-    original = ingest.frames
     async with ingest.server(argv, port) as base:
         for _ in range(runs):
-            ingest.frames = original
             plain.append(await ingest.throughput(base, True, 4, events, 100))
-            ingest.frames = frames_with_activity
-            mixed.append(await ingest.throughput(base, True, 4, events, 100))
-    ingest.frames = original
+            mixed.append(await ingest.throughput(base, True, 4, events, 100, build=frames_with_activity))
     return statistics.median(plain), statistics.median(mixed)
 
 

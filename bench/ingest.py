@@ -4,6 +4,9 @@ event -> decision latency at a fixed rate.
 
     python -m bench.ingest [--connections 4] [--events 200000] [--batch 100] [--rate 10000] [--runs 3]
 
+- The sidecar is measured twice in each run: plain frames, and frames whose events carry a `seq` after a
+  `runtime.info` (what the SDK and the Baileys adapter send: the sidecar tracks the sequence and acknowledges).
+
 - Servers are separate processes: `wa-sidecar serve` (embedded store, no tracing exporter) and `bench.sink`.
 - The client (`websockets`, one asyncio task per connection) sends pre-built frames as fast as it can; the run
   ends when the server has counted every event (the sidecar's whatsapp_sidecar_events_total, the sink's /count).
@@ -20,15 +23,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import statistics
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import aiohttp
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
 from bench.common import free_port
 
@@ -41,11 +46,13 @@ def event(phone: int, error: str = "No session record") -> dict[str, object]:
             "phoneJid": f"7900{phone:07d}@s.whatsapp.net", "error": error}  # fmt: skip
 
 
-def frames(total: int, batch: int, connection: int, connections: int) -> list[str]:
+def frames(total: int, batch: int, connection: int, connections: int, seq: bool = False) -> list[str]:
     """Each connection reports its own phones (SESSIONS / connections of them), as a runtime process owns its
     sessions; phones shared by connections would measure ownership changing hands on every event."""
     share = SESSIONS // connections
     events = [event(1 + connection * share + index % share) for index in range(total)]
+    if seq:
+        events = [{**item, "seq": index} for index, item in enumerate(events, start=1)]
     if batch <= 1:
         return [json.dumps(item) for item in events]
     return [json.dumps(events[start : start + batch]) for start in range(0, total, batch)]
@@ -88,19 +95,38 @@ async def marker_applied(http: aiohttp.ClientSession, base: str, phone: int) -> 
         return response.status == 200 and (await response.json())["badMacErrors"] >= 1
 
 
-async def throughput(base: str, sidecar: bool, connections: int, total: int, batch: int) -> float:
+_runtime_ids = iter(range(1, 1_000_000))
+
+
+Frames = Callable[[int, int, int, int, bool], list[str]]  # (events, batch, connection, connections, seq)
+
+
+async def throughput(
+    base: str, sidecar: bool, connections: int, total: int, batch: int, seq: bool = False, build: Frames | None = None
+) -> float:
     """Events/s until the server has taken every event: the sink's count, or, for the sidecar, each connection's
-    final marker (a Bad MAC of a fresh session) applied; a connection's frames are applied in order."""
+    final marker (a Bad MAC of a fresh session) applied; a connection's frames are applied in order. `build`
+    makes each connection's frames (default: `frames`)."""
     per_connection = total // connections
-    prepared = [frames(per_connection, batch, index, connections) for index in range(connections)]
+    prepared = [(build or frames)(per_connection, batch, index, connections, seq) for index in range(connections)]
     markers = [next(_markers) for _ in range(connections)]
     if sidecar:
         for items, marker in zip(prepared, markers, strict=True):
-            items.append(json.dumps(event(marker, "Bad MAC")))
+            last = {**event(marker, "Bad MAC"), "seq": per_connection + 1} if seq else event(marker, "Bad MAC")
+            items.append(json.dumps(last))
+            if seq:
+                items.insert(0, json.dumps({"type": "runtime.info", "runtimeId": f"bench-{next(_runtime_ids)}"}))
     url = base.replace("http://", "ws://") + "/v1/runtime"
     async with aiohttp.ClientSession() as http:
         before = 0 if sidecar else await sink_count(http, base)
         sockets = [await connect(url, max_size=None, compression=None) for _ in range(connections)]
+
+        async def discard(ws: ClientConnection) -> None:  # acks and commands: read, so the link never backs up
+            with contextlib.suppress(ConnectionClosed):
+                async for _ in ws:
+                    pass
+
+        readers = [asyncio.create_task(discard(ws)) for ws in sockets]
         try:
             started = time.perf_counter()
 
@@ -120,6 +146,8 @@ async def throughput(base: str, sidecar: bool, connections: int, total: int, bat
         finally:
             for ws in sockets:
                 await ws.close()
+            for reader in readers:
+                reader.cancel()
     return per_connection * connections / elapsed
 
 
@@ -186,16 +214,18 @@ async def run(connections: int, events: int, batch: int, rate: float, runs: int)
     async with server(sidecar_argv, sidecar_port) as sidecar, server(sink_argv, sink_port) as sink:
         for _ in range(runs):
             for size in (1, batch):
-                for name, base in (("sidecar", sidecar), ("sink", sink)):
+                for name, base in (("sidecar", sidecar), ("sidecar+seq", sidecar), ("sink", sink)):
                     count = events if size > 1 else events // 4
                     results.setdefault((name, size), []).append(
-                        await throughput(base, name == "sidecar", connections, count, size)
+                        await throughput(base, name != "sink", connections, count, size, seq=name == "sidecar+seq")
                     )
         print(f"ingest: {connections} connections, medians of {runs} runs (events/s)")
         for size in (1, batch):
             mine, ceiling = statistics.median(results[("sidecar", size)]), statistics.median(results[("sink", size)])
             label = "one event per frame" if size == 1 else f"batches of {size}"
             print(f"  {label:>20}: sidecar {mine:>10,.0f}   bare sink {ceiling:>10,.0f}   ratio {mine / ceiling:.2f}x")
+            sequenced = statistics.median(results[("sidecar+seq", size)])
+            print(f"  {'':>20}  with seq {sequenced:>9,.0f}   {sequenced / mine:.2f}x the sidecar without seq")
         samples = await latency(sidecar, connections, rate, seconds=5)
     if samples:
         print(f"  event -> decision -> command at {rate:,.0f} events/s: {len(samples)} probes, "

@@ -19,8 +19,10 @@ from sidecar.components import COMPONENTS, Components
 from sidecar.config import Config
 from sidecar.coordination import coordination_for
 from sidecar.events.intake import STEPS_PER_EVENT, Admission, Intake
+from sidecar.http.idempotency import MemoryIdempotencyKeys
 from sidecar.http.requests import BODY_TIMEOUT
 from sidecar.link.connections import LinkConnections
+from sidecar.link.sequences import LinkSequences
 from sidecar.link.server import LinkServer
 from sidecar.notify.delivery import Delivery, DeliveryPolicy
 from sidecar.notify.owners import OwnersError, OwnersWatcher
@@ -29,6 +31,7 @@ from sidecar.rules.records import Step, step_kind
 from sidecar.rules.safety import Breaker
 from sidecar.runtime import Safety, Watch, assemble
 from sidecar.runtime.observer import RuntimeObserver
+from sidecar.store.idempotency_keys import PostgresIdempotencyKeys
 from sidecar.store.journal import Journal, JournalError
 from sidecar.store.memory import MemoryStore
 from sidecar.store.pending import PendingSteps
@@ -72,7 +75,9 @@ def create_app(config: Config, extras: Extras | None = None) -> web.Application:
     app.cleanup_ctx.append(_components(config, extras or Extras()))
 
     async def close_runtime_connections(app: web.Application) -> None:
-        await app[COMPONENTS].link.close_all()
+        components = app[COMPONENTS]
+        await components.link_server.drain(config.socket_end_timeout + config.database_step_timeout)
+        await components.link.close_all()
 
     app.on_shutdown.append(close_runtime_connections)
     http.add_routes(app)
@@ -124,7 +129,12 @@ def _components(config: Config, extras: Extras) -> Callable[[web.Application], A
         observers.extend(extras.observers)
         coordination = coordination_for(config, store)
         clock = coordination.clock(clock)
-        link = LinkConnections(coordination.leases)
+        link = LinkConnections(
+            coordination.leases,
+            coordination.owed_ends,
+            config.socket_end_timeout,
+            metrics.owed_ends_delivered.inc,
+        )
         sockets = coordination.sockets(link)
         runtime = assemble(
             config.policy,
@@ -157,7 +167,7 @@ def _components(config: Config, extras: Extras) -> Callable[[web.Application], A
         decider = runtime.decider
         admission = Admission(pending.caught_up, lambda: pending.room - STEPS_PER_EVENT * decider.backlog)
         intake = Intake(runtime, link.acknowledge, admission, metrics)
-        link_server = LinkServer(link, intake, runtime)
+        link_server = LinkServer(link, intake, runtime, LinkSequences(coordination.sequences))
         if delivery is not None:
             metrics.outbox_depth.set_function(lambda: delivery.depth if delivery else 0)
         metrics.bind(
@@ -185,9 +195,10 @@ def _components(config: Config, extras: Extras) -> Callable[[web.Application], A
             if isinstance(store, PostgresStore)
             else None
         )
+        idempotency = PostgresIdempotencyKeys(store) if isinstance(store, PostgresStore) else MemoryIdempotencyKeys()
         components = Components(
             config, store, pending, runtime, link, intake, link_server, metrics, families, tracing, owners, delivery,
-            supervisor, schema,
+            supervisor, schema, idempotency,
         )  # fmt: skip
         app[COMPONENTS] = components
         metrics.bind_fleet(lambda: decider.parked_phones, lambda: coordination.clock_ahead)

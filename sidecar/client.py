@@ -17,7 +17,10 @@ import functools
 import inspect
 import json
 import logging
+import os
 import random
+import socket
+import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -138,8 +141,23 @@ class RuntimeClient:
         max_buffered: int = 10_000,
         reconnect_initial: float = 0.2,
         reconnect_max: float = 10.0,
+        runtime_id: str | None = None,
+        max_unacked: int = 100_000,
     ) -> None:
+        """`runtime_id` names this runtime on the link (default: host, process and a random part, the same across
+        this client's reconnects): every event gets a `seq`, is kept until the sidecar's `events.ack` covers it
+        and is sent again after a reconnect (at most `max_unacked` kept; past that the oldest go, counted in
+        `unacked_dropped`)."""
         self.url = url
+        self.runtime_id = runtime_id or f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+        self._seq = 0
+        self._unacked: deque[tuple[int, dict[str, Any]]] = deque()
+        self._max_unacked = max_unacked
+        self._acked_ever = False  # a sidecar that never acknowledges (an older one) gets nothing twice
+        self._settled = asyncio.Event()  # nothing buffered, nothing unacknowledged
+        self._settled.set()
+        self.unacked_dropped = 0
+        self.resent = 0
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._handlers: dict[str, CommandHandler | ProbeHandler | None] = {
             "session.end": on_session_end,
@@ -211,14 +229,41 @@ class RuntimeClient:
         """Wait until every queued event was written to the link."""
         await asyncio.wait_for(self._empty.wait(), timeout)
 
+    async def wait_acknowledged(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109
+        """Wait until every queued event was written and acknowledged by the sidecar as durable."""
+        await asyncio.wait_for(self._settled.wait(), timeout)
+
     @property
     def buffered(self) -> int:
         return len(self._buffer)
 
+    @property
+    def unacknowledged(self) -> int:
+        return len(self._unacked)
+
     def _push(self, event: dict[str, Any]) -> None:
         self._buffer.append(event)
         self._empty.clear()
+        self._settled.clear()
         self._has_events.set()
+
+    def _stamped(self, event: dict[str, Any]) -> dict[str, Any]:
+        """The event with its seq, kept until acknowledged."""
+        self._seq += 1
+        stamped = {**event, "seq": self._seq}
+        if len(self._unacked) >= self._max_unacked:
+            self._unacked.popleft()
+            if self._acked_ever:
+                self.unacked_dropped += 1
+        self._unacked.append((self._seq, stamped))
+        return stamped
+
+    def _acknowledged(self, up_to: int) -> None:
+        self._acked_ever = True
+        while self._unacked and self._unacked[0][0] <= up_to:
+            self._unacked.popleft()
+        if not self._unacked and not self._buffer:
+            self._settled.set()
 
     async def _run(self) -> None:
         delay = self._reconnect_initial
@@ -244,6 +289,13 @@ class RuntimeClient:
     async def _pump(self, ws: ClientConnection) -> None:
         receiver = asyncio.create_task(self._receive(ws))
         try:
+            await ws.send(json.dumps({"type": "runtime.info", "runtimeId": self.runtime_id}))
+            if self._acked_ever:  # what the last connection took but never acknowledged, in order
+                pending = [event for _, event in self._unacked]
+                for start in range(0, len(pending), self._batch_size):
+                    batch = pending[start : start + self._batch_size]
+                    await ws.send(json.dumps(batch[0] if len(batch) == 1 else batch))
+                self.resent += len(pending)
             while not receiver.done():
                 if not self._buffer:
                     self._empty.set()
@@ -253,11 +305,17 @@ class RuntimeClient:
                     waiter.cancel()
                     continue
                 count = min(self._batch_size, len(self._buffer))
-                batch = [self._buffer[i] for i in range(count)]
-                await ws.send(json.dumps(batch[0] if count == 1 else batch))
-                for _ in range(count):  # only once written: a failed send keeps them for the next connection
-                    self._buffer.popleft()
+                batch = [self._stamped(self._buffer.popleft()) for _ in range(count)]
                 self._room.set()
+                # Kept (unacknowledged) from here on: a failed send is resent on the next connection.
+                try:
+                    await ws.send(json.dumps(batch[0] if count == 1 else batch))
+                except BaseException:
+                    if not self._acked_ever:  # a sidecar without acks: the batch goes first on the next one
+                        for _ in range(count):
+                            self._unacked.pop()
+                        self._buffer.extendleft(reversed([{k: v for k, v in e.items() if k != "seq"} for e in batch]))
+                    raise
             await receiver  # re-raises what ended the connection
         finally:
             receiver.cancel()
@@ -273,7 +331,9 @@ class RuntimeClient:
             if not isinstance(message, dict):
                 continue
             kind = message.get("type")
-            if kind == "error":
+            if kind == "events.ack" and isinstance(message.get("upTo"), int):
+                self._acknowledged(message["upTo"])
+            elif kind == "error":
                 self.errors.append(message)
                 if self._on_error is not None:
                     self._on_error(message)

@@ -9,6 +9,7 @@ from aiohttp import web
 
 from sidecar.config import Config
 from sidecar.events.intake import Intake
+from sidecar.http.idempotency import IdempotencyKeys
 from sidecar.link.connections import LinkConnections
 from sidecar.link.server import LinkServer
 from sidecar.notify.delivery import Delivery
@@ -39,6 +40,7 @@ class Components:
     delivery: Delivery | None
     supervisor: Supervisor
     schema: SchemaWatch | None
+    idempotency: IdempotencyKeys
     restored: asyncio.Event = field(default_factory=asyncio.Event)
 
 

@@ -14,7 +14,8 @@ from typing import Any, Protocol
 from sidecar.config import Config
 from sidecar.link.connections import LinkConnections
 from sidecar.link.fleet_sockets import FleetSockets
-from sidecar.ports import SessionStore, SocketLeases, StoreUnavailable
+from sidecar.link.sequences import SharedSequences
+from sidecar.ports import OwedEnds, SessionStore, SocketLeases, StoreUnavailable
 from sidecar.runtime import Fleet
 from sidecar.runtime.waiting import waiting_from_json, waiting_to_json
 from sidecar.store.database_clock import DatabaseClock
@@ -32,6 +33,16 @@ class Coordination(Protocol):
     @property
     def leases(self) -> SocketLeases | None:
         """Socket ownership shared with the other replicas (None: this replica's connections are all there is)."""
+        ...
+
+    @property
+    def owed_ends(self) -> OwedEnds | None:
+        """Where ends owed to absent runtimes are kept (None: in this process)."""
+        ...
+
+    @property
+    def sequences(self) -> SharedSequences | None:
+        """Each runtime id's acknowledged events, shared with the other replicas (None: this replica's own)."""
         ...
 
     def sockets(self, link: LinkConnections) -> LinkConnections | FleetSockets:
@@ -62,6 +73,8 @@ class Coordination(Protocol):
 
 class Alone:
     leases = None
+    sequences = None
+    owed_ends = None
     clock_ahead = 0.0
 
     def clock(self, local: Callable[[], datetime]) -> Callable[[], datetime]:
@@ -110,6 +123,14 @@ class ThroughPostgres:
     @property
     def clock_ahead(self) -> float:
         return self._clock.ahead if self._clock is not None else 0.0
+
+    @property
+    def sequences(self) -> PostgresLeases:
+        return self.leases
+
+    @property
+    def owed_ends(self) -> PostgresLeases:
+        return self.leases
 
     async def start(self) -> None:
         try:

@@ -61,6 +61,31 @@ class SocketController(Protocol):
         """Drop the runtime's in-memory copies of keys with these prefixes."""
 
 
+@dataclass(frozen=True, slots=True)
+class OwedEnd:
+    command_id: str
+    organization_phone_id: int
+    reason: str
+    detail: str
+
+
+class OwedEnds(Protocol):
+    async def owe(self, organization_phone_id: int, reason: str, detail: str) -> None:
+        """Remember the end (one per phone: a later one replaces nothing)."""
+
+    async def owed_phones(self) -> set[int]:
+        """The phones with an end owed (a fleet's, read from the database)."""
+
+    async def take_owed(self, organization_phone_id: int) -> OwedEnd | None:
+        """Claim the phone's owed end for delivery (None: none, or another replica took it)."""
+
+    async def owed_done(self, end: OwedEnd, delivered: bool) -> None:
+        """Delivered (and recorded on the close), or back to owed."""
+
+    async def owed_dropped(self, end: OwedEnd) -> None:
+        """Moot (the phone was paired anew): forgotten."""
+
+
 class LivenessSockets(Protocol):
     """Asks the runtime about a session's socket for the liveness watch (runtime link v1, additive)."""
 

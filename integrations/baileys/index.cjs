@@ -6,8 +6,12 @@
 //   attachSidecar(sock, { organizationId: 7, organizationPhoneId: 42, url, token, logger })
 //
 // It never blocks or crashes the backend: events are buffered (bounded) while the sidecar is away and sent in
-// batches; every failure of the link is logged and retried with backoff. Works with Baileys 6.x and 7.x.
+// batches; every failure of the link is logged and retried with backoff. Each connection starts with
+// runtime.info; events carry a seq and are kept until the sidecar acknowledges them (events.ack), then resent
+// after a reconnect if not. Works with Baileys 6.x and 7.x.
 
+const crypto = require('node:crypto')
+const os = require('node:os')
 const WebSocket = require('ws')
 // Both generated from the sidecar's own definitions (python -m docs.generate): the runtime link's schema
 // (sidecar/events/schema.py) and the app-state message table (sidecar/rules/app_state.py).
@@ -105,6 +109,10 @@ function attachSidecar(sock, options) {
     batchSize = 100, maxBuffered = 10_000, flushIntervalMs = 50,
     reconnectInitialMs = 500, reconnectMaxMs = 30_000,
     activityIntervalMs = 30_000,
+    // Names this runtime on the link: events carry a seq, are kept until the sidecar's events.ack covers them,
+    // and are sent again after a reconnect (at most maxUnacked kept; past that the oldest go, counted).
+    runtimeId = `${os.hostname()}/${process.pid}/${organizationPhoneId}/${crypto.randomBytes(4).toString('hex')}`,
+    maxUnacked = 10_000,
   } = options
   if (!Number.isInteger(organizationId) || organizationId < 1) throw new TypeError('organizationId must be a positive integer')
   if (!Number.isInteger(organizationPhoneId) || organizationPhoneId < 1) throw new TypeError('organizationPhoneId must be a positive integer')
@@ -114,7 +122,10 @@ function attachSidecar(sock, options) {
   const buffer = []
   const seenStubs = new Map() // message ids already reported: re-upserts (append, history) are not new faults
   const seenAppState = new Map()
-  const stats = { sent: 0, dropped: 0, connects: 0, commands: 0 }
+  const stats = { sent: 0, dropped: 0, connects: 0, commands: 0, resent: 0, unackedDropped: 0 }
+  let seq = 0
+  const unacked = [] // events sent and not yet acknowledged as durable, in order
+  let ackedEver = false // a sidecar that never acknowledges (an older one) is sent nothing twice
   let ws = null
   let closed = false
   let reconnectDelay = reconnectInitialMs
@@ -152,14 +163,41 @@ function attachSidecar(sock, options) {
     if (!flushTimer) flushTimer = setTimeout(flush, flushIntervalMs)
   }
 
+  function stamped(event) {
+    const withSeq = { ...event, seq: ++seq }
+    if (unacked.length >= maxUnacked) {
+      unacked.shift()
+      if (ackedEver) stats.unackedDropped++
+    }
+    unacked.push(withSeq)
+    return withSeq
+  }
+
+  function acknowledged(upTo) {
+    ackedEver = true
+    while (unacked.length && unacked[0].seq <= upTo) unacked.shift()
+  }
+
+  function resend() {
+    // What the last connection took but never acknowledged goes first, in order (the sidecar skips what it has).
+    if (!ackedEver || !unacked.length) return
+    for (let start = 0; start < unacked.length; start += batchSize) {
+      ws.send(JSON.stringify(unacked.slice(start, start + batchSize)))
+    }
+    stats.resent += unacked.length
+  }
+
   function flush() {
     flushTimer = null
     if (!ws || ws.readyState !== WebSocket.OPEN) return
     while (buffer.length) {
-      const batch = buffer.splice(0, batchSize)
+      const batch = buffer.splice(0, batchSize).map(stamped)
       ws.send(JSON.stringify(batch), (error) => {
         if (error) {
-          buffer.unshift(...batch) // not sent: keep it for the next connection
+          if (!ackedEver) { // without acknowledgements: keep it for the next connection as it was
+            unacked.splice(unacked.length - batch.length, batch.length)
+            buffer.unshift(...batch.map(({ seq: _, ...event }) => event))
+          }
           log.warn?.({ err: error.message }, 'sidecar send failed')
         } else {
           stats.sent += batch.length
@@ -277,6 +315,8 @@ function attachSidecar(sock, options) {
     socket.on('open', () => {
       stats.connects++
       reconnectDelay = reconnectInitialMs
+      socket.send(JSON.stringify({ type: 'runtime.info', runtimeId }))
+      resend()
       flush()
     })
     socket.on('message', (data) => {
@@ -287,7 +327,8 @@ function attachSidecar(sock, options) {
         return
       }
       for (const item of Array.isArray(frame) ? frame : [frame]) {
-        if (item?.type === 'error') log.warn?.({ error: item.error, details: item.details }, 'sidecar refused events')
+        if (item?.type === 'events.ack' && Number.isInteger(item.upTo)) acknowledged(item.upTo)
+        else if (item?.type === 'error') log.warn?.({ error: item.error, details: item.details }, 'sidecar refused events')
         else if (['session.end', 'auth.clear', 'session.probe', 'session.restart'].includes(item?.type)) obey(item)
       }
     })
@@ -330,6 +371,8 @@ function attachSidecar(sock, options) {
   return {
     stats,
     get buffered() { return buffer.length },
+    get unacknowledged() { return unacked.length },
+    runtimeId,
     get connected() { return !!ws && ws.readyState === WebSocket.OPEN },
     detach() {
       detachListeners()

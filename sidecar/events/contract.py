@@ -16,6 +16,7 @@ from sidecar.events.schema import (
     COMMANDS,
     INBOUND,
     MAX_EVENTS_PER_FRAME,
+    EventsAck,
     InboundMessage,
     LinkError,
     OutboundCommand,
@@ -39,7 +40,7 @@ def encode_hook(value: object) -> object:
 
 def _components(ref_template: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     (inbound, outbound), components = msgspec.json.schema_components(
-        [InboundMessage, OutboundCommand | LinkError], schema_hook=_schema_hook, ref_template=ref_template
+        [InboundMessage, OutboundCommand | LinkError | EventsAck], schema_hook=_schema_hook, ref_template=ref_template
     )
     for schema in components.values():
         tag = schema.get("properties", {}).get("type", {})
@@ -136,5 +137,5 @@ def _type_text(prop: dict[str, Any]) -> str:
 def messages() -> list[tuple[str, str, type[msgspec.Struct]]]:
     """(direction, wire name, struct) of every message of the protocol."""
     kinds: list[tuple[str, type[msgspec.Struct]]] = [("runtime → sidecar", kind) for kind in INBOUND]
-    kinds += [("sidecar → runtime", kind) for kind in (*COMMANDS, LinkError)]
+    kinds += [("sidecar → runtime", kind) for kind in (*COMMANDS, LinkError, EventsAck)]
     return [(direction, wire_name(kind), kind) for direction, kind in kinds]

@@ -30,6 +30,7 @@ from sidecar.events.schema import (
     CommandAck,
     DecryptError,
     InboundMessage,
+    RuntimeInfo,
     Timestamp,
 )
 from sidecar.rules.inputs import text_problem, user_of_jid
@@ -109,6 +110,8 @@ def _check(item: InboundMessage) -> None:
     if isinstance(item, CommandAck):
         _text(item.command_id, MAX_TEXT)
         return
+    if isinstance(item, RuntimeInfo):
+        return  # msgspec checked all of it (printable ASCII is storable)
     _jid(item.phone_jid)
     if item.traceparent is not None:
         _text(item.traceparent, 55)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Protocol
 
-from sidecar.events.schema import CommandAck, DecryptError, InboundMessage, SessionEvent, wire_name
+from sidecar.events.schema import CommandAck, DecryptError, InboundMessage, RuntimeInfo, SessionEvent, wire_name
 from sidecar.runtime import SessionRuntime
 
 YIELD_EVERY = 100  # events between yields to the loop: a big frame must not starve the API and other connections
@@ -104,7 +104,7 @@ class Intake:
         for message in messages:
             if type(message) is CommandAck:
                 self._acknowledge(message)  # closes in flight wait for them: never held behind the batch
-            else:
+            elif type(message) is not RuntimeInfo:  # the link reads it before the intake (a connection's own)
                 events.append(message)  # type: ignore[arg-type]  # every other message is a session event
         if events and channel.backpressure is Backpressure.WAIT:
             await self._admission.caught_up()  # not reading meanwhile: the sender is pushed back

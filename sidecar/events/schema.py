@@ -61,9 +61,20 @@ Traceparent = Annotated[
     ),
 ]
 At = Annotated[Timestamp, msgspec.Meta(description="when the runtime saw it")]
+MAX_SEQ: Final = 2**53 - 1  # exact in every JSON implementation
+RUNTIME_ID_PATTERN: Final = r"^[\x20-\x7e]*[\x21-\x7e][\x20-\x7e]*$"  # printable ASCII, not blank
+Seq = Annotated[
+    int,
+    msgspec.Meta(
+        ge=1,
+        le=MAX_SEQ,
+        description="the event's sequence number for its runtime id (increasing): the sidecar answers "
+        "`events.ack` once everything up to it is durable, and ignores an event it has already taken",
+    ),
+]
 
 
-class Event(
+class Inbound(
     msgspec.Struct,
     frozen=True,
     kw_only=True,
@@ -72,6 +83,10 @@ class Event(
     omit_defaults=True,
     forbid_unknown_fields=True,  # the fast path hands a frame with keys of a runtime's own to the reader
 ):
+    """What every runtime -> sidecar message shares: its `type` tag, camelCase keys."""
+
+
+class Event(Inbound, frozen=True, kw_only=True):
     """What every session event carries: the session (organizationPhoneId) and where it belongs."""
 
     organization_id: Annotated[Id, msgspec.Meta(description="the organization that owns the number")]
@@ -79,6 +94,7 @@ class Event(
     phone_jid: Annotated[Jid, msgspec.Meta(description="the session's own JID")]
     at: At | None = None
     traceparent: Traceparent | None = None
+    seq: Seq | None = None
 
 
 class ConnectionUpdate(Event, frozen=True, kw_only=True, tag="connection.update"):
@@ -144,16 +160,7 @@ class Activity(Event, frozen=True, kw_only=True, tag="activity"):
     last_inbound_at: Annotated[Timestamp, msgspec.Meta(description="time of the last inbound stanza")]
 
 
-class CommandAck(
-    msgspec.Struct,
-    frozen=True,
-    kw_only=True,
-    tag_field="type",
-    tag="command.ack",
-    rename="camel",
-    omit_defaults=True,
-    forbid_unknown_fields=True,
-):
+class CommandAck(Inbound, frozen=True, kw_only=True, tag="command.ack"):
     """The runtime's answer to a command; `error` starting `unsupported:` means it lacks the command."""
 
     command_id: Text
@@ -173,9 +180,29 @@ class CommandAck(
     ) = None
 
 
+class RuntimeInfo(Inbound, frozen=True, kw_only=True, tag="runtime.info"):
+    """Who the runtime is, sent as the first frame of a connection. Every field is optional; without a
+    `runtimeId` sequence numbers are this connection's own."""
+
+    runtime_id: (
+        Annotated[
+            str,
+            msgspec.Meta(
+                min_length=1,
+                max_length=128,
+                pattern=RUNTIME_ID_PATTERN,
+                description="a stable name of this runtime process group (for example its pod name), the same "
+                "across its reconnects: event sequence numbers and their acknowledgements belong to it",
+                extra={"problem": "must be 1 to 128 printable ASCII characters, not blank"},
+            ),
+        ]
+        | None
+    ) = None
+
+
 SessionEvent = ConnectionUpdate | DecryptError | Activity
-InboundMessage = ConnectionUpdate | DecryptError | Activity | CommandAck
-INBOUND: Final = (ConnectionUpdate, DecryptError, Activity, CommandAck)
+InboundMessage = ConnectionUpdate | DecryptError | Activity | CommandAck | RuntimeInfo
+INBOUND: Final = (ConnectionUpdate, DecryptError, Activity, CommandAck, RuntimeInfo)
 
 
 # Sidecar -> runtime ---------------------------------------------------------------------------------------------
@@ -231,6 +258,13 @@ class LinkError(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag
 
     error: str
     details: list[Problem] = []
+
+
+class EventsAck(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="events.ack", rename="camel"):
+    """Every event of this runtime id (or connection) with a `seq` up to `upTo` is durable: decided (fleet mode),
+    or journaled or applied (one replica). The runtime may forget them; it resends the rest after a reconnect."""
+
+    up_to: int
 
 
 def wire_name(kind: type[msgspec.Struct]) -> str:

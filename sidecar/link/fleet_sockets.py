@@ -35,7 +35,11 @@ class FleetSockets:
             await self._link.end_session(organization_phone_id, reason, detail)
             return
         body = {"type": "session.end", "reason": reason, "detail": detail, "logout": True}
-        await self._route(organization_phone_id, body)
+        try:
+            await self._route(organization_phone_id, body)
+        except SocketUnreachable:
+            await self._link.owe_end(organization_phone_id, reason, detail)  # whichever replica it reaches delivers
+            raise
 
     async def clear_cached_keys(self, organization_phone_id: int, key_prefixes: Sequence[str]) -> None:
         if self._link.owner_of(organization_phone_id) is not None:
@@ -85,6 +89,7 @@ class FleetSockets:
             self._wake.clear()
             try:
                 commands = await self._leases.take_commands()
+                await self._link.refresh_owed()
             except StoreUnavailable:
                 continue
             await asyncio.gather(*(self._deliver(*command) for command in commands))

@@ -4,6 +4,7 @@ handed to the intake; the phones its events report are claimed for the connectio
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import msgspec
@@ -12,8 +13,9 @@ from aiohttp import WSMsgType, web
 from sidecar.events.decode import parse_frame
 from sidecar.events.intake import Channel, Intake
 from sidecar.events.reader import FrameInvalid
-from sidecar.events.schema import ConnectionUpdate, LinkError, SessionEvent
+from sidecar.events.schema import ConnectionUpdate, EventsAck, LinkError, SessionEvent
 from sidecar.link.connections import LinkConnections, RuntimeConnection
+from sidecar.link.sequences import LinkSequences, fresh, runtime_info
 from sidecar.ports import StoreUnavailable
 from sidecar.runtime import SessionRuntime
 
@@ -24,10 +26,13 @@ HEARTBEAT_SECONDS = 30.0
 
 
 class LinkServer:
-    def __init__(self, connections: LinkConnections, intake: Intake, runtime: SessionRuntime) -> None:
+    def __init__(
+        self, connections: LinkConnections, intake: Intake, runtime: SessionRuntime, sequences: LinkSequences
+    ) -> None:
         self._connections = connections
         self._intake = intake
         self._runtime = runtime
+        self._sequences = sequences
         self.lease_conflicts = 0
 
     async def handle_frame(self, connection: RuntimeConnection, text: str) -> int:
@@ -38,13 +43,93 @@ class LinkServer:
             self._intake.rejected(invalid.reason)
             await connection.ws.send_json(msgspec.to_builtins(invalid.answer()))
             return 0
+        info = runtime_info(messages)
+        if info is not None and info.runtime_id is not None and info.runtime_id != connection.key:
+            await self._identified(connection, info.runtime_id)
+        messages, top = fresh(messages, self._sequences.progress(connection.key))
         events = await self._intake.admit(messages, Channel.WEBSOCKET)
         claimed = self._claim(connection, events)
         applied = await self._intake.apply(events)
         if claimed and self._connections.leases is not None:
             for event in claimed:
                 await self._claim_lease(connection, event)
+        if top is not None:
+            connection.sequenced = True
+            self._acknowledge_later(connection, top)
+        if self._connections.owed_cache and events:
+            self._owed_shown(connection, events)
         return applied
+
+    def _owed_shown(self, connection: RuntimeConnection, events: list[SessionEvent]) -> None:
+        """Phones with an owed end whose old session is still in use here (an error, traffic, an `open` that is
+        not a new login) get it now; a new login (a fresh QR pairing) makes it moot, and it is dropped."""
+        owed = self._connections.owed_cache
+        still_used: list[int] = []
+        paired: list[int] = []
+        for event in events:
+            phone = event.organization_phone_id
+            if phone not in owed:
+                continue
+            if type(event) is ConnectionUpdate:
+                if event.connection == "open":
+                    (paired if event.new_login else still_used).append(phone)
+            else:
+                still_used.append(phone)
+        self._connections.deliver_owed_later(connection, still_used)
+        self._connections.drop_owed_later(paired)
+
+    async def _identified(self, connection: RuntimeConnection, runtime_id: str) -> None:
+        """A `runtime.info`: the runtime's sequence numbers, and the phones it held here before (their leases
+        taken again, the ends owed for them delivered)."""
+        self._sequences.forget_connection(connection.key)
+        moved = self._connections.identified(connection, runtime_id)
+        await self._sequences.identified(runtime_id)
+        leases = self._connections.leases
+        if moved and leases is not None:
+            with contextlib.suppress(StoreUnavailable):  # the heartbeat keeps trying
+                for phone in moved:
+                    await leases.claim(phone, connection.id)
+        self._connections.deliver_owed_later(connection, moved)
+
+    def _acknowledge_later(self, connection: RuntimeConnection, top: int) -> None:
+        """`events.ack` once what this frame brought is durable; in order, without holding up the reading."""
+        connection.acks.put_nowait((self._runtime.decider.durable_mark(), top))
+        if connection.acknowledger is None or connection.acknowledger.done():
+            connection.acknowledger = asyncio.create_task(self._acknowledge(connection), name="link-acks")
+
+    async def _acknowledge(self, connection: RuntimeConnection) -> None:
+        while True:
+            mark, top = await connection.acks.get()
+            while not connection.acks.empty():  # later frames' marks and seqs are higher: one ack covers all
+                connection.acks.task_done()
+                mark, top = connection.acks.get_nowait()
+            try:
+                await self._runtime.decider.until_durable(mark)
+                await self._sequences.acknowledged(connection.key, top)  # shared first: an ack implies it is known
+                await connection.ws.send_json(msgspec.to_builtins(EventsAck(up_to=top)))
+            except ConnectionError:
+                return  # the runtime resends what was not acknowledged
+            finally:
+                connection.acks.task_done()
+
+    async def drain(self, timeout: float) -> None:  # noqa: ASYNC109 - one deadline for every connection
+        """Stopping (SIGTERM): take no more frames, finish the ones in progress and acknowledge what they brought
+        once durable, within `timeout`; frames not taken are resent by the runtime to whoever serves it next."""
+        connections = self._connections.all()
+        for connection in connections:
+            connection.draining = True
+
+        async def drained(connection: RuntimeConnection) -> None:
+            await connection.idle.wait()
+            await connection.acks.join()
+
+        try:
+            await asyncio.wait_for(asyncio.gather(*(drained(c) for c in connections)), timeout)
+        except TimeoutError:
+            log.warning("stopping before every taken event was acknowledged; the runtimes resend the rest")
+        for connection in connections:
+            if connection.acknowledger is not None:
+                connection.acknowledger.cancel()
 
     def _claim(self, connection: RuntimeConnection, events: list[SessionEvent]) -> list[SessionEvent]:
         """Ownership follows the runtime's reports, but a phone the sidecar just closed is not re-claimed by its
@@ -87,8 +172,14 @@ class LinkServer:
         log.info("runtime connected", extra={"fields": {"connection": connection.id, "peer": connection.peer}})
         try:
             async for message in ws:
+                if connection.draining and connection.sequenced:
+                    continue  # not taken, not acknowledged: the runtime sends it again after its reconnect
                 if message.type is WSMsgType.TEXT:
-                    await self.handle_frame(connection, message.data)
+                    connection.idle.clear()
+                    try:
+                        await self.handle_frame(connection, message.data)
+                    finally:
+                        connection.idle.set()
                     # Frames already buffered are read without suspending; yield so that a busy runtime
                     # cannot starve the HTTP API, the other connections and the effects in flight.
                     await asyncio.sleep(0)
@@ -102,6 +193,9 @@ class LinkServer:
             fields = {"connection": connection.id, "error": str(error) or type(error).__name__}
             log.info("runtime connection reset", extra={"fields": fields})
         finally:
+            if connection.acknowledger is not None:
+                connection.acknowledger.cancel()
+            self._sequences.forget_connection(connection.key)
             self._connections.disconnected(connection)
             log.info("runtime disconnected", extra={"fields": {"connection": connection.id}})
         return ws

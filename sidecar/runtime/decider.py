@@ -99,6 +99,14 @@ class Decider(Protocol):
         """Phones whose events wait on a row or lock another database session holds."""
         ...
 
+    def durable_mark(self) -> int:
+        """A mark for everything accepted so far (the runtime link acknowledges events once it is durable)."""
+        ...
+
+    async def until_durable(self, mark: int) -> None:
+        """Until everything accepted up to `mark` survives this process (decided, or journaled)."""
+        ...
+
     def batch(self) -> AbstractAsyncContextManager[None]:
         """Wrap the events of one frame or body (decided together where that saves transactions)."""
         ...
@@ -153,6 +161,12 @@ class LocalDecider:
     unavailable_reason: str | None = None
     stalled_reason: str | None = None
     parked_phones = 0
+
+    def durable_mark(self) -> int:
+        return 0  # decided as they come: applied once `apply` returns (its steps journaled with --state-dir)
+
+    async def until_durable(self, mark: int) -> None:
+        return None
 
     def __init__(self, tools: DecisionTools) -> None:
         self._parts = parts = tools.parts

@@ -79,6 +79,7 @@ class DecisionQueue:
         self.on_dropped = on_dropped  # an event dropped by a bug in deciding it: "other"
         self._single = 0  # after a timed-out batch: how many events to decide one at a time
         self.on_decided = on_decided  # after every committed batch (wakes webhook delivery)
+        self._advanced = asyncio.Event()  # set (and replaced) after every committed batch
 
     @property
     def backlog(self) -> int:
@@ -112,6 +113,19 @@ class DecisionQueue:
             f"decisions stalled: {events} events of {len(stuck)} phones wait on rows or locks another PostgreSQL "
             f"session holds; the oldest undecided event waited {self.oldest_age:.0f} s ({oldest.why})"
         )
+
+    @property
+    def accepted_mark(self) -> int:
+        """The position of the last event accepted: `until_durable(mark)` waits for it (runtime link acks)."""
+        return self._journal.last_position if self._journal is not None else self._position
+
+    def is_durable(self, mark: int) -> bool:
+        """Every event accepted up to `mark` survives this process: journaled to disk, or decided."""
+        return self._journal is not None or self._low_water() >= mark
+
+    async def until_durable(self, mark: int) -> None:
+        while not self.is_durable(mark):
+            await self._advanced.wait()
 
     async def submit(self, items: list[Waiting]) -> list[Result]:
         """Queue events for the one decider of this replica (decided in the order they were submitted, many
@@ -250,6 +264,8 @@ class DecisionQueue:
                     entry.submission.add(result)
             if self._journal is not None:
                 self._journal.mark_applied(self._low_water(), nothing_pending=not self._undecided)
+            self._advanced.set()
+            self._advanced = asyncio.Event()
             if self.on_decided is not None:
                 self.on_decided()
             if self.unavailable_reason is not None:

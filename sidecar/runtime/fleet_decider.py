@@ -102,6 +102,12 @@ class FleetDecider(FleetControls):
     def stalled_reason(self) -> str | None:
         return self.queue.stalled_reason
 
+    def durable_mark(self) -> int:
+        return self.queue.accepted_mark
+
+    async def until_durable(self, mark: int) -> None:
+        await self.queue.until_durable(mark)
+
     @property
     def parked_phones(self) -> int:
         return self.queue.parked_phones

@@ -73,6 +73,7 @@ class EventJournal(Protocol):
     """The undecided events, on disk (sidecar.store.journal), so a SIGKILL while PostgreSQL is away loses none."""
 
     instance_id: str
+    last_position: int
 
     def load(self) -> list[tuple[int, Waiting]]: ...
 

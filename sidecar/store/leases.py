@@ -18,6 +18,7 @@ from typing import Any
 
 import asyncpg
 
+from sidecar.ports import OwedEnd
 from sidecar.store.db_errors import UNAVAILABLE_ERRORS
 from sidecar.store.postgres import ACQUIRE_TIMEOUT_SECONDS, PostgresStore
 from sidecar.store.sqlnames import quote_identifier
@@ -26,6 +27,7 @@ log = logging.getLogger("sidecar.leases")
 
 LEASE_SECONDS = 15.0
 COMMANDS_KEPT_SECONDS = 3600.0
+OWED_KEPT_SECONDS = 7 * 86400.0  # an owed end waits this long for its runtime
 
 
 class PostgresLeases:
@@ -59,7 +61,37 @@ class PostgresLeases:
             "RETURNING command_id, organization_phone_id, body::text AS body"
         )
         self._finish = f"UPDATE {commands} SET status = $2, error = $3 WHERE command_id = $1"
-        self._forget = f"DELETE FROM {commands} WHERE created_at < now() - make_interval(secs => $1)"
+        self._forget = (
+            f"DELETE FROM {commands} WHERE created_at < now() - make_interval(secs => $1) "
+            f"AND (status <> 'owed' OR created_at < now() - make_interval(secs => $2))"
+        )
+        # Owed ends (link/owed_ends.py): one row per phone, any replica may take it when the phone shows up.
+        self._owe = (
+            f"INSERT INTO {commands} (command_id, organization_phone_id, instance, body, status) "
+            f"SELECT $1, $2, '', $3::jsonb, 'owed' WHERE NOT EXISTS (SELECT 1 FROM {commands} "
+            "WHERE organization_phone_id = $2 AND status = 'owed')"
+        )
+        self._owed = f"SELECT DISTINCT organization_phone_id FROM {commands} WHERE status = 'owed'"
+        self._take_owed = (
+            f"UPDATE {commands} SET status = 'delivering', instance = $2 WHERE command_id = (SELECT command_id FROM "
+            f"{commands} WHERE organization_phone_id = $1 AND status = 'owed' LIMIT 1 FOR UPDATE SKIP LOCKED) "
+            "RETURNING command_id, body::text AS body"
+        )
+        self._owed_back = f"UPDATE {commands} SET status = 'owed', instance = '' WHERE command_id = $1"
+        self._owed_moot = f"UPDATE {commands} SET status = 'moot' WHERE command_id = $1"
+        # Delivered: the close that owed it says so (the latest of the phone's closes that found no socket).
+        self._owed_delivered = (
+            f"WITH done AS (UPDATE {commands} SET status = 'ok' WHERE command_id = $1 RETURNING organization_phone_id) "
+            f"UPDATE {s}.closures SET socket = 'ended (on reconnect)' WHERE closure_id = (SELECT closure_id FROM "
+            f"{s}.closures WHERE organization_phone_id = (SELECT organization_phone_id FROM done) "
+            "AND socket = 'unreachable' ORDER BY started_at DESC LIMIT 1)"
+        )
+        sequences = f"{s}.link_sequences"
+        self._acknowledged = f"SELECT acked FROM {sequences} WHERE runtime_id = $1"
+        self._acknowledge = (
+            f"INSERT INTO {sequences} AS l (runtime_id, acked) VALUES ($1, $2) ON CONFLICT (runtime_id) DO UPDATE "
+            "SET acked = GREATEST(l.acked, EXCLUDED.acked), updated_at = now()"
+        )
         # A restarted process of the same instance (the same pod name) is not a second runtime: its dead
         # predecessor's leases ("<instance>/<process id>") go at start, so the new process can claim them.
         self._predecessors = (
@@ -77,6 +109,40 @@ class PostgresLeases:
             holder: str | None = await conn.fetchval(self._holder, organization_phone_id)
         return holder
 
+    async def owe(self, organization_phone_id: int, reason: str, detail: str) -> None:
+        body = json.dumps({"type": "session.end", "reason": reason, "detail": detail, "logout": True})
+        async with self._store.connection() as conn:
+            await conn.execute(self._owe, uuid.uuid4().hex, organization_phone_id, body)
+
+    async def owed_phones(self) -> set[int]:
+        async with self._store.connection() as conn:
+            return {row["organization_phone_id"] for row in await conn.fetch(self._owed)}
+
+    async def take_owed(self, organization_phone_id: int) -> OwedEnd | None:
+        async with self._store.connection() as conn:
+            row = await conn.fetchrow(self._take_owed, organization_phone_id, self.instance)
+        if row is None:
+            return None
+        body = json.loads(row["body"])
+        return OwedEnd(row["command_id"], organization_phone_id, str(body["reason"]), str(body["detail"]))
+
+    async def owed_done(self, end: OwedEnd, delivered: bool) -> None:
+        async with self._store.connection() as conn:
+            await conn.execute(self._owed_delivered if delivered else self._owed_back, end.command_id)
+
+    async def owed_dropped(self, end: OwedEnd) -> None:
+        async with self._store.connection() as conn:
+            await conn.execute(self._owed_moot, end.command_id)
+
+    async def acknowledged(self, runtime_id: str) -> int:
+        """The last event seq any replica acknowledged to this runtime id (0: none)."""
+        async with self._store.connection() as conn:
+            return int(await conn.fetchval(self._acknowledged, runtime_id) or 0)
+
+    async def acknowledge(self, runtime_id: str, up_to: int) -> None:
+        async with self._store.connection() as conn:
+            await conn.execute(self._acknowledge, runtime_id, up_to)
+
     async def release_predecessors(self, instance: str) -> int:
         """Drop the leases an earlier process of `instance` left behind; returns how many."""
         async with self._store.connection() as conn:
@@ -90,7 +156,7 @@ class PostgresLeases:
     async def renew(self, organization_phone_ids: Sequence[int]) -> None:
         async with self._store.connection() as conn:
             await conn.execute(self._renew, self.instance, list(organization_phone_ids), self._lease_seconds)
-            await conn.execute(self._forget, COMMANDS_KEPT_SECONDS)
+            await conn.execute(self._forget, COMMANDS_KEPT_SECONDS, OWED_KEPT_SECONDS)
 
     async def owner(self, organization_phone_id: int) -> str | None:
         async with self._store.connection() as conn:

@@ -173,6 +173,29 @@ MIGRATIONS: tuple[Migration, ...] = (
     # 6 (expand): the undecided-events journal's positions decided out of order (events of a phone whose row
     # was locked elsewhere wait and are decided later); releases with 5 migrations ignore the column.
     Migration("ALTER TABLE {schema}.journal_positions ADD COLUMN undecided BIGINT[];", 5),
+    # 7 (expand): each runtime id's last acknowledged event seq on the runtime link, shared by the replicas; the
+    # Idempotency-Key answers of POST /v1/events; an index for the session.end commands owed to absent runtimes.
+    Migration(
+        """
+        CREATE TABLE {schema}.link_sequences (
+            runtime_id  TEXT PRIMARY KEY,
+            acked       BIGINT NOT NULL,
+            updated_at  TIMESTAMPTZ NOT NULL DEFAULT now()
+        );
+        -- POST /v1/events Idempotency-Key: the first answer of each key, for a day.
+        CREATE TABLE {schema}.idempotency_keys (
+            key         TEXT PRIMARY KEY,
+            digest      TEXT NOT NULL,
+            status      INTEGER,
+            answer      JSONB,
+            created_at  TIMESTAMPTZ NOT NULL DEFAULT now()
+        );
+        -- session.end commands owed to a runtime that was away when its phone was closed.
+        CREATE INDEX socket_commands_owed_idx ON {schema}.socket_commands (organization_phone_id)
+            WHERE status = 'owed';
+        """,
+        5,
+    ),
 )
 
 

@@ -112,6 +112,10 @@ class Statements:
             f"FROM {counters} WHERE updated_at < $1 AND close_claimed_by IS NULL AND ((phase = 'closed' AND "
             "closed_at < $1) OR (phase = 'active' AND bad_mac_errors = 0 AND bad_decrypt_errors = 0)) LIMIT $2 "
             "FOR UPDATE SKIP LOCKED)",
+            "idempotency_keys": f"DELETE FROM {s}.idempotency_keys WHERE key IN (SELECT key FROM "
+            f"{s}.idempotency_keys WHERE created_at < $1 LIMIT $2)",
+            "link_sequences": f"DELETE FROM {s}.link_sequences WHERE runtime_id IN (SELECT runtime_id FROM "
+            f"{s}.link_sequences WHERE updated_at < $1 LIMIT $2)",
             "socket_owners": f"DELETE FROM {s}.socket_owners WHERE organization_phone_id IN (SELECT "
             f"organization_phone_id FROM {s}.socket_owners WHERE lease_until < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)",
         }

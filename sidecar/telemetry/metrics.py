@@ -90,6 +90,12 @@ class SidecarMetrics:
             ["outcome"],
             registry=registry,
         )
+        self.owed_ends_delivered = Counter(
+            "whatsapp_session_owed_ends_delivered",
+            "session.end commands delivered late: the close found no runtime connection (socket unreachable) and "
+            "the runtime's phone showed up again (a reconnect with the same runtimeId, or any event of the phone)",
+            registry=registry,
+        )
         self.keys_deleted = Counter(
             "whatsapp_auth_keys_deleted", "Auth key rows deleted, by scope", ["scope"], registry=registry
         )

@@ -6,13 +6,16 @@ Prometheus parser."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import struct
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import asyncpg
 from prometheus_client.parser import text_string_to_metric_families
+from websockets.asyncio.client import ClientConnection, connect
 
 from sidecar.client import RuntimeClient, connection_update, decrypt_error
 from tests.integration.test_fleet import Ends, _held_by, lease_holder, ws_url
@@ -120,3 +123,87 @@ async def test_a_runtime_resetting_its_connection_mid_stream_is_logged_as_a_rese
         status, _ = await replica.request("GET", "/readyz")
         assert status == 200
     assert "Traceback" not in replica.log() and "unhandled error" not in replica.log(), replica.log()[-3000:]
+
+
+async def next_command(ws: ClientConnection, kind: str) -> dict[str, Any]:
+    """The next command of this kind (acks of the events come too); acknowledged as done."""
+    while True:
+        message = json.loads(await asyncio.wait_for(ws.recv(), 15))
+        if message.get("type") == kind:
+            await ws.send(json.dumps({"type": "command.ack", "commandId": message["commandId"], "ok": True}))
+            return dict(message)
+
+
+async def closure_socket(db: asyncpg.Connection, phone_id: int) -> str | None:
+    value: str | None = await db.fetchval(
+        "SELECT socket FROM wa_sidecar.closures WHERE organization_phone_id = $1 ORDER BY started_at DESC LIMIT 1",
+        phone_id,
+    )
+    return value
+
+
+async def test_a_close_decided_while_the_runtime_was_away_reaches_it_once_it_is_back(
+    database: str, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """Finding 2 of the link-delivery issue: a close after a link reconnect deleted the keys and said
+    `socket: unreachable`, and the runtime was never told. Now the end is owed: delivered on a reconnect with the
+    same runtimeId (to the same replica), or when the old session shows up on another replica."""
+    first, second = await add_phone(db, 1, "79001112233"), await add_phone(db, 1, "79004445566")
+    async with replicas(2, database, tmp_path) as (a, b):
+        info = json.dumps({"type": "runtime.info", "runtimeId": "backend-1"})
+        async with connect(ws_url(a)) as ws:
+            await ws.send(info)
+            for phone in (first, second):
+                await ws.send(json.dumps(connection_update(1, phone.organization_phone_id, phone.phone_jid, "open")))
+            await eventually(lambda: _held_by(db, second.organization_phone_id, "replica-a"), what="a holds them")
+        # The runtime is away (its link dropped): both phones are closed by an operator, through either replica.
+        for replica, phone in ((a, first), (b, second)):
+            status, answer = await replica.request(
+                "POST", f"/v1/sessions/{phone.organization_phone_id}/close", {"reason": "maintenance"}
+            )
+            assert status == 200 and answer["socket"] == "unreachable", answer
+        async with connect(ws_url(a)) as ws:  # back on the replica that held them, with its runtime id
+            await ws.send(info)
+            end = await next_command(ws, "session.end")
+            assert end["organizationPhoneId"] == first.organization_phone_id and end["logout"] is True
+        async with connect(ws_url(b)) as ws:  # the other phone's old session shows up on the other replica
+            await ws.send(json.dumps({"type": "runtime.info", "runtimeId": "backend-2"}))
+            await ws.send(
+                json.dumps(decrypt_error(1, second.organization_phone_id, second.phone_jid, "No session record"))
+            )
+            end = await next_command(ws, "session.end")
+            assert end["organizationPhoneId"] == second.organization_phone_id
+
+        async def recorded() -> bool:
+            sockets = [await closure_socket(db, p.organization_phone_id) for p in (first, second)]
+            return sockets == ["ended (on reconnect)"] * 2
+
+        await eventually(recorded, what="both closes record the late delivery")
+        delivered = 0.0
+        for replica in (a, b):
+            async with aiohttp.ClientSession() as http, http.get(replica.base + "/metrics") as response:
+                for family in text_string_to_metric_families(await response.text()):
+                    if family.name == "whatsapp_session_owed_ends_delivered":
+                        delivered += sum(s.value for s in family.samples if s.name.endswith("_total"))
+        assert delivered == 2
+        assert await db.fetchval("SELECT count(*) FROM wa_sidecar.socket_commands WHERE status = 'owed'") == 0
+        assert len(await db.fetch("SELECT 1 FROM wa_sidecar.closures")) == 2  # the database half was not repeated
+
+
+async def test_a_new_login_makes_an_owed_end_moot(database: str, db: asyncpg.Connection, tmp_path: Path) -> None:
+    phone = await add_phone(db, 1, "79001112233")
+    pid, jid = phone.organization_phone_id, phone.phone_jid
+    async with replicas(1, database, tmp_path) as (replica,):
+        await replica.events([connection_update(1, pid, jid, "open")])  # reported over HTTP: no connection holds it
+        status, answer = await replica.request("POST", f"/v1/sessions/{pid}/close", {"reason": "maintenance"})
+        assert status == 200 and answer["socket"] == "unreachable", answer
+        assert await db.fetchval("SELECT count(*) FROM wa_sidecar.socket_commands WHERE status = 'owed'") == 1
+        async with connect(ws_url(replica)) as ws:  # a fresh QR pairing of the number: no end for it
+            await ws.send(json.dumps({**connection_update(1, pid, jid, "open"), "isNewLogin": True}))
+
+            async def moot() -> bool:
+                return bool(
+                    await db.fetchval("SELECT count(*) FROM wa_sidecar.socket_commands WHERE status = 'moot'") == 1
+                )
+
+            await eventually(moot, what="the owed end dropped")

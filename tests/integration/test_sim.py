@@ -60,7 +60,7 @@ async def test_the_sidecar_classifies_a_real_bad_mac_and_its_heal_really_heals()
                                          "organizationPhoneId": phone.phone_id, "phoneJid": phone.jid,
                                          "connection": "open"})  # fmt: skip
             await fleet.tick(0.0)  # one message, on a desynchronized session
-            await fleet.clients[0].flush()
+            await fleet.clients[0].wait_acknowledged()  # applied (the sidecar's events.ack), not only written
             runtime = served.components.runtime
             await eventually(
                 lambda: runtime.get_session_error_stats(phone.phone_id)["badMacErrors"] == 1, what="counted"

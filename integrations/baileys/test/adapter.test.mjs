@@ -258,3 +258,45 @@ test('every frame the adapter sent and every command it got match the runtime li
   assert.ok(!validateFrame({ ...good, organizationPhoneId: '42' }))
   assert.ok(!validateFrame({ ...good, error: undefined }))
 })
+
+test('what the sidecar took but never acknowledged is sent again after a reconnect, with runtime.info first', async () => {
+  // A stand-in sidecar that acknowledges the first event and drops the link before acknowledging the second.
+  const { WebSocketServer } = require('ws')
+  const standIn = new WebSocketServer({ host: '127.0.0.1', port: 0 })
+  await new Promise((resolve) => standIn.once('listening', resolve))
+  const port = standIn.address().port
+  const seen = []
+  standIn.on('connection', (socket) => {
+    socket.on('message', (data) => {
+      const frame = JSON.parse(String(data))
+      for (const item of Array.isArray(frame) ? frame : [frame]) {
+        seen.push(item)
+        if (item.type === 'connection.update') socket.send(JSON.stringify({ type: 'events.ack', upTo: item.seq }))
+        if (item.type === 'decrypt.error') socket.terminate()
+      }
+    })
+  })
+  const sock = socketShaped('79001110014@s.whatsapp.net', memStore().keys)
+  const link = attachSidecar(sock, { organizationId: 8, organizationPhoneId: 4204, url: `ws://127.0.0.1:${port}/v1/runtime`, token: TOKEN, logger: quiet, reconnectInitialMs: 100, reconnectMaxMs: 300 })
+  sock.ev.emit('connection.update', { connection: 'open' })
+  const [stub] = await badMacStubs(party('79001110015@s.whatsapp.net'), 1)
+  await eventually(() => seen.some((item) => item.type === 'events.ack' || item.type === 'connection.update'), 'the open taken')
+  sock.ev.emit('messages.upsert', { messages: [stub], type: 'notify' })
+  await eventually(() => seen.some((item) => item.type === 'decrypt.error'), 'the Bad MAC sent to the stand-in')
+  assert.equal(seen[0].type, 'runtime.info')
+  assert.equal(seen[0].runtimeId, link.runtimeId)
+  for (const item of seen) assert.ok(validateFrame(item), JSON.stringify(validateFrame.errors))
+  await new Promise((resolve) => standIn.close(resolve))
+  const real = await startSidecar(port)
+  try {
+    await eventually(async () => {
+      const response = await fetch(real.base + '/v1/sessions/4204/stats').catch(() => null)
+      return response?.status === 200 && (await response.json()).badMacErrors === 1
+    }, 'the unacknowledged Bad MAC resent to the real sidecar')
+    await eventually(() => link.unacknowledged === 0, 'the real sidecar acknowledged it')
+    assert.equal(link.stats.resent, 1)
+  } finally {
+    link.detach()
+    await real.stop()
+  }
+})
