@@ -264,6 +264,9 @@ class FleetBatch(Protocol):
     def decided(self, positions: frozenset[int]) -> None:
         """The journal positions this batch decides (remembered with the decisions at commit)."""
 
+    def taken(self, sequences: dict[str, int]) -> None:
+        """The runtime link frames this batch completes (runtime id -> highest seq), remembered at commit."""
+
     def stored(self, organization_phone_id: int) -> StoredDecision:
         """The phone's state as locked at the start of the batch."""
 

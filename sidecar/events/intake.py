@@ -110,13 +110,13 @@ class Intake:
             await self._admission.caught_up()  # not reading meanwhile: the sender is pushed back
         return events
 
-    async def apply(self, events: list[SessionEvent]) -> int:
+    async def apply(self, events: list[SessionEvent], origin: tuple[str, int] | None = None) -> int:
         """In arrival order, as one batch. Errors that change no decision are tallied (runtime/tally.py), each
         phone's tally flushed before anything else of that phone is applied, so every session sees its events in
-        order."""
+        order. `origin`: the link frame's runtime id and highest seq (remembered with the decisions)."""
         if not events:
             return 0
-        async with self._runtime.batch():
+        async with self._runtime.batch(origin):
             return await self._apply(events)
 
     async def _apply(self, events: list[SessionEvent]) -> int:

@@ -3,9 +3,9 @@ per runtime id (`runtime.info`), the sidecar ignores one it has already taken an
 everything up to it is durable; the runtime keeps what is not acknowledged and sends it again after a reconnect.
 
 Per runtime id (or, without one, per connection) this replica remembers the highest seq taken and acknowledged.
-In fleet mode the acknowledged seq is written to PostgreSQL (ports.SharedSequences), so a replica the runtime
-reconnects to after another one stopped knows where that runtime is; a SIGTERM acknowledges everything read
-before the link closes (nothing is sent twice), a SIGKILL may leave a frame decided but not acknowledged.
+In fleet mode each frame's highest seq is written to PostgreSQL with the frame's decisions, in their transaction,
+and again when acknowledged (ports.SharedSequences), so a replica the runtime reconnects to (or this one,
+restarted after a SIGKILL) knows what was taken; a SIGTERM acknowledges everything read before the link closes.
 """
 
 from __future__ import annotations
@@ -81,14 +81,21 @@ RUNTIMES_KEPT = 10_000
 
 
 def runtime_info(messages: Sequence[InboundMessage]) -> RuntimeInfo | None:
-    for message in messages:
-        if type(message) is RuntimeInfo:
-            return message
-    return None
+    """A frame's `runtime.info`: its first message (a runtime sends it first, usually as a frame of its own)."""
+    first = messages[0] if messages else None
+    return first if type(first) is RuntimeInfo else None
 
 
-def fresh(messages: Sequence[InboundMessage], progress: Progress) -> tuple[list[InboundMessage], int | None]:
+def fresh(messages: list[InboundMessage], progress: Progress) -> tuple[list[InboundMessage], int | None]:
     """The messages not taken before (by seq), and the frame's highest seq; moves `taken` past them."""
+    if not messages:
+        return messages, None
+    first, last = getattr(messages[0], "seq", None), getattr(messages[-1], "seq", None)
+    if first is None and last is None:
+        return messages, None  # a runtime without sequence numbers (a frame is one runtime's, all or none)
+    if first is not None and last is not None and progress.taken < first <= last:
+        progress.taken = last  # the common case: a new frame, its seqs increasing (as the SDK and adapter send)
+        return messages, last
     kept: list[InboundMessage] = []
     top: int | None = None
     for message in messages:

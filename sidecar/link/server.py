@@ -22,6 +22,7 @@ from sidecar.runtime import SessionRuntime
 log = logging.getLogger("sidecar.link")
 
 MAX_FRAME_BYTES = 4 * 1024 * 1024
+ACK_INTERVAL_SECONDS = 0.005  # at most one events.ack per connection this often
 HEARTBEAT_SECONDS = 30.0
 
 
@@ -49,7 +50,8 @@ class LinkServer:
         messages, top = fresh(messages, self._sequences.progress(connection.key))
         events = await self._intake.admit(messages, Channel.WEBSOCKET)
         claimed = self._claim(connection, events)
-        applied = await self._intake.apply(events)
+        origin = (connection.key, top) if top is not None and not connection.key.startswith("connection:") else None
+        applied = await self._intake.apply(events, origin)
         if claimed and self._connections.leases is not None:
             for event in claimed:
                 await self._claim_lease(connection, event)
@@ -100,6 +102,8 @@ class LinkServer:
     async def _acknowledge(self, connection: RuntimeConnection) -> None:
         while True:
             mark, top = await connection.acks.get()
+            if not connection.draining:
+                await asyncio.sleep(ACK_INTERVAL_SECONDS)  # frames meanwhile are covered by the same ack
             while not connection.acks.empty():  # later frames' marks and seqs are higher: one ack covers all
                 connection.acks.task_done()
                 mark, top = connection.acks.get_nowait()

@@ -107,8 +107,9 @@ class Decider(Protocol):
         """Until everything accepted up to `mark` survives this process (decided, or journaled)."""
         ...
 
-    def batch(self) -> AbstractAsyncContextManager[None]:
-        """Wrap the events of one frame or body (decided together where that saves transactions)."""
+    def batch(self, origin: tuple[str, int] | None = None) -> AbstractAsyncContextManager[None]:
+        """Wrap the events of one frame or body (decided together where that saves transactions); `origin`: the
+        frame's runtime id and highest seq, remembered with the decisions where they are shared."""
         ...
 
     async def apply(
@@ -181,7 +182,7 @@ class LocalDecider:
     def breaker_tripped(self) -> bool:
         return self._safety.breaker.tripped
 
-    def batch(self) -> AbstractAsyncContextManager[None]:
+    def batch(self, origin: tuple[str, int] | None = None) -> AbstractAsyncContextManager[None]:
         return nullcontext()
 
     def restore(self, stored: Sequence[StoredSession]) -> None:

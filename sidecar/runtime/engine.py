@@ -123,9 +123,9 @@ class SessionRuntime:
         """The seed's forceCloseSession: the same close, started by an operator. Waits for it to finish."""
         return await self.decider.force_close(organization_phone_id, checked_reason(reason))
 
-    def batch(self) -> AbstractAsyncContextManager[None]:
+    def batch(self, origin: tuple[str, int] | None = None) -> AbstractAsyncContextManager[None]:
         """Wrap the events of one frame or body (in fleet mode decided together, one transaction per batch)."""
-        return self.decider.batch()
+        return self.decider.batch(origin)
 
     async def restore(self) -> int:
         """Continue from the counters the store kept (a restart loses no count)."""

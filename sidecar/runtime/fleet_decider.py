@@ -12,7 +12,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from opentelemetry import context as otel_context
 
@@ -149,9 +149,9 @@ class FleetDecider(FleetControls):
     # Events -------------------------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def batch(self) -> AsyncIterator[None]:
+    async def batch(self, origin: tuple[str, int] | None = None) -> AsyncIterator[None]:
         """Events applied inside (one frame, one HTTP body) are decided together at the end, in order, one
-        transaction per BATCH_SIZE events, instead of one transaction each."""
+        transaction per BATCH_SIZE events, instead of one transaction each. `origin` rides on the last one."""
         if self._collecting is not None:
             yield
             return
@@ -160,6 +160,8 @@ class FleetDecider(FleetControls):
             yield
         finally:
             items, self._collecting = self._collecting, None
+            if origin is not None and items:
+                items[-1] = replace(items[-1], origin=origin)
             await self.queue.submit(items)
 
     async def apply(
@@ -236,6 +238,12 @@ class FleetDecider(FleetControls):
             batch.decided(
                 frozenset(position for (_, position), o in zip(chunk, outcomes, strict=True) if o is not None)
             )
+            taken: dict[str, int] = {}
+            for (item, _), done in zip(chunk, outcomes, strict=True):
+                if item.origin is not None and done is not None:
+                    key, seq = item.origin
+                    taken[key] = max(seq, taken.get(key, 0))
+            batch.taken(taken)
         # Committed: the decisions stand fleet-wide; carry them out here, in order.
         return [await self._carry_out_traced(outcome) if outcome is not None else None for outcome in outcomes]
 

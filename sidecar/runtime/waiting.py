@@ -35,6 +35,9 @@ class Waiting:
     at: float
     new_login: bool = False
     traced: Traced | None = None
+    # The last event a runtime link frame brought (its runtime id and highest seq): remembered with its decision,
+    # so a replica the runtime resends to knows the frame was taken (link/sequences.py).
+    origin: tuple[str, int] | None = None
 
 
 def waiting_to_json(item: Waiting) -> str:
@@ -47,6 +50,8 @@ def waiting_to_json(item: Waiting) -> str:
     if isinstance(event, ConnectionClosed):
         payload["statusCode"] = event.status_code
     payload["counted"] = str(item.counted) if item.counted is not None else None
+    if item.origin is not None:
+        payload["origin"] = list(item.origin)
     return json.dumps(payload)
 
 
@@ -66,7 +71,8 @@ def waiting_from_json(text: str) -> Waiting:
     else:
         raise ValueError(f"unknown waiting event {kind!r}")
     counted = CounterKind(data["counted"]) if data.get("counted") else None
-    return Waiting(PhoneRef(**data["phone"]), event, counted, at, bool(data.get("newLogin")))
+    origin = (str(data["origin"][0]), int(data["origin"][1])) if data.get("origin") else None
+    return Waiting(PhoneRef(**data["phone"]), event, counted, at, bool(data.get("newLogin")), origin=origin)
 
 
 class EventJournal(Protocol):

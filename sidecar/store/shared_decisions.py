@@ -88,6 +88,7 @@ class _Batch:
         self.high: int = journal["position"] if journal is not None else 0
         self._undecided = frozenset(journal["undecided"] or ()) if journal is not None else frozenset()
         self.positions: frozenset[int] = frozenset()
+        self.sequences: dict[str, int] = {}
         self._users: dict[int, str] = {}
         self._saved: dict[int, SessionState] = {}
         self._claims: dict[int, int] = {}
@@ -100,6 +101,9 @@ class _Batch:
 
     def decided(self, positions: frozenset[int]) -> None:
         self.positions = positions
+
+    def taken(self, sequences: dict[str, int]) -> None:
+        self.sequences = sequences
 
     def stored(self, organization_phone_id: int) -> StoredDecision:
         return self._stored[organization_phone_id]
@@ -262,6 +266,11 @@ class PostgresFleet:
             "ON CONFLICT (second) DO UPDATE SET closes = b.closes + 1"
         )
         self.sql_journal = f"SELECT position, undecided FROM {s}.journal_positions WHERE instance_id = $1"
+        # Runtime link frames decided here: a replica the runtime resends them to skips them (link/sequences.py).
+        self.sql_taken = (
+            f"INSERT INTO {s}.link_sequences AS l (runtime_id, acked) SELECT * FROM unnest($1::text[], $2::bigint[]) "
+            "ON CONFLICT (runtime_id) DO UPDATE SET acked = GREATEST(l.acked, EXCLUDED.acked), updated_at = now()"
+        )
         self.sql_set_journal = (
             f"INSERT INTO {s}.journal_positions AS j (instance_id, position, undecided) VALUES ($1, $2, $3) "
             "ON CONFLICT (instance_id) DO UPDATE SET position = GREATEST(j.position, EXCLUDED.position), "
@@ -335,6 +344,9 @@ class PostgresFleet:
                 high = max(batch.high, *batch.positions)
                 undecided = journal.undecided_below(high, batch.positions)
                 await conn.execute(self.sql_set_journal, journal.instance_id, high, undecided)
+            if batch.sequences:
+                keys = sorted(batch.sequences)
+                await conn.execute(self.sql_taken, keys, [batch.sequences[key] for key in keys])
 
     async def admit(self, conn: Connection) -> tuple[bool, bool] | None:
         """The breaker's admission under its fleet-wide lock, without waiting for it: None when another session
