@@ -196,6 +196,9 @@ class SessionStore(Outbox, Protocol):
 
     async def recent_closures(self, organization_phone_id: int, limit: int) -> list[ClosureRecord]: ...
 
+    async def list_closures(self, query: ClosureQuery) -> list[ClosureRecord]:
+        """Closures matching the query, newest first (started_at, then closure_id), at most `query.limit`."""
+
     async def ping(self) -> None: ...
 
     async def close(self) -> None: ...
@@ -239,6 +242,30 @@ class ClaimedClose:
     close: Close
     trigger: CloseTrigger
     generation: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClosureQuery:
+    """`GET /v1/closures`: every filter optional; `before` is the (started_at, closure_id) a page ended at."""
+
+    limit: int = 100
+    organization_id: int | None = None
+    organization_phone_id: int | None = None
+    reason: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    before: tuple[datetime, str] | None = None
+
+    def matches(self, record: ClosureRecord) -> bool:
+        phone = record.phone
+        return (
+            (self.organization_id is None or phone.organization_id == self.organization_id)
+            and (self.organization_phone_id is None or phone.organization_phone_id == self.organization_phone_id)
+            and (self.reason is None or str(record.reason) == self.reason)
+            and (self.since is None or record.started_at >= self.since)
+            and (self.until is None or record.started_at < self.until)
+            and (self.before is None or (record.started_at, record.closure_id) < self.before)
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sidecar.ports import OutboxRow, StoredSession
+from sidecar.ports import ClosureQuery, OutboxRow, StoredSession
 from sidecar.rules.jid import InvalidJid, parse_jid
 from sidecar.rules.policy import ZERO, Counters
 from sidecar.rules.records import (
@@ -88,6 +88,12 @@ class MemoryStore:
     async def recent_closures(self, organization_phone_id: int, limit: int) -> list[ClosureRecord]:
         mine = [r for r in self.closures if r.phone.organization_phone_id == organization_phone_id]
         return mine[-limit:][::-1]
+
+    async def list_closures(self, query: ClosureQuery) -> list[ClosureRecord]:
+        found = sorted(
+            (r for r in self.closures if query.matches(r)), key=lambda r: (r.started_at, r.closure_id), reverse=True
+        )
+        return found[: query.limit]
 
     async def ping(self) -> None:
         return None

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     pass
 
 from sidecar.config import SchemaMapping
-from sidecar.ports import OutboxRow, StepFailed, StoredSession, StoreSlow
+from sidecar.ports import ClosureQuery, OutboxRow, StepFailed, StoredSession, StoreSlow
 from sidecar.rules.policy import CloseReason, Counters
 from sidecar.rules.records import (
     CloseTrigger,
@@ -287,6 +287,15 @@ class PostgresStore:
     async def recent_closures(self, organization_phone_id: int, limit: int) -> list[ClosureRecord]:
         async with self.connection() as conn:
             rows = await conn.fetch(self._sql.recent_closures, organization_phone_id, limit)
+        return [_closure_from_row(row) for row in rows]
+
+    async def list_closures(self, query: ClosureQuery) -> list[ClosureRecord]:
+        before_at, before_id = query.before if query.before is not None else (None, None)
+        async with self.connection() as conn:
+            rows = await conn.fetch(
+                self._sql.list_closures, query.organization_id, query.organization_phone_id, query.reason,
+                query.since, query.until, before_at, before_id, query.limit,
+            )  # fmt: skip
         return [_closure_from_row(row) for row in rows]
 
     async def claim_due(self, limit: int, lease_seconds: float) -> list[OutboxRow]:

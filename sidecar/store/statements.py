@@ -125,6 +125,14 @@ class Statements:
             "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::jsonb, $12, "
             "EXTRACT(EPOCH FROM clock_timestamp() - $12)) ON CONFLICT (closure_id) DO NOTHING"
         )
+        # GET /v1/closures: every filter optional (NULL), newest first, a page after the (started_at, id) given.
+        self.list_closures = (
+            f"SELECT * FROM {s}.closures WHERE ($1::bigint IS NULL OR organization_id = $1) "
+            "AND ($2::bigint IS NULL OR organization_phone_id = $2) AND ($3::text IS NULL OR reason = $3) "
+            "AND ($4::timestamptz IS NULL OR started_at >= $4) AND ($5::timestamptz IS NULL OR started_at < $5) "
+            "AND ($6::timestamptz IS NULL OR (started_at, closure_id) < ($6, $7::text)) "
+            "ORDER BY started_at DESC, closure_id DESC LIMIT $8"
+        )
         self.recent_closures = (
             f"SELECT * FROM {s}.closures WHERE organization_phone_id = $1 ORDER BY started_at DESC LIMIT $2"
         )
