@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Callable
 from datetime import datetime
+from typing import TypeVar
 
 from aiohttp import web
 
@@ -17,26 +19,22 @@ from sidecar.rules.policy import CloseReason
 from sidecar.runtime import InvalidInput
 
 MAX_LIMIT = 1000
+T = TypeVar("T")
 
 
-def _id(request: web.Request, name: str) -> int | None:
+def _optional(request: web.Request, name: str, parse: Callable[[str], T | None], problem: str) -> T | None:
+    """A query parameter that may be absent; present, it must parse (else a 400 naming it)."""
     raw = request.query.get(name)
     if raw is None:
         return None
-    value = ascii_id(raw)
+    value = parse(raw)
     if value is None:
-        raise InvalidInput(name, f"must be a positive integer up to {MAX_ID} (ASCII digits)")
+        raise InvalidInput(name, problem)
     return value
 
 
-def _time(request: web.Request, name: str) -> datetime | None:
-    raw = request.query.get(name)
-    if raw is None:
-        return None
-    value = parse_timestamp(raw)
-    if value is None:
-        raise InvalidInput(name, "must be an RFC 3339 timestamp with a time zone (2026-12-01T10:00:00Z)")
-    return value
+ID_PROBLEM = f"must be a positive integer up to {MAX_ID} (ASCII digits)"
+TIME_PROBLEM = "must be an RFC 3339 timestamp with a time zone (2026-12-01T10:00:00Z)"
 
 
 def encode_cursor(started_at: datetime, closure_id: str) -> str:
@@ -67,11 +65,11 @@ async def list_closures(request: web.Request) -> web.Response:
         raise InvalidInput("limit", f"must be an integer from 1 to {MAX_LIMIT} (ASCII digits)")
     query = ClosureQuery(
         limit=limit,
-        organization_id=_id(request, "organizationId"),
-        organization_phone_id=_id(request, "organizationPhoneId"),
+        organization_id=_optional(request, "organizationId", ascii_id, ID_PROBLEM),
+        organization_phone_id=_optional(request, "organizationPhoneId", ascii_id, ID_PROBLEM),
         reason=reason,
-        since=_time(request, "since"),
-        until=_time(request, "until"),
+        since=_optional(request, "since", parse_timestamp, TIME_PROBLEM),
+        until=_optional(request, "until", parse_timestamp, TIME_PROBLEM),
         before=_cursor(request),
     )
     records = await components_of(request).store.list_closures(query)
