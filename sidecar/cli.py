@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import difflib
 import json
 import logging
 import os
@@ -13,7 +14,7 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import asyncpg
 from aiohttp import web
@@ -21,7 +22,16 @@ from aiohttp import web
 from sidecar import __version__
 from sidecar.app import Extras, StartupError, create_app
 from sidecar.components import COMPONENTS, Components
-from sidecar.config import Config, ConfigError, add_config_arguments, config_from_args
+from sidecar.config import (
+    ENV_PREFIX,
+    ENVIRONMENT_ONLY,
+    MIGRATE_FLAGS,
+    Config,
+    ConfigError,
+    add_config_arguments,
+    config_from_args,
+    env_name,
+)
 from sidecar.ingest.baileys_log import BaileysLogReader
 from sidecar.ingest.command import SessionMapError, announce, lines_of, load_session_map, pump, summary_line
 from sidecar.notify.owners import OwnersError, load_owners
@@ -39,10 +49,47 @@ EXIT_UNAVAILABLE = 3
 Work = Callable[[Components, str], Coroutine[Any, Any, None]]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="wa-sidecar", description="WhatsApp session health sidecar")
+class _HelpWithEnvironment(argparse.HelpFormatter):
+    """Each setting's help names the environment variable it is also read from."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        env: str | None = getattr(action, "env", None)
+        return f"{text} [env {env}]" if env and env not in text else text
+
+
+class _Parser(argparse.ArgumentParser):
+    """No abbreviations (`--max-bad-mac 0` is not `--max-bad-mac-errors 0`); an unknown flag is answered with the
+    command's own usage and the nearest flag it has."""
+
+    commands: dict[str, _Parser]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", _HelpWithEnvironment)
+        super().__init__(*args, **kwargs)
+
+    def unknown(self, extras: Sequence[str]) -> NoReturn:
+        flags = [flag for action in self._actions for flag in action.option_strings]
+        hints = []
+        for word in extras:
+            if word.startswith("-"):
+                flag = word.split("=", 1)[0]
+                close = difflib.get_close_matches(flag, flags, n=1, cutoff=0.6)
+                hints.append(f"{flag}: did you mean {close[0]}?" if close else f"{flag}: no such flag")
+        self.error(f"unrecognized arguments: {' '.join(extras)}" + "".join(f"\n  {hint}" for hint in hints))
+
+
+ENVIRONMENT_EPILOG = "environment only (never flags, so secrets stay out of process listings):\n" + "\n".join(
+    f"  {ENV_PREFIX}{name}: {text}" for name, text in ENVIRONMENT_ONLY.items()
+)
+
+
+def build_parser() -> _Parser:
+    parser = _Parser(prog="wa-sidecar", description="WhatsApp session health sidecar")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    parser.commands = {}
     for name, text in (
         ("serve", "run the sidecar: session runtime, HTTP API, health endpoints"),
         ("migrate", "create or upgrade the sidecar's own tables in PostgreSQL"),
@@ -50,8 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
         ("ingest-logs", "feed the runtime from a Baileys backend's log (pino JSON + libsignal output)"),
         ("demo", "the sidecar and a simulated fleet with real cryptography, in one process, with a live view"),
     ):
-        command = commands.add_parser(name, help=text, description=text)
-        add_config_arguments(command)
+        command = commands.add_parser(
+            name, help=text, description=text, epilog=ENVIRONMENT_EPILOG, formatter_class=_RawEpilog
+        )
+        assert isinstance(command, _Parser)
+        parser.commands[name] = command
+        add_config_arguments(command, MIGRATE_FLAGS if name == "migrate" else None)
+        for action in command._actions:
+            if action.option_strings and action.dest != "help":
+                action.env = env_name(action.option_strings[0])  # type: ignore[attr-defined]
         if name == "ingest-logs":
             command.add_argument("source", nargs="?", default="-", help="log file, or - for stdin (default)")
             command.add_argument("--follow", action="store_true", help="keep reading as the file grows or rotates")
@@ -67,8 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _RawEpilog(_HelpWithEnvironment, argparse.RawDescriptionHelpFormatter):
+    """The environment list keeps its lines."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        parser.commands[args.command].unknown(extras)  # exits 2 with the command's usage
     try:
         config = config_from_args(args)
     except ConfigError as error:

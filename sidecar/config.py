@@ -12,6 +12,7 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
 from sidecar.config_values import (
     ConfigError,
@@ -35,6 +36,14 @@ ENVIRONMENT_ONLY = {
     "without it unless --insecure",
     "RUNTIME_TOKEN": "bearer token runtimes present on /v1/runtime and POST /v1/events",
 }
+ENV_NAMES = {"--schema-override": "SCHEMA_OVERRIDES"}  # read as k=v,k=v
+
+
+def env_name(flag: str) -> str:
+    """The environment variable a flag of add_config_arguments is also read from."""
+    return ENV_PREFIX + ENV_NAMES.get(flag, flag[2:].replace("-", "_").upper())
+
+
 DEFAULT_TEAM = "unassigned"
 POOLERS = ("none", "session", "transaction")  # behind either pooler, timeouts are set per transaction
 
@@ -145,9 +154,45 @@ class Config:
             )
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags shared by every command; each also reads WA_SIDECAR_<NAME> (flag wins)."""
-    add = parser.add_argument
+LISTENING, DATABASE, RULES, FLEET, LIVENESS, OWNERS = (
+    "listening and access",
+    "database",
+    "session rules",
+    "fleet and safety",
+    "liveness (deaf sessions)",
+    "owners, webhooks and the closure log",
+)
+GROUP_OF = {
+    **dict.fromkeys(("--listen", "--insecure", "--request-header-timeout", "--request-body-timeout", "--instance",
+                     "--log-level"), LISTENING),
+    **dict.fromkeys(("--database-url", "--database-pooler", "--database-command-timeout", "--database-step-timeout",
+                     "--pending-steps-limit", "--state-dir", "--schema-override", "--retention", "--state-ttl"),
+                    DATABASE),
+    **dict.fromkeys(("--max-bad-mac-errors", "--max-bad-decrypt-errors", "--delete-prekeys-on-heal",
+                     "--critical-status-codes", "--socket-end-timeout", "--health-policy", "--health-window"), RULES),
+    **dict.fromkeys(("--coordination", "--close-lease-seconds", "--mode", "--observe-organizations",
+                     "--breaker-max-closes", "--breaker-max-share", "--breaker-window", "--logout-stick-seconds"),
+                    FLEET),
+    **dict.fromkeys(("--deaf-action", "--deaf-floor", "--deaf-gap-factor", "--deaf-confirm", "--deaf-min-history",
+                     "--deaf-min-reports", "--liveness-tick"), LIVENESS),
+    **dict.fromkeys(("--organization-teams", "--owners-file", "--webhook-max-attempts", "--webhook-timeout",
+                     "--webhook-backoff-initial", "--closure-log"), OWNERS),
+}  # fmt: skip
+# `migrate` needs only where the database is and how its schema is named.
+MIGRATE_FLAGS = frozenset({"--database-url", "--database-pooler", "--schema-override", "--log-level"})
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, only: frozenset[str] | None = None) -> None:
+    """The settings, in groups; each also reads WA_SIDECAR_<NAME> (flag wins). `only`: the flags a command
+    takes (every setting by default)."""
+    groups = {
+        title: parser.add_argument_group(title) for title in (LISTENING, DATABASE, RULES, FLEET, LIVENESS, OWNERS)
+    }
+
+    def add(flag: str, **kwargs: Any) -> None:
+        if only is None or flag in only:
+            groups[GROUP_OF[flag]].add_argument(flag, **kwargs)
+
     add("--listen", help="host:port to serve on (WA_SIDECAR_LISTEN, default 127.0.0.1:9464)")
     add(
         "--database-url",
@@ -368,10 +413,12 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = N
 
 __all__ = [
     "ENVIRONMENT_ONLY",
+    "ENV_NAMES",
     "ENV_PREFIX",
     "Config",
     "ConfigError",
     "SchemaMapping",
     "add_config_arguments",
     "config_from_args",
+    "env_name",
 ]

@@ -176,3 +176,42 @@ async def test_a_newer_schema_is_served_while_its_changes_are_additive_and_refus
 async def _not_usable(replica: Replica) -> bool:
     status, body = await replica.request("GET", "/readyz")
     return status == 503 and "needs a release that knows at least" in body["reason"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "suggestion"),
+    [
+        (["serve", "--databse-url", "x"], "--databse-url: did you mean --database-url?"),
+        (["serve", "--max-bad-mac", "0"], "--max-bad-mac: did you mean --max-bad-mac-errors?"),  # no abbreviations
+        (["migrate", "--database-pooler=transaktion", "--zzz"], "--zzz: no such flag"),
+        (["check-config", "--max-bad-decrypt=1"], "--max-bad-decrypt: did you mean --max-bad-decrypt-errors?"),
+    ],
+)
+def test_an_unknown_flag_gets_the_commands_usage_and_the_nearest_flag(argv: list[str], suggestion: str) -> None:
+    result = wa_sidecar(*argv)
+    assert result.returncode == 2, result
+    assert f"usage: wa-sidecar {argv[0]}" in result.stderr and suggestion in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_help_names_each_settings_environment_variable_and_the_tokens() -> None:
+    result = wa_sidecar("serve", "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())  # argparse wraps lines
+    settings = ("WA_SIDECAR_DATABASE_URL", "[env WA_SIDECAR_MAX_BAD_MAC_ERRORS]", "[env WA_SIDECAR_SCHEMA_OVERRIDES]")
+    for expected in (*settings, "WA_SIDECAR_API_TOKEN:", "WA_SIDECAR_RUNTIME_TOKEN:"):
+        assert expected in text, expected
+    own = " ".join(wa_sidecar("ingest-logs", "--help").stdout.split())
+    assert "--follow" in own and "[env WA_SIDECAR_FOLLOW]" not in own  # its own flags are no settings
+
+
+def test_each_command_shows_its_own_flags_in_groups() -> None:
+    migrate = wa_sidecar("migrate", "--help").stdout
+    assert "--database-url" in migrate and "--database-pooler" in migrate and "--deaf-floor" not in migrate
+    assert len(migrate.splitlines()) < 40, len(migrate.splitlines())  # it was 157
+    serve = wa_sidecar("serve", "--help").stdout
+    for title in ("listening and access:", "database:", "session rules:", "fleet and safety:",
+                  "liveness (deaf sessions):", "owners, webhooks and the closure log:"):  # fmt: skip
+        assert f"\n{title}\n" in serve, title
+    refused = wa_sidecar("migrate", "--deaf-floor", "1m")
+    assert refused.returncode == 2 and "usage: wa-sidecar migrate" in refused.stderr, refused.stderr

@@ -261,3 +261,21 @@ def test_an_upgrade_migrates_first_then_rolls_as_the_upgrades_page_says() -> Non
     page = (ROOT / "docs" / "operations" / "upgrades.md").read_text()
     for said in ("`pre-upgrade` hook Job (weight 0", "Secret at weight -5", "(`RollingUpdate`)"):
         assert said in page, said
+
+
+def test_the_migrate_jobs_pod_is_in_no_selector_of_the_serving_pods() -> None:
+    values = {"podDisruptionBudget": {"enabled": True}, "networkPolicy": {"enabled": True}}
+    documents = render({"database": {"url": "postgresql://db/wa"}, **values})
+    [job] = of_kind(documents, "Job")
+    labels = job["spec"]["template"]["metadata"]["labels"]
+    selectors = [service["spec"]["selector"] for service in of_kind(documents, "Service")]
+    selectors += [d["spec"]["selector"]["matchLabels"] for d in of_kind(documents, "Deployment")]
+    selectors += [d["spec"]["selector"]["matchLabels"] for d in of_kind(documents, "PodDisruptionBudget")]
+    selectors += [d["spec"]["podSelector"]["matchLabels"] for d in of_kind(documents, "NetworkPolicy")]
+    assert len(selectors) == 4  # the Service, the Deployment, the PodDisruptionBudget, the NetworkPolicy
+    for selector in selectors:
+        assert not all(labels.get(key) == value for key, value in selector.items()), (selector, labels)
+    [deployment] = of_kind(documents, "Deployment")
+    pod = deployment["spec"]["template"]["metadata"]["labels"]
+    for selector in selectors:  # and the serving pods still are
+        assert all(pod.get(key) == value for key, value in selector.items()), selector
