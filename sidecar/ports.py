@@ -85,6 +85,9 @@ class OwedEnds(Protocol):
     async def owed_dropped(self, end: OwedEnd) -> None:
         """Moot (the phone was paired anew): forgotten."""
 
+    def forget_owed(self, organization_phone_ids: list[int]) -> None:
+        """The phones' state expired here (--state-ttl): what is owed to them in memory goes too."""
+
 
 class LivenessSockets(Protocol):
     """Asks the runtime about a session's socket for the liveness watch (runtime link v1, additive)."""

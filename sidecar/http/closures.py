@@ -14,7 +14,7 @@ from aiohttp import web
 from sidecar.events.reader import parse_timestamp
 from sidecar.http.requests import components_of
 from sidecar.ports import ClosureQuery
-from sidecar.rules.inputs import MAX_ID, ascii_id
+from sidecar.rules.inputs import MAX_ID, ascii_id, text_problem
 from sidecar.rules.policy import CloseReason
 from sidecar.runtime import InvalidInput
 
@@ -27,6 +27,8 @@ def _optional(request: web.Request, name: str, parse: Callable[[str], T | None],
     raw = request.query.get(name)
     if raw is None:
         return None
+    if (unstorable := text_problem(raw)) is not None:
+        raise InvalidInput(name, unstorable)
     value = parse(raw)
     if value is None:
         raise InvalidInput(name, problem)

@@ -97,8 +97,7 @@ class LinkConnections:
             away.difference_update(phones)
             if not away:
                 del self._away[runtime_id]
-        if isinstance(self._owed, MemoryOwedEnds):
-            self._owed.forget(list(phones))
+        self._owed.forget_owed(list(phones))
         self.owed_cache.difference_update(phones)
         for phone in phones:
             connection = self._owners.pop(phone, None)

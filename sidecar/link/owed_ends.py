@@ -39,6 +39,6 @@ class MemoryOwedEnds:
     async def owed_dropped(self, end: OwedEnd) -> None:
         self._taken.pop(end.command_id, None)
 
-    def forget(self, organization_phone_ids: list[int]) -> None:
+    def forget_owed(self, organization_phone_ids: list[int]) -> None:
         for phone in organization_phone_ids:
             self._owed.pop(phone, None)

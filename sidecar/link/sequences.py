@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from sidecar.events.schema import InboundMessage, RuntimeInfo
+from sidecar.ports import StoreUnavailable
 
 log = logging.getLogger("sidecar.link")
 
@@ -55,7 +56,7 @@ class LinkSequences:
         if self._shared is not None and not key.startswith(CONNECTION_KEY):
             try:
                 shared = await self._shared.acknowledged(key)
-            except Exception as error:  # the database away: this replica's own memory is all there is
+            except StoreUnavailable as error:  # the database away: this replica's own memory is all there is
                 log.warning("cannot read the runtime's acknowledged events (%s); resent ones may count twice", error)
             else:
                 progress.taken = max(progress.taken, shared)
@@ -72,7 +73,7 @@ class LinkSequences:
         if self._shared is not None and not key.startswith(CONNECTION_KEY):
             try:
                 await self._shared.acknowledge(key, up_to)
-            except Exception as error:
+            except StoreUnavailable as error:
                 log.warning("cannot store the runtime's acknowledged events (%s)", error)
 
 

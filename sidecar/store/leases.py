@@ -130,6 +130,9 @@ class PostgresLeases:
         async with self._store.connection() as conn:
             await conn.execute(self._owed_delivered if delivered else self._owed_back, end.command_id)
 
+    def forget_owed(self, organization_phone_ids: list[int]) -> None:
+        """Rows stay: another replica may still meet the phone; they expire after OWED_KEPT_SECONDS."""
+
     async def owed_dropped(self, end: OwedEnd) -> None:
         async with self._store.connection() as conn:
             await conn.execute(self._owed_moot, end.command_id)

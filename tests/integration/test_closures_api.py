@@ -91,6 +91,7 @@ async def test_closures_are_listed_filtered_and_paged_as_the_table_holds_them(
         ({"reason": "tired"}, "reason"),
         ({"since": "yesterday"}, "since"),
         ({"until": "2026-12-01T10:00:00"}, "until"),  # no time zone
+        ({"since": "2026-12-01T10:00:00\x00Z"}, "since"),  # a NUL the date parser would skip
         ({"cursor": "not-a-cursor"}, "cursor"),
     ],
 )
