@@ -21,15 +21,16 @@ from sidecar.coordination import coordination_for
 from sidecar.events.intake import STEPS_PER_EVENT, Admission, Intake
 from sidecar.http.idempotency import MemoryIdempotencyKeys
 from sidecar.http.requests import BODY_TIMEOUT
+from sidecar.keystores.spec import KeyPlace, open_key_store
 from sidecar.link.connections import LinkConnections
 from sidecar.link.sequences import LinkSequences
 from sidecar.link.server import LinkServer
 from sidecar.notify.delivery import Delivery, DeliveryPolicy
 from sidecar.notify.owners import OwnersError, OwnersWatcher
-from sidecar.ports import SessionStore, StoreUnavailable
+from sidecar.ports import KeyStore, SessionStore, StoreUnavailable
 from sidecar.rules.records import Step, step_kind
 from sidecar.rules.safety import Breaker
-from sidecar.runtime import Safety, Watch, assemble
+from sidecar.runtime import KeyRemoval, Safety, Watch, assemble
 from sidecar.runtime.observer import RuntimeObserver
 from sidecar.store.idempotency_keys import PostgresIdempotencyKeys
 from sidecar.store.journal import Journal, JournalError
@@ -136,6 +137,9 @@ def _components(config: Config, extras: Extras) -> Callable[[web.Application], A
             metrics.owed_ends_delivered.inc,
         )
         sockets = coordination.sockets(link)
+        key_store = open_key_store(config.key_store, config.database_step_timeout)
+        if key_store is not None:
+            await _announce_key_store(key_store)
         runtime = assemble(
             config.policy,
             store,
@@ -159,6 +163,7 @@ def _components(config: Config, extras: Extras) -> Callable[[web.Application], A
                 delivery.wake if delivery is not None else None,  # flips are written with the decisions
             ),
             state_ttl=config.state_ttl,
+            keys=KeyRemoval(key_store, by_runtime=config.key_store.place is KeyPlace.RUNTIME),
             watch=Watch(config.liveness, config.deaf_action, sockets),
             on_failure=lambda what, name: (
                 (metrics.observer_failures if what == "observer" else metrics.task_failures).labels(name).inc()
@@ -239,11 +244,24 @@ def _components(config: Config, extras: Extras) -> Callable[[web.Application], A
             if delivery is not None:
                 await delivery.stop()
             await store.close()
+            if key_store is not None:
+                await key_store.close()
             if closure_log is not None:
                 await asyncio.to_thread(closure_log.close)
             tracing.shutdown()
 
     return lifecycle
+
+
+async def _announce_key_store(key_store: KeyStore) -> None:
+    """Say where the keys are; a store away at start is not fatal (deletions wait for it), but it is said."""
+    try:
+        await asyncio.wait_for(key_store.ping(), 2.0)
+    except (StoreUnavailable, TimeoutError) as error:
+        log.warning("key store %s unreachable at start (%s): heals and closes wait for it", key_store.description,
+                    error or "no answer within 2 s")  # fmt: skip
+        return
+    log.info("auth keys in %s", key_store.description)
 
 
 OWNERS_POLL_SECONDS = 2.0

@@ -34,7 +34,10 @@ from sidecar.config import (
 )
 from sidecar.ingest.baileys_log import BaileysLogReader
 from sidecar.ingest.command import SessionMapError, announce, lines_of, load_session_map, pump, summary_line
+from sidecar.keystores.check import check_key_store, sample_phone
+from sidecar.keystores.spec import KeyPlace
 from sidecar.notify.owners import OwnersError, load_owners
+from sidecar.ports import StoreUnavailable
 from sidecar.sim.demo import DemoTally, add_demo_arguments, demo_config, fleet_config, run_demo
 from sidecar.store.migrations import MIGRATIONS, migrate
 from sidecar.store.postgres import connect_options
@@ -299,8 +302,10 @@ async def _check_config(config: Config) -> int:
         if connection is None:
             return EXIT_UNAVAILABLE
         try:
-            problems = await check_schema(connection, config.schema)
+            in_table = config.key_store.place is KeyPlace.DATABASE
+            problems = await check_schema(connection, config.schema, auth_table=in_table)
             level = await migrated_level(connection, config.schema.sidecar_schema)
+            sample = await sample_phone(connection, config.schema) if not problems else None
         finally:
             await connection.close()
         if (problem := version_problem(level, len(MIGRATIONS), config.schema.sidecar_schema)) is not None:
@@ -312,6 +317,13 @@ async def _check_config(config: Config) -> int:
                 print(f"wa-sidecar: configuration error: {problem}", file=sys.stderr)
             return EXIT_CONFIG
         summary["schema"] = "ok"
+    else:
+        sample = None
+    try:
+        summary["keyStore"] = await check_key_store(config.key_store, sample, config.database_step_timeout)
+    except StoreUnavailable as error:
+        print(f"wa-sidecar: key store unavailable: {error}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
     print(json.dumps(summary))
     if summary["exposure"] != "ok":  # `serve` would refuse these settings: so does the check
         print(f"wa-sidecar: configuration error: exposure {summary['exposure']}", file=sys.stderr)

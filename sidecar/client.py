@@ -38,7 +38,8 @@ log = logging.getLogger("sidecar.client")
 P = ParamSpec("P")
 
 Command = dict[str, Any]
-CommandHandler = Callable[[Command], Awaitable[None] | None]
+# A session.end or auth.clear handler may return how many keys it deleted (--key-store runtime): the ack says so.
+CommandHandler = Callable[[Command], Awaitable[int | None] | int | None]
 ProbeHandler = Callable[[Command], Awaitable[float] | float]
 ErrorHandler = Callable[[dict[str, Any]], None]
 
@@ -361,5 +362,7 @@ class RuntimeClient:
         ack: dict[str, Any] = {"type": "command.ack", "commandId": command.get("commandId"), "ok": ok, "error": error}
         if ok and command.get("type") == "session.probe" and isinstance(result, int | float):
             ack["roundTripMs"] = float(result)
+        elif ok and kind in ("session.end", "auth.clear") and isinstance(result, int) and not isinstance(result, bool):
+            ack["keysDeleted"] = result  # --key-store runtime: the handler deleted this many keys itself
         with contextlib.suppress(ConnectionClosed):
             await ws.send(json.dumps(ack))

@@ -24,6 +24,7 @@ from sidecar.config_values import (
     positive_int,
     status_codes,
 )
+from sidecar.keystores.spec import KeyPlace, KeyStoreSpec, parse_key_store
 from sidecar.rules.liveness import DeafAction, LivenessConfig
 from sidecar.rules.policy import DEFAULT_CRITICAL_STATUS_CODES, HealthPolicy, Limits, PolicyConfig
 from sidecar.rules.safety import BreakerConfig, Mode
@@ -87,6 +88,8 @@ class Config:
     database_url: str | None = None
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     schema: SchemaMapping = field(default_factory=SchemaMapping)
+    # Where the phones' auth keys are (keystores/spec.py): the session store's table by default.
+    key_store: KeyStoreSpec = field(default_factory=KeyStoreSpec)
     socket_end_timeout: float = 5.0
     # How long a close waits for its database steps before it answers with them still pending.
     database_step_timeout: float = 5.0
@@ -166,7 +169,8 @@ GROUP_OF = {
     **dict.fromkeys(("--listen", "--insecure", "--request-header-timeout", "--request-body-timeout", "--instance",
                      "--log-level"), LISTENING),
     **dict.fromkeys(("--database-url", "--database-pooler", "--database-command-timeout", "--database-step-timeout",
-                     "--pending-steps-limit", "--state-dir", "--schema-override", "--retention", "--state-ttl"),
+                     "--pending-steps-limit", "--state-dir", "--schema-override", "--key-store", "--retention",
+                     "--state-ttl"),
                     DATABASE),
     **dict.fromkeys(("--max-bad-mac-errors", "--max-bad-decrypt-errors", "--delete-prekeys-on-heal",
                      "--critical-status-codes", "--socket-end-timeout", "--health-policy", "--health-window"), RULES),
@@ -211,6 +215,13 @@ def add_config_arguments(parser: argparse.ArgumentParser, only: frozenset[str] |
     add("--closure-log", help="append every closure as one JSON line to this file (WA_SIDECAR_CLOSURE_LOG)")
     add("--state-dir", help="directory for the journal of pending database steps (WA_SIDECAR_STATE_DIR)")
     add("--schema-override", action="append", help="KEY=VALUE of the table mapping, repeatable; env: k=v,k=v")
+    add(
+        "--key-store",
+        help="where the auth keys are: postgresql (the default with a database: the --schema-override table), "
+        "redis://HOST:PORT/DB?key=TEMPLATE (a hash per phone), file:///DIR/{organizationPhoneId} (a "
+        "useMultiFileAuthState folder per phone) or runtime (the runtime deletes them); placeholders "
+        "{organizationId}, {organizationPhoneId}, {phone}",
+    )
     add("--instance", help="name of this sidecar instance (default: host name)")
     add("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     add("--organization-teams", help="organizationId=team pairs, comma-separated, for the `team` metric label")
@@ -297,6 +308,12 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = N
         if not raw.startswith(("postgres://", "postgresql://")):
             raise ConfigError("database-url", "must start with postgresql:// or postgres://")
         changes["database_url"] = raw
+    if (raw := setting("key_store")) is not None and raw.strip():
+        spec = parse_key_store(raw)
+        if spec.place is KeyPlace.DATABASE and "database_url" not in changes:
+            raise ConfigError("key-store", "postgresql needs --database-url (without one the keys are the embedded "
+                              "store's; name redis://…, file:///… or runtime)")  # fmt: skip
+        changes["key_store"] = spec
     limits = Limits()
     if (raw := setting("max_bad_mac_errors")) is not None:
         limits = replace(limits, max_bad_mac_errors=positive_int("max-bad-mac-errors", raw))

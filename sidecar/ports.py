@@ -51,14 +51,15 @@ def command_failure(error: str | None) -> SocketCommandFailed:
 class SocketController(Protocol):
     """Asks the messenger runtime to act on a session's socket."""
 
-    async def end_session(self, organization_phone_id: int, reason: str, detail: str) -> None:
-        """End the socket with a logout and do not reconnect. Returns once the runtime acknowledged.
+    async def end_session(self, organization_phone_id: int, reason: str, detail: str) -> int | None:
+        """End the socket with a logout and do not reconnect. Returns once the runtime acknowledged, with the
+        ack's `keysDeleted` (None when it said none: its keys are not its own to delete).
 
         `reason` is the close reason code (bad_mac_limit, …), `detail` a sentence for people.
         """
 
-    async def clear_cached_keys(self, organization_phone_id: int, key_prefixes: Sequence[str]) -> None:
-        """Drop the runtime's in-memory copies of keys with these prefixes."""
+    async def clear_cached_keys(self, organization_phone_id: int, key_prefixes: Sequence[str]) -> int | None:
+        """Drop the runtime's in-memory copies of keys with these prefixes; returns the ack's `keysDeleted`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +166,35 @@ class StoreSlow(StoreUnavailable):
 
 class TransientConflict(StoreUnavailable):
     """PostgreSQL aborted the transaction to resolve a conflict (deadlock, serialization): retry it at once."""
+
+
+class KeyStoreFailed(Exception):
+    """The key store answered, and the deletion failed for a reason of its own (a wrong type, a permission):
+    not retried."""
+
+
+@dataclass(frozen=True, slots=True)
+class KeysRemoved:
+    deleted: int
+    failures: tuple[str, ...] = ()  # keys the store could not delete, each with why
+
+
+class KeyStore(Protocol):
+    """A phone's auth keys where the runtime keeps them outside the session store's database (keystores/)."""
+
+    description: str  # for logs and check-config; never a password
+
+    async def delete(self, phone: PhoneRef, prefixes: Sequence[str] | None, only_count: bool = False) -> KeysRemoved:
+        """Delete (`only_count`: count) the phone's keys starting with one of `prefixes`; every key, creds too,
+        with None. Raises StoreUnavailable when the store cannot be reached, KeyStoreFailed otherwise."""
+
+    def name_of(self, phone: PhoneRef) -> str:
+        """Where this phone's keys are (the hash key, the folder)."""
+
+    async def ping(self) -> None:
+        """Raises StoreUnavailable when the store cannot be reached."""
+
+    async def close(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -376,10 +406,11 @@ class SocketLeases(Protocol):
     async def send(self, owner: str, organization_phone_id: int, body: dict[str, Any]) -> str:
         """Queue a command for the owner and wake it; returns the command id."""
 
-    async def result(self, command_id: str) -> tuple[str, str | None]:
-        """(status, error): pending, delivering, ok, failed or unreachable."""
+    async def result(self, command_id: str) -> tuple[str, str | None, int | None]:
+        """(status, error, keys deleted): pending, delivering, ok, failed or unreachable."""
 
     async def take_commands(self) -> list[tuple[str, int, dict[str, Any]]]:
         """The commands addressed to this replica, marked as being delivered."""
 
-    async def finish(self, command_id: str, status: str, error: str | None) -> None: ...
+    async def finish(self, command_id: str, status: str, error: str | None, keys_deleted: int | None = None) -> None:
+        """`keys_deleted`: what the runtime's ack said it deleted (--key-store runtime)."""

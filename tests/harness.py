@@ -13,7 +13,7 @@ from sidecar.config import SchemaMapping
 from sidecar.link.local_sockets import LocalSocketController
 from sidecar.ports import SessionStore
 from sidecar.rules.policy import PolicyConfig
-from sidecar.runtime import SessionRuntime, assemble
+from sidecar.runtime import KeyRemoval, SessionRuntime, assemble
 from sidecar.runtime.observer import RuntimeObserver
 from sidecar.store.journal import Journal
 from sidecar.store.memory import MemoryStore
@@ -82,6 +82,7 @@ async def runtime_over(
     observers: Sequence[RuntimeObserver] = (),
     restore: bool = True,
     clock: Callable[[], datetime] = now,
+    keys: KeyRemoval | None = None,
 ) -> AsyncIterator[Harness]:
     store: SessionStore
     store = await PostgresStore.connect(dsn, SchemaMapping()) if dsn else MemoryStore(clock)
@@ -96,6 +97,7 @@ async def runtime_over(
         clock=clock,
         socket_end_timeout=socket_end_timeout,
         database_step_timeout=database_step_timeout,
+        keys=keys,
     )
     await pending.start()
     if restore:

@@ -102,10 +102,71 @@ async function probeRoundTrip(sock) {
   return Math.round((performance.now() - started) * 1000) / 1000
 }
 
+// --key-store runtime: the backend's own SignalKeyStore (Redis, MongoDB, SQL, files), wrapped so the adapter knows
+// which ids exist per type (those read back and those written), and can delete exactly those through the store's
+// own set(... null) when the sidecar heals (auth.clear) or logs out (session.end). Put it innermost, under any
+// cache: `makeCacheableSignalKeyStore(recordingKeyStore(state.keys), logger)`, and pass it as `authKeys`.
+function recordingKeyStore(keys) {
+  if (!keys || typeof keys.get !== 'function' || typeof keys.set !== 'function') throw new TypeError('recordingKeyStore needs a SignalKeyStore (get and set)')
+  const known = new Map() // type -> Set of ids present in the store
+  const note = (type, id, present) => {
+    let ids = known.get(type)
+    if (!ids) known.set(type, (ids = new Set()))
+    if (present) ids.add(id)
+    else ids.delete(id)
+  }
+  const store = {
+    async get(type, ids) {
+      const found = await keys.get(type, ids)
+      for (const id of ids) if (found?.[id] !== undefined && found?.[id] !== null) note(type, id, true)
+      return found
+    },
+    async set(data) {
+      await keys.set(data)
+      for (const type in data) for (const id in data[type] || {}) note(type, id, data[type][id] !== null && data[type][id] !== undefined)
+    },
+    // The ids of keys with one of these prefixes (`${type}-${id}`, as the sidecar names them); null: every key.
+    known(prefixes = null) {
+      const out = {}
+      for (const [type, ids] of known) {
+        for (const id of ids) if (!prefixes || prefixes.some((prefix) => `${type}-${id}`.startsWith(prefix))) (out[type] ??= []).push(id)
+      }
+      return out
+    },
+    // Delete them through the store itself; returns how many were present. `candidates` ({type: [ids]}): ids that
+    // may exist without having been read or written here (app-state versions, the current sync key): looked up.
+    async deleteKeys(prefixes = null, candidates = {}) {
+      const doomed = store.known(prefixes)
+      for (const type in candidates) {
+        const unknown = candidates[type].filter((id) => !(doomed[type] || []).includes(id))
+        if (!unknown.length) continue
+        const found = await keys.get(type, unknown)
+        for (const id of unknown) if (found?.[id] !== undefined && found?.[id] !== null) (doomed[type] ??= []).push(id)
+      }
+      const changes = {}
+      let count = 0
+      for (const type in doomed) {
+        changes[type] = {}
+        for (const id of doomed[type]) {
+          changes[type][id] = null
+          count++
+        }
+      }
+      if (count) await store.set(changes)
+      return count
+    },
+  }
+  for (const name of ['transaction', 'isInTransaction', 'clear']) if (typeof keys[name] === 'function') store[name] = keys[name].bind(keys)
+  return store
+}
+
 function attachSidecar(sock, options) {
   const {
     organizationId, organizationPhoneId, url, token,
     logger = console, keyCache, clearKeys,
+    // --key-store runtime: the recordingKeyStore under the socket's auth keys, and the backend's own way of
+    // removing the creds (and whatever else it keeps) at a logout; it may return how many items it removed.
+    authKeys = null, removeCreds = null,
     batchSize = 100, maxBuffered = 10_000, flushIntervalMs = 50,
     reconnectInitialMs = 500, reconnectMaxMs = 30_000,
     activityIntervalMs = 30_000,
@@ -270,20 +331,43 @@ function attachSidecar(sock, options) {
     return removed
   }
 
+  // The app-state ids Baileys knows without a listing (the collections' versions, the current sync key).
+  function appStateCandidates(prefixes) {
+    const matches = (type, id) => prefixes.some((prefix) => `${type}-${id}`.startsWith(prefix))
+    const candidates = { 'app-state-sync-version': APP_STATE_PATCH_NAMES.filter((name) => matches('app-state-sync-version', name)) }
+    const keyId = sock.authState?.creds?.myAppStateKeyId
+    if (keyId && matches('app-state-sync-key', keyId)) candidates['app-state-sync-key'] = [keyId]
+    return candidates
+  }
+
+  // --key-store runtime: everything of this phone deleted through the backend's store, then its creds.
+  async function deleteEverything() {
+    let deleted = authKeys ? await authKeys.deleteKeys(null, appStateCandidates([''])) : 0
+    if (typeof removeCreds === 'function') {
+      const removed = await removeCreds()
+      deleted += removed === true ? 1 : Number(removed) || 0
+    }
+    return deleted
+  }
+
   async function obey(command) {
     stats.commands++
     let ok = true
     let error = null
     let roundTripMs = null
+    let keysDeleted = null
     try {
       if (command.organizationPhoneId !== organizationPhoneId) throw new Error(`not this socket's session (${command.organizationPhoneId})`)
       if (command.type === 'auth.clear') {
+        // With authKeys the keys are the runtime's to delete (--key-store runtime): through the store first.
+        if (authKeys) keysDeleted = await authKeys.deleteKeys(command.keyPrefixes || [], appStateCandidates(command.keyPrefixes || []))
         const removed = await clearCachedKeys(command.keyPrefixes || [])
-        log.info?.({ keyPrefixes: command.keyPrefixes, removed }, 'sidecar: cached keys dropped')
+        log.info?.({ keyPrefixes: command.keyPrefixes, removed, keysDeleted }, 'sidecar: cached keys dropped')
       } else if (command.type === 'session.end') {
         log.warn?.({ reason: command.reason }, 'sidecar: ending the session (logged out; do not reconnect)')
         detachListeners()
         sock.end(loggedOutError(command.reason))
+        if (authKeys || typeof removeCreds === 'function') keysDeleted = await deleteEverything()
       } else if (command.type === 'session.probe') {
         roundTripMs = await probeRoundTrip(sock)
       } else if (command.type === 'session.restart') {
@@ -297,6 +381,7 @@ function attachSidecar(sock, options) {
     }
     const ack = { type: 'command.ack', commandId: command.commandId, ok, error }
     if (roundTripMs !== null) ack.roundTripMs = roundTripMs
+    if (ok && keysDeleted !== null) ack.keysDeleted = keysDeleted
     if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify(ack))
     if (command.type === 'session.end' && ok) stop()
     if (command.type === 'session.restart' && ok) {
@@ -381,4 +466,4 @@ function attachSidecar(sock, options) {
   }
 }
 
-module.exports = { attachSidecar, sidecarLogger, appStateFailure, loggedOutError, restartError, probeRoundTrip }
+module.exports = { attachSidecar, recordingKeyStore, sidecarLogger, appStateFailure, loggedOutError, restartError, probeRoundTrip }

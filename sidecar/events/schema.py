@@ -178,6 +178,17 @@ class CommandAck(Inbound, frozen=True, kw_only=True, tag="command.ack"):
         ]
         | None
     ) = None
+    keys_deleted: (
+        Annotated[
+            Count,
+            msgspec.Meta(
+                description="auth.clear and session.end with --key-store runtime: how many auth keys the runtime "
+                "deleted through its own store (creds included)",
+                extra={"problem": "must be a whole number of keys from 0"},
+            ),
+        ]
+        | None
+    ) = None
 
 
 class RuntimeInfo(Inbound, frozen=True, kw_only=True, tag="runtime.info"):
@@ -216,7 +227,8 @@ class Command(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", renam
 
 
 class SessionEnd(Command, frozen=True, kw_only=True, tag="session.end"):
-    """End the socket as logged out and do not reconnect on your own."""
+    """End the socket as logged out and do not reconnect on your own (with --key-store runtime, delete every
+    auth key and the creds too, and ack with `keysDeleted`)."""
 
     reason: str
     detail: str
@@ -224,7 +236,8 @@ class SessionEnd(Command, frozen=True, kw_only=True, tag="session.end"):
 
 
 class AuthClear(Command, frozen=True, kw_only=True, tag="auth.clear"):
-    """Drop cached copies of the keys with these prefixes (the store's rows are deleted already)."""
+    """Drop cached copies of the keys with these prefixes (the store's rows are deleted already; with
+    --key-store runtime the runtime deletes them from its store too and acks with `keysDeleted`)."""
 
     key_prefixes: list[str]
 

@@ -112,20 +112,21 @@ class LinkConnections:
 
     # SocketController ---------------------------------------------------------------------------------
 
-    async def end_session(self, organization_phone_id: int, reason: str, detail: str) -> None:
+    async def end_session(self, organization_phone_id: int, reason: str, detail: str) -> int | None:
         connection = self._owners.pop(organization_phone_id, None)  # the sidecar forgets it, whatever happens
         if connection is not None:
             connection.phones.discard(organization_phone_id)
             self._release_leases_later([organization_phone_id])
         if connection is None or connection.ws.closed:
             await self.owe_end(organization_phone_id, reason, detail)  # delivered once its runtime is back
-        await self._command(
+        ack = await self._command(
             connection,
             organization_phone_id,
             lambda command_id: SessionEnd(
                 command_id=command_id, organization_phone_id=organization_phone_id, reason=reason, detail=detail
             ),
         )
+        return ack.keys_deleted
 
     async def owe_end(self, organization_phone_id: int, reason: str, detail: str) -> None:
         try:
@@ -211,14 +212,15 @@ class LinkConnections:
                 extra={"fields": {"organizationPhoneId": organization_phone_id, "connection": connection.id}},
             )
 
-    async def clear_cached_keys(self, organization_phone_id: int, key_prefixes: Sequence[str]) -> None:
-        await self._command(
+    async def clear_cached_keys(self, organization_phone_id: int, key_prefixes: Sequence[str]) -> int | None:
+        ack = await self._command(
             self._owners.get(organization_phone_id),
             organization_phone_id,
             lambda command_id: AuthClear(
                 command_id=command_id, organization_phone_id=organization_phone_id, key_prefixes=list(key_prefixes)
             ),
         )
+        return ack.keys_deleted
 
     async def probe_session(self, organization_phone_id: int) -> float:
         started = time.perf_counter()

@@ -30,22 +30,20 @@ class FleetSockets:
         self.routed = 0
         self.delivered_for_others = 0
 
-    async def end_session(self, organization_phone_id: int, reason: str, detail: str) -> None:
+    async def end_session(self, organization_phone_id: int, reason: str, detail: str) -> int | None:
         if self._link.owner_of(organization_phone_id) is not None:
-            await self._link.end_session(organization_phone_id, reason, detail)
-            return
+            return await self._link.end_session(organization_phone_id, reason, detail)
         body = {"type": "session.end", "reason": reason, "detail": detail, "logout": True}
         try:
-            await self._route(organization_phone_id, body)
+            return await self._route(organization_phone_id, body)
         except SocketUnreachable:
             await self._link.owe_end(organization_phone_id, reason, detail)  # whichever replica it reaches delivers
             raise
 
-    async def clear_cached_keys(self, organization_phone_id: int, key_prefixes: Sequence[str]) -> None:
+    async def clear_cached_keys(self, organization_phone_id: int, key_prefixes: Sequence[str]) -> int | None:
         if self._link.owner_of(organization_phone_id) is not None:
-            await self._link.clear_cached_keys(organization_phone_id, key_prefixes)
-            return
-        await self._route(organization_phone_id, {"type": "auth.clear", "keyPrefixes": list(key_prefixes)})
+            return await self._link.clear_cached_keys(organization_phone_id, key_prefixes)
+        return await self._route(organization_phone_id, {"type": "auth.clear", "keyPrefixes": list(key_prefixes)})
 
     async def probe_session(self, organization_phone_id: int) -> float:
         """Probes go to the local connection only: the liveness watch runs where the session's traffic arrives."""
@@ -57,7 +55,8 @@ class FleetSockets:
             return
         await self._route(organization_phone_id, {"type": "session.restart", "reason": reason, "detail": detail})
 
-    async def _route(self, organization_phone_id: int, body: dict[str, Any]) -> None:
+    async def _route(self, organization_phone_id: int, body: dict[str, Any]) -> int | None:
+        """The command through its owner; returns the runtime's `keysDeleted`."""
         try:
             owner = await self._leases.owner(organization_phone_id)
             if owner is None or owner == self._leases.instance:
@@ -65,7 +64,7 @@ class FleetSockets:
             command_id = await self._leases.send(owner, organization_phone_id, body)
             self.routed += 1
             while True:  # the caller bounds the wait (the socket-end timeout)
-                status, error = await self._leases.result(command_id)
+                status, error, keys_deleted = await self._leases.result(command_id)
                 if status not in ("pending", "delivering"):
                     break
                 await asyncio.sleep(RESULT_POLL_SECONDS)
@@ -75,6 +74,7 @@ class FleetSockets:
             raise command_failure(error)
         if status != "ok":
             raise SocketUnreachable(error or f"the owning replica answered {status}")
+        return keys_deleted
 
     # The owner's side ---------------------------------------------------------------------------------
 
@@ -95,21 +95,22 @@ class FleetSockets:
             await asyncio.gather(*(self._deliver(*command) for command in commands))
 
     async def _deliver(self, command_id: str, organization_phone_id: int, body: dict[str, Any]) -> None:
-        status, error = "ok", None
+        status, error, keys_deleted = "ok", None, None
+        phone, reason, detail = organization_phone_id, str(body.get("reason")), str(body.get("detail"))
         try:
             if body.get("type") == "session.end":
-                await self._link.end_session(organization_phone_id, str(body["reason"]), str(body["detail"]))
+                keys_deleted = await self._link.end_session(phone, reason, detail)
             elif body.get("type") == "session.restart":
-                await self._link.restart_session(organization_phone_id, str(body["reason"]), str(body["detail"]))
+                await self._link.restart_session(phone, reason, detail)
             else:
-                await self._link.clear_cached_keys(organization_phone_id, list(body.get("keyPrefixes", [])))
+                keys_deleted = await self._link.clear_cached_keys(phone, list(body.get("keyPrefixes", [])))
             self.delivered_for_others += 1
         except SocketUnreachable as unreachable:
             status, error = "unreachable", str(unreachable)
         except SocketCommandFailed as failed:
             status, error = "failed", str(failed)
         with contextlib.suppress(StoreUnavailable):
-            await self._leases.finish(command_id, status, error)
+            await self._leases.finish(command_id, status, error, keys_deleted)
 
     async def heartbeat(self, stop: asyncio.Event) -> None:
         """Renew the leases of the phones this replica's connections hold."""

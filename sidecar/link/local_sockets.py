@@ -28,18 +28,20 @@ class LocalSocketController:
     def registered(self) -> int:
         return len(self._sockets)
 
-    async def end_session(self, organization_phone_id: int, reason: str, detail: str) -> None:
+    async def end_session(self, organization_phone_id: int, reason: str, detail: str) -> int | None:
         # The sidecar forgets the socket whether or not ending it works: a close never leaks a map entry.
         socket = self._sockets.pop(organization_phone_id, None)
         if socket is None:
             raise SocketUnreachable(f"no socket registered for organizationPhoneId {organization_phone_id}")
         await socket.end(detail)
+        return None
 
-    async def clear_cached_keys(self, organization_phone_id: int, key_prefixes: Sequence[str]) -> None:
+    async def clear_cached_keys(self, organization_phone_id: int, key_prefixes: Sequence[str]) -> int | None:
         socket = self._sockets.get(organization_phone_id)
         if socket is None:
             raise SocketUnreachable(f"no socket registered for organizationPhoneId {organization_phone_id}")
         await socket.clear_keys(key_prefixes)
+        return None
 
     async def probe_session(self, organization_phone_id: int) -> float:
         """A socket with a `probe()` coroutine (milliseconds) can be probed; others are unreachable for probes."""

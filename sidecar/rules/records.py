@@ -191,6 +191,8 @@ class Logout:
     observe: bool = False
     # Fleet mode: the close claim's generation; the step is skipped once the stored row carries another.
     generation: int | None = None
+    # The keys are not the store's (--key-store): the record's authKeys step and keys_deleted say what happened.
+    keys_given: bool = False
 
 
 Step = IncrementCounter | ResetCounters | DeleteKeys | Logout | RecordDecision
@@ -237,6 +239,7 @@ def step_to_json(step: Step) -> str:
                 "notification": notification,
                 "observe": step.observe,
                 "generation": step.generation,
+                "keysGiven": step.keys_given,
             }
         )
     if isinstance(step, RecordDecision):
@@ -258,6 +261,7 @@ def step_from_json(text: str) -> Step:
             notification,
             data.get("observe", False),
             data.get("generation"),
+            data.get("keysGiven", False),
         )
     if "decision" in data:
         decision = data["decision"]

@@ -10,6 +10,7 @@
     registry.py        the session registry port (decision state, closed/logged-out markers) and its memory form
     heal.py            heal execution, one per session, later heals merged per scope
     close.py           the close sequence: socket, database half, forget
+    key_removal.py     where heals and closes delete the auth keys: the store's step, a key store, the runtime
     safety_state.py    the breakers' admission, the mode; SafetyView
     incidents.py       logout-stick, reconnect loops, conflicts: records, webhooks, ends (where a new incident goes)
     liveness_watch.py  the deaf-session watch: probes, verdicts, restarts
@@ -28,6 +29,7 @@ Adapters read sessions through `SessionView` and safety through `SafetyView`; th
 from sidecar.runtime.assembly import Fleet, Watch, assemble
 from sidecar.runtime.engine import SessionRuntime
 from sidecar.runtime.errors import InvalidInput, UnknownSession
+from sidecar.runtime.key_removal import KeyRemoval
 from sidecar.runtime.operator import CloseOutcome
 from sidecar.runtime.registry import SessionView
 from sidecar.runtime.safety_state import Safety, SafetyView
@@ -36,6 +38,7 @@ __all__ = [
     "CloseOutcome",
     "Fleet",
     "InvalidInput",
+    "KeyRemoval",
     "Safety",
     "SafetyView",
     "SessionRuntime",

@@ -19,6 +19,7 @@ from sidecar.runtime.engine import Collaborators, SessionRuntime
 from sidecar.runtime.fleet_decider import FleetDecider
 from sidecar.runtime.heal import HealRunner
 from sidecar.runtime.incidents import Incidents
+from sidecar.runtime.key_removal import KeyRemoval
 from sidecar.runtime.liveness_watch import LivenessWatch
 from sidecar.runtime.notices import Notices
 from sidecar.runtime.observer import IsolatedObservers, RuntimeObserver
@@ -66,6 +67,7 @@ def assemble(
     fleet: Fleet | None = None,
     state_ttl: float = 86_400.0,
     watch: Watch | None = None,
+    keys: KeyRemoval | None = None,
     on_failure: Callable[[str, str], None] | None = None,
 ) -> SessionRuntime:
     """`on_failure(what, name)`: an observer ("observer", its class) or a background effect ("task", "effects")
@@ -85,6 +87,7 @@ def assemble(
         safety=safety or Safety(),
         socket_timeout=socket_end_timeout,
         database_timeout=database_step_timeout,
+        keys=keys or KeyRemoval(),
     )
     closes = CloseSequence(parts, fleet.shared.release_close if fleet is not None else None)
     incidents = Incidents(parts)

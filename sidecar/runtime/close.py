@@ -16,7 +16,7 @@ from dataclasses import replace
 from sidecar.ports import StoreUnavailable
 from sidecar.rules.policy import Close, CloseCompleted, Phase, SessionState, decide, error_stats
 from sidecar.rules.records import CloseTrigger, ClosureRecord, Logout, LogoutResult, NotificationEvent, StepOutcome
-from sidecar.runtime.outcomes import fail_span, socket_command, span_ids
+from sidecar.runtime.outcomes import fail_span, socket_answer, span_ids
 from sidecar.runtime.parts import RuntimeParts
 from sidecar.runtime.registry import LoggedOut, Session
 
@@ -50,6 +50,7 @@ class CloseSequence:
         self._loops = parts.safety.loops
         self._socket_timeout = parts.socket_timeout
         self._database_timeout = parts.database_timeout
+        self._keys = parts.keys
         self._in_flight: dict[int, asyncio.Task[ClosureRecord]] = {}
         self.release_claim = release_claim
 
@@ -91,6 +92,7 @@ class CloseSequence:
             try:
                 for observer in self._observers:
                     observer.closing(record)
+                said_deleted: int | None = None
                 with self._tracer.start_as_current_span("runtime.end_socket") as socket_span:
                     if observe:
                         record.socket = f"{StepOutcome.SKIPPED}: observe mode"
@@ -98,10 +100,12 @@ class CloseSequence:
                         command = self._sockets.end_session(
                             session.organization_phone_id, str(decision.reason), decision.detail
                         )
-                        record.socket = await socket_command(command, "ended", self._socket_timeout)
+                        record.socket, said_deleted = await socket_answer(command, "ended", self._socket_timeout)
                         if record.socket != "ended":
                             fail_span(socket_span, record.socket)
                 record.steps["socket"] = record.socket
+                if not self._keys.in_step:
+                    await self._remove_keys(record, observe, said_deleted)
                 database_steps, record.keys_deleted, timings = await self._logout(record, observe, generation)
                 record.steps.update(database_steps)
                 self._trace_database_parts(record.steps, timings)
@@ -123,8 +127,29 @@ class CloseSequence:
                     observer.closed(record)
         return record
 
+    async def _remove_keys(self, record: ClosureRecord, observe: bool, said_deleted: int | None) -> None:
+        """Keys outside the session store: deleted in their key store now (the database half records it), or by
+        the runtime as it ended the socket (its ack said how many)."""
+        with self._tracer.start_as_current_span("auth.delete_keys") as span:
+            if self._keys.store is not None:
+                removal = await self._keys.remove(record.phone, None, observe, self._database_timeout, self._tasks)
+                record.steps["authKeys"], record.keys_deleted = removal.outcome, removal.deleted
+            elif observe:
+                record.steps["authKeys"] = f"{StepOutcome.SKIPPED}: observe mode"
+            elif record.socket == "ended":
+                record.steps["authKeys"] = StepOutcome.OK if said_deleted is not None else (
+                    f"{StepOutcome.SKIPPED}: the runtime's ack did not say how many it deleted"
+                )  # fmt: skip
+                record.keys_deleted = said_deleted
+            else:
+                record.steps["authKeys"] = f"{StepOutcome.PENDING}: the runtime deletes them when it ends the socket"
+            if record.steps["authKeys"].startswith((StepOutcome.FAILED, StepOutcome.PENDING)):
+                fail_span(span, record.steps["authKeys"])
+
     def _trace_database_parts(self, steps: dict[str, str], timings: dict[str, tuple[int, int]]) -> None:
         for part, span_name in DATABASE_SPANS.items():
+            if part == "authKeys" and not self._keys.in_step:
+                continue  # traced where it happened (_remove_keys)
             started, ended = timings.get(part, (None, None))
             span = self._tracer.start_span(span_name, start_time=started)
             if steps.get(part, "").startswith((StepOutcome.FAILED, StepOutcome.PENDING)):
@@ -138,7 +163,8 @@ class CloseSequence:
         try:
             stats = dict(error_stats(record.counters, self._policy.limits))
             closed = self._notices.notification(NotificationEvent.CLOSED, stats, str(record.reason))
-            logout = Logout(replace(record, steps=dict(record.steps)), closed, observe, generation)
+            given = not self._keys.in_step
+            logout = Logout(replace(record, steps=dict(record.steps)), closed, observe, generation, keys_given=given)
             future = await self._steps.submit(logout)
             result = await asyncio.wait_for(asyncio.shield(future), self._database_timeout)
         except TimeoutError:
@@ -147,7 +173,10 @@ class CloseSequence:
             return dict.fromkeys(DATABASE_PARTS, f"{StepOutcome.FAILED}: {type(error).__name__}: {error}"), None, {}
         assert isinstance(result, LogoutResult)
         steps = {name: value for name, value in result.steps.items() if name != "socket"}
-        return steps, result.keys_deleted, result.timings
+        timings = dict(result.timings)
+        if not self._keys.in_step:
+            timings.pop("authKeys", None)  # traced where it happened (_remove_keys)
+        return steps, result.keys_deleted, timings
 
     async def _undo(self, session: Session, decision: Close, generation: int | None) -> None:
         """An operator's close whose database half failed for a reason of its own (not an outage) is not done:

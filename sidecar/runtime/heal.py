@@ -10,7 +10,7 @@ from opentelemetry.trace import Span
 
 from sidecar.rules.policy import Heal, KeyScope, Phase
 from sidecar.rules.records import DeleteKeys, StepOutcome, StepResult
-from sidecar.runtime.outcomes import fail_span, socket_command, span_ids
+from sidecar.runtime.outcomes import fail_span, socket_answer, socket_command, span_ids
 from sidecar.runtime.parts import RuntimeParts
 from sidecar.runtime.registry import Session
 
@@ -25,6 +25,7 @@ class HealRunner:
         self._observing = parts.safety.observing  # organization id -> observe mode applies
         self._socket_timeout = parts.socket_timeout
         self._database_timeout = parts.database_timeout
+        self._keys = parts.keys
         # Sessions with a heal in flight, and the heals queued behind it (merged per scope).
         self._queued: dict[int, dict[KeyScope, tuple[str, ...]]] = {}
 
@@ -71,6 +72,46 @@ class HealRunner:
     async def _heal_in_span(self, session: Session, heal: Heal, span: Span) -> None:
         started = time.monotonic()
         observe = self._observing(session.phone.organization_id)
+        if self._keys.in_step:
+            keys_deleted, outcome, socket = await self._heal_in_store(session, heal, observe)
+        else:
+            keys_deleted, outcome, socket = await self._heal_elsewhere(session, heal, observe)
+        if span.is_recording():
+            span.set_attributes(
+                {"whatsapp.heal.scope": str(heal.scope), "whatsapp.auth.keys_deleted": keys_deleted or 0}
+            )
+            if outcome.startswith(StepOutcome.FAILED):
+                fail_span(span, outcome)
+        for observer in self._observers:
+            observer.healed(session.phone, heal, keys_deleted, str(outcome), socket, time.monotonic() - started)
+
+    async def _heal_elsewhere(self, session: Session, heal: Heal, observe: bool) -> tuple[int | None, str, str]:
+        """Keys in a key store of their own (deleted there, then the runtime told), or the runtime's (told to
+        delete them; its ack says how many)."""
+        phone_id = session.organization_phone_id
+        if self._keys.store is not None:
+            removal = await self._keys.remove(session.phone, heal.key_prefixes, observe, self._database_timeout,
+                                              self._tasks)  # fmt: skip
+            if observe:
+                return None, removal.outcome, f"{StepOutcome.SKIPPED}: observe mode"
+            if removal.outcome.startswith(StepOutcome.FAILED) and not removal.deleted:
+                return None, removal.outcome, f"{StepOutcome.SKIPPED}: the deletion failed"
+            if removal.outcome.startswith(StepOutcome.PENDING):  # told now, the runtime would reload the old keys
+                return None, removal.outcome, f"{StepOutcome.SKIPPED}: the deletion is pending"
+            if session.state.phase is not Phase.ACTIVE:
+                return removal.deleted, removal.outcome, "skipped: superseded by a close"
+            command = self._sockets.clear_cached_keys(phone_id, heal.key_prefixes)
+            return removal.deleted, removal.outcome, await socket_command(command, "cleared", self._socket_timeout)
+        if observe:
+            return None, str(StepOutcome.OK), f"{StepOutcome.SKIPPED}: observe mode"
+        if session.state.phase is not Phase.ACTIVE:
+            return None, str(StepOutcome.OK), "skipped: superseded by a close"
+        command = self._sockets.clear_cached_keys(phone_id, heal.key_prefixes)
+        socket, deleted = await socket_answer(command, "cleared", self._socket_timeout)
+        outcome = str(StepOutcome.OK) if socket == "cleared" else f"{StepOutcome.FAILED}: the runtime answered {socket}"
+        return deleted, outcome, socket
+
+    async def _heal_in_store(self, session: Session, heal: Heal, observe: bool) -> tuple[int | None, str, str]:
         future = await self._steps.submit(DeleteKeys(session.phone, heal.scope, heal.key_prefixes, observe))
         keys_deleted: int | None = None
         outcome = str(StepOutcome.OK)
@@ -95,11 +136,4 @@ class HealRunner:
             socket = await socket_command(command, "cleared", self._socket_timeout)
         else:
             socket = "skipped: superseded by a close"  # the close deletes every key and ends the socket anyway
-        if span.is_recording():
-            span.set_attributes(
-                {"whatsapp.heal.scope": str(heal.scope), "whatsapp.auth.keys_deleted": keys_deleted or 0}
-            )
-            if outcome.startswith(StepOutcome.FAILED):
-                fail_span(span, outcome)
-        for observer in self._observers:
-            observer.healed(session.phone, heal, keys_deleted, str(outcome), socket, time.monotonic() - started)
+        return keys_deleted, str(outcome), socket

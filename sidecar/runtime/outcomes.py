@@ -14,19 +14,24 @@ from sidecar.ports import SocketCommandFailed, SocketUnreachable
 from sidecar.rules.records import PhoneRef, StepOutcome
 
 
-async def socket_command(command: Awaitable[None], done: str, wait_seconds: float) -> str:
+async def socket_command(command: Awaitable[object], done: str, wait_seconds: float) -> str:
     """Run a command to the messenger runtime and say how it went; never raises."""
+    return (await socket_answer(command, done, wait_seconds))[0]
+
+
+async def socket_answer(command: Awaitable[object], done: str, wait_seconds: float) -> tuple[str, int | None]:
+    """... and the keys the runtime said it deleted (its ack's `keysDeleted`), if it said."""
     try:
-        await asyncio.wait_for(command, wait_seconds)
+        answer = await asyncio.wait_for(command, wait_seconds)
     except SocketUnreachable:
-        return "unreachable"
+        return "unreachable", None
     except TimeoutError:
-        return "timeout"
+        return "timeout", None
     except SocketCommandFailed as error:
-        return f"{StepOutcome.FAILED}: {error}"
+        return f"{StepOutcome.FAILED}: {error}", None
     except Exception as error:
-        return f"{StepOutcome.FAILED}: {type(error).__name__}: {error}"
-    return done
+        return f"{StepOutcome.FAILED}: {type(error).__name__}: {error}", None
+    return done, answer if isinstance(answer, int) and not isinstance(answer, bool) else None
 
 
 def span_ids(phone: PhoneRef) -> dict[str, int]:

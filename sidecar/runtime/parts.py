@@ -12,6 +12,7 @@ from opentelemetry import trace
 from sidecar.ports import SocketController, StepQueue
 from sidecar.rules.policy import Counters, ErrorStats, HealthPolicy, PolicyConfig, SessionState, error_stats, windowed
 from sidecar.rules.records import PhoneRef
+from sidecar.runtime.key_removal import KeyRemoval
 from sidecar.runtime.notices import Notices
 from sidecar.runtime.observer import RuntimeObserver
 from sidecar.runtime.registry import Session, SessionRegistry
@@ -35,6 +36,7 @@ class RuntimeParts:
     safety: Safety
     socket_timeout: float
     database_timeout: float
+    keys: KeyRemoval = KeyRemoval()  # noqa: RUF009 (frozen, shared safely): where heals and closes delete the auth keys (--key-store)
 
     def now(self) -> float:
         return self.clock().timestamp()

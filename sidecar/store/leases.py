@@ -55,12 +55,12 @@ class PostgresLeases:
         self._send = (
             f"INSERT INTO {commands} (command_id, organization_phone_id, instance, body) VALUES ($1, $2, $3, $4::jsonb)"
         )
-        self._result = f"SELECT status, error FROM {commands} WHERE command_id = $1"
+        self._result = f"SELECT status, error, keys_deleted FROM {commands} WHERE command_id = $1"
         self._take = (
             f"UPDATE {commands} SET status = 'delivering' WHERE instance = $1 AND status = 'pending' "
             "RETURNING command_id, organization_phone_id, body::text AS body"
         )
-        self._finish = f"UPDATE {commands} SET status = $2, error = $3 WHERE command_id = $1"
+        self._finish = f"UPDATE {commands} SET status = $2, error = $3, keys_deleted = $4 WHERE command_id = $1"
         self._forget = (
             f"DELETE FROM {commands} WHERE created_at < now() - make_interval(secs => $1) "
             f"AND (status <> 'owed' OR created_at < now() - make_interval(secs => $2))"
@@ -173,19 +173,21 @@ class PostgresLeases:
             await conn.execute("SELECT pg_notify($1, $2)", self.channel, owner)
         return command_id
 
-    async def result(self, command_id: str) -> tuple[str, str | None]:
+    async def result(self, command_id: str) -> tuple[str, str | None, int | None]:
         async with self._store.connection() as conn:
             row = await conn.fetchrow(self._result, command_id)
-        return ("unreachable", "command lost") if row is None else (row["status"], row["error"])
+        if row is None:
+            return "unreachable", "command lost", None
+        return row["status"], row["error"], row["keys_deleted"]
 
     async def take_commands(self) -> list[tuple[str, int, dict[str, Any]]]:
         async with self._store.connection() as conn:
             rows = await conn.fetch(self._take, self.instance)
         return [(row["command_id"], row["organization_phone_id"], json.loads(row["body"])) for row in rows]
 
-    async def finish(self, command_id: str, status: str, error: str | None) -> None:
+    async def finish(self, command_id: str, status: str, error: str | None, keys_deleted: int | None = None) -> None:
         async with self._store.connection() as conn:
-            await conn.execute(self._finish, command_id, status, error)
+            await conn.execute(self._finish, command_id, status, error, keys_deleted)
 
     async def listen(self, url: str, wake: Callable[[], None], stop: asyncio.Event) -> None:
         """Wake the command deliverer when a command for this replica is queued; reconnects while running."""

@@ -206,11 +206,14 @@ class MemoryStore:
         phone = record.phone
         steps = dict(record.steps)
         started = time.time_ns()
-        keys_deleted: int | None = self._delete_keys(phone, None, only_count=step.observe)
-        steps["authKeys"] = StepOutcome.OK
+        keys_deleted: int | None = record.keys_deleted
+        if not step.keys_given:
+            keys_deleted = self._delete_keys(phone, None, only_count=step.observe)
+            steps["authKeys"] = StepOutcome.OK
         row = self.phones.get(phone.organization_phone_id)
         if step.observe:
-            steps["authKeys"] = f"{StepOutcome.SKIPPED}: observe mode, would delete {keys_deleted}"
+            if not step.keys_given:
+                steps["authKeys"] = f"{StepOutcome.SKIPPED}: observe mode, would delete {keys_deleted}"
             steps["phoneStatus"] = f"{StepOutcome.SKIPPED}: observe mode"
             keys_deleted = None
         elif row is None:

@@ -196,6 +196,9 @@ MIGRATIONS: tuple[Migration, ...] = (
         """,
         5,
     ),
+    # 8 (expand): what a runtime said it deleted when it acked a routed command (--key-store runtime); releases
+    # with 5 to 7 migrations neither write nor read it.
+    Migration("ALTER TABLE {schema}.socket_commands ADD COLUMN keys_deleted INTEGER;", 5),
 )
 
 

@@ -23,8 +23,12 @@ def _split(table: str) -> tuple[str | None, str]:
     return (schema or None), name
 
 
-async def check_schema(connection: asyncpg.Connection, mapping: SchemaMapping) -> list[str]:
-    """Problems found, each naming the setting; empty when everything the sidecar needs is there."""
+STORES_PAGE = "docs/concepts/stores.md"
+
+
+async def check_schema(connection: asyncpg.Connection, mapping: SchemaMapping, auth_table: bool = True) -> list[str]:
+    """Problems found, each naming the setting; empty when everything the sidecar needs is there. `auth_table`:
+    the keys are in the mapped table (--key-store postgresql)."""
     wanted = {
         ("auth_table", mapping.auth_table): {
             "auth_organization_column": mapping.auth_organization_column,
@@ -43,6 +47,8 @@ async def check_schema(connection: asyncpg.Connection, mapping: SchemaMapping) -
     }
     problems: list[str] = []
     for (setting, table), columns in wanted.items():
+        if setting == "auth_table" and not auth_table:
+            continue
         schema, name = _split(table)
         rows = await connection.fetch(
             "SELECT column_name FROM information_schema.columns WHERE table_name = $1 "
@@ -52,7 +58,13 @@ async def check_schema(connection: asyncpg.Connection, mapping: SchemaMapping) -
         )
         present = {row["column_name"] for row in rows}
         if not present:
-            problems.append(f"schema.{setting}: table {table!r} does not exist (or has no columns visible)")
+            problem = f"schema.{setting}: table {table!r} does not exist (or has no columns visible)"
+            if setting == "auth_table":
+                problem += (
+                    "; if the runtime keeps its keys elsewhere, say where with --key-store (redis://…, file:///…, "
+                    f"runtime), or name your table and columns with --schema-override (see {STORES_PAGE})"
+                )
+            problems.append(problem)
             continue
         for column_setting, column in columns.items():
             if column not in present:

@@ -102,12 +102,17 @@ class StepWriter:
             fence = await conn.fetchrow(sql.close_fence, phone.organization_phone_id)
             if fence is None or fence["phase"] != "closing" or fence["generation"] != step.generation:
                 fenced = f"{StepOutcome.SKIPPED}: fenced (the close of generation {step.generation} is not current)"
-                return LogoutResult(None, {**steps, **dict.fromkeys(LOGOUT_PARTS, fenced)}, {})
+                parts = [name for name in LOGOUT_PARTS if not (step.keys_given and name == "authKeys")]
+                return LogoutResult(record.keys_deleted if step.keys_given else None,
+                                    {**steps, **dict.fromkeys(parts, fenced)}, {})  # fmt: skip
         user = await self._bare_number(conn, phone)
         if step.observe:
+            steps["phoneStatus"] = f"{StepOutcome.SKIPPED}: observe mode"
+        if step.keys_given:
+            keys_deleted = record.keys_deleted  # deleted where they are (--key-store); the record says how it went
+        elif step.observe:
             would = int(await conn.fetchval(sql.count_all, phone.organization_id, user)) if user else 0
             steps["authKeys"] = f"{StepOutcome.SKIPPED}: observe mode, would delete {would}"
-            steps["phoneStatus"] = f"{StepOutcome.SKIPPED}: observe mode"
         elif user is None:
             steps["authKeys"] = "skipped: phone not found"
         elif (status := await part("authKeys", sql.delete_all, phone.organization_id, user)) is not None:

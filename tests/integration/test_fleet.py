@@ -199,6 +199,37 @@ async def test_an_operator_close_through_b_ends_the_socket_held_on_a_once(
     assert await keys_of(db, phone) == set()
 
 
+async def test_with_the_runtime_key_store_what_the_runtime_deleted_comes_back_through_the_owning_replica(
+    database: str, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    phone = await add_phone(db, 1, "79001112233")
+    pid, jid = phone.organization_phone_id, phone.phone_jid
+    said: list[dict[str, Any]] = []
+
+    async def end_deleting_keys(command: dict[str, Any]) -> int:
+        said.append(command)
+        return 11  # the runtime deleted eleven keys through its own store
+
+    extra = ["--key-store", "runtime"]
+    async with (
+        replicas(2, database, tmp_path, extra) as (a, b),
+        RuntimeClient(ws_url(a), on_session_end=end_deleting_keys) as runtime,
+    ):
+        await runtime.send(connection_update(1, pid, jid, "open"))
+        await eventually(lambda: _held_by(db, pid, "replica-a"), what="replica a holds the lease")
+        status, answer = await b.request("POST", f"/v1/sessions/{pid}/close", {"reason": "Maintenance restart"})
+        assert status == 200, answer
+        assert answer["socket"] == "ended" and answer["keysDeleted"] == 11, answer
+        await eventually(lambda: settled([a, b]), what="no close in flight")
+    [closure] = await closures_of(db, pid)
+    assert closure["keys_deleted"] == 11
+    assert await keys_of(db, phone) != set(), "the sidecar deleted no row itself: the keys were the runtime's"
+    routed = await db.fetchval(
+        "SELECT keys_deleted FROM wa_sidecar.socket_commands WHERE organization_phone_id = $1", pid
+    )
+    assert routed == 11 and len(said) == 1
+
+
 async def _held_by(db: asyncpg.Connection, phone_id: int, replica: str) -> bool:
     holder = await lease_holder(db, phone_id)
     return holder is not None and holder.startswith(replica + "/")

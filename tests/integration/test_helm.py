@@ -279,3 +279,23 @@ def test_the_migrate_jobs_pod_is_in_no_selector_of_the_serving_pods() -> None:
     pod = deployment["spec"]["template"]["metadata"]["labels"]
     for selector in selectors:  # and the serving pods still are
         assert all(pod.get(key) == value for key, value in selector.items()), selector
+
+
+def test_the_key_store_value_or_secret_and_the_backends_auth_volume_reach_the_container() -> None:
+    values = yaml.safe_load((CHART / "ci" / "keystore-values.yaml").read_text())
+    [deployment] = of_kind(render(values), "Deployment")
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    env = {item["name"]: item for item in container["env"]}
+    assert env["WA_SIDECAR_KEY_STORE"]["value"] == "file:///var/lib/backend-auth/{organizationPhoneId}"
+    mounts = {mount["name"]: mount["mountPath"] for mount in container["volumeMounts"]}
+    assert mounts["wa-sidecar-auth-keys"] == "/var/lib/backend-auth"
+    volumes = {volume["name"]: volume for volume in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["wa-sidecar-auth-keys"]["persistentVolumeClaim"] == {"claimName": "backend-auth"}
+    secret = {"keyStore": {"existingSecret": "redis-keys", "secretKey": "url"}}
+    [deployment] = of_kind(render(secret), "Deployment")
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    [item] = [item for item in container["env"] if item["name"] == "WA_SIDECAR_KEY_STORE"]
+    assert item["valueFrom"]["secretKeyRef"] == {"name": "redis-keys", "key": "url"}
+    [default] = of_kind(render(), "Deployment")
+    names = {item["name"] for item in default["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert "WA_SIDECAR_KEY_STORE" not in names, "the default leaves the keys in the database's table"

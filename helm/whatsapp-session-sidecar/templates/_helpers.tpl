@@ -132,6 +132,16 @@ user asked for an open listener and gave none. */}}
     - name: WA_SIDECAR_CLOSURE_LOG
       value: /var/lib/wa-sidecar/closures.jsonl
     {{- end }}
+    {{- if .Values.keyStore.existingSecret }}
+    - name: WA_SIDECAR_KEY_STORE
+      valueFrom:
+        secretKeyRef:
+          name: {{ .Values.keyStore.existingSecret }}
+          key: {{ .Values.keyStore.secretKey }}
+    {{- else if .Values.keyStore.value }}
+    - name: WA_SIDECAR_KEY_STORE
+      value: {{ .Values.keyStore.value | quote }}
+    {{- end }}
     {{- with include "whatsapp-session-sidecar.databaseEnv" . }}
     {{- . | nindent 4 }}
     {{- end }}
@@ -199,6 +209,10 @@ user asked for an open listener and gave none. */}}
       mountPath: /run/secrets/owners
       readOnly: true
     {{- end }}
+    {{- if .Values.keyStore.volume }}
+    - name: wa-sidecar-auth-keys
+      mountPath: {{ .Values.keyStore.mountPath }}
+    {{- end }}
 {{- end }}
 
 {{/* The volumes the container mounts. */}}
@@ -218,6 +232,10 @@ user asked for an open listener and gave none. */}}
 - name: wa-sidecar-owner-secrets
   secret:
     secretName: {{ . }}
+{{- end }}
+{{- with .Values.keyStore.volume }}
+- name: wa-sidecar-auth-keys
+  {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- end }}
 
