@@ -392,13 +392,22 @@ class SocketLeases(Protocol):
     """Fleet mode: which replica holds each phone's runtime connection, and commands routed to that replica."""
 
     instance: str
+    lease_seconds: float  # a replica that stops renewing loses its phones this long after its last heartbeat
+
+    async def claim_many(self, claims: Sequence[tuple[int, int]]) -> dict[int, str]:
+        """Claim (phone, connection id) pairs in one statement; the phones a live replica holds instead, with
+        their holder."""
 
     async def claim(self, organization_phone_id: int, connection_id: int) -> str | None:
         """Take (or renew) the lease; returns None when held here now, else the replica whose lease is live."""
 
     async def release(self, organization_phone_ids: Sequence[int]) -> None: ...
 
-    async def renew(self, organization_phone_ids: Sequence[int]) -> None: ...
+    async def renew(self, sessions: int) -> None:
+        """This replica's lease (one row, whatever it holds), with how many sessions it holds."""
+
+    async def forget_commands(self, batch: int = 1000) -> int:
+        """Housekeeping of answered commands, a bounded batch; returns how many went."""
 
     async def owner(self, organization_phone_id: int) -> str | None:
         """The replica whose lease on the phone is live, if any."""

@@ -51,8 +51,9 @@ class ThrowawayPostgres:
     def init(self) -> None:
         self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync")
 
-    def start(self) -> None:
-        options = f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c fsync=off"
+    def start(self, extra: str = "") -> None:
+        """`extra`: more server options (`-c shared_preload_libraries=pg_stat_statements`)."""
+        options = f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c fsync=off {extra}".strip()
         self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.directory / "log"), "-w", "start")
 
     def stop(self) -> None:

@@ -66,6 +66,11 @@ class Replica:
         assert self._process is not None
         self._process.send_signal(signal.SIGKILL)
 
+    def pause(self, paused: bool = True) -> None:
+        """SIGSTOP (a replica stuck: a long GC pause, a frozen VM) and SIGCONT."""
+        assert self._process is not None
+        self._process.send_signal(signal.SIGSTOP if paused else signal.SIGCONT)
+
     async def stop(self) -> None:
         process = self._process
         if process is None or process.returncode is not None:

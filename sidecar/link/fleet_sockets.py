@@ -17,6 +17,7 @@ log = logging.getLogger("sidecar.link")
 
 RESULT_POLL_SECONDS = 0.02
 COMMAND_POLL_SECONDS = 1.0  # the fallback when a NOTIFY was missed
+FORGET_EVERY_BEATS = 12  # answered commands are forgotten about once a minute (heartbeats every 5 s)
 
 
 class FleetSockets:
@@ -113,11 +114,14 @@ class FleetSockets:
             await self._leases.finish(command_id, status, error, keys_deleted)
 
     async def heartbeat(self, stop: asyncio.Event) -> None:
-        """Renew the leases of the phones this replica's connections hold."""
+        """Renew this replica's lease (one row, whatever it holds: every phone it holds stays owned), with how
+        many sessions it holds; now and then, forget answered commands (a bounded batch)."""
+        beats = 0
         while not stop.is_set():
+            with contextlib.suppress(StoreUnavailable):
+                await self._leases.renew(len(self._link.owned_phones()))
+                if beats % FORGET_EVERY_BEATS == 0:
+                    await self._leases.forget_commands()
+            beats += 1
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self._lease_seconds / 3)
-            phones = self._link.owned_phones()
-            if phones:
-                with contextlib.suppress(StoreUnavailable):
-                    await self._leases.renew(phones)

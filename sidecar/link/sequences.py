@@ -6,11 +6,16 @@ Per runtime id (or, without one, per connection) this replica remembers the high
 In fleet mode each frame's highest seq is written to PostgreSQL with the frame's decisions, in their transaction,
 and again when acknowledged (ports.SharedSequences), so a replica the runtime reconnects to (or this one,
 restarted after a SIGKILL) knows what was taken; a SIGTERM acknowledges everything read before the link closes.
+The acknowledgement's own write is made at most every SHARED_ACK_SECONDS per runtime id: what it adds to the
+decisions' record covers frames that decided nothing (activity reports), which a runtime only resends if they were
+never acknowledged to it, and which change nothing when taken twice. An idle fleet's activity reports so cost at
+most one row write per runtime id per interval, not one per frame.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -35,6 +40,7 @@ class Progress:
 
     taken: int = 0
     acked: int = 0
+    shared_at: float = float("-inf")  # monotonic time of the last shared write of `acked`
 
 
 class LinkSequences:
@@ -70,7 +76,13 @@ class LinkSequences:
     async def acknowledged(self, key: str, up_to: int) -> None:
         progress = self.progress(key)
         progress.acked = max(progress.acked, up_to)
-        if self._shared is not None and not key.startswith(CONNECTION_KEY):
+        now = time.monotonic()
+        if (
+            self._shared is not None
+            and not key.startswith(CONNECTION_KEY)
+            and now - progress.shared_at >= (SHARED_ACK_SECONDS)
+        ):
+            progress.shared_at = now
             try:
                 await self._shared.acknowledge(key, up_to)
             except StoreUnavailable as error:
@@ -78,6 +90,7 @@ class LinkSequences:
 
 
 CONNECTION_KEY = "connection:"
+SHARED_ACK_SECONDS = 5.0
 RUNTIMES_KEPT = 10_000
 
 

@@ -16,7 +16,7 @@ from sidecar.events.reader import FrameInvalid
 from sidecar.events.schema import ConnectionUpdate, EventsAck, LinkError, SessionEvent
 from sidecar.link.connections import LinkConnections, RuntimeConnection
 from sidecar.link.sequences import LinkSequences, fresh, runtime_info
-from sidecar.ports import StoreUnavailable
+from sidecar.ports import SocketLeases, StoreUnavailable
 from sidecar.runtime import SessionRuntime
 
 log = logging.getLogger("sidecar.link")
@@ -24,6 +24,7 @@ log = logging.getLogger("sidecar.link")
 MAX_FRAME_BYTES = 4 * 1024 * 1024
 ACK_INTERVAL_SECONDS = 0.005  # at most one events.ack per connection this often
 HEARTBEAT_SECONDS = 30.0
+CONFIRM_MARGIN_SECONDS = 1.0  # past the lease: a dead replica's last heartbeat has certainly run out
 
 
 class LinkServer:
@@ -35,6 +36,7 @@ class LinkServer:
         self._runtime = runtime
         self._sequences = sequences
         self.lease_conflicts = 0
+        self._confirming: set[asyncio.Task[None]] = set()  # lost claims, tried again once a lease could end
 
     async def handle_frame(self, connection: RuntimeConnection, text: str) -> int:
         """Validate a whole frame, then hand it to the intake. Returns how many events were applied."""
@@ -53,8 +55,7 @@ class LinkServer:
         origin = (connection.key, top) if top is not None and not connection.key.startswith("connection:") else None
         applied = await self._intake.apply(events, origin)
         if claimed and self._connections.leases is not None:
-            for event in claimed:
-                await self._claim_lease(connection, event)
+            await self._claim_leases(connection, claimed)
         if top is not None:
             connection.sequenced = True
             self._acknowledge_later(connection, top)
@@ -88,9 +89,8 @@ class LinkServer:
         await self._sequences.identified(runtime_id)
         leases = self._connections.leases
         if moved and leases is not None:
-            with contextlib.suppress(StoreUnavailable):  # the heartbeat keeps trying
-                for phone in moved:
-                    await leases.claim(phone, connection.id)
+            with contextlib.suppress(StoreUnavailable):  # taken again with the phone's next claim otherwise
+                await leases.claim_many([(phone, connection.id) for phone in moved])
         self._connections.deliver_owed_later(connection, moved)
 
     def _acknowledge_later(self, connection: RuntimeConnection, top: int) -> None:
@@ -134,6 +134,8 @@ class LinkServer:
         for connection in connections:
             if connection.acknowledger is not None:
                 connection.acknowledger.cancel()
+        for task in list(self._confirming):
+            task.cancel()
 
     def _claim(self, connection: RuntimeConnection, events: list[SessionEvent]) -> list[SessionEvent]:
         """Ownership follows the runtime's reports, but a phone the sidecar just closed is not re-claimed by its
@@ -151,16 +153,38 @@ class LinkServer:
                 claimed.append(event)
         return claimed
 
-    async def _claim_lease(self, connection: RuntimeConnection, event: SessionEvent) -> None:
-        """Fleet mode: the phone's lease; a live lease held by another replica means two runtimes share one
-        set of credentials (what makes WhatsApp answer 440 `conflict` in a loop): an incident at once."""
+    async def _claim_leases(self, connection: RuntimeConnection, claimed: list[SessionEvent]) -> None:
+        """Fleet mode: the phones' leases, the frame's new claims in one statement; a phone held by another live
+        replica means two runtimes share one set of credentials (what makes WhatsApp answer 440 `conflict` in a
+        loop): an incident at once."""
         leases = self._connections.leases
         assert leases is not None
         try:
-            holder = await leases.claim(event.organization_phone_id, connection.id)
+            held = await leases.claim_many([(event.organization_phone_id, connection.id) for event in claimed])
         except StoreUnavailable:
-            return  # the heartbeat keeps trying for the phones this replica holds
-        if holder is not None:
+            return  # not recorded: the phone's next claim (its next connection) records it
+        lost = [event for event in claimed if event.organization_phone_id in held]
+        if lost:
+            task = asyncio.create_task(self._claim_again(connection, lost, leases), name="lease-confirm")
+            self._confirming.add(task)
+            task.add_done_callback(self._confirming.discard)
+
+    async def _claim_again(self, connection: RuntimeConnection, lost: list[SessionEvent], leases: SocketLeases) -> None:
+        """A claim lost to another replica is tried again once that replica's lease could have ended: a replica
+        that died (its runtimes moved here) has stopped renewing by then, and its phones become this one's; a
+        phone still held after that is held by a live replica, and two runtimes share its credentials."""
+        await asyncio.sleep(leases.lease_seconds + CONFIRM_MARGIN_SECONDS)
+        still = [e for e in lost if self._connections.owner_of(e.organization_phone_id) is connection]
+        if not still or connection.ws.closed:
+            return
+        try:
+            held = await leases.claim_many([(event.organization_phone_id, connection.id) for event in still])
+        except StoreUnavailable:
+            return
+        for event in still:
+            holder = held.get(event.organization_phone_id)
+            if holder is None:
+                continue
             self.lease_conflicts += 1
             await self._runtime.report_credentials_conflict(
                 event.organization_id,

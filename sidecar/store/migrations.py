@@ -199,6 +199,21 @@ MIGRATIONS: tuple[Migration, ...] = (
     # 8 (expand): what a runtime said it deleted when it acked a routed command (--key-store runtime); releases
     # with 5 to 7 migrations neither write nor read it.
     Migration("ALTER TABLE {schema}.socket_commands ADD COLUMN keys_deleted INTEGER;", 5),
+    # 9 (expand): leases per replica. A replica's heartbeat renews its one row (and says how many sessions it
+    # holds: the breaker's denominator, O(replicas) to read); a phone's socket_owners row is written only when it
+    # is claimed, released or taken over. Releases with 5 to 8 migrations renew their rows' own lease_until,
+    # which this release still honours; the instance index was used by no query (every lookup is by phone).
+    Migration(
+        """
+        CREATE TABLE {schema}.replica_leases (
+            instance    TEXT PRIMARY KEY,
+            lease_until TIMESTAMPTZ NOT NULL,
+            sessions    INTEGER NOT NULL DEFAULT 0
+        );
+        DROP INDEX IF EXISTS {schema}.socket_owners_instance_idx;
+        """,
+        5,
+    ),
 )
 
 

@@ -276,7 +276,8 @@ class PostgresFleet:
             "ON CONFLICT (instance_id) DO UPDATE SET position = GREATEST(j.position, EXCLUDED.position), "
             "undecided = EXCLUDED.undecided"
         )
-        self.sql_live = f"SELECT count(*) FROM {counters} WHERE phase <> 'closed'"
+        # The sessions the live replicas hold (each says at its heartbeat): O(replicas), not O(fleet).
+        self.sql_live = f"SELECT COALESCE(sum(sessions), 0) FROM {s}.replica_leases WHERE lease_until >= now()"
         self.sql_held = f"SELECT count(*) FROM {counters} WHERE phase = 'held'"
         self.sql_take_over = (
             f"UPDATE {counters} AS c SET generation = c.generation + 1, close_claimed_by = $1, "
@@ -371,9 +372,10 @@ class PostgresFleet:
         return True, False
 
     async def _live_sessions(self, conn: Connection) -> int:
-        """The breaker's denominator (sessions not closed), re-counted at most every LIVE_COUNT_SECONDS: the
-        count is O(fleet) and an admission holds the fleet-wide lock, so counting on every close would make
-        each close cost more as the fleet grows. A share-of-fleet threshold does not need it exact."""
+        """The breaker's denominator: the sessions the live replicas' runtime connections hold, as each replica
+        said at its last heartbeat (a sum over replica_leases, O(replicas)); read at most every
+        LIVE_COUNT_SECONDS, since an admission holds the fleet-wide lock. A share-of-fleet threshold does not
+        need it exact."""
         now = time.monotonic()
         if self._live is None or now - self._live[0] > LIVE_COUNT_SECONDS:
             self._live = (now, int(await conn.fetchval(self.sql_live)))

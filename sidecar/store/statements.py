@@ -116,8 +116,13 @@ class Statements:
             f"{s}.idempotency_keys WHERE created_at < $1 LIMIT $2)",
             "link_sequences": f"DELETE FROM {s}.link_sequences WHERE runtime_id IN (SELECT runtime_id FROM "
             f"{s}.link_sequences WHERE updated_at < $1 LIMIT $2)",
+            # Rows whose replica is gone (its lease ended before the cutoff, or no lease row at all).
             "socket_owners": f"DELETE FROM {s}.socket_owners WHERE organization_phone_id IN (SELECT "
-            f"organization_phone_id FROM {s}.socket_owners WHERE lease_until < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)",
+            f"organization_phone_id FROM {s}.socket_owners AS o WHERE lease_until < $1 AND NOT EXISTS (SELECT 1 "
+            f"FROM {s}.replica_leases AS r WHERE r.instance = o.instance AND r.lease_until >= $1) "
+            "LIMIT $2 FOR UPDATE SKIP LOCKED)",
+            "replica_leases": f"DELETE FROM {s}.replica_leases WHERE instance IN (SELECT instance FROM "
+            f"{s}.replica_leases WHERE lease_until < $1 LIMIT $2)",
         }
         self.insert_closure = (
             f"INSERT INTO {s}.closures (closure_id, organization_id, organization_phone_id, reason, trigger, "

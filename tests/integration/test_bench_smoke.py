@@ -93,3 +93,11 @@ async def test_leak_benchmark_runs_on_the_embedded_store() -> None:
 async def test_durable_lag_benchmark_runs() -> None:
     output = await bench("-m", "bench.durable_lag", "--senders", "4", "--seconds", "1", "--phones", "50")
     assert "events accepted by 4 HTTP senders" in output and "p99" in output
+
+
+async def test_scale_benchmark_runs() -> None:
+    output = await bench(
+        "-m", "bench.scale", "--sessions", "200", "--replicas", "2", "--idle-seconds", "4", "--storm-phones", "20"
+    )  # fmt: skip
+    assert "0 closed twice" in output and "0 commands delivered twice" in output, output
+    assert re.search(r"schema\s+[\d,]+ bytes per open idle session", output), output

@@ -172,7 +172,8 @@ def ws_url(replica: Replica) -> str:
 
 async def lease_holder(db: asyncpg.Connection, phone_id: int) -> str | None:
     holder: str | None = await db.fetchval(
-        "SELECT instance FROM wa_sidecar.socket_owners WHERE organization_phone_id = $1 AND lease_until >= now()",
+        "SELECT o.instance FROM wa_sidecar.socket_owners AS o JOIN wa_sidecar.replica_leases AS r USING (instance) "
+        "WHERE o.organization_phone_id = $1 AND r.lease_until >= now()",
         phone_id,
     )
     return holder

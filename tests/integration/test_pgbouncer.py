@@ -123,7 +123,8 @@ async def _closed(db: asyncpg.Connection, phone_id: int) -> bool:
 
 async def _leased(db: asyncpg.Connection, phone_id: int) -> bool:
     holder = await db.fetchval(
-        "SELECT instance FROM wa_sidecar.socket_owners WHERE organization_phone_id = $1 AND lease_until >= now()",
+        "SELECT o.instance FROM wa_sidecar.socket_owners AS o JOIN wa_sidecar.replica_leases AS r USING (instance) "
+        "WHERE o.organization_phone_id = $1 AND r.lease_until >= now()",
         phone_id,
     )
     return isinstance(holder, str) and holder.startswith("replica-a/")
