@@ -26,11 +26,10 @@ def file_stem(key: str) -> str:
 
 
 class FolderKeyStore:
-    def __init__(self, template: KeyTemplate) -> None:
+    def __init__(self, template: KeyTemplate, description: str) -> None:
         self._template = template
-        fixed = template.fixed_prefix()
-        self.root = Path(fixed) if fixed.endswith("/") else Path(fixed).parent
-        self.description = f"folder {template.text}"
+        self.root = Path(template.fixed_folder())
+        self.description = description
 
     def name_of(self, phone: PhoneRef) -> str:
         return str(self.folder(phone))

@@ -42,17 +42,13 @@ UNAVAILABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, 
 
 
 class RedisKeyStore:
-    def __init__(self, url: str, template: KeyTemplate, timeout: float = 5.0) -> None:
+    def __init__(self, url: str, template: KeyTemplate, description: str, timeout: float = 5.0) -> None:
         self._template = template
         self._client: redis.asyncio.Redis = redis.asyncio.from_url(
             url, socket_timeout=timeout, socket_connect_timeout=timeout, retry_on_timeout=False
         )
         self._script: Any = self._client.register_script(_SCRIPT)
-        kwargs = self._client.connection_pool.connection_kwargs
-        self.description = (
-            f"redis {kwargs.get('host', kwargs.get('path', '?'))}:{kwargs.get('port', '')}/{kwargs.get('db', 0)} "
-            f"key {template.text}"
-        )
+        self.description = description  # KeyStoreSpec.describe(): where, never a password
 
     def name_of(self, phone: PhoneRef) -> str:
         return self._template.render(phone)

@@ -100,9 +100,7 @@ def _folder(text: str) -> KeyStoreSpec:
     if "\x00" in path:
         raise ConfigError(KEY, "the folder template holds a NUL")
     template = KeyTemplate.parse(KEY, path.rstrip("/") or "/")
-    fixed = template.fixed_prefix()
-    root = fixed if fixed.endswith("/") else str(PurePosixPath(fixed).parent)
-    if root.rstrip("/") == "":
+    if template.fixed_folder().rstrip("/") == "":
         raise ConfigError(KEY, f"the folder before the first placeholder is /: name a folder of its own ({path!r})")
     return KeyStoreSpec(KeyPlace.FOLDER, None, template, given=True)
 
@@ -113,10 +111,10 @@ def open_key_store(spec: KeyStoreSpec, timeout: float) -> KeyStore | None:
         from sidecar.keystores.redis_hash import RedisKeyStore
 
         assert spec.url is not None and spec.template is not None
-        return RedisKeyStore(spec.url, spec.template, timeout)
+        return RedisKeyStore(spec.url, spec.template, spec.describe(), timeout)
     if spec.place is KeyPlace.FOLDER:
         from sidecar.keystores.folder import FolderKeyStore
 
         assert spec.template is not None
-        return FolderKeyStore(spec.template)
+        return FolderKeyStore(spec.template, spec.describe())
     return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import string
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 
 from sidecar.config_values import ConfigError
 from sidecar.rules.records import PhoneRef
@@ -62,6 +63,11 @@ class KeyTemplate:
         return self.text.format(
             organizationId=phone.organization_id, organizationPhoneId=phone.organization_phone_id, phone=number
         )
+
+    def fixed_folder(self) -> str:
+        """A path template's folder before its first placeholder (`/a/b/` of `/a/b/{x}` and `/a/b/p{x}`)."""
+        fixed = self.fixed_prefix()
+        return fixed if fixed.endswith("/") else str(PurePosixPath(fixed).parent)
 
     def fixed_prefix(self) -> str:
         """The text before the first placeholder."""

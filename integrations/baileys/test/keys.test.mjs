@@ -13,7 +13,7 @@ import os from 'node:os'
 import path from 'node:path'
 import * as B from '@whiskeysockets/baileys'
 import pino from 'pino'
-import { eventually, startSidecar, TOKEN } from './sidecar.mjs'
+import { cleanupsAfter, eventually, startSidecar, TOKEN } from './sidecar.mjs'
 import { validateFrame } from './schema.mjs'
 import { party, badMacStubs } from './signal.mjs'
 import { startStandIn, pairedDevice, openSocket, appStateKey, APP_KEY_ID } from './standin.mjs'
@@ -24,10 +24,7 @@ const Redis = require('ioredis')
 
 const quiet = pino({ level: 'silent' })
 const JID = '15550001111@s.whatsapp.net'
-const cleanups = []
-after(async () => {
-  for (const cleanup of cleanups.reverse()) await cleanup()
-})
+const cleanups = cleanupsAfter(after)
 
 let sidecar
 let standIn

@@ -5,7 +5,7 @@ import { test, after } from 'node:test'
 import assert from 'node:assert/strict'
 import { createRequire } from 'node:module'
 import pino from 'pino'
-import { eventually, startSidecar, TOKEN } from './sidecar.mjs'
+import { cleanupsAfter, eventually, startSidecar, TOKEN } from './sidecar.mjs'
 import { validateFrame } from './schema.mjs'
 import { startStandIn, pairedDevice, openSocket } from './standin.mjs'
 
@@ -15,10 +15,7 @@ const { WebSocketServer } = require('ws')
 
 const quiet = pino({ level: 'silent' })
 const JID = '15550001111@s.whatsapp.net'
-const cleanups = []
-after(async () => {
-  for (const cleanup of cleanups.reverse()) await cleanup()
-})
+const cleanups = cleanupsAfter(after)
 
 test('events a vanished sidecar never acknowledged reach its replacement once, after runtime.info', async () => {
   // A sidecar that says it acknowledges (upTo 0: nothing yet) and then vanishes with every event unacknowledged.

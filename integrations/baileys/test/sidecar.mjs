@@ -10,6 +10,15 @@ export const REPO = path.resolve(HERE, '..', '..', '..')
 export const PYTHON = process.env.WA_SIDECAR_PYTHON || path.join(REPO, '.venv', 'bin', 'python')
 export const TOKEN = 'runtime-token-for-tests'
 
+// What a test file starts, stopped after its last test in reverse order: `const cleanups = cleanupsAfter(after)`.
+export function cleanupsAfter(after) {
+  const cleanups = []
+  after(async () => {
+    for (const cleanup of cleanups.reverse()) await cleanup()
+  })
+  return cleanups
+}
+
 export async function eventually(condition, what, deadlineMs = 20_000) {
   const end = Date.now() + deadlineMs
   for (;;) {
