@@ -3,6 +3,7 @@ WebSocket sink (parses each frame as JSON and counts: the ceiling of this stack)
 event -> decision latency at a fixed rate.
 
     python -m bench.ingest [--connections 4] [--events 200000] [--batch 100] [--rate 10000] [--runs 3]
+                           [--mix counted|reconnect]
 
 - The sidecar is measured twice in each run: plain frames, and frames whose events carry a `seq` after a
   `runtime.info` (what the SDK and the Baileys adapter send: the sidecar tracks the sequence and acknowledges).
@@ -12,7 +13,9 @@ event -> decision latency at a fixed rate.
   ends when the server has counted every event (the sidecar's whatsapp_sidecar_events_total, the sink's /count).
   Events: decrypt errors of a counted-only class ("No session record") over 1,000 sessions, each connection
   reporting its own 1,000 / connections of them, so each event is validated, classified, counted and applied
-  without database work.
+  without database work. `--mix reconnect` is a reconnect flood: every other event is a `connection.update`
+  `open` of the same phones (each open is decided: counters reset, liveness and the socket's state), the rest
+  counted-only errors.
 - Latency: at `--rate` events/s, every 100th event is a Bad MAC for a fresh session; its heal decision comes back
   as an `auth.clear` command on the same connection. Send -> command received is event -> decision -> command,
   an upper bound of event -> decision.
@@ -51,11 +54,31 @@ def frames(total: int, batch: int, connection: int, connections: int, seq: bool 
     sessions; phones shared by connections would measure ownership changing hands on every event."""
     share = SESSIONS // connections
     events = [event(1 + connection * share + index % share) for index in range(total)]
+    return _framed(events, batch, seq)
+
+
+def reconnect_frames(total: int, batch: int, connection: int, connections: int, seq: bool = False) -> list[str]:
+    """A reconnect flood: every other event an `open` of the connection's phones, the rest counted-only errors."""
+    share = SESSIONS // connections
+    events = [
+        opened(phone) if index % 2 else event(phone)
+        for index in range(total)
+        for phone in [1 + connection * share + (index // 2) % share]
+    ]
+    return _framed(events, batch, seq)
+
+
+def opened(phone: int) -> dict[str, object]:
+    return {"type": "connection.update", "organizationId": 1 + phone % 20, "organizationPhoneId": phone,
+            "phoneJid": f"7900{phone:07d}@s.whatsapp.net", "connection": "open"}  # fmt: skip
+
+
+def _framed(events: list[dict[str, object]], batch: int, seq: bool) -> list[str]:
     if seq:
         events = [{**item, "seq": index} for index, item in enumerate(events, start=1)]
     if batch <= 1:
         return [json.dumps(item) for item in events]
-    return [json.dumps(events[start : start + batch]) for start in range(0, total, batch)]
+    return [json.dumps(events[start : start + batch]) for start in range(0, len(events), batch)]
 
 
 @asynccontextmanager
@@ -205,7 +228,10 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
 
 
-async def run(connections: int, events: int, batch: int, rate: float, runs: int) -> None:
+MIXES: dict[str, Frames] = {"counted": frames, "reconnect": reconnect_frames}
+
+
+async def run(connections: int, events: int, batch: int, rate: float, runs: int, mix: str = "counted") -> None:
     sidecar_port, sink_port = free_port(), free_port()
     sidecar_argv = [sys.executable, "-m", "sidecar", "serve", "--listen", f"127.0.0.1:{sidecar_port}",
                     "--log-level", "ERROR"]  # fmt: skip
@@ -217,9 +243,11 @@ async def run(connections: int, events: int, batch: int, rate: float, runs: int)
                 for name, base in (("sidecar", sidecar), ("sidecar+seq", sidecar), ("sink", sink)):
                     count = events if size > 1 else events // 4
                     results.setdefault((name, size), []).append(
-                        await throughput(base, name != "sink", connections, count, size, seq=name == "sidecar+seq")
+                        await throughput(
+                            base, name != "sink", connections, count, size, seq=name == "sidecar+seq", build=MIXES[mix]
+                        )
                     )
-        print(f"ingest: {connections} connections, medians of {runs} runs (events/s)")
+        print(f"ingest: {connections} connections, the {mix} mix, medians of {runs} runs (events/s)")
         for size in (1, batch):
             mine, ceiling = statistics.median(results[("sidecar", size)]), statistics.median(results[("sink", size)])
             label = "one event per frame" if size == 1 else f"batches of {size}"
@@ -239,8 +267,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--rate", type=float, default=10_000)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--mix", choices=sorted(MIXES), default="counted", help="counted-only errors, or half opens")
     args = parser.parse_args()
-    asyncio.run(run(args.connections, args.events, args.batch, args.rate, args.runs))
+    asyncio.run(run(args.connections, args.events, args.batch, args.rate, args.runs, args.mix))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Fleet mode at internet scale: N sessions over R replica processes on one PostgreSQL (issue 30).
 
     python -m bench.scale [--sessions 100000] [--replicas 4] [--idle-seconds 60] [--storm-phones 1000]
-                          [--compare-replicas 2]
+                          [--storm-rounds 3] [--compare-replicas 2]
 
 Real `wa-sidecar serve` processes in fleet mode on a fresh database of the local PostgreSQL; each replica gets
 runtime connections (raw WebSocket, `runtime.info` with a runtime id, events with a `seq`, every command acked) that
@@ -13,7 +13,8 @@ updates and deletes of the sidecar schema's tables in `pg_stat_user_tables`; com
   every session is owned (`socket_owners`);
 - idle: each session sends an activity report every 30 s (spread evenly), for --idle-seconds;
 - storm: 3 Bad MAC errors for each of --storm-phones phones, spread over the replicas; events decided per second,
-  and every phone closed exactly once (counted in `closures`);
+  and every phone closed exactly once (counted in `closures`); --storm-rounds times on fresh phones (the median
+  kept), each with the CPU the replicas, PostgreSQL and this client used (cores busy, from /proc);
 - takeover: one replica SIGKILLed; its runtimes reconnect to the others and report each session once; the time
   until every phone it held has a new owner, and whether any command was delivered twice.
 
@@ -156,6 +157,29 @@ async def snapshot(db: asyncpg.Connection) -> Snapshot:
     return Snapshot(time.monotonic(), int(rows), int(commits), int(wal))
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of these processes so far (/proc/PID/stat; clock ticks of 1/100 s)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            with open(f"/proc/{pid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / ticks
+
+
+def postgres_pids() -> list[int]:
+    """Every PostgreSQL server process on the machine (the benchmark's database shares the local cluster)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError), open(f"/proc/{entry}/comm") as comm:
+                if comm.read().strip() == "postgres":
+                    pids.append(int(entry))
+    return pids
+
+
 def rates(before: Snapshot, after: Snapshot) -> dict[str, float]:
     seconds = after.at - before.at
     return {
@@ -212,9 +236,11 @@ async def idle_traffic(runtimes: list[Runtime], stop: asyncio.Event) -> None:
             await asyncio.wait_for(stop.wait(), 1.0)
 
 
-async def storm(db: asyncpg.Connection, runtimes: list[Runtime], phones: int) -> tuple[float, int, int]:
-    """3 Bad MACs for `phones` phones (spread over the runtimes); (events/s, closures, phones closed twice)."""
-    chosen = [runtime.phones[: max(1, phones // len(runtimes))] for runtime in runtimes]
+async def storm(db: asyncpg.Connection, runtimes: list[Runtime], phones: int, round_: int) -> tuple[float, int, int]:
+    """3 Bad MACs for `phones` phones (spread over the runtimes; each round its own phones); (events/s, phones
+    closed so far, phones closed twice)."""
+    share = max(1, phones // len(runtimes))
+    chosen = [runtime.phones[round_ * share : (round_ + 1) * share] for runtime in runtimes]
     total = sum(len(group) for group in chosen)
     before = int(await db.fetchval("SELECT count(*) FROM wa_sidecar.closures"))
     started = time.monotonic()
@@ -252,7 +278,9 @@ async def table_bytes(db: asyncpg.Connection) -> dict[str, int]:
     return {row["relname"]: int(row["bytes"]) for row in rows}
 
 
-async def run(sessions: int, replica_count: int, idle_seconds: float, storm_phones: int, full: bool) -> float:
+async def run(
+    sessions: int, replica_count: int, idle_seconds: float, storm_phones: int, rounds: int, full: bool
+) -> float:
     """One fleet; prints each phase; returns the storm's events/s."""
     print(f"{sessions:,} sessions over {replica_count} replicas, {os.cpu_count()} cores")
     connections_per_replica = 2
@@ -278,10 +306,7 @@ async def run(sessions: int, replica_count: int, idle_seconds: float, storm_phon
                     f"{name} {size / sessions:.0f}" for name, size in list((await table_bytes(db)).items())[:4]
                 )
                 print(f"  schema    {total / sessions:,.0f} bytes per open idle session ({largest})")
-            before = await snapshot(db)
-            rate, closures, twice = await storm(db, runtimes, storm_phones)
-            show("storm", rates(before, await snapshot(db)), replica_count,
-                 f"   {rate:,.0f} events decided/s, {closures} phones closed, {twice} closed twice")  # fmt: skip
+            rate = await storm_rounds(db, replicas, runtimes, storm_phones, rounds)
             if full and replica_count > 1:
                 await takeover(db, replicas, runtimes, replica_count)
             stop.set()
@@ -291,6 +316,29 @@ async def run(sessions: int, replica_count: int, idle_seconds: float, storm_phon
                 await runtime.close()
             await db.close()
     return rate
+
+
+async def storm_rounds(
+    db: asyncpg.Connection, replicas: list[Replica], runtimes: list[Runtime], phones: int, rounds: int
+) -> float:
+    """The storm `rounds` times on fresh phones, each round's figures printed (with the cores each side kept busy:
+    on a machine whose cores are all busy, the rate is the machine's, not the coordination's); the median rate."""
+    sidecar_pids = [replica.process.pid for replica in replicas]
+    results = []
+    for round_ in range(rounds):
+        before = await snapshot(db)
+        cpu_before = (cpu_seconds(sidecar_pids), cpu_seconds(postgres_pids()), time.process_time())
+        rate, closures, twice = await storm(db, runtimes, phones, round_)
+        measured = rates(before, await snapshot(db))
+        cpu = (cpu_seconds(sidecar_pids), cpu_seconds(postgres_pids()), time.process_time())
+        busy = [(after - start) / measured["seconds"] for start, after in zip(cpu_before, cpu, strict=True)]
+        show(f"storm {round_ + 1}", measured, len(replicas),
+             f"   {rate:,.0f} events decided/s, {closures} phones closed so far, {twice} closed twice; cores busy: "
+             f"replicas {busy[0]:.2f}, PostgreSQL {busy[1]:.2f}, this client {busy[2]:.2f}")  # fmt: skip
+        results.append(rate)
+    median = sorted(results)[len(results) // 2]
+    print(f"  storm     median of {rounds} rounds: {median:,.0f} events decided/s", flush=True)
+    return median
 
 
 async def takeover(db: asyncpg.Connection, replicas: list[Replica], runtimes: list[Runtime], count: int) -> None:
@@ -327,11 +375,13 @@ async def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--replicas", type=int, default=4)
     parser.add_argument("--idle-seconds", type=float, default=60.0)
     parser.add_argument("--storm-phones", type=int, default=1000)
+    parser.add_argument("--storm-rounds", type=int, default=3, help="storms on fresh phones; the median is kept")
     parser.add_argument("--compare-replicas", type=int, default=0, help="run the storm again on this many")
     args = parser.parse_args(argv)
-    rate = await run(args.sessions, args.replicas, args.idle_seconds, args.storm_phones, full=True)
+    common = (args.idle_seconds, args.storm_phones, args.storm_rounds)
+    rate = await run(args.sessions, args.replicas, *common, full=True)
     if args.compare_replicas:
-        other = await run(args.sessions, args.compare_replicas, args.idle_seconds, args.storm_phones, full=False)
+        other = await run(args.sessions, args.compare_replicas, *common, full=False)
         print(f"storm: {args.replicas} replicas decide {rate / other:.2f}x the events/s of {args.compare_replicas}")
 
 

@@ -95,7 +95,7 @@ def activity_event(
     organization_id: int,
     organization_phone_id: int,
     phone_jid: str,
-    last_inbound_at: datetime,
+    last_inbound_at: datetime | None,
     *,
     messages: int = 0,
     receipts: int = 0,
@@ -103,7 +103,9 @@ def activity_event(
 ) -> Activity:
     return Activity(
         organization_id=organization_id, organization_phone_id=organization_phone_id, phone_jid=phone_jid,
-        last_inbound_at=Timestamp.combine(last_inbound_at.date(), last_inbound_at.timetz()),
+        last_inbound_at=(
+            None if last_inbound_at is None else Timestamp.combine(last_inbound_at.date(), last_inbound_at.timetz())
+        ),
         messages=messages, receipts=receipts, notifications=notifications, at=_now(),
     )  # fmt: skip
 

@@ -193,9 +193,11 @@ function attachSidecar(sock, options) {
   let reconnectTimer = null
   let flushTimer = null
   const inbound = { messages: 0, receipts: 0, notifications: 0, last: null }
+  let lastInbound = null // the last inbound stanza ever seen (inbound.last is since the last report)
+  let whatsappOpen = false // the socket's connection with WhatsApp, from connection.update
   const countInbound = (kind) => () => {
     inbound[kind]++
-    inbound.last = new Date()
+    inbound.last = lastInbound = new Date()
   }
   const inboundListeners = Object.entries(INBOUND_TAGS).map(([tag, kind]) => [`CB:${tag}`, countInbound(kind)])
   // Every interval, for a session that had any inbound traffic: one small event with the counts and the time of
@@ -270,6 +272,7 @@ function attachSidecar(sock, options) {
   function onConnectionUpdate(update) {
     if (update?.isNewLogin || update?.qr) pairedPhones.add(organizationPhoneId)
     if (!update?.connection) return
+    whatsappOpen = update.connection === 'open'
     const event = { type: 'connection.update', connection: update.connection }
     if (update.connection === 'open' && pairedPhones.delete(organizationPhoneId)) event.isNewLogin = true
     const statusCode = update.lastDisconnect?.error?.output?.statusCode
@@ -402,6 +405,13 @@ function attachSidecar(sock, options) {
       reconnectDelay = reconnectInitialMs
       socket.send(JSON.stringify({ type: 'runtime.info', runtimeId }))
       resend()
+      // A link that came back (perhaps to another replica) is told the open session is here, once: commands
+      // for it then reach this connection even if the session stays silent.
+      if (stats.connects > 1 && whatsappOpen) {
+        const present = { type: 'activity', messages: 0, receipts: 0, notifications: 0 }
+        if (lastInbound) present.lastInboundAt = lastInbound.toISOString()
+        enqueue(present)
+      }
       flush()
     })
     socket.on('message', (data) => {

@@ -152,12 +152,22 @@ class DecryptError(Event, frozen=True, kw_only=True, tag="decrypt.error"):
 
 class Activity(Event, frozen=True, kw_only=True, tag="activity"):
     """Inbound traffic since the runtime's last report, sent (for example every 30 s) only for sessions that had
-    any; the liveness watch's baseline (deaf sessions)."""
+    any; the liveness watch's baseline (deaf sessions). After a reconnect of the link, a runtime reports each of
+    its open sessions once (counts 0): the connection, and in fleet mode the replica it reached, then owns it."""
 
     messages: Annotated[Count, msgspec.Meta(description="inbound messages since the last report")] = 0
     receipts: Count = 0
     notifications: Count = 0
-    last_inbound_at: Annotated[Timestamp, msgspec.Meta(description="time of the last inbound stanza")]
+    last_inbound_at: (
+        Annotated[
+            Timestamp,
+            msgspec.Meta(
+                description="time of the last inbound stanza; omitted when the session had none since the runtime "
+                "attached to it (a report that only says the session is on this connection)"
+            ),
+        ]
+        | None
+    ) = None
 
 
 class CommandAck(Inbound, frozen=True, kw_only=True, tag="command.ack"):

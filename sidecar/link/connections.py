@@ -76,7 +76,8 @@ class LinkConnections:
         self._owners: dict[int, RuntimeConnection] = {}
         self._commands: dict[str, tuple[RuntimeConnection, asyncio.Future[CommandAck]]] = {}
         self.ownership_changes = 0
-        self._releases: set[asyncio.Task[None]] = set()
+        self._to_release: set[int] = set()  # fleet mode: phones whose leases go back with the next statement
+        self._releasing: asyncio.Task[None] | None = None
 
     @property
     def connection_count(self) -> int:
@@ -299,6 +300,7 @@ class LinkConnections:
             current.phones.discard(organization_phone_id)
         self._owners[organization_phone_id] = connection
         connection.phones.add(organization_phone_id)
+        self._to_release.discard(organization_phone_id)  # claimed again before its release went out
         return True
 
     def identified(self, connection: RuntimeConnection, runtime_id: str) -> list[int]:
@@ -333,16 +335,21 @@ class LinkConnections:
                 del self._commands[command_id]
 
     def _release_leases_later(self, phones: list[int]) -> None:
-        """Fleet mode: give the phones' leases back without holding up the caller (they expire otherwise)."""
-        if self.leases is not None:
-            task = asyncio.create_task(self._release_leases(self.leases, phones))
-            self._releases.add(task)
-            task.add_done_callback(self._releases.discard)
+        """Fleet mode: give the phones' leases back without holding up the caller (they expire otherwise). The
+        phones given back while a release is under way go together in the next one: a storm's closes cost a
+        statement per round trip, not one (and a pooled connection) per phone."""
+        if self.leases is None:
+            return
+        self._to_release.update(phones)
+        if self._releasing is None or self._releasing.done():
+            self._releasing = asyncio.create_task(self._release_pending(self.leases))
 
-    @staticmethod
-    async def _release_leases(leases: SocketLeases, phones: list[int]) -> None:
-        with contextlib.suppress(StoreUnavailable):  # the leases expire by themselves
-            await leases.release(phones)
+    async def _release_pending(self, leases: SocketLeases) -> None:
+        while self._to_release:
+            phones = sorted(self._to_release)
+            self._to_release.clear()
+            with contextlib.suppress(StoreUnavailable):  # the leases expire by themselves
+                await leases.release(phones)
 
     def all(self) -> list[RuntimeConnection]:
         return list(self._connections)

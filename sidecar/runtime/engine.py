@@ -295,5 +295,7 @@ class SessionRuntime:
         """The runtime's report of inbound traffic (rules/liveness.py): the session's baseline, and its recovery."""
         if self.is_closed(event.organization_phone_id):
             return
+        if event.last_inbound_at is None:  # only says where the session is (claimed by the link)
+            return
         phone = phone_ref(event.organization_id, event.organization_phone_id, event.phone_jid)
         self.liveness.activity(phone, event.last_inbound_at.timestamp())

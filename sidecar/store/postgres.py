@@ -41,6 +41,9 @@ ACQUIRE_TIMEOUT_SECONDS = 5.0
 
 
 LOCK_TIMEOUT = "5s"  # a backstop: decisions skip rows locked elsewhere and never wait on them
+# The breaker's lock another replica's batch holds is free again within milliseconds: a batch waits this long for
+# it (a queue in PostgreSQL instead of parked retries); longer means a session stuck holding it.
+BREAKER_LOCK_WAIT = "100ms"
 IDLE_IN_TRANSACTION_TIMEOUT = "10s"  # the sidecar never idles inside a transaction: past this its client is gone
 KEEPALIVES = {"tcp_keepalives_idle": "10", "tcp_keepalives_interval": "5", "tcp_keepalives_count": "3"}
 
@@ -48,8 +51,8 @@ KEEPALIVES = {"tcp_keepalives_idle": "10", "tcp_keepalives_interval": "5", "tcp_
 # What each limit is for (the configuration reference's table is generated from this).
 SESSION_LIMITS_WHY: dict[str, str] = {
     "lock_timeout": f"{LOCK_TIMEOUT}: a backstop. Decisions never wait for a row another session holds (they skip it "
-    "and retry that phone alone; the breaker's lock is tried, not waited for); an operator's close or a lease "
-    "waits at most this long, then answers or retries",
+    f"and retry that phone alone; the breaker's lock is waited for at most {BREAKER_LOCK_WAIT}); an operator's close "
+    "or a lease waits at most this long, then answers or retries",
     "statement_timeout": "the `--database-command-timeout`, enforced by the server too: a statement its client gave "
     "up on does not run on holding locks",
     "idle_in_transaction_session_timeout": f"{IDLE_IN_TRANSACTION_TIMEOUT}: the sidecar never idles inside a "
@@ -86,6 +89,13 @@ def connect_options(pooler: str, command_timeout: float | None = None) -> dict[s
     return options
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """A pooled connection going back to the pool needs no reset: the sidecar leaves no session state behind (its
+    settings and advisory locks are transaction-scoped, LISTEN has a connection of its own), and asyncpg still
+    rolls back a transaction left open. asyncpg's default reset (`pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *;
+    RESET ALL`) would cost a round trip on every release."""
+
+
 class PostgresStore:
     def __init__(
         self, pool: asyncpg.Pool, schema: SchemaMapping, command_timeout: float = 30.0, pooler: str = "none"
@@ -110,7 +120,7 @@ class PostgresStore:
     ) -> PostgresStore:
         # min_size=0: the sidecar starts (and reports not-ready) while PostgreSQL is still away.
         pool = await asyncpg.create_pool(
-            url, min_size=0, max_size=max_size, command_timeout=command_timeout,
+            url, min_size=0, max_size=max_size, command_timeout=command_timeout, reset=_keep_session,
             **connect_options(pooler, command_timeout),
         )  # fmt: skip
         return cls(pool, schema, command_timeout, pooler)
@@ -168,6 +178,10 @@ class PostgresStore:
     ) -> None:
         """Put a notification in the outbox inside the caller's transaction."""
         await self._writer.enqueue(conn, phone, notification, details)
+
+    async def enqueue_many(self, conn: Connection, items: Sequence[tuple[PhoneRef, Notification]]) -> None:
+        """Put notifications in the outbox inside the caller's transaction, in one round trip."""
+        await self._writer.enqueue_many(conn, items)
 
     latest_schema_version = len(MIGRATIONS)
 

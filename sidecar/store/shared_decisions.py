@@ -17,6 +17,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 import asyncpg
 
@@ -24,12 +25,15 @@ from sidecar.ports import ClaimedClose, FleetSettings, JournalProgress, StoredDe
 from sidecar.rules.policy import Close, CloseReason, Counters, Phase, Recent, SessionState
 from sidecar.rules.records import CloseTrigger, Notification, PhoneRef
 from sidecar.rules.safety import BreakerConfig, BreakerStatus, IncidentKind, LoopState, Mode
-from sidecar.store.postgres import PostgresStore
+from sidecar.store.postgres import BREAKER_LOCK_WAIT, PostgresStore
 from sidecar.store.sqlnames import quote_identifier
 from sidecar.store.statements import Connection
 
 LIVE_COUNT_SECONDS = 5.0
 CLOSE_LEASE_SECONDS = 60.0  # a claimed close not finished by then is taken over by another replica
+# A wait for the breaker's lock that timed out (store/postgres.py BREAKER_LOCK_WAIT) means a session stuck holding
+# it (a replica cut off mid-transaction): for this long after one, the lock is only tried, not waited for.
+LOCK_PATIENCE_SECONDS = 2.0
 
 
 def _recent_to_json(recent: Recent) -> str | None:
@@ -58,6 +62,27 @@ def _loops_from_json(raw: str | None) -> LoopState:
         tuple((float(at), code) for at, code in data["closes"]),
         tuple((IncidentKind(kind), float(at)) for kind, at in data["reported"]),
     )
+
+
+@dataclass
+class _Admissions:
+    """The breaker's ledger as one batch sees it under the fleet-wide lock: read once, the closes it admits counted
+    here and written at the batch's commit (one lock, one read and one write per batch, not per close)."""
+
+    tripped: bool
+    in_window: int
+    allowed: int
+    admitted: int = 0
+
+    def admit(self) -> tuple[bool, bool]:
+        """(admitted, just tripped), as the one-replica breaker answers."""
+        if self.tripped:
+            return False, False
+        if self.in_window + self.admitted + 1 > self.allowed:
+            self.tripped = True
+            return False, True
+        self.admitted += 1
+        return True, False
 
 
 def _decision_of(row: asyncpg.Record) -> StoredDecision:
@@ -95,6 +120,8 @@ class _Batch:
         self._closes: dict[int, tuple[Close, CloseTrigger]] = {}
         self._loops: dict[int, LoopState] = {}
         self._notifications: list[tuple[PhoneRef, Notification]] = []
+        self._admissions: _Admissions | None = None
+        self._lock_refused = False
 
     def already_decided(self, position: int) -> bool:
         return position <= self.high and position not in self._undecided
@@ -109,7 +136,17 @@ class _Batch:
         return self._stored[organization_phone_id]
 
     async def admit_automatic_close(self, phone: PhoneRef) -> tuple[bool, bool] | None:
-        return await self._fleet.admit(self._conn)
+        if self._admissions is None:
+            if self._lock_refused:  # held elsewhere a moment ago: this batch's other closes are retried too
+                return None
+            self._admissions = await self._fleet.admissions(self._conn)
+            if self._admissions is None:
+                self._lock_refused = True
+                return None
+        admitted, just_tripped = self._admissions.admit()
+        if just_tripped:
+            await self._conn.execute(self._fleet.sql_trip, None)
+        return admitted, just_tripped
 
     def save(
         self,
@@ -133,6 +170,8 @@ class _Batch:
         self._loops[phone.organization_phone_id] = loops
 
     async def flush(self) -> None:
+        if self._admissions is not None and self._admissions.admitted:
+            await self._conn.execute(self._fleet.sql_admit, self._admissions.admitted)
         if self._loops:
             await self._conn.execute(
                 self._fleet.sql_save_loops,
@@ -159,8 +198,7 @@ class _Batch:
                 [self._closes[i][0].counters.bad_decrypt_errors if i in self._closes else None for i in ids],
                 [self._users.get(phone_id) for phone_id in ids],
             )
-        for phone, notification in self._notifications:
-            await self._fleet.store.enqueue(self._conn, phone, notification, {})
+        await self._fleet.store.enqueue_many(self._conn, self._notifications)
 
 
 class PostgresFleet:
@@ -176,6 +214,7 @@ class PostgresFleet:
         self.close_lease_seconds = close_lease_seconds
         self._breaker = breaker
         self._live: tuple[float, int] | None = None  # (monotonic time read, live sessions): see _live_sessions
+        self._impatient_until = 0.0  # monotonic: until then the breaker's lock is only tried (LOCK_PATIENCE_SECONDS)
         s = quote_identifier(store.schema)
         counters, ledger, settings = f"{s}.session_counters", f"{s}.breaker_buckets", f"{s}.fleet_settings"
         self._lock_key = f"wa-sidecar-breaker:{store.schema}"
@@ -262,8 +301,15 @@ class PostgresFleet:
         self.sql_prune = f"DELETE FROM {ledger} WHERE second <= {start}"
         self.sql_in_window = f"SELECT COALESCE(sum(closes), 0) FROM {ledger} WHERE second > {start}"
         self.sql_admit = (
-            f"INSERT INTO {ledger} AS b (second, closes) VALUES (floor({epoch})::bigint, 1) "
-            "ON CONFLICT (second) DO UPDATE SET closes = b.closes + 1"
+            f"INSERT INTO {ledger} AS b (second, closes) VALUES (floor({epoch})::bigint, $1) "
+            "ON CONFLICT (second) DO UPDATE SET closes = b.closes + EXCLUDED.closes"
+        )
+        self.sql_try_lock = "SELECT pg_try_advisory_xact_lock(hashtext($1))"
+        # Waited for at most BREAKER_LOCK_WAIT (in a savepoint: a wait that times out leaves the batch usable);
+        # the transaction's own lock_timeout is put back once the lock is held.
+        self.sql_wait_lock = (
+            "SELECT current_setting('lock_timeout') AS kept, set_config('lock_timeout', $2, true), "
+            "pg_advisory_xact_lock(hashtext($1))"
         )
         self.sql_journal = f"SELECT position, undecided FROM {s}.journal_positions WHERE instance_id = $1"
         # Runtime link frames decided here: a replica the runtime resends them to skips them (link/sequences.py).
@@ -287,9 +333,12 @@ class PostgresFleet:
             "RETURNING c.organization_id, c.organization_phone_id, c.phone_user, c.generation, c.close_reason, "
             "c.close_trigger, c.close_detail, c.close_bad_mac, c.close_bad_decrypt"
         )
+        # A row a batch holds right now is skipped, not waited for: renewed on the next round, long before its
+        # close lease could run out.
         self.sql_renew_closes = (
             f"UPDATE {counters} SET close_lease_until = now() + make_interval(secs => $3) "
-            "WHERE close_claimed_by = $1 AND phase = 'closing' AND organization_phone_id = ANY($2::bigint[])"
+            f"WHERE organization_phone_id IN (SELECT organization_phone_id FROM {counters} WHERE close_claimed_by = $1 "
+            "AND phase = 'closing' AND organization_phone_id = ANY($2::bigint[]) FOR UPDATE SKIP LOCKED)"
         )
         self.sql_release_close = (
             f"UPDATE {counters} SET phase = 'active', closed_at = NULL, close_claimed_by = NULL, "
@@ -349,27 +398,37 @@ class PostgresFleet:
                 keys = sorted(batch.sequences)
                 await conn.execute(self.sql_taken, keys, [batch.sequences[key] for key in keys])
 
-    async def admit(self, conn: Connection) -> tuple[bool, bool] | None:
-        """The breaker's admission under its fleet-wide lock, without waiting for it: None when another session
-        holds it (a replica cut off mid-transaction holds it until the server ends that session)."""
-        if not await conn.fetchval("SELECT pg_try_advisory_xact_lock(hashtext($1))", self._lock_key):
+    async def admissions(self, conn: Connection) -> _Admissions | None:
+        """The breaker's ledger under its fleet-wide lock, for one batch's closes; None when another session holds
+        the lock past BREAKER_LOCK_WAIT (a replica cut off mid-transaction holds it until the server ends that
+        session): the batch's closes are retried, its other decisions are not held up."""
+        if not await self._lock(conn):
             return None
         settings = await conn.fetchrow(self.sql_settings)
         if settings is None:
             await conn.execute(self.sql_ensure_settings)
             settings = await conn.fetchrow(self.sql_settings)
         assert settings is not None
-        if settings["breaker_tripped_at"] is not None:
-            return False, False
         window = self._breaker.window_seconds
+        if settings["breaker_tripped_at"] is not None:
+            return _Admissions(True, 0, 0)
         await conn.execute(self.sql_prune, window)
         in_window = int(await conn.fetchval(self.sql_in_window, window))
-        live = await self._live_sessions(conn)
-        if in_window + 1 > self._breaker.allowed(live):
-            await conn.execute(self.sql_trip, None)
-            return False, True
-        await conn.execute(self.sql_admit)
-        return True, False
+        return _Admissions(False, in_window, self._breaker.allowed(await self._live_sessions(conn)))
+
+    async def _lock(self, conn: Connection) -> bool:
+        if await conn.fetchval(self.sql_try_lock, self._lock_key):
+            return True
+        if time.monotonic() < self._impatient_until:
+            return False
+        try:
+            async with conn.transaction():
+                kept = await conn.fetchval(self.sql_wait_lock, self._lock_key, BREAKER_LOCK_WAIT)
+        except asyncpg.LockNotAvailableError:
+            self._impatient_until = time.monotonic() + LOCK_PATIENCE_SECONDS
+            return False
+        await conn.execute("SELECT set_config('lock_timeout', $1, true)", kept)
+        return True
 
     async def _live_sessions(self, conn: Connection) -> int:
         """The breaker's denominator: the sessions the live replicas' runtime connections hold, as each replica

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from sidecar.rules.jid import bare_number
@@ -158,15 +159,24 @@ class StepWriter:
     ) -> None:
         if notification is None:
             return
-        await conn.execute(
-            self._sql.enqueue,
-            notification.notification_id,
-            str(notification.event),
-            phone.organization_id,
-            phone.organization_phone_id,
-            notification.occurred_at,
-            json.dumps(notification.stats),
-            notification.reason,
-            json.dumps(details),
-            notification.trace_id,
-        )
+        await conn.execute(self._sql.enqueue, *_outbox_row(phone, notification, details))
+
+    async def enqueue_many(self, conn: Connection, items: Sequence[tuple[PhoneRef, Notification]]) -> None:
+        """Notifications in the outbox inside the caller's transaction, in their order, pipelined (one round trip
+        for a batch of decisions, not one per notification)."""
+        if items:
+            await conn.executemany(self._sql.enqueue, [_outbox_row(phone, item, {}) for phone, item in items])
+
+
+def _outbox_row(phone: PhoneRef, notification: Notification, details: dict[str, Any]) -> tuple[object, ...]:
+    return (
+        notification.notification_id,
+        str(notification.event),
+        phone.organization_id,
+        phone.organization_phone_id,
+        notification.occurred_at,
+        json.dumps(notification.stats),
+        notification.reason,
+        json.dumps(details),
+        notification.trace_id,
+    )

@@ -7,6 +7,8 @@ import re
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.monitoring import killed_on_exit
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,11 +70,13 @@ async def test_ingest_logs_benchmark_runs() -> None:
     assert truth and counted and truth.group(1) == counted.group(1), output
 
 
-async def test_ingest_benchmark_runs() -> None:
+@pytest.mark.parametrize("mix", ["counted", "reconnect"])
+async def test_ingest_benchmark_runs(mix: str) -> None:
     output = await bench(
-        "-m", "bench.ingest", "--connections", "2", "--events", "2000", "--rate", "2000", "--runs", "1"
-    )
-    assert "one event per frame: sidecar" in output and "event -> decision -> command" in output, output
+        "-m", "bench.ingest", "--connections", "2", "--events", "2000", "--rate", "2000", "--runs", "1", "--mix", mix
+    )  # fmt: skip
+    assert f"the {mix} mix" in output and "one event per frame: sidecar" in output, output
+    assert "event -> decision -> command" in output, output
 
 
 async def test_memory_benchmark_runs() -> None:
@@ -100,4 +104,5 @@ async def test_scale_benchmark_runs() -> None:
         "-m", "bench.scale", "--sessions", "200", "--replicas", "2", "--idle-seconds", "4", "--storm-phones", "20"
     )  # fmt: skip
     assert "0 closed twice" in output and "0 commands delivered twice" in output, output
+    assert "median of 3 rounds" in output and "cores busy" in output, output
     assert re.search(r"schema\s+[\d,]+ bytes per open idle session", output), output

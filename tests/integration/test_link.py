@@ -9,7 +9,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 
-from sidecar.client import RuntimeClient, connection_update, decrypt_error
+from sidecar.client import RuntimeClient, activity, connection_update, decrypt_error
 from sidecar.events.schema import MAX_EVENTS_PER_FRAME
 from tests.pgcluster import free_port
 from tests.seed import KEY_NAMES, add_phone, keys_of, phone_row
@@ -17,6 +17,7 @@ from tests.server import serving, sidecar_config
 from tests.waiting import eventually
 
 TOKEN = "runtime-secret"
+OPERATOR_TOKEN = "operator-token-for-link-tests"
 
 
 class Recorder:
@@ -172,6 +173,34 @@ async def test_commands_go_to_the_runtime_that_last_reported_the_session(databas
         await eventually(lambda: any(c["type"] == "session.end" for c in second.commands))
         await served.components.runtime.settle()
     assert first.commands == []
+
+
+async def test_a_session_reported_after_a_link_reconnect_gets_its_commands_there(
+    database: str, db: asyncpg.Connection
+) -> None:
+    """What a runtime sends for each open session once its link is back (an activity with nothing but the session,
+    no lastInboundAt): the session's commands go to that connection from then on, and its counters stay."""
+    phone = await add_phone(db, 1, "79001112233")
+    pid, jid = phone.organization_phone_id, phone.phone_jid
+    before, after = Recorder(), Recorder()
+    config = sidecar_config(database, api_token=OPERATOR_TOKEN)
+    auth = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
+    async with serving(config) as served, aiohttp.ClientSession(served.base, headers=auth) as http:
+        async with RuntimeClient(served.ws_url, on_session_end=before, on_auth_clear=before) as first:
+            await first.send(connection_update(1, pid, jid, "open"))
+            await first.send(decrypt_error(1, pid, jid, "Bad MAC"))
+            await eventually(lambda: len(before.commands) == 1, what="the heal's auth.clear at the first connection")
+        async with RuntimeClient(served.ws_url, on_session_end=after, on_auth_clear=after) as second:
+            report = activity(1, pid, jid, None)
+            assert "lastInboundAt" not in report
+            await second.send(report)
+            await second.flush()
+            await eventually(lambda: served.components.link.owner_of(pid) is not None, what="claimed again")
+            async with http.post(f"/v1/sessions/{pid}/close", json={"reason": "moved runtime"}) as response:
+                assert response.status == 200, await response.text()
+                body = await response.json()
+            assert [command["type"] for command in after.commands] == ["session.end"]
+            assert body["socket"] == "ended" and body["badMacErrors"] == 1
 
 
 async def test_tokens_are_required_when_configured(database: str) -> None:

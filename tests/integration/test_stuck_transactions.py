@@ -129,6 +129,14 @@ async def test_the_breakers_lock_held_by_a_stuck_session_holds_back_only_the_clo
                 return await bad_macs(db, counting.organization_phone_id) == 1
 
             await eventually(counted, what="a phone below its limit decided")
+
+            async def waiting_on_the_lock() -> bool:  # PostgreSQL's own view: a sidecar session queued for it
+                waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                return bool(await db.fetchval(waiting))
+
+            # The close first waits for the lock (a batch holding it elsewhere frees it within milliseconds), for a
+            # bounded time: then it is parked and retried, and the other phones were not held up meanwhile.
+            await eventually(waiting_on_the_lock, interval=0.005, what="the close queued for the breaker's lock")
             await eventually(lambda: registry.get_sample_value(WAITING) == 1, what="the close waits for the lock")
             assert await bad_macs(db, closing.organization_phone_id) == 2  # the first two decided, the third waits
             assert await db.fetchval("SELECT count(*) FROM wa_sidecar.closures") == 0

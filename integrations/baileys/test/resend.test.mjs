@@ -65,3 +65,47 @@ test('events a vanished sidecar never acknowledged reach its replacement once, a
   const updates = seen.filter((item) => item.type === 'connection.update').length // connecting, open: once each
   assert.equal(Number((opens ?? '').split(' ').pop()), updates, 'each resent connection.update taken once')
 })
+
+test('after the link comes back, the open session is reported once, so its commands reach the new connection', async () => {
+  // A sidecar that acknowledges everything, then drops the link: nothing is left to resend, and yet the connection
+  // the runtime reaches next (perhaps another replica) must learn that the session is here.
+  const acking = new WebSocketServer({ host: '127.0.0.1', port: 0 })
+  await new Promise((resolve) => acking.once('listening', resolve))
+  cleanups.push(() => new Promise((resolve) => acking.close(resolve)))
+  const connections = []
+  acking.on('connection', (socket) => {
+    const frames = []
+    connections.push(frames)
+    socket.on('message', (data) => {
+      const frame = JSON.parse(String(data))
+      const items = Array.isArray(frame) ? frame : [frame]
+      frames.push(...items)
+      const upTo = Math.max(0, ...items.map((item) => item.seq ?? 0))
+      if (upTo) socket.send(JSON.stringify({ type: 'events.ack', upTo }))
+    })
+  })
+  const standIn = await startStandIn()
+  cleanups.push(() => standIn.close())
+  const device = await pairedDevice()
+  let link
+  const { sock } = await openSocket(standIn, device, {
+    logger: quiet,
+    onSocket: (s) => {
+      link = attachSidecar(s, { organizationId: 1, organizationPhoneId: 4302, url: `ws://127.0.0.1:${acking.address().port}/v1/runtime`, token: TOKEN, logger: quiet, phoneJid: JID, reconnectInitialMs: 100, reconnectMaxMs: 300 })
+    },
+  })
+  cleanups.push(async () => { link.detach(); sock.end(undefined) })
+  await eventually(() => connections[0]?.some((item) => item.type === 'connection.update' && item.connection === 'open'), 'the open reported')
+  await eventually(() => link.unacknowledged === 0, 'everything acknowledged')
+  assert.ok(!connections[0].some((item) => item.type === 'activity'), 'no report of presence on the first connection')
+  for (const client of acking.clients) client.terminate()
+  await eventually(() => connections[1]?.some((item) => item.type === 'activity'), 'the session reported on the new connection')
+  const [info, ...rest] = connections[1]
+  assert.equal(info.type, 'runtime.info')
+  const reports = rest.filter((item) => item.type === 'activity')
+  assert.equal(reports.length, 1)
+  assert.equal(reports[0].organizationPhoneId, 4302)
+  assert.deepEqual([reports[0].messages, reports[0].receipts, reports[0].notifications], [0, 0, 0])
+  for (const item of connections[1]) assert.ok(validateFrame(item), JSON.stringify(validateFrame.errors))
+  assert.ok(!rest.some((item) => item.type === 'connection.update'), 'no open invented: the counters stay')
+})
