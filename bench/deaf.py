@@ -25,7 +25,6 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import replace
 from datetime import UTC, datetime
 
 from aiohttp import web
@@ -148,7 +147,7 @@ def simulated_days(sessions: int, seed: int, config: LivenessConfig, days: int =
             day = min(days - 1, int(now // DAY))
             if action is Action.PROBE:
                 verdicts["probes"][day] += 1
-                state = replace(state, probing=False, probe_ok_at=now)  # the probe answers: not deaf
+                state = state._replace(probing=False, probe_ok_at=now)  # the probe answers: not deaf
             elif action is Action.DEAF:
                 verdicts["deaf"][day] += 1
             now += report_every

@@ -17,7 +17,13 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Protocol
 
-from sidecar.events.schema import CommandAck, DecryptError, InboundMessage, RuntimeInfo, SessionEvent, wire_name
+from sidecar.events.schema import (
+    CommandAck,
+    InboundMessage,
+    RuntimeInfo,
+    SessionEvent,
+    wire_name,
+)
 from sidecar.runtime import SessionRuntime
 
 YIELD_EVERY = 100  # events between yields to the loop: a big frame must not starve the API and other connections
@@ -111,7 +117,7 @@ class Intake:
         return events
 
     async def apply(self, events: list[SessionEvent], origin: tuple[str, int] | None = None) -> int:
-        """In arrival order, as one batch. Errors that change no decision are tallied (runtime/tally.py), each
+        """In arrival order, as one batch. Errors and opens that change no decision are tallied (runtime/tally.py), each
         phone's tally flushed before anything else of that phone is applied, so every session sees its events in
         order. `origin`: the link frame's runtime id and highest seq (remembered with the decisions)."""
         if not events:
@@ -128,7 +134,7 @@ class Intake:
             if count % YIELD_EVERY == 0:
                 await asyncio.sleep(0)
             if tally is not None:
-                if type(event) is DecryptError and tally.add(event):
+                if tally.takes(event):
                     continue
                 tally.flush(event.organization_phone_id)
             await runtime.apply(event)
@@ -138,7 +144,7 @@ class Intake:
 
     def _count(self, messages: Sequence[InboundMessage], channel: Channel) -> None:
         """whatsapp_sidecar_events_total, incremented once per message type of the batch."""
-        for kind, count in Counter(type(message) for message in messages).items():
+        for kind, count in Counter(map(type, messages)).items():  # counted in C
             key = (kind, channel.label)  # a str hashes in C; an Enum member's hash is a Python call
             child = self._event_children.get(key)
             if child is None:

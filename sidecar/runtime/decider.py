@@ -26,6 +26,7 @@ from sidecar.rules.policy import (
     Hold,
     OperatorClose,
     Phase,
+    SessionState,
     error_stats,
 )
 from sidecar.rules.policy import decide as policy_decide  # what a Decider does is `decide` too
@@ -50,6 +51,8 @@ from sidecar.runtime.parts import ZERO_COUNTERS, RuntimeParts
 from sidecar.runtime.registry import Session
 from sidecar.runtime.safety_state import SafetyView, needs_admission
 from sidecar.runtime.waiting import Result, Traced
+
+STEADY = SessionState()  # an active session with nothing counted: what an `open` leaves
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +122,11 @@ class Decider(Protocol):
         ...
 
     async def opened(self, phone: PhoneRef, now: float, new_login: bool) -> None: ...
+
+    def steady(self, organization_phone_id: int) -> Session | None:
+        """The session, when an `open` of it (not a new login) decides nothing and changes no state here: a batch
+        then only restarts its liveness watch (runtime/tally.py); None when the open must be decided."""
+        ...
 
     async def closed(self, phone: PhoneRef, now: float, status_code: int | None) -> None: ...
 
@@ -238,6 +246,8 @@ class LocalDecider:
 
     async def opened(self, phone: PhoneRef, now: float, new_login: bool) -> None:
         organization_phone_id = phone.organization_phone_id
+        if self.steady(organization_phone_id) is not None:
+            return  # the rules would give back the same state and no decision: nothing to write or carry out
         closed = self._incidents.reconnected_after_logout(organization_phone_id, now, new_login)
         if closed is not None:
             logged_out = self._registry.logged_out(organization_phone_id)
@@ -251,6 +261,15 @@ class LocalDecider:
         _, recovered = await self.apply(phone, ConnectionOpened(), None, now, None)
         if had_counts or reopened or recovered:
             await self._parts.steps.submit(ResetCounters(session.phone, recovered))
+
+    def steady(self, organization_phone_id: int) -> Session | None:
+        """A reconnect flood is mostly this: an open session with nothing counted, opened again. The rules give
+        back the same state and no decision for it (rules/policy.py: an open is a clean slate); a live session is
+        never a closed phone (registry.close_out), so no logout can have failed to stick."""
+        session = self._registry.get(organization_phone_id)
+        if session is not None and session.connected and session.state == STEADY and session.phone.phone_user:
+            return session
+        return None
 
     async def closed(self, phone: PhoneRef, now: float, status_code: int | None) -> None:
         await self._incidents.connection_closed(phone, now, status_code)

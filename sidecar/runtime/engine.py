@@ -173,11 +173,13 @@ class SessionRuntime:
         return self._classify(event.error, event.source).error_class
 
     def error_tally(self) -> ErrorTally | None:
-        """A tally for one batch's counted-only errors (runtime/tally.py); None when each error must be applied
-        on its own (a tracing exporter is configured: every error gets its span)."""
+        """A tally for one batch's counted-only errors and opens that decide nothing (runtime/tally.py); None
+        when each event must be applied on its own (a tracing exporter is configured: every error gets its span)."""
         if self._traced:
             return None
-        return ErrorTally(self._classify, self._observers, self._registry, self._parts.now)
+        return ErrorTally(
+            self._classify, self._observers, self._registry, self._parts.now, self.decider.steady, self.liveness
+        )
 
     async def handle_bad_mac_error(
         self, organization_id: int, organization_phone_id: int, phone_jid: str, peer_jid: str | None = None
@@ -282,7 +284,7 @@ class SessionRuntime:
         phone = phone_ref(event.organization_id, event.organization_phone_id, event.phone_jid)
         now = self._parts.now()
         if connection != "connecting":
-            self.liveness.connection(phone, connection == "open")
+            self.liveness.connection(phone, connection == "open", now)
         if connection == "open":
             await self.decider.opened(phone, now, event.new_login)
         elif connection == "close":

@@ -42,7 +42,7 @@ from sidecar.runtime.decision_queue import DecisionQueue
 from sidecar.runtime.errors import UnknownSession
 from sidecar.runtime.fleet_controls import FleetControls
 from sidecar.runtime.incidents import INCIDENT_EVENTS
-from sidecar.runtime.registry import LoggedOut
+from sidecar.runtime.registry import LoggedOut, Session
 from sidecar.runtime.safety_state import needs_admission
 from sidecar.runtime.waiting import EventJournal, Result, Traced, Waiting
 
@@ -177,6 +177,9 @@ class FleetDecider(FleetControls):
     async def closed(self, phone: PhoneRef, now: float, status_code: int | None) -> None:
         """Reconnect loops are detected in the decision, on the history every replica shares."""
         await self.apply(phone, ConnectionClosed(status_code), None, now, None)
+
+    def steady(self, organization_phone_id: int) -> Session | None:
+        return None  # every open is decided in the shared transaction (the counters live in the database)
 
     async def opened(self, phone: PhoneRef, now: float, new_login: bool) -> None:
         item = Waiting(phone, ConnectionOpened(), None, now, new_login)

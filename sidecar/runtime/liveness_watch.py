@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from sidecar.ports import LivenessSockets, SocketCommandFailed, SocketCommandUnsupported, SocketUnreachable
@@ -89,12 +89,12 @@ class LivenessWatch:
                 self._incidents.record(phone, "session.deaf_recovered", detail, NotificationEvent.DEAF_RECOVERED)
             )
 
-    def connection(self, phone: PhoneRef, connected: bool) -> None:
+    def connection(self, phone: PhoneRef, connected: bool, now: float) -> None:
         watched = self._watched.get(phone.organization_phone_id)
         if watched is None and not connected:
             return
         watched = watched or self._watch(phone)
-        watched.state = on_connection(watched.state, self._now(), connected)
+        watched.state = on_connection(watched.state, now, connected)
 
     def forget(self, organization_phone_id: int) -> None:
         self._watched.pop(organization_phone_id, None)
@@ -179,7 +179,7 @@ class LivenessWatch:
         except SocketUnreachable as unreachable:
             # No connection to ask: say nothing yet (the session may simply be gone); the next tick asks again.
             log.info("liveness probe: no runtime connection", extra={"fields": {"error": str(unreachable)}})
-            watched.state = replace(watched.state, probing=False)
+            watched.state = watched.state._replace(probing=False)
             return
         except SocketCommandUnsupported as unsupported:
             # An older runtime: no evidence either way, so it is judged like a session whose probe succeeded (deaf

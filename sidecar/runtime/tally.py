@@ -1,4 +1,4 @@
-"""Per-batch counting of the errors that cannot change a decision.
+"""Per-batch counting of the errors that cannot change a decision, and of the opens that change nothing.
 
 Most of a storm is errors of classes the rules only count (no session record, media, app-state sync failures
 that do not count toward Bad Decrypt, ...). Applying them one by one costs a classification, the observers and a
@@ -8,6 +8,11 @@ tally; `flush(phone)` applies what the tally holds for one phone, and the caller
 of that phone is applied, so every session sees its events in arrival order. What the tally applies is what
 one-by-one application would have: the session made known with the time of its last error (unless it is
 closed), the metrics incremented by the batch's totals (at its end), nothing else.
+
+A reconnect flood is mostly opens of sessions that are open already with nothing counted: the rules give back the
+same state and no decision for them (an open is a clean slate), so `add_open` keeps them too when the decider says
+an open of that session decides nothing (`steady`); what the tally applies for one is what the engine would: the
+session's liveness watch restarted (rules/liveness.py `on_connection`).
 """
 
 from __future__ import annotations
@@ -16,12 +21,15 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from sidecar.events.schema import DecryptError
+from sidecar.events.schema import ConnectionUpdate, DecryptError, SessionEvent
 from sidecar.rules.app_state import AppStateKind, app_state_signal, collection_label
 from sidecar.rules.classification import ErrorClass, ErrorSource, classify
 from sidecar.rules.inputs import phone_ref
+from sidecar.rules.jid import bare_number
+from sidecar.rules.records import PhoneRef
+from sidecar.runtime.liveness_watch import LivenessWatch
 from sidecar.runtime.observer import ErrorTotals, RuntimeObserver
-from sidecar.runtime.registry import SessionRegistry
+from sidecar.runtime.registry import Session, SessionRegistry
 
 COUNTED = frozenset({ErrorClass.BAD_MAC, ErrorClass.BAD_DECRYPT})
 APP_STATE_CLASSES = frozenset({ErrorClass.BAD_DECRYPT, ErrorClass.APP_STATE_SYNC})
@@ -58,7 +66,7 @@ class Classifier:
 class ErrorTally:
     """The counted-only errors of one batch, until they are flushed: totals per class and organization (the
     observers get them once per batch), and per phone the fact that it had an error (the session made known,
-    with the time of its last error)."""
+    with the time of its last error); and the phones opened again with nothing to decide."""
 
     def __init__(
         self,
@@ -66,15 +74,28 @@ class ErrorTally:
         observers: Sequence[RuntimeObserver],
         registry: SessionRegistry,
         now: Callable[[], float],
+        steady: Callable[[int], Session | None],
+        liveness: LivenessWatch,
     ) -> None:
         self._classify = classifier
         self._observers = observers
         self._registry = registry
         self._now = now
+        self._steady = steady
+        self._liveness = liveness
+        self._opened: dict[int, PhoneRef] = {}
         self._at: float | None = None
         self._by_class: list[tuple[ErrorClass, int]] = []  # counted at the end, in C (Counter of a list)
         self._app_state: list[tuple[str, AppStateKind]] = []
         self._phones: dict[int, tuple[int, str]] = {}
+
+    def takes(self, event: SessionEvent) -> bool:
+        """Keep the event in the tally (True), or leave it to be applied on its own (False)."""
+        if type(event) is DecryptError:
+            return self.add(event)
+        if type(event) is ConnectionUpdate:
+            return self.add_open(event)
+        return False
 
     def add(self, report: DecryptError) -> bool:
         """Keep a counted-only error in the tally (True); False for one that must be decided on its own."""
@@ -87,29 +108,58 @@ class ErrorTally:
         self._phones[report.organization_phone_id] = (report.organization_id, report.phone_jid)
         return True
 
+    def add_open(self, update: ConnectionUpdate) -> bool:
+        """Keep an `open` that decides nothing (True): not a new login, of a session the decider calls steady,
+        naming the phone the session already knows (the intake's events are validated: the bare cut is the
+        number). False for one that must be applied on its own."""
+        if update.connection != "open" or update.new_login:
+            return False
+        session = self._steady(update.organization_phone_id)
+        if session is None:
+            return False
+        phone = session.phone
+        if phone.organization_id != update.organization_id or phone.phone_user != bare_number(update.phone_jid):
+            return False
+        self._opened[update.organization_phone_id] = phone
+        return True
+
     def flush(self, organization_phone_id: int) -> None:
         """Apply the tally of one phone, before anything else of that phone is applied."""
         seen = self._phones.pop(organization_phone_id, None)
         if seen is not None:
             self._seen(organization_phone_id, *seen)
+        opened = self._opened.pop(organization_phone_id, None)
+        if opened is not None:
+            self._open(opened)
 
     def flush_all(self) -> None:
         phones, self._phones = self._phones, {}
         for organization_phone_id, seen in phones.items():
             self._seen(organization_phone_id, *seen)
+        opened, self._opened = self._opened, {}
+        for phone in opened.values():
+            self._open(phone)
         if self._by_class:
             totals = ErrorTotals(Counter(self._by_class), Counter(self._app_state))
             self._by_class, self._app_state = [], []
             for observer in self._observers:
                 observer.errors_tallied(totals)
 
-    def _seen(self, organization_phone_id: int, organization_id: int, phone_jid: str) -> None:
-        """The session is now known and has a last error (a closed one stays closed)."""
+    def _open(self, phone: PhoneRef) -> None:
+        """What the engine does for an open that decides nothing: the liveness watch starts again."""
+        self._liveness.connection(phone, True, self._batch_time())
+
+    def _batch_time(self) -> float:
         if self._at is None:
             self._at = self._now()
+        return self._at
+
+    def _seen(self, organization_phone_id: int, organization_id: int, phone_jid: str) -> None:
+        """The session is now known and has a last error (a closed one stays closed)."""
+        at = self._batch_time()
         if self._registry.is_closed(organization_phone_id):
             return
         session = self._registry.get(organization_phone_id)
         if session is None or session.phone.phone_user is None:
             session = self._registry.ensure(phone_ref(organization_id, organization_phone_id, phone_jid))
-        session.last_error_at = self._at
+        session.last_error_at = at

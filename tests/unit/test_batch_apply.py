@@ -1,6 +1,7 @@
-"""A batch applied as a batch (errors that change no decision tallied, events/intake.py and runtime/tally.py) ends
-in exactly the state that applying its events one by one reaches: sessions, closes, heals, the store, and the
-metrics as the stock Prometheus parser reads them. The oracle is the one-by-one path (`SessionRuntime.apply`)."""
+"""A batch applied as a batch (errors and opens that change no decision tallied, events/intake.py and
+runtime/tally.py) ends in exactly the state that applying its events one by one reaches: sessions, their liveness
+watches, closes, heals, the store, and the metrics as the stock Prometheus parser reads them. The oracle is the
+one-by-one path (`SessionRuntime.apply`)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from sidecar.events.intake import Admission, Channel, Intake
 from sidecar.events.schema import ConnectionUpdate, DecryptError, SessionEvent
 from sidecar.rules.classification import ErrorSource
-from sidecar.rules.policy import PolicyConfig
+from sidecar.rules.liveness import Liveness
+from sidecar.rules.policy import Counters, PolicyConfig
 from sidecar.telemetry.metrics import MetricsObserver, SidecarMetrics
 from tests.harness import Harness, runtime_over
 
@@ -100,7 +102,7 @@ def sessions_of(harness: Harness) -> dict[int, object]:
         known = None
         if session is not None:
             known = (session.counters, session.phase, session.connected, session.last_error_at)
-        state[phone] = (harness.runtime.is_closed(phone), known)
+        state[phone] = (harness.runtime.is_closed(phone), known, harness.runtime.liveness.state_of(phone))
     return state
 
 
@@ -139,3 +141,34 @@ def test_a_storm_of_counted_only_errors_is_counted_in_full() -> None:
     assert by_kind == {"no_session": 334, "app_state_sync": 333, "media": 333}
     snapshots = [v for (name, labels), v in samples.items() if name == "whatsapp_app_state_sync_failures_total" and v]
     assert snapshots == [333]
+
+
+def test_an_open_of_a_steady_session_in_a_batch_restarts_its_watch() -> None:
+    """A reconnect flood's opens are tallied (nothing to decide), yet each restarts the session's liveness watch at
+    the batch's time, as the engine does one by one; an open after a count is decided (it resets the counters)."""
+    times = [FIXED]
+
+    async def scenario() -> tuple[tuple[object, object], list[Liveness | None], Counters]:
+        registry = CollectorRegistry()
+        metrics = SidecarMetrics(registry, PolicyConfig().limits)
+        async with runtime_over(None, observers=[MetricsObserver(metrics)], clock=lambda: times[-1]) as harness:
+            harness.socket(1), harness.socket(2)
+            for phone in (1, 2):
+                await harness.runtime.apply(event("open", phone))
+            await harness.runtime.apply(event("bad_mac", 2))
+            await harness.runtime.settle()
+            steady = harness.runtime.decider.steady(1), harness.runtime.decider.steady(2)
+            times.append(datetime(2026, 11, 30, 9, 5, tzinfo=UTC))
+            pending = harness.pending
+            intake = Intake(harness.runtime, lambda ack: None, Admission(pending.caught_up, lambda: pending.room),
+                            metrics)  # fmt: skip
+            await intake.take([event("open", 1), event("no_session", 1), event("open", 2)], Channel.LOGS)
+            await harness.runtime.settle()
+            watches = [harness.runtime.liveness.state_of(phone) for phone in (1, 2)]
+            counters = harness.runtime.session(2).counters  # type: ignore[union-attr]
+            return steady, watches, counters
+
+    (steady_1, steady_2), watches, counters = asyncio.run(scenario())
+    assert steady_1 is not None and steady_2 is None  # phone 2 has a count: its open is decided
+    assert [watch.connected_since if watch else None for watch in watches] == [times[-1].timestamp()] * 2
+    assert counters.bad_mac_errors == 0

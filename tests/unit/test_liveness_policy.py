@@ -200,3 +200,19 @@ def test_with_the_default_history_a_new_session_s_first_night_is_not_judged() ->
     hour = 3600.0
     day_one = [k * 30.0 for k in range(int(8 * hour / 30))]
     assert run(Trace(tuple(day_one), end=20 * hour), LivenessConfig(), lambda _: False) == []
+
+
+def test_an_open_keeps_every_field_but_the_watch_it_restarts() -> None:
+    """on_connection builds its state field by field (the hot path of a reconnect flood): every field that is not
+    the watch's own (connected_since, probing, probe_ok_at, declared_at) is carried over, including any added
+    later, as `_replace` would."""
+    watch = {"connected_since", "probing", "probe_ok_at", "declared_at"}
+    state = Liveness(
+        last_inbound=10.0, connected_since=1.0, gaps=(3.0, 4.0), long_gaps=((5.0, 6.0),), first_inbound=2.0,
+        reports=7, status=Status.DEAF, probing=True, probe_ok_at=8.0, declared_at=9.0,
+    )  # fmt: skip
+    defaults = Liveness()
+    assert all(getattr(state, name) != getattr(defaults, name) for name in Liveness._fields)  # every field set
+    opened = on_connection(state, 20.0, True)
+    assert opened == state._replace(connected_since=20.0, probing=False, probe_ok_at=None, declared_at=None)
+    assert {name for name in Liveness._fields if getattr(opened, name) != getattr(state, name)} == watch
