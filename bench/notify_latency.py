@@ -93,8 +93,8 @@ async def run(sessions: int, rate: float) -> None:
                     connection_update(phone.organization_id, phone.organization_phone_id, phone.jid, "open")
                 )
             await client.flush()
-            while not await server.query(f"count(whatsapp_session_healthy == 1) == {sessions}"):  # noqa: ASYNC110
-                await asyncio.sleep(0.1)  # until Prometheus has scraped every healthy session
+            while not await server.query(f"sum(whatsapp_sidecar_connected_sessions) == {sessions}"):  # noqa: ASYNC110
+                await asyncio.sleep(0.1)  # until Prometheus has scraped every session connected
             flipped: dict[int, float] = {}
             for phone in phones:
                 ids = (phone.organization_id, phone.organization_phone_id, phone.jid)

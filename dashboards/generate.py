@@ -157,7 +157,8 @@ def fleet_overview() -> Json:
             "Connected and unhealthy sessions",
             "short",
             (
-                query(f"sum(whatsapp_session_connected{{{SESSION}}})", "connected"),
+                # the fleet family: complete under every --session-metrics mode (idle sessions have no series)
+                query(f"sum({_by_team(f'whatsapp_sidecar_connected_sessions{{{ORGANIZATION}}}')})", "connected"),
                 query(f"count(whatsapp_session_healthy{{{SESSION}}} == 0) or vector(0)", "unhealthy"),
             ),
             width=8,
@@ -389,6 +390,11 @@ def session_drilldown() -> Json:
                 query(f"max(whatsapp_session_connected{{{phone}}})", "connected"),
             ),
             width=8,
+            description=(
+                "Under --session-metrics active (the default) a healthy idle session has no series of its own: no "
+                "data here means it had nothing to say within the window (--session-metrics-window). Its live "
+                "state is at GET /v1/sessions/{organizationPhoneId} on the sidecar (docs/operations/telemetry.md)."
+            ),
         ),
         Panel(
             "Last decryption error",

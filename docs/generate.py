@@ -28,7 +28,7 @@ from sidecar.rules.app_state import app_state_table
 from sidecar.rules.policy import Limits
 from sidecar.store.postgres import SESSION_LIMITS_WHY
 from sidecar.telemetry.metrics import SidecarMetrics
-from sidecar.telemetry.session_families import FAMILIES
+from sidecar.telemetry.session_families import FAMILIES, FLEET_FAMILIES
 from sidecar.telemetry.tracing import OTEL_VARIABLES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,7 +57,11 @@ def metrics_page() -> str:
             labels = ", ".join(f"`{label}`" for label in value._labelnames) or "none"
             rows.append((f"`{name}`", value._type, labels, value._documentation))
     labels = "`organization_id`, `organization_phone_id`, `team`"
-    rows += [(f"`{name}`", "gauge", labels, text) for name, text in FAMILIES]
+    rows += [(f"`{name}`", "gauge", labels, text + " (per session: `--session-metrics`)") for name, text in FAMILIES]
+    rows += [
+        (f"`{name}`", "gauge", ", ".join(f"`{label}`" for label in names) or "none", text)
+        for name, names, text in FLEET_FAMILIES
+    ]
     return (
         "# Metrics\n\n"
         + GENERATED.format(source="`sidecar/telemetry/metrics.py` and `sidecar/telemetry/session_families.py`")

@@ -100,7 +100,13 @@ def _components(config: Config, extras: Extras) -> Callable[[web.Application], A
             config.policy.limits,
             lambda organization_id: team_of(organization_id, 0),
         )
-        families = SessionFamilies(config.policy.limits, team_of)
+        families = SessionFamilies(
+            config.policy.limits,
+            team_of,
+            lambda: clock().timestamp(),
+            config.session_metrics,
+            config.session_metrics_window,
+        )
 
         def teams_changed() -> None:
             families.reset_labels()

@@ -29,6 +29,7 @@ from sidecar.rules.liveness import DeafAction, LivenessConfig
 from sidecar.rules.policy import DEFAULT_CRITICAL_STATUS_CODES, HealthPolicy, Limits, PolicyConfig
 from sidecar.rules.safety import BreakerConfig, Mode
 from sidecar.store.sqlnames import InvalidIdentifier, quote_identifier, quote_qualified
+from sidecar.telemetry.exported import DEFAULT_WINDOW_SECONDS, SessionMetrics
 
 ENV_PREFIX = "WA_SIDECAR_"
 # Settings read only from the environment (secrets stay out of process listings); docs/reference lists them.
@@ -126,6 +127,9 @@ class Config:
     deaf_action: DeafAction = DeafAction.NONE
     liveness: LivenessConfig = field(default_factory=LivenessConfig)
     liveness_tick: float = 5.0
+    # Which sessions get their own series on /metrics (telemetry/exported.py), and how long an active one keeps them.
+    session_metrics: SessionMetrics = SessionMetrics.ACTIVE
+    session_metrics_window: float = DEFAULT_WINDOW_SECONDS
     # A client that takes longer to send a request body gets 408 (slow or stalled clients hold no connection).
     request_body_timeout: float = 10.0
     # ... and one slower to send its request head (or idle between keep-alive requests) is disconnected.
@@ -157,8 +161,9 @@ class Config:
             )
 
 
-LISTENING, DATABASE, RULES, FLEET, LIVENESS, OWNERS = (
+LISTENING, TELEMETRY, DATABASE, RULES, FLEET, LIVENESS, OWNERS = (
     "listening and access",
+    "metrics",
     "database",
     "session rules",
     "fleet and safety",
@@ -168,6 +173,7 @@ LISTENING, DATABASE, RULES, FLEET, LIVENESS, OWNERS = (
 GROUP_OF = {
     **dict.fromkeys(("--listen", "--insecure", "--request-header-timeout", "--request-body-timeout", "--instance",
                      "--log-level"), LISTENING),
+    **dict.fromkeys(("--session-metrics", "--session-metrics-window"), TELEMETRY),
     **dict.fromkeys(("--database-url", "--database-pooler", "--database-command-timeout", "--database-step-timeout",
                      "--pending-steps-limit", "--state-dir", "--schema-override", "--key-store", "--retention",
                      "--state-ttl"),
@@ -190,7 +196,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, only: frozenset[str] |
     """The settings, in groups; each also reads WA_SIDECAR_<NAME> (flag wins). `only`: the flags a command
     takes (every setting by default)."""
     groups = {
-        title: parser.add_argument_group(title) for title in (LISTENING, DATABASE, RULES, FLEET, LIVENESS, OWNERS)
+        title: parser.add_argument_group(title)
+        for title in (LISTENING, TELEMETRY, DATABASE, RULES, FLEET, LIVENESS, OWNERS)
     }
 
     def add(flag: str, **kwargs: Any) -> None:
@@ -269,6 +276,12 @@ def add_config_arguments(parser: argparse.ArgumentParser, only: frozenset[str] |
         "and is ended again (default 3600)")  # fmt: skip
     add("--health-policy", help="counters (the seed's, default) or windowed (distinct failing peers in a window)")
     add("--health-window", help="the windowed policy's window in seconds (default 600)")
+    add(
+        "--session-metrics",
+        help="which sessions get their own series on /metrics: active (default: a counter, unhealthy, held, deaf, "
+        "or an error within the window), all, or none; fleet families are complete in every mode",
+    )
+    add("--session-metrics-window", help="an active session keeps its series this long after (e.g. 30m; default 1h)")
 
 
 def _setting(args: argparse.Namespace, env: Mapping[str, str], name: str) -> str | None:
@@ -423,6 +436,12 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = N
     if (raw := setting("breaker_window")) is not None:
         breaker = replace(breaker, window_seconds=positive_float("breaker-window", raw))
     changes["breaker"] = breaker
+    if (raw := setting("session_metrics")) is not None:
+        if raw not in {item.value for item in SessionMetrics}:
+            raise ConfigError("session-metrics", f"must be active, all or none, got {raw!r}")
+        changes["session_metrics"] = SessionMetrics(raw)
+    if (raw := setting("session_metrics_window")) is not None:
+        changes["session_metrics_window"] = duration("session-metrics-window", raw)
     if (raw := setting("logout_stick_seconds")) is not None:
         changes["logout_stick_seconds"] = positive_float("logout-stick-seconds", raw)
     return replace(config, **changes)  # type: ignore[arg-type]

@@ -12,6 +12,7 @@ from sidecar.ports import StoreUnavailable
 from sidecar.rules.inputs import ascii_id
 from sidecar.rules.policy import HealthPolicy
 from sidecar.runtime import InvalidInput
+from sidecar.telemetry.exposition import EOF_LINE, encoded_in_chunks
 
 OPENAPI_PATH = Path(__file__).parent / "openapi.json"
 
@@ -69,24 +70,27 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.StreamResponse:
-    """prometheus_client's content negotiation and encoder for the fleet metrics, then the per-session
-    families streamed in chunks from the session registry (see sidecar.telemetry.session_families)."""
+    """prometheus_client's content negotiation and encoder for the fleet metrics (in chunks, see
+    sidecar.telemetry.exposition), then the per-session families streamed in chunks from the session registry
+    (see sidecar.telemetry.session_families)."""
     components = components_of(request)
     encoder, content_type = choose_encoder(",".join(request.headers.getall("Accept", [])))
-    fleet: bytes = encoder(components.metrics.registry)
-    eof = b"# EOF\n"
-    openmetrics = fleet.endswith(eof)
+    openmetrics = content_type.startswith("application/openmetrics-text")
     response = web.StreamResponse(headers={"Content-Type": content_type})
     response.enable_compression()
     await response.prepare(request)
-    await response.write(fleet[: -len(eof)] if openmetrics else fleet)
+    async for chunk in encoded_in_chunks(components.metrics.registry, encoder):
+        await response.write(chunk)
     runtime = components.runtime
     windowed = runtime.policy.health is HealthPolicy.WINDOWED
     counters_of = runtime.counters_now if windowed else None
-    async for chunk in components.families.render(runtime.sessions(), counters_of, runtime.liveness.last_inbound):
+    liveness = runtime.liveness
+    async for chunk in components.families.render(
+        runtime.sessions(), counters_of, liveness.last_inbound, liveness.troubled
+    ):
         await response.write(chunk)
     if openmetrics:
-        await response.write(eof)
+        await response.write(EOF_LINE)
     await response.write_eof()
     return response
 

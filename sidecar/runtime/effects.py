@@ -26,6 +26,7 @@ from sidecar.runtime.registry import Session
 class Effects:
     def __init__(self, parts: RuntimeParts, heals: HealRunner, closes: CloseSequence, incidents: Incidents) -> None:
         self.policy = parts.policy
+        self._registry = parts.registry
         self._observers = parts.observers
         self._notices = parts.notices
         self._heals = heals
@@ -59,6 +60,8 @@ class Effects:
     ) -> None:
         """Write the decided state, tell the observers, and start the decision's effect (heal or close)."""
         session.state = transition.state
+        if transition.state.phase is Phase.HELD:
+            self._registry.note_held()
         for observer in self._observers:
             observer.counters_changed(session.phone, transition.state.counters)
         if is_healthy(before.counters, self.policy.limits) != is_healthy(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +72,7 @@ class LivenessWatch:
         self._is_closed = parts.registry.is_closed
         self._socket_timeout = parts.socket_timeout
         self._watched: dict[int, Watched] = {}
+        self._troubled: dict[int, Status] = {}  # the watched sessions whose status is not OK (kept as it changes)
         self.restarts = 0
         self.restarts_held = 0
 
@@ -82,6 +84,7 @@ class LivenessWatch:
             watched.state = on_connection(watched.state, self._now(), True)
         previous = watched.state.last_inbound
         watched.state, action = on_activity(watched.state, last_inbound_at, self.config)
+        self._troubled.pop(phone.organization_phone_id, None)  # traffic: the status is OK again
         if action is Action.RECOVERED:
             silent = None if previous is None else round(last_inbound_at - previous, 3)
             detail = {"silentForSeconds": silent, "lastInboundAt": last_inbound_at}
@@ -98,6 +101,7 @@ class LivenessWatch:
 
     def forget(self, organization_phone_id: int) -> None:
         self._watched.pop(organization_phone_id, None)
+        self._troubled.pop(organization_phone_id, None)
 
     def expire(self, now: float, ttl: float) -> int:
         """Bounded memory: forget disconnected sessions with no traffic for `ttl` (--state-ttl); returns how many."""
@@ -108,6 +112,7 @@ class LivenessWatch:
         ]
         for phone_id in quiet:
             del self._watched[phone_id]
+            self._troubled.pop(phone_id, None)
         return len(quiet)
 
     # Views --------------------------------------------------------------------------------------------
@@ -131,7 +136,18 @@ class LivenessWatch:
 
     @property
     def deaf_count(self) -> int:
-        return sum(1 for watched in self._watched.values() if watched.state.status is Status.DEAF)
+        return sum(1 for status in self._troubled.values() if status is Status.DEAF)
+
+    @property
+    def troubled(self) -> Mapping[int, Status]:
+        """The statuses of the sessions found suspect or deaf (by organizationPhoneId), without a scan."""
+        return self._troubled
+
+    def _track(self, organization_phone_id: int, status: Status) -> None:
+        if status is Status.OK:
+            self._troubled.pop(organization_phone_id, None)
+        else:
+            self._troubled[organization_phone_id] = status
 
     @property
     def watched_count(self) -> int:
@@ -160,8 +176,11 @@ class LivenessWatch:
         for phone_id, watched in list(self._watched.items()):
             if self._is_closed(phone_id):  # logged out: nothing to watch until a new login reports in
                 del self._watched[phone_id]
+                self._troubled.pop(phone_id, None)
                 continue
             watched.state, action = on_tick(watched.state, now, self.config)
+            if action is not Action.NONE:
+                self._track(phone_id, watched.state.status)
             if action is Action.PROBE:
                 self._tasks.spawn(self._probe(watched))
             elif action is Action.DEAF:
@@ -196,6 +215,7 @@ class LivenessWatch:
         else:
             watched.unprobed = False
         watched.state, action = on_probe(watched.state, self._now(), ok)
+        self._track(watched.phone.organization_phone_id, watched.state.status)
         if action is Action.DEAF:
             await self._deaf(watched, f"probe {outcome}")
 

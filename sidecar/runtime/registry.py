@@ -33,6 +33,11 @@ class SessionView(Protocol):
     def counters(self) -> Counters: ...
 
     @property
+    def state(self) -> SessionState:
+        """The decision state (its counters and phase) in one read."""
+        ...
+
+    @property
     def connected(self) -> bool: ...
 
     @property
@@ -108,6 +113,10 @@ class SessionRegistry(Protocol):
     @property
     def closed_count(self) -> int: ...
 
+    def note_held(self) -> None:
+        """A decision held a session (the breaker): held_count counts again."""
+        ...
+
     @property
     def held_count(self) -> int: ...
 
@@ -119,6 +128,7 @@ class MemorySessionRegistry:
         self._logged_out: dict[int, LoggedOut] = {}
         self._quiet_since: dict[int, float] = {}  # sweep bookkeeping: since when a session has held nothing
         self._closed_at: dict[int, float] = {}  # when each closed marker was set (first sweep, if unknown)
+        self._maybe_held = False  # some session may be held (note_held); held_count scans only then
 
     def get(self, organization_phone_id: int) -> Session | None:
         return self._sessions.get(organization_phone_id)
@@ -218,6 +228,15 @@ class MemorySessionRegistry:
     def closed_count(self) -> int:
         return len(self._closed)
 
+    def note_held(self) -> None:
+        self._maybe_held = True
+
     @property
     def held_count(self) -> int:
-        return sum(1 for session in self._sessions.values() if session.state.phase is Phase.HELD)
+        """Sessions the breaker holds. Read on every scrape: a scan only since a decision held one (only
+        Effects.carry_out writes a held state, and tells the registry), until the scan finds none again."""
+        if not self._maybe_held:
+            return 0
+        held = sum(1 for session in self._sessions.values() if session.state.phase is Phase.HELD)
+        self._maybe_held = held > 0
+        return held

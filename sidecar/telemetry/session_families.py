@@ -5,20 +5,31 @@ sessions x 5 series here), which stalls the event loop that serves the runtime l
 text is escaped and built once and cached; a scrape only formats numbers, and yields to the event loop every
 CHUNK sessions so event processing is never blocked for more than a few milliseconds. The text is valid in
 both the Prometheus text format and OpenMetrics (gauge lines are the same in both).
+
+Which sessions get series (`--session-metrics`): `all` (every tracked session), `active` (the default: the
+sessions with something to say, telemetry/exported.py, kept for `window` seconds after they last had; an
+alert's series never disappears while the condition behind it holds), or `none`. The selection is a scan of the
+sessions at scrape time, in chunks with yields like the rendering; the fleet families
+(`whatsapp_sidecar_sessions_exported`, `whatsapp_sidecar_connected_sessions`) come from the same scan and are
+complete in every mode.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from sidecar.rules.policy import Counters, Limits, is_healthy
+from sidecar.rules.liveness import Status
+from sidecar.rules.policy import ZERO, Counters, Limits, Phase, SessionState, is_healthy
 from sidecar.rules.records import PhoneRef
 from sidecar.runtime import SessionView
 from sidecar.runtime.observer import RuntimeObserver
+from sidecar.telemetry.exported import DEFAULT_WINDOW_SECONDS, SessionMetrics, exported_until, in_trouble
 
 CHUNK = 500
+SELECT_CHUNK = 5_000  # sessions looked at between yields while selecting (about 3 ms here)
 DEFAULT_TEAM = "unassigned"
 
 FAMILIES = (
@@ -29,6 +40,10 @@ FAMILIES = (
     ("whatsapp_session_last_error_timestamp_seconds", "Time of the session's last decryption error"),
     ("whatsapp_session_last_inbound_timestamp_seconds", "Time of the last inbound stanza the runtime reported"),
 )
+FLEET_FAMILIES = (  # (name, labels, help): complete in every mode
+    ("whatsapp_sidecar_sessions_exported", (), "Per-session series sets this scrape exports (--session-metrics)"),
+    ("whatsapp_sidecar_connected_sessions", ("organization_id",), "Sessions the runtime reports connected"),
+)
 
 
 def escape_label_value(value: str) -> str:
@@ -36,10 +51,21 @@ def escape_label_value(value: str) -> str:
 
 
 class SessionFamilies(RuntimeObserver):
-    def __init__(self, limits: Limits, team_of: Callable[[int, int], str]) -> None:
+    def __init__(
+        self,
+        limits: Limits,
+        team_of: Callable[[int, int], str],
+        now: Callable[[], float],
+        mode: SessionMetrics = SessionMetrics.ACTIVE,
+        window: float = DEFAULT_WINDOW_SECONDS,
+    ) -> None:
         self._limits = limits
         self._team_of = team_of
+        self._now = now
+        self.mode = mode
+        self.window = window
         self._labels: dict[int, str] = {}
+        self._until: dict[int, float] = {}  # active mode: exported until then (the window after it last had news)
 
     def labels(self, phone: PhoneRef) -> str:
         cached = self._labels.get(phone.organization_phone_id)
@@ -55,6 +81,7 @@ class SessionFamilies(RuntimeObserver):
     def forgotten(self, phone: PhoneRef) -> None:
         """A closed session's series disappear from the next scrape (no unbounded growth)."""
         self._labels.pop(phone.organization_phone_id, None)
+        self._until.pop(phone.organization_phone_id, None)
 
     def reset_labels(self) -> None:
         """After the team mapping changed: labels are rebuilt on the next scrape."""
@@ -69,17 +96,23 @@ class SessionFamilies(RuntimeObserver):
         sessions: Iterable[SessionView],
         counters_of: Callable[[SessionView], Counters] | None = None,
         last_inbound_of: Callable[[int], float | None] = lambda _: None,
+        troubled: Mapping[int, Status] | None = None,
     ) -> AsyncIterator[bytes]:
-        """The six families as chunks of text, yielding to the event loop between chunks. `counters_of`: the
-        counters to show (the windowed policy's current ones); the stored ones by default. `last_inbound_of`:
-        the liveness watch's time of a session's last inbound stanza."""
+        """The fleet families of the sessions, then the per-session families of the selected ones, as chunks of
+        text, yielding to the event loop between chunks. `counters_of`: the counters to show (the windowed
+        policy's current ones); the stored ones by default. `last_inbound_of`: the liveness watch's time of a
+        session's last inbound stanza; `troubled`: the liveness statuses of the sessions found suspect or deaf."""
         views = list(sessions)  # the dict may change while we yield
-        snapshot = views if counters_of is None else [_Shown(v, counters_of(v)) for v in views]
+        snapshot: list[SessionView] = views if counters_of is None else [_Shown(v, counters_of(v)) for v in views]
+        selected, connected = await self._select(snapshot, troubled or {})
+        yield self._fleet_text(len(selected), connected)
+        if self.mode is SessionMetrics.NONE:
+            return
         limits, labels = self._limits, self.labels
         for name, help_text in FAMILIES:
             yield f"# HELP {name} {help_text}\n# TYPE {name} gauge\n".encode()
-            for start in range(0, len(snapshot), CHUNK):
-                chunk = snapshot[start : start + CHUNK]
+            for start in range(0, len(selected), CHUNK):
+                chunk = selected[start : start + CHUNK]
                 if name == "whatsapp_session_bad_mac_errors":
                     lines = [f"{name}{labels(s.phone)} {s.counters.bad_mac_errors}\n" for s in chunk]
                 elif name == "whatsapp_session_bad_decrypt_errors":
@@ -95,6 +128,52 @@ class SessionFamilies(RuntimeObserver):
                     lines = [f"{name}{labels(phone)} {at}\n" for phone, at in inbound if at is not None]
                 yield "".join(lines).encode()
                 await asyncio.sleep(0)  # writes rarely wait, so yield to event processing here
+
+    async def _select(
+        self, snapshot: list[SessionView], troubled: Mapping[int, Status]
+    ) -> tuple[list[SessionView], Counter[int]]:
+        """The sessions to export under the mode, and the connected sessions by organization (of all of them).
+        Each chunk is filtered by comprehensions first (the quiet sessions cost no call); the few left are judged
+        by telemetry/exported.py."""
+        connected: Counter[int] = Counter()
+        selected: list[SessionView] = []
+        now, window, limits, until = self._now(), self.window, self._limits, self._until
+        active = self.mode is SessionMetrics.ACTIVE
+        quiet_at_zero = not in_trouble(ZERO, limits, Phase.ACTIVE, None)  # what the filter below assumes
+        named = set(troubled) | set(until)  # few: judged whatever their state
+        steady = Phase.ACTIVE
+        for start in range(0, len(snapshot), SELECT_CHUNK):
+            chunk = snapshot[start : start + SELECT_CHUNK]
+            connected.update([view.phone.organization_id for view in chunk if view.connected])
+            if active:
+                candidates = chunk if not quiet_at_zero else [
+                    view for view in chunk
+                    if view.last_error_at is not None or view.state.counters is not ZERO
+                    or view.state.phase is not steady or view.phone.organization_phone_id in named
+                ]  # fmt: skip
+                for view in candidates:
+                    phone_id = view.phone.organization_phone_id
+                    trouble = in_trouble(view.counters, limits, view.phase, troubled.get(phone_id))
+                    kept = until.get(phone_id)
+                    ends = exported_until(trouble, view.last_error_at, kept, now, window)
+                    if ends is not None:
+                        selected.append(view)
+                        if trouble or kept is not None:
+                            until[phone_id] = ends
+                    elif kept is not None:
+                        del until[phone_id]
+            if start + SELECT_CHUNK < len(snapshot):
+                await asyncio.sleep(0)
+        return (snapshot if self.mode is SessionMetrics.ALL else selected), connected
+
+    def _fleet_text(self, exported: int, connected: Counter[int]) -> bytes:
+        (exported_name, _, exported_help), (connected_name, _, connected_help) = FLEET_FAMILIES
+        lines = [
+            f"# HELP {exported_name} {exported_help}\n# TYPE {exported_name} gauge\n{exported_name} {exported}\n",
+            f"# HELP {connected_name} {connected_help}\n# TYPE {connected_name} gauge\n",
+        ]
+        lines += [f'{connected_name}{{organization_id="{o}"}} {n}\n' for o, n in sorted(connected.items())]
+        return "".join(lines).encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,3 +194,15 @@ class _Shown:
     @property
     def last_error_at(self) -> float | None:
         return self.view.last_error_at
+
+    @property
+    def phase(self) -> Phase:
+        return self.view.phase
+
+    @property
+    def state(self) -> SessionState:
+        return SessionState(self.counters, self.view.phase)
+
+    @property
+    def organization_phone_id(self) -> int:
+        return self.view.organization_phone_id

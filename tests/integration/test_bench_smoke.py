@@ -26,8 +26,10 @@ async def bench(*argv: str) -> str:
 
 
 async def test_scrape_benchmark_runs() -> None:
-    header, row = (await bench("bench/scrape.py", "--sizes", "50", "--runs", "1")).splitlines()[:2]
-    assert header.split()[0] == "sessions" and row.split()[0] == "50"
+    output = await bench("bench/scrape.py", "--sizes", "50", "--runs", "1", "--active-share", "0.1")
+    mode, header, row = output.splitlines()[:3]
+    assert mode == "--session-metrics active, active share 0.1"
+    assert header.split()[:2] == ["sessions", "exported"] and row.split()[:2] == ["50", "5"]
 
 
 async def test_storm_benchmark_runs() -> None:

@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sidecar.client import Command, RuntimeClient, activity, connection_update
 from sidecar.rules.liveness import DeafAction, LivenessConfig
 from sidecar.rules.safety import BreakerConfig, Mode
+from sidecar.telemetry.exported import SessionMetrics
 from tests.integration.test_notifications import SECRET, owners_file
 from tests.receiver import receiving
 from tests.seed import add_phone, phone_row
@@ -119,6 +120,7 @@ async def test_a_silent_busy_session_is_restarted_and_recovers_while_an_idle_one
         config = sidecar_config(
             database, owners_file=owners_file(tmp_path, receiver.url), webhook_backoff_initial=0.05,
             closure_log_path=log, liveness=FAST, liveness_tick=0.05, deaf_action=DeafAction.RESTART,
+            session_metrics=SessionMetrics.ALL,  # the idle session's series too
         )  # fmt: skip
         async with serving(config) as served, backend(served, jids) as fake:
             fake.delivering.add(busy.organization_phone_id)

@@ -178,6 +178,7 @@ def test_dashboards_config_map_holds_exactly_the_dashboards() -> None:
         ),
         ({"serviceMonitor": {"enabled": "yes"}}, "at '/serviceMonitor/enabled': got string, want boolean"),
         ({"fleet": {"coordination": "shared"}}, "at '/fleet/coordination'"),
+        ({"sessionMetrics": {"mode": "some"}}, "at '/sessionMetrics/mode'"),
     ],
 )
 def test_bad_values_are_rejected_with_the_path_named(values: dict[str, Any], message: str) -> None:
@@ -299,3 +300,15 @@ def test_the_key_store_value_or_secret_and_the_backends_auth_volume_reach_the_co
     [default] = of_kind(render(), "Deployment")
     names = {item["name"] for item in default["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert "WA_SIDECAR_KEY_STORE" not in names, "the default leaves the keys in the database's table"
+
+
+def test_the_session_metrics_mode_reaches_the_container() -> None:
+    for values, expected in (
+        ({}, ("active", "1h")),
+        ({"sessionMetrics": {"mode": "none", "window": "30m"}}, ("none", "30m")),
+    ):
+        deployment = of_kind(render(values), "Deployment")[0]
+        env = {
+            item["name"]: item.get("value") for item in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        }
+        assert (env["WA_SIDECAR_SESSION_METRICS"], env["WA_SIDECAR_SESSION_METRICS_WINDOW"]) == expected

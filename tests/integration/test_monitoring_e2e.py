@@ -165,7 +165,8 @@ async def test_two_bad_macs_alert_the_owning_team_one_does_not_and_a_close_is_cr
                 await runtime.send(connection_update(*ids(phone), "open"))
                 await runtime.send(activity(*ids(phone), datetime.now(UTC), messages=3))  # inbound traffic
             await runtime.flush()
-            await eventually(lambda: scraped("count(whatsapp_session_connected == 1) == 3"), what="fleet scraped")
+            # the default --session-metrics active: idle sessions have no series of their own, the fleet family counts
+            await eventually(lambda: scraped("sum(whatsapp_sidecar_connected_sessions) == 3"), what="fleet scraped")
 
             await runtime.send(decrypt_error(*ids(quiet), "Bad MAC"))
             await runtime.flush()

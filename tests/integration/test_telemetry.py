@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sidecar.app import Extras
 from sidecar.client import connection_update, decrypt_error
 from sidecar.runtime.errors import CloseIncomplete
+from sidecar.telemetry.exported import SessionMetrics
 from sidecar.telemetry.logs import json_handler
 from sidecar.telemetry.tracing import tracing_from_provider
 from tests.seed import add_phone, refuse_key_deletes
@@ -55,7 +56,9 @@ async def test_bad_mac_gauges_then_series_gone_and_a_close_counted(database: str
     phone = await add_phone(db, 7, "79001112233")
     pid = phone.organization_phone_id
     registry = CollectorRegistry()
-    config = sidecar_config(database, organization_teams={7: "sales"})
+    # every session's series (an open idle session has none under the default `active`: tests/integration/
+    # test_session_metrics.py)
+    config = sidecar_config(database, organization_teams={7: "sales"}, session_metrics=SessionMetrics.ALL)
     async with serving(config, extras=Extras(registry=registry)) as served:
         closes = ("whatsapp_session_closes_total", {"reason": "bad_mac_limit", "organization_id": "7"})
         await post_events(served, [connection_update(7, pid, JID, "open")])
@@ -140,7 +143,7 @@ async def test_metrics_pass_promtool_and_both_parsers(database: str, db: asyncpg
 
 
 async def test_cardinality_ten_thousand_sessions_leave_no_series() -> None:
-    async with serving(sidecar_config(None)) as served:
+    async with serving(sidecar_config(None, session_metrics=SessionMetrics.ALL)) as served:
         runtime = served.components.runtime
         for start in range(1, 10_001, 1000):
             await post_events(

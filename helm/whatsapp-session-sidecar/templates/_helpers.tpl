@@ -114,6 +114,10 @@ user asked for an open listener and gave none. */}}
       value: {{ .Values.housekeeping.stateTtl | quote }}
     - name: WA_SIDECAR_RETENTION
       value: {{ .Values.housekeeping.retention | quote }}
+    - name: WA_SIDECAR_SESSION_METRICS
+      value: {{ .Values.sessionMetrics.mode | quote }}
+    - name: WA_SIDECAR_SESSION_METRICS_WINDOW
+      value: {{ .Values.sessionMetrics.window | quote }}
     - name: WA_SIDECAR_DEAF_ACTION
       value: {{ .Values.deafSessions.action | quote }}
     - name: WA_SIDECAR_DEAF_FLOOR

@@ -22,6 +22,7 @@ const CONFIRM_SECONDS = 1
 const LIVENESS = [
   '--deaf-action', 'restart', '--deaf-floor', `${FLOOR_SECONDS}s`, '--deaf-gap-factor', '2',
   '--deaf-confirm', `${CONFIRM_SECONDS}s`, '--deaf-min-reports', '3', '--deaf-min-history', '0.5s', '--liveness-tick', '0.1',
+  '--session-metrics', 'all', // the busy session's traffic is read from its own series while it is healthy and idle
 ]
 
 let sidecar
