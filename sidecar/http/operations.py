@@ -85,9 +85,7 @@ async def metrics(request: web.Request) -> web.StreamResponse:
     windowed = runtime.policy.health is HealthPolicy.WINDOWED
     counters_of = runtime.counters_now if windowed else None
     liveness = runtime.liveness
-    async for chunk in components.families.render(
-        runtime.sessions(), counters_of, liveness.last_inbound, liveness.troubled
-    ):
+    async for chunk in components.families.render(runtime, counters_of, liveness.last_inbound, liveness.troubled):
         await response.write(chunk)
     if openmetrics:
         await response.write(EOF_LINE)

@@ -5,7 +5,7 @@ the runtime that sent the event."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -83,6 +83,13 @@ class SessionRuntime:
 
     def is_closed(self, organization_phone_id: int) -> bool:
         return self._registry.is_closed(organization_phone_id)
+
+    def take_touched(self) -> set[int]:
+        """The sessions written with something to say since the last take (one reader: the scrape)."""
+        return self._registry.take_touched()
+
+    def connected_by_organization(self) -> Mapping[int, int]:
+        return self._registry.connected_by_organization()
 
     @property
     def session_count(self) -> int:

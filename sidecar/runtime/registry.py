@@ -8,12 +8,13 @@ zero-copy view, so a scrape of 10,000 sessions builds no copies).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Protocol
 
 from sidecar.ports import StoredSession
-from sidecar.rules.policy import Counters, Phase, SessionState
+from sidecar.rules.policy import ZERO, Counters, Phase, SessionState
 from sidecar.rules.records import PhoneRef
 
 
@@ -44,14 +45,74 @@ class SessionView(Protocol):
     def last_error_at(self) -> float | None: ...
 
 
-@dataclass(slots=True)
-class Session:
-    """A live session's decision state; only the runtime changes it."""
+class SessionIndex:
+    """What the registry keeps current as sessions are written, so that readers need no scan of every session
+    (a scrape of 100,000 sessions reads these instead): the sessions written with something to say since a
+    reader last took them (counters, a phase other than active, an error), and the connected sessions by
+    organization."""
 
-    phone: PhoneRef
-    state: SessionState
-    connected: bool = False
-    last_error_at: float | None = None  # epoch seconds
+    __slots__ = ("connected", "touched")
+
+    def __init__(self) -> None:
+        self.touched: set[int] = set()
+        self.connected: Counter[int] = Counter()
+
+    def connection(self, organization_id: int, delta: int) -> None:
+        left = self.connected[organization_id] + delta
+        if left > 0:
+            self.connected[organization_id] = left
+        else:
+            del self.connected[organization_id]
+
+
+def _of_note(state: SessionState) -> bool:
+    return state.counters is not ZERO or state.phase is not Phase.ACTIVE
+
+
+class Session:
+    """A live session's decision state; only the runtime changes it. Its writes keep the registry's index."""
+
+    __slots__ = ("_connected", "_index", "_last_error_at", "_state", "phone")
+
+    def __init__(self, phone: PhoneRef, state: SessionState, index: SessionIndex) -> None:
+        self.phone = phone
+        self._index = index
+        self._connected = False
+        self._last_error_at: float | None = None
+        self._state = state
+        if _of_note(state):
+            index.touched.add(phone.organization_phone_id)
+
+    @property
+    def state(self) -> SessionState:
+        return self._state
+
+    @state.setter
+    def state(self, state: SessionState) -> None:
+        self._state = state
+        if _of_note(state):
+            self._index.touched.add(self.phone.organization_phone_id)
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    @connected.setter
+    def connected(self, connected: bool) -> None:
+        if connected is not self._connected:
+            self._connected = connected
+            self._index.connection(self.phone.organization_id, 1 if connected else -1)
+
+    @property
+    def last_error_at(self) -> float | None:
+        """Epoch seconds."""
+        return self._last_error_at
+
+    @last_error_at.setter
+    def last_error_at(self, at: float | None) -> None:
+        self._last_error_at = at
+        if at is not None:
+            self._index.touched.add(self.phone.organization_phone_id)
 
     @property
     def organization_phone_id(self) -> int:
@@ -59,11 +120,25 @@ class Session:
 
     @property
     def phase(self) -> Phase:
-        return self.state.phase
+        return self._state.phase
 
     @property
     def counters(self) -> Counters:
-        return self.state.counters
+        return self._state.counters
+
+    def renamed(self, phone: PhoneRef) -> None:
+        """The same phone under a fuller reference (its number learnt); a connected count moves with it."""
+        if self._connected and phone.organization_id != self.phone.organization_id:
+            self._index.connection(self.phone.organization_id, -1)
+            self._index.connection(phone.organization_id, 1)
+        self.phone = phone
+
+    def detach(self) -> None:
+        """Out of the registry (closed or forgotten): it leaves the index, and later writes to it touch none."""
+        if self._connected:
+            self._index.connection(self.phone.organization_id, -1)
+        self._index.touched.discard(self.phone.organization_phone_id)
+        self._index = SessionIndex()
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +195,15 @@ class SessionRegistry(Protocol):
     @property
     def held_count(self) -> int: ...
 
+    def take_touched(self) -> set[int]:
+        """The sessions written with something to say (counters, a phase other than active, an error) since the
+        last take; one reader (the scrape) takes them."""
+        ...
+
+    def connected_by_organization(self) -> Mapping[int, int]:
+        """The connected sessions by organization, kept as connections change (a copy)."""
+        ...
+
 
 class MemorySessionRegistry:
     def __init__(self) -> None:
@@ -129,6 +213,7 @@ class MemorySessionRegistry:
         self._quiet_since: dict[int, float] = {}  # sweep bookkeeping: since when a session has held nothing
         self._closed_at: dict[int, float] = {}  # when each closed marker was set (first sweep, if unknown)
         self._maybe_held = False  # some session may be held (note_held); held_count scans only then
+        self._index = SessionIndex()
 
     def get(self, organization_phone_id: int) -> Session | None:
         return self._sessions.get(organization_phone_id)
@@ -136,10 +221,10 @@ class MemorySessionRegistry:
     def ensure(self, phone: PhoneRef) -> Session:
         session = self._sessions.get(phone.organization_phone_id)
         if session is None:
-            session = Session(phone, SessionState())
+            session = Session(phone, SessionState(), self._index)
             self._sessions[phone.organization_phone_id] = session
         elif session.phone.phone_user is None and phone.phone_user:
-            session.phone = phone
+            session.renamed(phone)
         return session
 
     def sessions(self) -> Iterator[Session]:
@@ -147,7 +232,8 @@ class MemorySessionRegistry:
 
     def close_out(self, session: Session, logged_out: LoggedOut) -> None:
         self._logged_out[session.organization_phone_id] = logged_out
-        self._sessions.pop(session.organization_phone_id, None)
+        if self._sessions.pop(session.organization_phone_id, None) is not None:
+            session.detach()
         self._closed[session.organization_phone_id] = session.phone
         self._closed_at[session.organization_phone_id] = logged_out.at
 
@@ -175,7 +261,7 @@ class MemorySessionRegistry:
                 continue
             session = self._sessions.get(phone_id)
             if session is None:
-                self._sessions[phone_id] = Session(item.phone, SessionState(item.counters))
+                self._sessions[phone_id] = Session(item.phone, SessionState(item.counters), self._index)
             elif session.state.phase is Phase.ACTIVE:
                 counters = replace(
                     session.state.counters,
@@ -194,7 +280,7 @@ class MemorySessionRegistry:
                 if item.closed_at is not None:
                     self._closed_at[phone_id] = item.closed_at
             else:
-                self._sessions[phone_id] = Session(item.phone, SessionState(item.counters))
+                self._sessions[phone_id] = Session(item.phone, SessionState(item.counters), self._index)
 
     def sweep(self, now: float, ttl: float) -> list[PhoneRef]:
         cutoff = now - ttl
@@ -211,6 +297,7 @@ class MemorySessionRegistry:
             elif self._quiet_since.setdefault(phone_id, now) <= cutoff:
                 del self._sessions[phone_id]
                 del self._quiet_since[phone_id]
+                session.detach()
                 forgotten.append(session.phone)
         for phone_id in [p for p in self._quiet_since if p not in self._sessions]:
             del self._quiet_since[phone_id]
@@ -240,3 +327,10 @@ class MemorySessionRegistry:
         held = sum(1 for session in self._sessions.values() if session.state.phase is Phase.HELD)
         self._maybe_held = held > 0
         return held
+
+    def take_touched(self) -> set[int]:
+        touched, self._index.touched = self._index.touched, set()
+        return touched
+
+    def connected_by_organization(self) -> Mapping[int, int]:
+        return dict(self._index.connected)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from opentelemetry import trace
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 from sidecar import __version__
 from sidecar.rules.app_state import COLLECTIONS, OTHER_COLLECTION, AppStateKind
@@ -47,7 +47,11 @@ class SidecarMetrics:
     def __init__(
         self, registry: CollectorRegistry, limits: Limits, team_of: Callable[[int], str] = lambda _: "unassigned"
     ) -> None:
-        """`team_of(organization_id)`: the owning team's name (the owners file), for whatsapp_organization_team."""
+        """`team_of(organization_id)`: the owning team's name (the owners file), for whatsapp_organization_team.
+        No `_created` series: they were half of the fleet samples (one per counter and histogram child) and
+        Prometheus drops them unless created-timestamp ingestion is on. prometheus_client keeps this switch
+        process-wide, so it is set here, where the sidecar's metrics are made."""
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = registry
         self.team_of = team_of
         self.error_limit = Gauge(

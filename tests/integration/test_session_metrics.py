@@ -5,6 +5,8 @@ family; `all` exports every tracked session. The fleet families are complete in 
 from __future__ import annotations
 
 import argparse
+import random
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -151,3 +153,48 @@ async def test_the_per_session_alerts_select_the_sessions_active_mode_exports(tm
 
 def _labels(labels: dict[str, str]) -> str:
     return "{" + ", ".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"
+
+
+async def test_active_and_all_agree_on_every_step_of_a_random_fleet() -> None:
+    """The registry keeps the connected counts and the sessions with something to say as sessions are written
+    (no scan per scrape). Two servers get the same random opens, closes and errors, then a connected session is
+    closed at the Bad MAC limit; after each step the `active` server's fleet family equals the per-organization
+    sum of the `all` server's per-session connected series, and it exports exactly the sessions the `all` server
+    shows an error for (the window is longer than the test)."""
+    rng = random.Random(35)
+    phones = {phone: 1 + phone % 3 for phone in range(1, 41)}
+    steps: list[list[dict[str, object]]] = []
+    for _ in range(12):
+        events = []
+        for phone in rng.sample(sorted(phones), 15):
+            kind = rng.choice(("open", "open", "close", "Bad MAC", "No session record"))
+            if kind in ("open", "close"):
+                events.append(connection_update(phones[phone], phone, jid(phone), kind))
+            else:
+                events.append(decrypt_error(phones[phone], phone, jid(phone), kind))
+        steps.append(events)
+    steps.append([connection_update(1, 99, jid(99), "open"), *[decrypt_error(1, 99, jid(99), "Bad MAC")] * 3])
+    async with (
+        serving(sidecar_config(None)) as active,
+        serving(sidecar_config(None, session_metrics=SessionMetrics.ALL)) as every,
+    ):
+        for step, events in enumerate(steps):
+            for served in (active, every):
+                await post_events(served, events)
+                await served.components.runtime.settle()  # closes at the limit run in the background
+            active_text, all_text = await scrape(active), await scrape(every)
+            active_phones, active_fleet = read(active_text)
+            all_phones, _ = read(all_text)
+            connected: Counter[str] = Counter()
+            for family in text_string_to_metric_families(all_text):
+                if family.name == "whatsapp_session_connected":
+                    connected.update(s.labels["organization_id"] for s in family.samples if s.value)
+            fleet_connected = {key: value for key, value in active_fleet.items() if "connected" in key}
+            assert fleet_connected == {
+                f"whatsapp_sidecar_connected_sessions[('organization_id', '{org}')]": float(n)
+                for org, n in connected.items()
+            }, step
+            said = all_phones["whatsapp_session_last_error_timestamp_seconds"]
+            assert active_phones["whatsapp_session_connected"] == said, step
+            assert active_fleet["whatsapp_sidecar_sessions_exported[]"] == len(said), step
+        assert active.components.runtime.is_closed(99) and every.components.runtime.is_closed(99)
