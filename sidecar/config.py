@@ -16,6 +16,7 @@ from typing import Any
 
 from sidecar.config_values import (
     ConfigError,
+    bearer_token,
     boolean,
     duration,
     listen_address,
@@ -35,8 +36,8 @@ ENV_PREFIX = "WA_SIDECAR_"
 # Settings read only from the environment (secrets stay out of process listings); docs/reference lists them.
 ENVIRONMENT_ONLY = {
     "API_TOKEN": "bearer token the operator endpoints (mutating routes) require; refused on a public listener "
-    "without it unless --insecure",
-    "RUNTIME_TOKEN": "bearer token runtimes present on /v1/runtime and POST /v1/events",
+    "without it unless --insecure; at least 16 characters",
+    "RUNTIME_TOKEN": "bearer token runtimes present on /v1/runtime and POST /v1/events; at least 16 characters",
 }
 ENV_NAMES = {"--schema-override": "SCHEMA_OVERRIDES"}  # read as k=v,k=v
 
@@ -373,8 +374,9 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = N
             changes[name] = positive_float(name.replace("_", "-"), raw)
     if (raw := setting("organization_teams")) is not None:
         changes["organization_teams"] = organization_teams(raw)
-    changes["api_token"] = env.get(ENV_PREFIX + "API_TOKEN") or None  # ENVIRONMENT_ONLY
-    changes["runtime_token"] = env.get(ENV_PREFIX + "RUNTIME_TOKEN") or None
+    for name in ("api_token", "runtime_token"):  # ENVIRONMENT_ONLY
+        variable = ENV_PREFIX + name.upper()
+        changes[name] = bearer_token(variable, raw) if (raw := env.get(variable)) else None
     if (raw := setting("insecure")) is not None:
         changes["insecure"] = boolean("insecure", raw)
     if (raw := setting("coordination")) is not None:

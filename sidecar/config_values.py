@@ -97,3 +97,20 @@ def organization_teams(raw: str) -> dict[int, str]:
             raise ConfigError("organization-teams", f"team {team!r} must be 1-63 letters, digits, '_', '-' or '.'")
         teams[organization_id] = team.strip()
     return teams
+
+
+MIN_TOKEN_LENGTH = 16
+
+
+def bearer_token(key: str, raw: str) -> str:
+    """A bearer token from the environment: at least MIN_TOKEN_LENGTH printable ASCII characters, no spaces. The
+    problem never repeats the value (it is a secret)."""
+    if len(raw) < MIN_TOKEN_LENGTH:
+        raise ConfigError(
+            key,
+            f"must be at least {MIN_TOKEN_LENGTH} characters, got {len(raw)}: a short token is guessable "
+            "(generate one with `openssl rand -hex 24`)",
+        )
+    if not all("!" <= c <= "~" for c in raw):
+        raise ConfigError(key, "must be printable ASCII without spaces (an HTTP Authorization header carries it)")
+    return raw

@@ -19,7 +19,7 @@ from tests.seed import add_phone, keys_of
 from tests.server import serving, sidecar_config
 from tests.waiting import eventually
 
-API = "api-secret"
+API = "api-secret-for-tests"
 RUNTIME = "runtime-secret"
 AUTH = {"Authorization": f"Bearer {API}"}
 RUNTIME_AUTH = {"Authorization": f"Bearer {RUNTIME}"}

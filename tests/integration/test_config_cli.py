@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -82,6 +83,17 @@ def test_serve_refuses_an_open_listener_without_tokens() -> None:
     result = wa_sidecar("serve", "--listen", "0.0.0.0:0")
     assert result.returncode == 2
     assert "--insecure" in result.stderr
+
+
+@pytest.mark.parametrize("variable", ["WA_SIDECAR_API_TOKEN", "WA_SIDECAR_RUNTIME_TOKEN"])
+def test_a_short_or_spaced_token_is_refused_without_repeating_it(variable: str) -> None:
+    for token, problem in (("s3cr3", "at least 16 characters, got 5"), ("a token with spaces", "without spaces")):
+        result = wa_sidecar("serve", env={**os.environ, variable: token})
+        assert result.returncode == 2, result.stderr
+        assert f"{variable}: must be" in result.stderr and problem in result.stderr
+        assert token not in result.stderr + result.stdout and "Traceback" not in result.stderr
+    accepted = parse(env={variable: "x" * 16})
+    assert getattr(accepted, variable.removeprefix("WA_SIDECAR_").lower()) == "x" * 16
 
 
 async def test_migrate_is_idempotent_and_check_config_validates_the_tables(database: str) -> None:

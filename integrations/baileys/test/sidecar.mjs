@@ -33,7 +33,7 @@ export async function startSidecar(port = 0, extraArgs = []) {
   const stateDir = fs.mkdtempSync(path.join(os.tmpdir(), 'wa-adapter-'))
   const child = spawn(PYTHON, ['-m', 'sidecar', 'serve', '--listen', `127.0.0.1:${port}`, '--closure-log', path.join(stateDir, 'closures.jsonl'), ...extraArgs], {
     cwd: REPO,
-    env: { ...process.env, WA_SIDECAR_RUNTIME_TOKEN: TOKEN, WA_SIDECAR_API_TOKEN: 'api-token' },
+    env: { ...process.env, WA_SIDECAR_RUNTIME_TOKEN: TOKEN, WA_SIDECAR_API_TOKEN: 'api-token-for-the-tests' },
     stdio: ['ignore', 'pipe', 'pipe'],
   })
   let output = ''
@@ -49,7 +49,7 @@ export async function startSidecar(port = 0, extraArgs = []) {
     log: () => output,
     async get(p) { return (await fetch(base + p)).json() },
     async metrics() { return (await fetch(base + '/metrics')).text() },
-    async post(p, body, token = 'api-token') {
+    async post(p, body, token = 'api-token-for-the-tests') {
       const response = await fetch(base + p, { method: 'POST', headers: { Authorization: `Bearer ${token}`, 'Content-Type': 'application/json' }, body: JSON.stringify(body ?? {}) })
       return { status: response.status, body: await response.json() }
     },
