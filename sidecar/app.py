@@ -28,6 +28,7 @@ from sidecar.link.server import LinkServer
 from sidecar.notify.delivery import Delivery, DeliveryPolicy
 from sidecar.notify.owners import OwnersError, OwnersWatcher
 from sidecar.ports import KeyStore, SessionStore, StoreUnavailable
+from sidecar.retrying import RetryLog
 from sidecar.rules.records import Step, step_kind
 from sidecar.rules.safety import Breaker
 from sidecar.runtime import KeyRemoval, Safety, Watch, assemble
@@ -358,13 +359,15 @@ async def _housekeeping(components: Components) -> None:
 
 async def _restore(components: Components) -> None:
     """Load stored counters; while the store is away, keep trying (events are counted meanwhile)."""
+    retries = RetryLog(log, "load stored counters")
     while True:
         try:
             count = await components.runtime.restore()
         except StoreUnavailable as error:
-            log.warning("cannot load stored counters yet: %s", error)
+            retries.failed(error)
             await asyncio.sleep(RESTORE_RETRY_SECONDS)
             continue
+        retries.succeeded()
         log.info("loaded %d stored sessions", count)
         components.restored.set()
         return

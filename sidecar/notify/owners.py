@@ -33,9 +33,14 @@ _TEAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
 _TOP_LEVEL = {"defaultTeam", "teams", "organizations", "phones"}
 
 
+WHOLE_FILE = "(file)"  # the key of a problem with the file itself (unreadable, not YAML, not a mapping)
+
+
 class OwnersError(ValueError):
+    """A problem with the owners file; said after the file's path, so one with the whole file names no key."""
+
     def __init__(self, key: str, problem: str) -> None:
-        super().__init__(f"{key}: {problem}")
+        super().__init__(problem if key == WHOLE_FILE else f"{key}: {problem}")
         self.key = key
         self.problem = problem
 
@@ -129,12 +134,19 @@ def _key_bytes(secret: bytes, field_name: str) -> bytes:
 _TEAM_KEYS = {"webhookUrl", "secretEnv", "secretFile", "previousSecretEnv", "previousSecretFile", "secret"}
 
 
+def _one_line(error: yaml.YAMLError) -> str:
+    """PyYAML's problem and where, on one line (its own text spans four, with a caret)."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    return problem if mark is None else f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+
+
 def parse_owners(text: str, env: Mapping[str, str]) -> Owners:
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise OwnersError("(file)", f"not valid YAML: {error}") from None
-    root = _mapping(document, "(file)")
+        raise OwnersError(WHOLE_FILE, f"not valid YAML: {_one_line(error)}") from None
+    root = _mapping(document, WHOLE_FILE)
     unknown = set(root) - _TOP_LEVEL
     if unknown:
         raise OwnersError(sorted(map(str, unknown))[0], f"unknown key; expected {', '.join(sorted(_TOP_LEVEL))}")
@@ -177,7 +189,7 @@ def load_owners(path: Path, env: Mapping[str, str] | None = None) -> Owners:
     try:
         text = path.read_text()
     except OSError as error:
-        raise OwnersError("owners-file", f"cannot read {path}: {error.strerror}") from None
+        raise OwnersError(WHOLE_FILE, f"cannot read it: {error.strerror}") from None
     return parse_owners(text, os.environ if env is None else env)
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from opentelemetry import context as otel_context
 
 from sidecar.ports import FleetState, JournalProgress, StoredDecision, StoredSession, StoreUnavailable
+from sidecar.retrying import RetryLog
 from sidecar.rules.policy import (
     Close,
     ConnectionClosed,
@@ -129,12 +130,14 @@ class FleetDecider(FleetControls):
         """Seed the fleet's mode from this replica's flags if none is stored yet; then mode and breaker changes
         made through any replica apply here within SETTINGS_REFRESH_SECONDS, and closes left behind by a replica
         that stopped mid-close are finished here once their lease has expired."""
+        retries = RetryLog(log, "read the fleet settings")
         while True:
             try:
                 await self.fleet.seed_settings(*self._seed_settings)
+                retries.succeeded()
                 break
             except StoreUnavailable as error:
-                log.warning("cannot read the fleet settings yet: %s", error)
+                retries.failed(error)
                 await asyncio.sleep(SEED_RETRY_SECONDS)
         while True:
             try:

@@ -27,6 +27,7 @@ from typing import Any
 import asyncpg
 
 from sidecar.ports import OwedEnd
+from sidecar.retrying import RetryLog
 from sidecar.store.db_errors import UNAVAILABLE_ERRORS
 from sidecar.store.postgres import ACQUIRE_TIMEOUT_SECONDS, PostgresStore
 from sidecar.store.sqlnames import quote_identifier
@@ -254,17 +255,19 @@ class PostgresLeases:
 
     async def listen(self, url: str, wake: Callable[[], None], stop: asyncio.Event) -> None:
         """Wake the command deliverer when a command for this replica is queued; reconnects while running."""
+        retries = RetryLog(log, "listen for routed commands (polling meanwhile)", logging.INFO)
         while not stop.is_set():
             connection: asyncpg.Connection | None = None
             try:
                 connection = await asyncpg.connect(url, timeout=ACQUIRE_TIMEOUT_SECONDS)
                 await connection.add_listener(self.channel, lambda *args: wake() if args[-1] == self.instance else None)
+                retries.succeeded()
                 wake()  # commands queued while not listening
                 while not stop.is_set() and not connection.is_closed():
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), 2.0)
             except (*UNAVAILABLE_ERRORS, asyncpg.PostgresError) as error:  # type: ignore[misc]
-                log.info("command listener unavailable (%s); polling meanwhile", error)
+                retries.failed(error)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), 1.0)
             finally:

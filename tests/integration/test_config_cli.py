@@ -227,3 +227,17 @@ def test_each_command_shows_its_own_flags_in_groups() -> None:
         assert f"\n{title}\n" in serve, title
     refused = wa_sidecar("migrate", "--deaf-floor", "1m")
     assert refused.returncode == 2 and "usage: wa-sidecar migrate" in refused.stderr, refused.stderr
+
+
+def test_an_owners_file_problem_is_one_line_naming_the_file_once(tmp_path: Path) -> None:
+    broken = tmp_path / "owners.yaml"
+    broken.write_text("teams:\n  - bad: [\n")
+    cases = {
+        broken: "not valid YAML: expected the node content, but found '<stream end>' at line 3, column 1",
+        tmp_path / "missing.yaml": "cannot read it: No such file or directory",
+    }
+    for command in ("serve", "check-config"):
+        for path, problem in cases.items():
+            result = wa_sidecar(command, "--owners-file", str(path))
+            assert result.returncode == 2, result.stderr
+            assert result.stderr == f"wa-sidecar: owners file {path}: {problem}\n"

@@ -4,6 +4,8 @@ nothing is applied twice, even when the sidecar restarts during the outage."""
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import shutil
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from sidecar.store.pending import PendingSteps
 from sidecar.store.postgres import PostgresStore
 from tests.harness import runtime_over
 from tests.pgcluster import ThrowawayPostgres
+from tests.replicas import Replica
 from tests.seed import KEY_NAMES, add_phone, keys_of, phone_row
 from tests.waiting import eventually
 
@@ -114,3 +117,30 @@ async def test_a_replay_after_a_crash_applies_nothing_twice(
         await db.close()
     assert count == 3
     shutil.rmtree(state_dir)
+
+
+async def test_a_database_that_is_away_is_said_once_then_once_more_when_it_answers(
+    cluster: ThrowawayPostgres, seeded: str, tmp_path: Path
+) -> None:
+    """A real `serve` started while its PostgreSQL is down retries every second: each retry loop warns once (not
+    once a try) and says, when the database answers, how many tries it took."""
+    cluster.stop()
+    replica = Replica("alone", seeded, tmp_path)
+    await replica.start(ready=False)
+    try:
+        await eventually(lambda: "cannot read the fleet settings yet" in replica.log(), what="first warning")
+        await asyncio.sleep(3)  # a few retries (the count below says how many there were)
+        cluster.start()
+        await eventually(lambda: "can read the fleet settings again" in replica.log(), what="recovery line")
+        await eventually(lambda: "can load stored counters again" in replica.log(), what="recovery line")
+    finally:
+        await replica.stop()
+    lines = [json.loads(line) for line in replica.log().splitlines() if line.startswith("{")]
+    messages = [line["msg"] for line in lines]
+    for what in ("read the fleet settings", "load stored counters"):
+        warned = [m for m in messages if m.startswith(f"cannot {what} yet")]
+        assert len(warned) == 1, messages
+        (recovered,) = [m for m in messages if m.startswith(f"can {what} again")]
+        tries = int(re.search(r"and (\d+) failed tries", recovered).group(1))  # type: ignore[union-attr]
+        assert tries >= 3, recovered  # it retried; it did not say so each time
+        assert not [m for m in messages if m.startswith(f"still cannot {what}")]  # under a minute: no summary
