@@ -27,7 +27,7 @@ from sidecar.link.sequences import LinkSequences
 from sidecar.link.server import LinkServer
 from sidecar.notify.delivery import Delivery, DeliveryPolicy
 from sidecar.notify.owners import OwnersError, OwnersWatcher
-from sidecar.ports import KeyStore, SessionStore, StoreUnavailable
+from sidecar.ports import KeyStore, SessionStore, SocketController, StoreUnavailable
 from sidecar.retrying import RetryLog
 from sidecar.rules.records import Step, step_kind
 from sidecar.rules.safety import Breaker
@@ -68,6 +68,7 @@ class Extras:
     clock: Callable[[], datetime] = utc_now
     registry: CollectorRegistry | None = None
     tracing: Tracing | None = None
+    sockets: SocketController | None = None  # instead of the runtime link's (ingest-logs: LogOnlySockets)
 
 
 def create_app(config: Config, extras: Extras | None = None) -> web.Application:
@@ -143,7 +144,8 @@ def _components(config: Config, extras: Extras) -> Callable[[web.Application], A
             config.socket_end_timeout,
             metrics.owed_ends_delivered.inc,
         )
-        sockets = coordination.sockets(link)
+        link_sockets = coordination.sockets(link)
+        sockets = extras.sockets or link_sockets
         key_store = open_key_store(config.key_store, config.database_step_timeout)
         if key_store is not None:
             await _announce_key_store(key_store)
@@ -171,7 +173,7 @@ def _components(config: Config, extras: Extras) -> Callable[[web.Application], A
             ),
             state_ttl=config.state_ttl,
             keys=KeyRemoval(key_store, by_runtime=config.key_store.place is KeyPlace.RUNTIME),
-            watch=Watch(config.liveness, config.deaf_action, sockets),
+            watch=Watch(config.liveness, config.deaf_action, link_sockets),
             on_failure=lambda what, name: (
                 (metrics.observer_failures if what == "observer" else metrics.task_failures).labels(name).inc()
             ),

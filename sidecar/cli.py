@@ -33,7 +33,16 @@ from sidecar.config import (
     env_name,
 )
 from sidecar.ingest.baileys_log import BaileysLogReader
-from sidecar.ingest.command import SessionMapError, announce, lines_of, load_session_map, pump, summary_line
+from sidecar.ingest.command import (
+    IngestRun,
+    LogOnlySockets,
+    SessionMapError,
+    announce,
+    lines_of,
+    load_session_map,
+    pump,
+    summary_line,
+)
 from sidecar.keystores.check import check_key_store, sample_phone
 from sidecar.keystores.spec import KeyPlace
 from sidecar.notify.owners import OwnersError, load_owners
@@ -162,12 +171,18 @@ def _ingest_logs(config: Config, args: argparse.Namespace) -> int:
         print(f"wa-sidecar: {args.source}: no such log file", file=sys.stderr)
         return EXIT_CONFIG
     announce(args.source, args.follow)
+    run = IngestRun(reader)
 
     async def work(components: Components, base: str) -> None:
-        stats = await pump(components, lines_of(args.source, args.follow, args.from_end), reader)
-        print(summary_line(stats), flush=True)
+        await pump(components, lines_of(args.source, args.follow, args.from_end), run)
 
-    return _serve(config, work)
+    # A one-off read serves nothing unless asked (it would clash with a `serve` on the same port); following a
+    # log keeps /metrics up for Prometheus.
+    listen = args.follow or args.listen is not None or env_name("--listen") in os.environ
+    try:
+        return _serve(config, work, Extras(sockets=LogOnlySockets()), listen=listen)
+    finally:
+        print(summary_line(run.summary()), flush=True)  # also when SIGTERM or SIGINT stopped a follow
 
 
 def _demo(config: Config, args: argparse.Namespace) -> int:
@@ -181,14 +196,14 @@ def _demo(config: Config, args: argparse.Namespace) -> int:
     return _serve(config, work, Extras(observers=[tally]))
 
 
-def _serve(config: Config, work: Work | None = None, extras: Extras | None = None) -> int:
+def _serve(config: Config, work: Work | None = None, extras: Extras | None = None, listen: bool = True) -> int:
     try:
         config.check_exposure()
     except ConfigError as error:
         print(f"wa-sidecar: refusing to start: {error}", file=sys.stderr)
         return EXIT_CONFIG
     try:
-        asyncio.run(_run_server(config, work, extras))
+        asyncio.run(_run_server(config, work, extras, listen))
     except StartupError as error:
         print(f"wa-sidecar: {error}", file=sys.stderr)
         return EXIT_CONFIG
@@ -205,8 +220,11 @@ def _bound_url(config: Config, runner: web.AppRunner) -> str:
     return f"http://{host}:{port}"
 
 
-async def _run_server(config: Config, work: Work | None = None, extras: Extras | None = None) -> None:
-    """Serves until SIGINT/SIGTERM, or until `work` (given the live components and the base URL) is done."""
+async def _run_server(
+    config: Config, work: Work | None = None, extras: Extras | None = None, listen: bool = True
+) -> None:
+    """Serves until SIGINT/SIGTERM, or until `work` (given the live components and the base URL) is done.
+    Without `listen` the parts run with no HTTP listener (a one-off `ingest-logs`); the base URL is then empty."""
     # keepalive_timeout also bounds a new connection's wait for a complete request head: a client that trickles
     # its headers is disconnected after it (aiohttp measures it from the connection's start).
     runner = web.AppRunner(
@@ -217,13 +235,14 @@ async def _run_server(config: Config, work: Work | None = None, extras: Extras |
     )
     await runner.setup()
     try:
-        site = web.TCPSite(runner, config.listen_host, config.listen_port)
-        await site.start()
+        if listen:
+            await web.TCPSite(runner, config.listen_host, config.listen_port).start()
+        base = _bound_url(config, runner) if listen else ""
         log.info(
-            "serving",
+            "serving" if listen else "running without a listener (pass --listen to serve /metrics)",
             extra={
                 "fields": {
-                    "listen": _bound_url(config, runner),
+                    "listen": base or None,
                     "store": "postgresql" if config.database_url else "embedded (not durable)",
                     "maxBadMacErrors": config.policy.limits.max_bad_mac_errors,
                     "maxBadDecryptErrors": config.policy.limits.max_bad_decrypt_errors,
@@ -239,7 +258,7 @@ async def _run_server(config: Config, work: Work | None = None, extras: Extras |
         loop.add_signal_handler(signal.SIGHUP, components.owners.reload)
         waiters: list[asyncio.Task[Any]] = [asyncio.create_task(stop.wait())]
         if work is not None:
-            waiters.append(asyncio.create_task(work(components, _bound_url(config, runner))))
+            waiters.append(asyncio.create_task(work(components, base)))
         done, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         for task in pending:
             task.cancel()

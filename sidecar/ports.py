@@ -29,6 +29,10 @@ class SocketUnreachable(Exception):
     """No runtime connection owns this session (or it went away before answering)."""
 
 
+class SocketLeftToRuntime(SocketUnreachable):
+    """No runtime link at all (`ingest-logs` reads a log): the backend keeps and handles its own sockets."""
+
+
 class SocketCommandFailed(Exception):
     """The runtime answered a command with ok=false."""
 

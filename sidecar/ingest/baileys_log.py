@@ -97,6 +97,9 @@ class SessionMap:
         return cls(document["field"], sessions)
 
 
+BINDINGS = ("organizationId", "organizationPhoneId", "phoneJid")  # the pino child logger's, as the docs show
+
+
 def _ids(record: dict[str, Any]) -> SessionIds | None:
     organization = record.get("organizationId", record.get("organization_id"))
     phone = record.get("organizationPhoneId", record.get("organization_phone_id"))
@@ -172,6 +175,8 @@ class BaileysLogReader:
     _cause_age: int = 0
     # Phones paired anew (a QR shown or a pairing completed): their next `open` is a new login.
     _paired: set[int] = field(default_factory=set)
+    # Why the first line that meant an event named no session (the bindings it lacked), once; the command says it.
+    unattributed_hint: str | None = None
 
     def feed(self, text: str) -> list[dict[str, Any]]:
         """Whole lines of the log (one or many); returns the events they mean, in order."""
@@ -234,6 +239,18 @@ class BaileysLogReader:
             self._cause = match.group("message")
         self._cause_age = 0
 
+    def _missing(self, record: dict[str, Any]) -> str:
+        """What a line that names no session lacks, in words an operator can act on."""
+        if self.session_map is not None:
+            value = record.get(self.session_map.field)
+            if value is None:
+                return f"no `{self.session_map.field}` binding (the --sessions file's field)"
+            return f"`{self.session_map.field}` value {str(value)[:40]!r} is not in the --sessions file"
+        missing = [name for name in BINDINGS if record.get(name) is None]
+        if missing:
+            return "no " + ", ".join(f"`{name}`" for name in missing) + " binding" + ("s" if len(missing) > 1 else "")
+        return "the bindings are there but not valid (positive integer ids and a user jid)"
+
     def _session(self, record: dict[str, Any]) -> SessionIds | None:
         if self.session_map is not None:
             value = record.get(self.session_map.field)
@@ -272,6 +289,8 @@ class BaileysLogReader:
         ids = self._session(record)
         if ids is None:
             self.stats.unattributed += 1
+            if self.stats.unattributed == 1:
+                self.unattributed_hint = self._missing(record)
             return None
         event: dict[str, Any] = {
             "type": kind,

@@ -7,7 +7,7 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -20,6 +20,7 @@ from sidecar.events.reader import FrameInvalid
 from sidecar.events.schema import DecryptError, InboundMessage
 from sidecar.ingest.baileys_log import BaileysLogReader, SessionMap
 from sidecar.ingest.source import file_lines, stdin_lines
+from sidecar.ports import SocketLeftToRuntime
 
 log = logging.getLogger("sidecar.ingest")
 
@@ -45,16 +46,40 @@ def lines_of(source: str, follow: bool, from_end: bool) -> AsyncIterator[str]:
     return stdin_lines() if source == "-" else file_lines(Path(source), follow, from_end)
 
 
-async def pump(components: Components, lines: AsyncIterator[str], reader: BaileysLogReader) -> dict[str, object]:
+UNATTRIBUTED_RECIPE = (
+    "log through a pino child logger with all three bindings, pino().child({ organizationId, "
+    "organizationPhoneId, phoneJid }), or map a binding you have with --sessions (docs/quickstart/logs.md)"
+)
+
+
+class IngestRun:
+    """One read of a log: what it counted so far, said as a summary line at its end (also when stopped)."""
+
+    def __init__(self, reader: BaileysLogReader) -> None:
+        self.reader = reader
+        self.by_class: Counter[str] = Counter()
+        self.started = time.perf_counter()
+
+    def summary(self) -> dict[str, object]:
+        seconds = time.perf_counter() - self.started
+        rate = round(self.reader.stats.lines / seconds) if seconds else 0
+        stats = asdict(self.reader.stats)
+        return stats | {"decryptErrors": dict(self.by_class), "seconds": round(seconds, 3), "linesPerSecond": rate}
+
+
+async def pump(components: Components, lines: AsyncIterator[str], run: IngestRun) -> dict[str, object]:
     """Feeds every event the log holds to the intake, a batch at a time; returns what it read. The intake waits
     while the database writer is behind, so a fast log slows down instead of growing memory."""
     if not components.restored.is_set():
         log.warning("waiting for the stored counters to load before reading the log (failures are logged)")
         await components.restored.wait()
-    started = time.perf_counter()
-    by_class: Counter[str] = Counter()
+    reader, by_class, hinted = run.reader, run.by_class, False
     async for chunk in lines:
         events = reader.feed(chunk)
+        if not hinted and reader.unattributed_hint is not None:
+            hinted = True
+            log.warning("a log line names no session and is not counted: %s; %s (said once; the summary counts "
+                        "them as unattributed)", reader.unattributed_hint, UNATTRIBUTED_RECIPE)  # fmt: skip
         for start in range(0, len(events), BATCH):
             messages = _decoded(components, events[start : start + BATCH])
             for message in messages:
@@ -64,10 +89,7 @@ async def pump(components: Components, lines: AsyncIterator[str], reader: Bailey
                 await components.intake.take(messages, Channel.LOGS)
         await asyncio.sleep(0)  # a chunk is at most 1 MB of log: yield so the API stays responsive
     await components.runtime.settle()
-    seconds = time.perf_counter() - started
-    stats = asdict(reader.stats)
-    rate = round(reader.stats.lines / seconds) if seconds else 0
-    return stats | {"decryptErrors": dict(by_class), "seconds": round(seconds, 3), "linesPerSecond": rate}
+    return run.summary()
 
 
 def _decoded(components: Components, events: list[dict[str, object]]) -> list[InboundMessage]:
@@ -102,3 +124,14 @@ def announce(source: str, follow: bool) -> None:
 
 def summary_line(stats: dict[str, object]) -> str:
     return json.dumps({"ingest": stats})
+
+
+class LogOnlySockets:
+    """The SocketController of `ingest-logs`: there is no runtime link, so a close or heal leaves the socket and
+    the cached keys to the backend (its outcome says `left_to_runtime`, not a failure)."""
+
+    async def end_session(self, organization_phone_id: int, reason: str, detail: str) -> int | None:
+        raise SocketLeftToRuntime("ingest-logs reads a log; the backend ends its own socket")
+
+    async def clear_cached_keys(self, organization_phone_id: int, key_prefixes: Sequence[str]) -> int | None:
+        raise SocketLeftToRuntime("ingest-logs reads a log; the backend drops its own cached keys")

@@ -1,5 +1,5 @@
 """How an effect went, in the words the closure record, the logs and the spans use: socket-command outcomes
-('ended', 'unreachable', 'timeout', 'failed: …') and the span helpers that mark a failed step."""
+('ended', 'unreachable', 'timeout', 'left_to_runtime', 'failed: …') and the span helpers that mark a failed step."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Span, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from sidecar.ports import SocketCommandFailed, SocketUnreachable
+from sidecar.ports import SocketCommandFailed, SocketLeftToRuntime, SocketUnreachable
 from sidecar.rules.records import PhoneRef, StepOutcome
+
+LEFT_TO_RUNTIME = "left_to_runtime"  # log mode: no command can be sent; the backend handles its socket itself
 
 
 async def socket_command(command: Awaitable[object], done: str, wait_seconds: float) -> str:
@@ -23,6 +25,8 @@ async def socket_answer(command: Awaitable[object], done: str, wait_seconds: flo
     """... and the keys the runtime said it deleted (its ack's `keysDeleted`), if it said."""
     try:
         answer = await asyncio.wait_for(command, wait_seconds)
+    except SocketLeftToRuntime:
+        return LEFT_TO_RUNTIME, None
     except SocketUnreachable:
         return "unreachable", None
     except TimeoutError:

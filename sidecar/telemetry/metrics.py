@@ -36,7 +36,7 @@ EVENT_TYPES = ("connection.update", "decrypt.error", "command.ack")
 CHANNELS = ("websocket", "http", "logs")
 REJECT_REASONS = ("invalid", "malformed", "too_many_events", "binary")
 HEAL_KINDS = ("bad_mac", "bad_decrypt")
-CLOSE_SOCKET_OUTCOMES = ("ended", "timeout", "unreachable", "failed")
+CLOSE_SOCKET_OUTCOMES = ("ended", "timeout", "unreachable", "left_to_runtime", "failed")
 INCIDENT_KINDS = frozenset(str(kind) for kind in IncidentKind)
 SUPERVISED_TASKS = (
     "pending-steps", "restore", "schema-check", "owners-watch", "housekeeping", "owner-notifications", "effects",
@@ -89,8 +89,9 @@ class SidecarMetrics:
         self.close_socket_outcomes = Counter(
             "whatsapp_session_close_socket_outcomes",
             "Closes by what became of the runtime's socket: ended (the runtime acknowledged session.end), timeout "
-            "(no answer within --socket-end-timeout), unreachable (no runtime connection held the phone), failed "
-            "(the runtime answered an error)",
+            "(no answer within --socket-end-timeout), unreachable (no runtime connection held the phone), "
+            "left_to_runtime (ingest-logs: no runtime link, the backend handles its socket), failed (the runtime "
+            "answered an error)",
             ["outcome"],
             registry=registry,
         )

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
+import socket
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -187,7 +190,7 @@ async def test_without_libsignal_output_the_same_log_logs_the_phone_out(
     row = await phone_row(db, phone)
     assert row["status"] == "logged_out"
     closures = await db.fetchval(
-        "SELECT count(*) FROM wa_sidecar.closures WHERE organization_phone_id = $1 AND socket = 'unreachable'",
+        "SELECT count(*) FROM wa_sidecar.closures WHERE organization_phone_id = $1 AND socket = 'left_to_runtime'",
         phone.organization_phone_id,
     )
     assert closures == 1, "closed once; no runtime to end the socket on this path"
@@ -269,3 +272,64 @@ def test_a_pairing_marks_the_next_open_as_a_new_login() -> None:
     }
     events = reader.feed("".join(bound(record) + "\n" for record in (paired, opened, opened)))
     assert [event.get("isNewLogin") for event in events] == [True, None]
+
+
+def test_a_one_off_read_binds_no_port_and_says_what_it_left_to_the_backend(tmp_path: Path) -> None:
+    """Next to a `serve` on the default port (held here by a socket of the test's own), a one-off read runs
+    without --listen: no listener, the summary, and an action line that says the socket was left to the backend."""
+    holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        holder.bind(("127.0.0.1", 9464))
+        holder.listen()
+    except OSError:
+        pass  # something else holds it already: the same situation
+    log = tmp_path / "backend.log"
+    log.write_text(bound(golden()["decrypt_fail.pkmsg_bad_mac"]["line"]) + "\n")
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "sidecar", "ingest-logs", str(log)], capture_output=True, text=True, timeout=60
+        )
+    finally:
+        holder.close()
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in (result.stdout + result.stderr).splitlines() if line.startswith("{")]
+    assert any(line.get("msg", "").startswith("running without a listener") for line in lines)
+    assert not any(line.get("msg") == "serving" for line in lines)
+    (healed,) = [line for line in lines if line.get("msg") == "session healed"]
+    assert healed["socket"] == "left_to_runtime"
+    assert [line["ingest"]["events"] for line in lines if "ingest" in line] == [1]
+
+
+def test_the_first_unattributed_line_names_the_bindings_it_lacks(tmp_path: Path) -> None:
+    """The adapter README's logger once bound only organizationPhoneId: every line was unattributed, silently."""
+    log = tmp_path / "backend.log"
+    line = golden()["decrypt_fail.pkmsg_bad_mac"]["line"]
+    log.write_text("".join(json.dumps({"level": 50, "organizationPhoneId": 42, **line}) + "\n" for _ in range(3)))
+    result = subprocess.run(
+        [sys.executable, "-m", "sidecar", "ingest-logs", str(log)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    hints = [json.loads(x)["msg"] for x in result.stderr.splitlines() if "names no session" in x]
+    assert len(hints) == 1, result.stderr  # said once, not once a line
+    assert "no `organizationId`, `phoneJid` bindings" in hints[0] and "pino().child({ organizationId" in hints[0]
+    (done,) = [json.loads(x)["ingest"] for x in result.stdout.splitlines() if x.startswith('{"ingest"')]
+    assert done["unattributed"] == 3
+
+
+async def test_a_stopped_follow_prints_its_summary(tmp_path: Path) -> None:
+    log = tmp_path / "backend.log"
+    log.write_text(bound(golden()["decrypt_fail.pkmsg_bad_mac"]["line"]) + "\n")
+    async with ingesting(str(log), "--follow") as state:
+        await eventually(lambda: state["base"] is not None, what="serving")
+
+        async def read_one() -> bool:
+            async with aiohttp.ClientSession() as http, http.get(f"{state['base']}/metrics") as response:
+                return 'whatsapp_decrypt_errors_total{kind="bad_mac",organization_id="7"} 1.0' in await response.text()
+
+        await eventually(read_one, what="the line read")
+        state["process"].send_signal(signal.SIGTERM)
+        await state["process"].wait()
+    assert state["process"].returncode == 0
+    done = summary(state)
+    assert done is not None and done["events"] == 1 and done["lines"] == 1
