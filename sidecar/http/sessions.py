@@ -1,4 +1,5 @@
-"""HTTP API v1, sessions: list, stats (getSessionErrorStats), force close (forceCloseSession), probe."""
+"""HTTP API v1, sessions: list and one (live or logged out), stats (getSessionErrorStats), force close
+(forceCloseSession), probe."""
 
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ from sidecar.http.requests import api_auth_error, components_of, json_body
 from sidecar.ports import SocketCommandFailed, SocketCommandUnsupported, SocketUnreachable
 from sidecar.rules.inputs import MAX_ID, ascii_id
 from sidecar.rules.policy import is_healthy
-from sidecar.runtime import InvalidInput, SessionView
+from sidecar.rules.records import PhoneRef
+from sidecar.runtime import InvalidInput, SessionView, UnknownSession
+
+LOGGED_OUT = "logged_out"  # a phone the sidecar closed: not a live session's phase
 
 
 def _phone_id(request: web.Request) -> int:
@@ -41,19 +45,49 @@ def session_json(components: Components, session: SessionView) -> dict[str, Any]
     }
 
 
+def closed_json(components: Components, phone: PhoneRef) -> dict[str, Any]:
+    """A phone the sidecar closed and logged out (a QR re-scan is needed): its counters were cleared."""
+    return {
+        "organizationId": phone.organization_id,
+        "organizationPhoneId": phone.organization_phone_id,
+        "state": LOGGED_OUT,
+        "connected": False,
+        "badMacErrors": 0,
+        "badDecryptErrors": 0,
+        "isHealthy": True,
+        "lastErrorAt": None,
+        "loggedOutAt": _timestamp(components.runtime.logged_out_at(phone.organization_phone_id)),
+    }
+
+
 async def list_sessions(request: web.Request) -> web.Response:
     components = components_of(request)
     state = request.query.get("state")
-    if state is not None and state not in ("active", "held", "closing"):
-        raise InvalidInput("state", "must be active, held or closing (closed sessions are forgotten)")
+    if state is not None and state not in ("active", "held", "closing", LOGGED_OUT):
+        raise InvalidInput("state", "must be active, held, closing or logged_out")
     healthy = request.query.get("healthy")
     if healthy is not None and healthy not in ("true", "false"):
         raise InvalidInput("healthy", "must be true or false")
-    chosen = (s for s in components.runtime.sessions() if state is None or str(s.phase) == state)
+    runtime = components.runtime
+    chosen = (s for s in runtime.sessions() if state is None or str(s.phase) == state)
     sessions = [session_json(components, s) for s in chosen]  # filtered first: a state query stays cheap
+    if state in (None, LOGGED_OUT):
+        sessions += [closed_json(components, phone) for phone in runtime.closed_phones()]
     if healthy is not None:
         sessions = [s for s in sessions if s["isHealthy"] is (healthy == "true")]
     return web.json_response({"sessions": sessions})
+
+
+async def get_session(request: web.Request) -> web.Response:
+    """One session as this process knows it: live, logged out by the sidecar, or unknown (404)."""
+    components, phone_id = components_of(request), _phone_id(request)
+    session = components.runtime.session(phone_id)
+    if session is not None:
+        return web.json_response(session_json(components, session))
+    closed = components.runtime.closed_phone(phone_id)
+    if closed is not None:
+        return web.json_response(closed_json(components, closed))
+    raise UnknownSession(phone_id)
 
 
 async def session_stats(request: web.Request) -> web.Response:
@@ -101,6 +135,7 @@ async def probe_session(request: web.Request) -> web.Response:
 
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/sessions", list_sessions)
+    app.router.add_get("/v1/sessions/{organizationPhoneId}", get_session)
     app.router.add_get("/v1/sessions/{organizationPhoneId}/stats", session_stats)
     app.router.add_post("/v1/sessions/{organizationPhoneId}/close", close_session)
     app.router.add_post("/v1/sessions/{organizationPhoneId}/probe", probe_session)

@@ -84,6 +84,17 @@ class SessionRuntime:
     def is_closed(self, organization_phone_id: int) -> bool:
         return self._registry.is_closed(organization_phone_id)
 
+    def closed_phones(self) -> Iterator[PhoneRef]:
+        """The phones this process knows the sidecar closed and logged out, not opened since."""
+        return self._registry.closed_phones()
+
+    def closed_phone(self, organization_phone_id: int) -> PhoneRef | None:
+        return self._registry.closed_phone(organization_phone_id)
+
+    def logged_out_at(self, organization_phone_id: int) -> float | None:
+        logged_out = self._registry.logged_out(organization_phone_id)
+        return None if logged_out is None else logged_out.at
+
     def take_touched(self) -> set[int]:
         """The sessions written with something to say since the last take (one reader: the scrape)."""
         return self._registry.take_touched()

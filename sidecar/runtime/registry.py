@@ -167,6 +167,10 @@ class SessionRegistry(Protocol):
 
     def closed_phone(self, organization_phone_id: int) -> PhoneRef | None: ...
 
+    def closed_phones(self) -> Iterator[PhoneRef]:
+        """The phones closed by the sidecar and not opened since (a QR re-scan each)."""
+        ...
+
     def is_closed(self, organization_phone_id: int) -> bool: ...
 
     def logged_out(self, organization_phone_id: int) -> LoggedOut | None: ...
@@ -244,6 +248,9 @@ class MemorySessionRegistry:
 
     def closed_phone(self, organization_phone_id: int) -> PhoneRef | None:
         return self._closed.get(organization_phone_id)
+
+    def closed_phones(self) -> Iterator[PhoneRef]:
+        return iter(self._closed.values())
 
     def is_closed(self, organization_phone_id: int) -> bool:
         return organization_phone_id in self._closed

@@ -15,7 +15,7 @@ from openapi_spec_validator import validate
 from sidecar.client import connection_update, decrypt_error
 from sidecar.http import MAX_BODY_BYTES, OPENAPI_PATH
 from tests.pgcluster import free_port
-from tests.seed import add_phone, keys_of
+from tests.seed import add_phone, keys_of, phone_row
 from tests.server import serving, sidecar_config
 from tests.waiting import eventually
 
@@ -220,3 +220,33 @@ async def test_schemathesis_finds_no_server_error(database: str, tmp_path: Path)
         server.terminate()
         await asyncio.wait_for(server.wait(), 30)
     assert "unhandled error" not in (tmp_path / "server.log").read_text()
+
+
+async def test_one_session_and_a_logged_out_phone_stay_visible(database: str, db: asyncpg.Connection) -> None:
+    """GET /v1/sessions/{id} answers for a live session and for a phone the sidecar logged out (which the list
+    keeps too, as `logged_out`); an unknown one is a 404 naming it."""
+    closing, staying = await add_phone(db, 1, "79001112233"), await add_phone(db, 1, "79004445566")
+    async with serving(sidecar_config(database)) as served, aiohttp.ClientSession(served.base) as http:
+        events = [connection_update(1, p.organization_phone_id, p.phone_jid, "open") for p in (closing, staying)]
+        events += [decrypt_error(1, closing.organization_phone_id, closing.phone_jid, "Bad MAC")] * 3
+        events.append(decrypt_error(1, staying.organization_phone_id, staying.phone_jid, "Bad MAC"))
+        async with http.post("/v1/events", json=events) as response:
+            assert response.status == 202
+        await served.components.runtime.settle()
+        async with http.get(f"/v1/sessions/{staying.organization_phone_id}") as response:
+            live = await response.json()
+        async with http.get(f"/v1/sessions/{closing.organization_phone_id}") as response:
+            closed = await response.json()
+        async with http.get("/v1/sessions") as response:
+            listed = {s["organizationPhoneId"]: s["state"] for s in (await response.json())["sessions"]}
+        async with http.get("/v1/sessions", params={"state": "logged_out"}) as response:
+            logged_out = [s["organizationPhoneId"] for s in (await response.json())["sessions"]]
+        async with http.get("/v1/sessions/999999") as response:
+            assert response.status == 404
+            assert "999999" in json.dumps(await response.json())
+    assert (live["state"], live["connected"], live["badMacErrors"], live["isHealthy"]) == ("active", True, 1, True)
+    assert (closed["state"], closed["connected"], closed["badMacErrors"]) == ("logged_out", False, 0)
+    assert closed["loggedOutAt"] is not None
+    assert listed == {staying.organization_phone_id: "active", closing.organization_phone_id: "logged_out"}
+    assert logged_out == [closing.organization_phone_id]
+    assert (await phone_row(db, closing))["status"] == "logged_out"  # what the API says, PostgreSQL says
