@@ -111,6 +111,11 @@ def _line(counts: Counter[str]) -> str:
     return ", ".join(shown) or "none"
 
 
+LEGEND = """\
+  terms      unhealthy: one error short of a limit (the next one logs it out; its team is notified)
+             held: a logout the fleet breaker is holding back   logged out: keys deleted, a QR re-scan needed
+             heal: the failing keys deleted, the session kept   reconnecting: known but not open right now"""
+
 NEXT_STEPS = """
 next steps (docs/ in the repository; `.venv/bin/mkdocs serve` shows them as a site)
   your Baileys backend   docs/quickstart/baileys.md   (adapter, PostgreSQL, scrape, dashboards, alerts)
@@ -125,13 +130,14 @@ def view(components: Components, tally: DemoTally, fleet: FleetStats, base: str,
     sessions = list(runtime.sessions())
     unhealthy = sum(1 for s in sessions if not runtime.get_session_error_stats(s.organization_phone_id)["isHealthy"])
     connected = sum(1 for s in sessions if s.connected)
+    reconnecting = len(sessions) - connected  # known, not logged out, not open now: a flap or a restart
     ratio = fleet.heal_ratio
     breaker = "TRIPPED (logouts held)" if runtime.breaker_tripped else "closed"
     return "\n".join(
         [
             f"whatsapp-session-sidecar demo  {elapsed:5.0f} s   metrics {base}/metrics   API {base}/v1/sessions",
-            f"  sessions   open {connected}, unhealthy {unhealthy}, held {runtime.held_count}, "
-            f"logged out {runtime.closed_count} (re-scans so far {fleet.rescans})",
+            f"  sessions   open {connected}, reconnecting {reconnecting}, unhealthy {unhealthy}, "
+            f"held {runtime.held_count}, logged out {runtime.closed_count} (re-scans so far {fleet.rescans})",
             f"  errors     {_line(_totals(registry, 'whatsapp_decrypt_errors', 'kind'))}",
             f"  heals      {_line(_totals(registry, 'whatsapp_session_heals', 'kind'))}",
             f"  closes     {_line(_totals(registry, 'whatsapp_session_closes', 'reason'))}",
@@ -143,6 +149,7 @@ def view(components: Components, tally: DemoTally, fleet: FleetStats, base: str,
             f"recovered {tally.liveness['session.deaf_recovered']} (injected {fleet.deaf_injected}; "
             f"idle sessions flagged {fleet.idle_flagged})",
             f"  breaker    {breaker}",
+            LEGEND,
         ]
     )
 

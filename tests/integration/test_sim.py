@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import re
 import signal
@@ -95,6 +96,8 @@ async def test_the_demo_runs_and_shows_heals_and_closes() -> None:
     closes = re.search(r"closes\s+bad_mac_limit (\d+)", summary)
     assert heals >= 1 and closes and int(closes.group(1)) >= 1, summary
     assert "/metrics" in text and "heal ratio" in summary
+    assert re.search(r"open \d+, reconnecting \d+, unhealthy \d+", summary), summary
+    assert "unhealthy: one error short of a limit" in summary  # the view explains its terms
     pointed = re.findall(r"docs/[\w/.-]+\.md", summary.split("next steps", 1)[1])
     assert len(pointed) >= 4 and all((ROOT / page).is_file() for page in pointed), pointed  # where to go next
 
@@ -147,3 +150,14 @@ async def test_the_fleet_s_deaf_sessions_are_found_and_restarted_and_its_idle_on
     assert all(1.5 < seconds < 10 for seconds in fleet.stats.detection_seconds), fleet.stats.detection_seconds
     connected = [s for s in served.components.runtime.sessions() if s.connected]
     assert fleet.stats.flaps > 0 and len(connected) >= 18, "flapped sessions come back (a few may be mid-flap)"
+
+
+def test_the_demo_page_names_every_demo_option() -> None:
+    # imported here: imported first, sidecar.sim.demo meets the components <-> http package import cycle
+    from sidecar.sim.demo import add_demo_arguments
+
+    parser = argparse.ArgumentParser()
+    add_demo_arguments(parser)
+    options = [action.option_strings[0] for action in parser._actions if action.option_strings[0] != "-h"]
+    page = (ROOT / "docs" / "demo.md").read_text()
+    assert len(options) >= 9 and [o for o in options if f"`{o}`" not in page] == []
