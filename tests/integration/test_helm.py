@@ -312,3 +312,15 @@ def test_the_session_metrics_mode_reaches_the_container() -> None:
             item["name"]: item.get("value") for item in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
         }
         assert (env["WA_SIDECAR_SESSION_METRICS"], env["WA_SIDECAR_SESSION_METRICS_WINDOW"]) == expected
+
+
+def test_the_readme_creates_every_object_its_example_names() -> None:
+    """The production example names Secrets and a ConfigMap the chart does not create: the page creates each."""
+    readme = (CHART / "README.md").read_text()
+    example = yaml.safe_load(readme.split("# values-production.yaml\n", 1)[1].split("```", 1)[0])
+    named = {example["database"]["existingSecret"], example["auth"]["existingSecret"],
+             example["owners"]["existingConfigMap"], example["owners"]["secretsSecret"]}  # fmt: skip
+    created = set(re.findall(r"kubectl -n messenger create (?:secret generic|configmap) ([\w-]+)", readme))
+    assert len(named) == 4 and named <= created, named - created
+    documents = render(example)  # the example renders with the chart as it is
+    assert of_kind(documents, "ServiceMonitor")[0]["metadata"]["labels"]["release"] == "kube-prometheus-stack"
