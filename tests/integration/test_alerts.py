@@ -126,3 +126,33 @@ async def test_a_crypto_close_inhibits_the_bad_mac_warning_of_its_organization_i
 
         await eventually(organization_7_muted, what="the close inhibits organization 7's Bad MAC warning")
         assert (await inhibited())["8"] == [], "another organization's warning stays active"
+
+
+async def test_every_alert_reaches_the_route_meant_for_it() -> None:
+    """amtool walks the example's routing tree with each shipped alert's labels (a per-team alert with a team of
+    each receiver): an alert with a route of its own reaches that route, every other one its team's route."""
+    config = yaml.safe_load(ALERTMANAGER_EXAMPLE.read_text())
+    own_routes = {
+        match.group(1): route
+        for route in config["route"]["routes"]
+        for matcher in route["matchers"]
+        if (match := re.fullmatch(r'alertname="(\w+)"', matcher))
+    }
+    team_receivers = {"sales": "sales", "platform": "platform", "unassigned": "platform"}
+    for rule in alert_rules():
+        name, static = rule["alert"], rule["labels"]
+        for team in [static["team"]] if "team" in static else list(team_receivers):
+            labels = {**static, "alertname": name, "team": team, "organization_id": "7"}
+            code, output = await run_tool(
+                AMTOOL, "config", "routes", "test", f"--config.file={ALERTMANAGER_EXAMPLE}", "--tree",
+                *(f"{key}={value}" for key, value in sorted(labels.items())),
+            )  # fmt: skip
+            assert code == 0, output
+            matched = [line for line in output.splitlines() if "receiver:" in line]
+            assert len(matched) == 1, (name, output)  # one route, no fall-through to another
+            if name in own_routes:
+                assert f'alertname="{name}"' in matched[0], (name, output)
+                assert output.strip().splitlines()[-1] == own_routes[name]["receiver"]
+            else:
+                assert f'team="{team}"' in matched[0] or team == "unassigned", (name, output)
+                assert output.strip().splitlines()[-1] == team_receivers[team], (name, team, output)
