@@ -164,6 +164,14 @@ def runbook_page() -> str:
     return (ROOT / "alerts" / "runbook.md").read_text()
 
 
+def adapter_page() -> str:
+    """The Baileys adapter's README (what npm shows) as a page of the site, its links made relative to the page."""
+    text = (ROOT / "integrations" / "baileys" / "README.md").read_text()
+    text = text.replace("](../../docs/", "](../")
+    title, _, rest = text.partition("\n")
+    return title + "\n\n" + GENERATED.format(source="`integrations/baileys/README.md`").strip() + "\n" + rest
+
+
 def runtime_link_page() -> str:
     """The protocol page: its prose (docs/templates/runtime-link.md) around every message's fields."""
     template = (ROOT / "docs" / "templates" / "runtime-link.md").read_text()
@@ -200,6 +208,7 @@ PAGES = {
     "api.md": api_page,
     "alerts.md": alerts_page,
     "runtime-link.md": runtime_link_page,
+    "baileys-adapter.md": adapter_page,
     str(ROOT / "sidecar" / "http" / "openapi.json"): openapi_document,
     str(ROOT / "integrations" / "baileys" / "runtime-link.schema.json"): adapter_schema,
     str(ROOT / "integrations" / "baileys" / "app-state-messages.json"): adapter_app_state_table,

@@ -3,6 +3,7 @@ errors (the stock builder, `mkdocs build --strict`)."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -25,8 +26,17 @@ def test_the_site_builds_strictly(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     built = {path.relative_to(tmp_path / "site").as_posix() for path in (tmp_path / "site").rglob("index.html")}
-    for page in ("reference/metrics/index.html", "quickstart/baileys/index.html", "operations/runbook/index.html"):
+    for page in ("reference/metrics/index.html", "quickstart/baileys/index.html", "operations/runbook/index.html",
+                 "reference/baileys-adapter/index.html"):  # fmt: skip
         assert page in built
+    # Material for MkDocs: a search index of every page, highlighted code with a copy button, and the nav in the
+    # sidebar rather than a top menu.
+    site = tmp_path / "site"
+    index = json.loads((site / "search" / "search_index.json").read_text())
+    assert {doc["location"].split("#")[0] for doc in index["docs"]} >= {"reference/baileys-adapter/", "demo/"}
+    quickstart = (site / "quickstart" / "baileys" / "index.html").read_text()
+    assert 'class="highlight"' in quickstart and "md-content" in quickstart
+    assert '"content.code.copy"' in quickstart and "md-tabs" not in quickstart
 
 
 def test_every_metric_the_process_serves_is_in_the_reference() -> None:
