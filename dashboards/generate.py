@@ -19,9 +19,10 @@ HERE = Path(__file__).parent
 SCHEMA_VERSION = 39
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 RATE = "[$__rate_interval]"
-SESSION = 'job=~"$job", organization_id=~"$organization_id", team=~"$team"'
-ORGANIZATION = 'job=~"$job", organization_id=~"$organization_id"'
-JOB = 'job=~"$job"'
+# Every query names the scrape target: an optional cluster label (matches series without one), the job, the replica.
+JOB = 'job=~"$job", instance=~"$instance", cluster=~"$cluster"'
+SESSION = f'{JOB}, organization_id=~"$organization_id", team=~"$team"'
+ORGANIZATION = f'{JOB}, organization_id=~"$organization_id"'
 CRYPTO_CLOSE = 'reason=~"bad_mac_limit|bad_decrypt_limit"'
 
 Json = dict[str, Any]
@@ -44,6 +45,13 @@ class Panel:
     height: int = 8
     description: str = ""
     overrides: tuple[Json, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class Row:
+    """A row header: the panels after it, up to the next row, belong to it."""
+
+    title: str
 
 
 def query(expr: str, legend: str = "", instant: bool = False) -> Query:
@@ -93,10 +101,16 @@ def _variable(name: str, label: str, definition: str, multi: bool = True) -> Jso
     }
 
 
-def _dashboard(uid: str, title: str, description: str, variables: list[Json], panels: list[Panel]) -> Json:
+def _dashboard(uid: str, title: str, description: str, variables: list[Json], panels: list[Panel | Row]) -> Json:
     laid_out: list[Json] = []
     x = y = row_height = 0
     for panel_id, panel in enumerate(panels, start=1):
+        if isinstance(panel, Row):
+            y, x, row_height = y + row_height, 0, 0
+            laid_out.append({"id": panel_id, "type": "row", "title": panel.title, "collapsed": False,
+                             "gridPos": {"h": 1, "w": 24, "x": 0, "y": y}, "panels": []})  # fmt: skip
+            y += 1
+            continue
         if x + panel.width > 24:
             x, y, row_height = 0, y + row_height, 0
         laid_out.append(_panel(panel, panel_id, x, y))
@@ -121,14 +135,53 @@ def _dashboard(uid: str, title: str, description: str, variables: list[Json], pa
         "timezone": "browser",
         "templating": {"list": [datasource, *variables]},
         "annotations": {"list": []},
-        "links": [],
+        "links": [
+            {
+                "title": "WhatsApp dashboards",
+                "type": "dashboards",
+                "tags": ["whatsapp-session-sidecar"],
+                "asDropdown": False,
+                "includeVars": True,
+                "keepTime": True,
+                "targetBlank": False,
+                "icon": "external link",
+                "tooltip": "the other whatsapp-session-sidecar dashboards, with these variables and time range",
+                "url": "",
+            }
+        ],
         "panels": laid_out,
     }
 
 
+# The unhealthy-sessions table's phone ids open the session dashboard with that phone, its organization, the same
+# job and time range.
+SESSION_LINK: Json = {
+    "matcher": {"id": "byName", "options": "organization_phone_id"},
+    "properties": [
+        {
+            "id": "links",
+            "value": [
+                {
+                    "title": "Session dashboard",
+                    "url": "/d/wa-session-drilldown?${__url_time_range}&${cluster:queryparam}&${job:queryparam}"
+                    "&var-organization_id=${__data.fields.organization_id}"
+                    "&var-organization_phone_id=${__value.raw}",
+                }
+            ],
+        }
+    ],
+}
+
+
 def _common_variables() -> list[Json]:
     return [
-        _variable("job", "Job", "label_values(whatsapp_sidecar_build_info, job)"),
+        _variable("cluster", "Cluster", "label_values(whatsapp_sidecar_build_info, cluster)"),
+        _variable("job", "Job", 'label_values(whatsapp_sidecar_build_info{cluster=~"$cluster"}, job)'),
+        _variable(
+            "instance",
+            "Instance",
+            'label_values(whatsapp_sidecar_build_info{cluster=~"$cluster", job=~"$job"}, instance)',
+        ),
         _variable(
             "organization_id", "Organization", f"label_values(whatsapp_decrypt_errors_total{{{JOB}}}, organization_id)"
         ),
@@ -146,7 +199,8 @@ def _by_team(series: str) -> str:
 
 def fleet_overview() -> Json:
     closes = f"increase(whatsapp_session_closes_total{{{ORGANIZATION}}}[1d])"
-    panels = [
+    panels: list[Panel | Row] = [
+        Row("Sessions"),
         Panel(
             "Tracked sessions by state",
             "short",
@@ -184,8 +238,11 @@ def fleet_overview() -> Json:
             ),
             kind="table",
             width=24,
-            description="Sessions one error short of a limit (value: current Bad MAC counter); no phone numbers.",
+            description="Sessions one error short of a limit (value: current Bad MAC counter); no phone numbers. "
+            "A phone id opens its session dashboard.",
+            overrides=(SESSION_LINK,),
         ),
+        Row("Errors, heals and closes"),
         Panel(
             "Decrypt errors by class",
             "ops",
@@ -215,6 +272,7 @@ def fleet_overview() -> Json:
             "short",
             (query(f"sum by (scope) (increase(whatsapp_auth_keys_deleted_total{{{JOB}}}{RATE}))", "{{scope}}"),),
         ),
+        Row("Owner notifications"),
         Panel(
             "Owner notifications by outcome",
             "ops",
@@ -241,6 +299,7 @@ def fleet_overview() -> Json:
         Panel(
             "Owner outbox depth", "short", (query(f"sum(whatsapp_owner_outbox_depth{{{JOB}}})", "waiting"),), width=8
         ),
+        Row("The sidecar"),
         Panel(
             "Sidecar health",
             "short",
@@ -285,6 +344,7 @@ def fleet_overview() -> Json:
         ),
     ]
     panels += [
+        Row("Safety and liveness"),
         Panel(
             "Circuit breaker and held sessions",
             "short",
@@ -341,7 +401,7 @@ def fleet_overview() -> Json:
 
 
 def session_drilldown() -> Json:
-    phone = 'job=~"$job", organization_phone_id=~"$organization_phone_id"'
+    phone = f'{JOB}, organization_phone_id=~"$organization_phone_id"'
     limit_line = (
         {
             "matcher": {"id": "byRegexp", "options": "limit.*"},
@@ -357,7 +417,8 @@ def session_drilldown() -> Json:
             multi=False,
         ),
     ]
-    panels = [
+    panels: list[Panel | Row] = [
+        Row("This session"),
         Panel(
             "Bad MAC errors against the limit",
             "short",
@@ -415,6 +476,7 @@ def session_drilldown() -> Json:
             description="What the deaf-session watch compares with the session's own usual gaps.",
             width=24,
         ),
+        Row("Its organization"),
         Panel(
             "Organization closes by reason",
             "short",

@@ -34,17 +34,36 @@ def test_house_rules() -> None:
         assert {"datasource", "job", "organization_id", "team"} <= variables, name
         ids = [panel["id"] for panel in dashboard["panels"]]
         assert len(ids) == len(set(ids)), f"{name}: panel ids repeat"
+        rows = [panel["title"] for panel in dashboard["panels"] if panel["type"] == "row"]
+        assert len(rows) >= 2 and dashboard["panels"][0]["type"] == "row", f"{name}: panels grouped in rows"
+        assert {"cluster", "instance"} <= variables, name
+        assert [link["tags"] for link in dashboard["links"]] == [["whatsapp-session-sidecar"]], name
         for panel in dashboard["panels"]:
+            if panel["type"] == "row":
+                continue
             where = f"{name} / {panel['title']}"
             assert panel["fieldConfig"]["defaults"].get("unit"), f"{where}: no unit"
             assert panel["datasource"]["uid"] == "${datasource}", where
             for target in panel["targets"]:
                 expr = target["expr"]
-                assert 'job=~"$job"' in expr, f"{where}: not filtered by $job"
+                assert 'job=~"$job", instance=~"$instance", cluster=~"$cluster"' in expr, f"{where}: not filtered"
                 for window in re.findall(r"(?:rate|increase)\([^\[]*\[([^\]]+)\]", expr):
                     assert window in {"$__rate_interval", "1d"}, f"{where}: window {window}"
                 assert "phone_jid" not in expr and "phoneJid" not in expr
     assert uids == {"wa-fleet-overview", "wa-session-drilldown"}, "uids are stable: alerts link to them"
+
+
+def test_the_unhealthy_table_links_each_phone_to_its_session_dashboard() -> None:
+    dashboards = {dashboard["uid"]: dashboard for dashboard in committed().values()}
+    (table,) = [p for p in dashboards["wa-fleet-overview"]["panels"] if p["title"] == "Unhealthy sessions"]
+    (override,) = table["fieldConfig"]["overrides"]
+    assert override["matcher"] == {"id": "byName", "options": "organization_phone_id"}
+    (link,) = override["properties"][0]["value"]
+    target = link["url"].split("?")[0]
+    assert target == "/d/wa-session-drilldown"
+    drilldown_variables = {v["name"] for v in dashboards["wa-session-drilldown"]["templating"]["list"]}
+    for variable in re.findall(r"var-(\w+)=", link["url"]):
+        assert variable in drilldown_variables, variable
 
 
 async def _tsc(tmp_path: Path, dashboards: dict[str, dict[str, Any]]) -> tuple[int, str]:
