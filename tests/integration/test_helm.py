@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
 import sys
+import tarfile
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -324,3 +326,25 @@ def test_the_readme_creates_every_object_its_example_names() -> None:
     assert len(named) == 4 and named <= created, named - created
     documents = render(example)  # the example renders with the chart as it is
     assert of_kind(documents, "ServiceMonitor")[0]["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+
+
+def test_the_release_command_packages_a_chart_the_sdk_loads(tmp_path: Path) -> None:
+    """`python -m build_release --no-image`: the chart linted and packaged; the archive (read by tarfile and by the
+    Helm SDK) is the chart at its version, with its synced files, and renders."""
+    result = subprocess.run(
+        [sys.executable, "-m", "build_release", "--no-image", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    archive = tmp_path / f"whatsapp-session-sidecar-{chart['version']}.tgz"
+    assert str(archive) in result.stdout
+    with tarfile.open(archive) as tar:
+        names = set(tar.getnames())
+    prefix = "whatsapp-session-sidecar/"
+    assert {prefix + "Chart.yaml", prefix + "values.schema.json", prefix + "files/whatsapp-session.rules.yml",
+            prefix + "templates/servicemonitor.yaml"} <= names  # fmt: skip
+    with helm.Chart.load_archive(archive.read_bytes()) as loaded:
+        assert (loaded.name, loaded.version) == (chart["name"], chart["version"])
+        manifests = loaded.render({}, name="wa", namespace="messenger", is_install=True)
+    assert any(path.endswith("deployment.yaml") for path in manifests)

@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import signal
+import tarfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
     async def build() -> None:
         await buildah.build_base(work)
-        await buildah.build_image()
+        await buildah.build_image(IMAGE)
 
     asyncio.run(build())
     yield buildah
@@ -149,3 +150,30 @@ async def test_the_root_filesystem_is_read_only_and_the_state_mount_writable(bui
     assert "Read-only file system" in text, text
     assert "state-ok" in text and (state / "probe-state").exists(), text
     assert not (rootfs / "probe-root").exists()
+
+
+async def test_the_release_archive_holds_the_image_as_built(built: Buildah, tmp_path: Path) -> None:
+    """build_release's export: an OCI archive (read here with tar and json, not buildah) whose manifest's config is
+    the built image's: the same entrypoint, user and environment."""
+    archive = tmp_path / "whatsapp-session-sidecar-test.oci.tar"
+    await built.export(IMAGE, archive)
+    with tarfile.open(archive) as tar:
+        names = set(tar.getnames())
+        assert {"oci-layout", "index.json"} <= names, sorted(names)[:10]
+
+        def blob(digest: str) -> dict[str, Any]:
+            algorithm, value = digest.split(":")
+            member = tar.extractfile(f"blobs/{algorithm}/{value}")
+            assert member is not None
+            return dict(json.loads(member.read()))
+
+        index = json.loads(tar.extractfile("index.json").read())  # type: ignore[union-attr]
+        (descriptor,) = index["manifests"]
+        assert descriptor["annotations"]["org.opencontainers.image.ref.name"] == "whatsapp-session-sidecar:test"
+        manifest = blob(descriptor["digest"])
+        assert manifest["layers"] and all(f"blobs/{layer['digest'].replace(':', '/')}" in names
+                                          for layer in manifest["layers"])  # fmt: skip
+        archived = blob(manifest["config"]["digest"])["config"]
+    built_config = await built.config(IMAGE)
+    for key in ("Entrypoint", "User", "Env"):
+        assert archived[key] == built_config[key], key
