@@ -163,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"build_release: {error}", file=sys.stderr)
         return 1
     for path in built:
-        print(f"{path}  {path.stat().st_size / 1e6:.1f} MB")
+        size = path.stat().st_size
+        print(f"{path}  {size / 1e6:.1f} MB" if size >= 1e6 else f"{path}  {size / 1e3:.0f} kB")
     return 0
 
 
