@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from sidecar.config import Config
 from sidecar.events.intake import Intake
-from sidecar.http.idempotency import IdempotencyKeys
 from sidecar.link.connections import LinkConnections
 from sidecar.link.server import LinkServer
 from sidecar.notify.delivery import Delivery
@@ -22,6 +22,9 @@ from sidecar.supervisor import Supervisor
 from sidecar.telemetry.metrics import SidecarMetrics
 from sidecar.telemetry.session_families import SessionFamilies
 from sidecar.telemetry.tracing import Tracing
+
+if TYPE_CHECKING:  # the http package's routes import this module: a type only, no import cycle
+    from sidecar.http.idempotency import IdempotencyKeys
 
 
 @dataclass

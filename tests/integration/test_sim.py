@@ -15,6 +15,7 @@ import pytest
 
 from sidecar.rules.classification import ErrorClass, ErrorSource, classify
 from sidecar.sim.crypto import AppStateKey, DecryptFailure, corrupt, desynchronize, new_session
+from sidecar.sim.demo import add_demo_arguments
 from sidecar.sim.simulated_fleet import FaultRates, FleetConfig, SimFleet
 from tests.server import serving, sidecar_config
 from tests.waiting import eventually
@@ -153,9 +154,6 @@ async def test_the_fleet_s_deaf_sessions_are_found_and_restarted_and_its_idle_on
 
 
 def test_the_demo_page_names_every_demo_option() -> None:
-    # imported here: imported first, sidecar.sim.demo meets the components <-> http package import cycle
-    from sidecar.sim.demo import add_demo_arguments
-
     parser = argparse.ArgumentParser()
     add_demo_arguments(parser)
     options = [action.option_strings[0] for action in parser._actions if action.option_strings[0] != "-h"]
