@@ -21,6 +21,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 
+from alerts.generate import FOR
 from sidecar.cli import build_parser
 from sidecar.config import ENV_PREFIX, ENVIRONMENT_ONLY, env_name
 from sidecar.events import contract
@@ -148,14 +149,21 @@ def alerts_page() -> str:
                         rule.get("labels", {}).get("severity", ""),
                         f"`{rule['expr'].strip()}`",
                         rule.get("for", "0s"),
+                        FOR[rule["alert"]][1],
                         annotations.get("summary", ""),
                     )
                 )
     return (
         "# Alerts\n\n"
-        + GENERATED.format(source="`alerts/whatsapp-session.rules.yml`")
-        + "Each alert links its section of the [runbook](../operations/runbook.md).\n\n"
-        + table(("alert", "severity", "expression", "for", "summary"), rows)
+        + GENERATED.format(source="`alerts/whatsapp-session.rules.yml` and `alerts/generate.py`")
+        + "Each alert links its section of the [runbook](../operations/runbook.md). The rules are generated (`python "
+        "-m alerts.generate`) from `alerts/rules.source.yml` and one place in `alerts/generate.py` that holds the "
+        'scrape target\'s matchers on every selector (`job="whatsapp-session-sidecar"`, and optionally a cluster '
+        "label), each alert's `for:` and the reason for it (below), and the runbook base URL. For a job of your own, "
+        "a cluster label or your runbook: `python -m alerts.generate --job NAME --cluster-label cluster "
+        "--runbook-base URL --out my.rules.yml`. Grouping: the Alertmanager example groups by alert and "
+        "organization, so thousands of numbers give one notification per organization, and a fleet-wide logout "
+        "spike one in all.\n\n" + table(("alert", "severity", "expression", "for", "why this `for:`", "summary"), rows)
     )
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 
+from alerts import generate
 from tests.monitoring import (
     ALERTMANAGER_EXAMPLE,
     AMTOOL,
@@ -39,7 +40,8 @@ async def test_promtool_checks_and_unit_tests_pass() -> None:
 
 async def test_promtool_unit_tests_catch_a_changed_threshold(tmp_path: Path) -> None:
     """The unit tests can fail: the Bad MAC rule moved from 2 to 3 errors breaks them."""
-    changed = RULES.read_text().replace("whatsapp_session_bad_mac_errors >= 2", "whatsapp_session_bad_mac_errors >= 3")
+    rule = 'whatsapp_session_bad_mac_errors{job="whatsapp-session-sidecar"}'
+    changed = RULES.read_text().replace(f"{rule} >= 2", f"{rule} >= 3")
     assert changed != RULES.read_text()
     (tmp_path / "whatsapp-session.rules.yml").write_text(changed)
     tests = tmp_path / "tests"
@@ -156,3 +158,29 @@ async def test_every_alert_reaches_the_route_meant_for_it() -> None:
             else:
                 assert f'team="{team}"' in matched[0] or team == "unassigned", (name, output)
                 assert output.strip().splitlines()[-1] == team_receivers[team], (name, team, output)
+
+
+def test_the_committed_rules_are_what_the_generator_builds() -> None:
+    assert generate.main(["--check"]) == 0
+    assert RULES.read_text() == generate.rendered()
+
+
+async def test_every_selector_names_the_scrape_target_and_another_job_and_cluster_can_be_chosen(
+    tmp_path: Path,
+) -> None:
+    """The shipped rules select job="whatsapp-session-sidecar" everywhere (promtool reads them); generated for
+    another job, a cluster label and another runbook, every selector carries both and promtool accepts them."""
+    out = tmp_path / "mine.rules.yml"
+    argv = ["--job", "fleet-a", "--cluster-label", "cluster", "--cluster", "eu-1",
+            "--runbook-base", "https://wiki.example.org/wa/runbook/", "--out", str(out)]  # fmt: skip
+    assert generate.main(argv) == 0
+    code, output = await run_tool(PROMTOOL, "check", "rules", str(out))
+    assert code == 0, output
+    for path, matchers in ((RULES, 'job="whatsapp-session-sidecar"'), (out, 'job="fleet-a", cluster=~"eu-1"')):
+        groups = yaml.safe_load(path.read_text())["groups"]
+        for rule in (rule for group in groups for rule in group["rules"]):
+            selectors = re.findall(r"\{[^{}]*\}", re.sub(r"\{\{.*?\}\}", "", rule["expr"]))
+            assert selectors and all(s.startswith("{" + matchers) for s in selectors), (path.name, rule["expr"])
+    alerts = [r for g in yaml.safe_load(out.read_text())["groups"] for r in g["rules"] if "alert" in r]
+    assert all(a["annotations"]["runbook_url"].startswith("https://wiki.example.org/wa/runbook#") for a in alerts)
+    assert {a["alert"]: a.get("for", "0s") for a in alerts} == {name: f for name, (f, _) in generate.FOR.items()}

@@ -20,7 +20,7 @@ from sidecar.config import ConfigError, add_config_arguments, config_from_args
 from sidecar.telemetry.exported import SessionMetrics
 from sidecar.telemetry.session_families import FAMILIES
 from tests.integration.test_telemetry import post_events, scrape
-from tests.monitoring import PROMTOOL, RULES, run_tool
+from tests.monitoring import PROMTOOL, RULES, SCRAPE_JOB, run_tool
 from tests.server import serving, sidecar_config
 
 PER_SESSION = {name for name, _ in FAMILIES}
@@ -132,12 +132,12 @@ async def test_the_per_session_alerts_select_the_sessions_active_mode_exports(tm
     for family in text_string_to_metric_families(text):
         if family.name in ("whatsapp_session_bad_mac_errors", "whatsapp_session_healthy"):
             for sample in family.samples:
-                labels = ",".join(f'{k}="{v}"' for k, v in sorted({**sample.labels, "job": "wa"}.items()))
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted({**sample.labels, "job": SCRAPE_JOB}.items()))
                 series.append({"series": f"{sample.name}{{{labels}}}", "values": f"{sample.value:g}x10"})
     assert len(series) == 4  # phones 2 and 3, two families each
     rules = {rule["alert"]: rule for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]
              if "alert" in rule}  # fmt: skip
-    expected_labels = {"job": "wa", "organization_id": "1", "organization_phone_id": "2", "team": "unassigned"}
+    expected_labels = {"job": SCRAPE_JOB, "organization_id": "1", "organization_phone_id": "2", "team": "unassigned"}
     cases = [
         {"expr": rules["WhatsAppSessionBadMacErrors"]["expr"], "eval_time": "3m",
          "exp_samples": [{"labels": "whatsapp_session_bad_mac_errors" + _labels(expected_labels), "value": 2}]},
