@@ -69,7 +69,8 @@ async def list_sessions(request: web.Request) -> web.Response:
     if healthy is not None and healthy not in ("true", "false"):
         raise InvalidInput("healthy", "must be true or false")
     runtime = components.runtime
-    chosen = (s for s in runtime.sessions() if state is None or str(s.phase) == state)
+    live = () if state == LOGGED_OUT else runtime.sessions()
+    chosen = (s for s in live if state is None or str(s.phase) == state)
     sessions = [session_json(components, s) for s in chosen]  # filtered first: a state query stays cheap
     if state in (None, LOGGED_OUT):
         sessions += [closed_json(components, phone) for phone in runtime.closed_phones()]

@@ -97,13 +97,17 @@ class SessionMap:
         return cls(document["field"], sessions)
 
 
-BINDINGS = ("organizationId", "organizationPhoneId", "phoneJid")  # the pino child logger's, as the docs show
+# The bindings that name a session (the pino child logger's, as the docs show), each also read in snake case.
+BINDINGS = (("organizationId", "organization_id"), ("organizationPhoneId", "organization_phone_id"),
+            ("phoneJid", "phone_jid"))  # fmt: skip
+
+
+def _binding(record: dict[str, Any], names: tuple[str, str]) -> object:
+    return record.get(names[0], record.get(names[1]))
 
 
 def _ids(record: dict[str, Any]) -> SessionIds | None:
-    organization = record.get("organizationId", record.get("organization_id"))
-    phone = record.get("organizationPhoneId", record.get("organization_phone_id"))
-    jid = record.get("phoneJid", record.get("phone_jid"))
+    organization, phone, jid = (_binding(record, names) for names in BINDINGS)
     if isinstance(organization, str) and organization.isdigit():
         organization = int(organization)
     if isinstance(phone, str) and phone.isdigit():
@@ -245,8 +249,8 @@ class BaileysLogReader:
             value = record.get(self.session_map.field)
             if value is None:
                 return f"no `{self.session_map.field}` binding (the --sessions file's field)"
-            return f"`{self.session_map.field}` value {str(value)[:40]!r} is not in the --sessions file"
-        missing = [name for name in BINDINGS if record.get(name) is None]
+            return f"its `{self.session_map.field}` value is not in the --sessions file"  # the value: maybe a number
+        missing = [names[0] for names in BINDINGS if _binding(record, names) is None]
         if missing:
             return "no " + ", ".join(f"`{name}`" for name in missing) + " binding" + ("s" if len(missing) > 1 else "")
         return "the bindings are there but not valid (positive integer ids and a user jid)"

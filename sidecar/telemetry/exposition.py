@@ -1,6 +1,7 @@
-"""The fleet families' exposition in chunks: prometheus_client's own encoder (text or OpenMetrics, as negotiated),
-collected and applied a few families at a time with a yield to the event loop between them, so a scrape never stalls the
-runtime link for the whole registry (about 2,000 lines at 50 organizations: 25 ms in one piece on this machine).
+"""The fleet families' exposition in chunks: collected and encoded by prometheus_client's own encoder (text or
+OpenMetrics, as negotiated) a few families at a time, a large family in pieces, with a yield to the event loop
+between chunks, so a scrape never stalls the runtime link for the whole registry (about 1,150 samples at 50
+organizations: 12 ms in all on this machine, at most ~1.5 ms at a time).
 """
 
 from __future__ import annotations

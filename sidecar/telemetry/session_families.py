@@ -152,13 +152,13 @@ class SessionFamilies(RuntimeObserver):
         `all` copies every session's view; `active` judges only the sessions that may have something to say: the
         ones written with something since the last scrape (the registry's index), the ones exported or judged
         before and not let go yet, and the troubled ones. Nothing here grows with idle sessions."""
-        self._tracked |= source.take_touched()
+        touched = source.take_touched()  # taken in every mode, so the registry's set stays small
         if self.mode is SessionMetrics.ALL:
             views = list(source.sessions())
             return views if counters_of is None else [_Shown(v, counters_of(v)) for v in views]
         if self.mode is SessionMetrics.NONE:
-            self._tracked.clear()
             return []
+        self._tracked |= touched
         now, window, limits, until, tracked = self._now(), self.window, self._limits, self._until, self._tracked
         tracked |= troubled.keys()
         if in_trouble(ZERO, limits, Phase.ACTIVE, None):  # limits of 1: every session is one short of one
