@@ -10,6 +10,7 @@ import sys
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
+from aiohttp.http_exceptions import HttpProcessingError
 from opentelemetry import trace
 
 
@@ -21,6 +22,21 @@ class TraceContext(logging.Filter):
         if context.is_valid:
             record.trace_id = format(context.trace_id, "032x")
             record.span_id = format(context.span_id, "016x")
+        return True
+
+
+class MalformedRequests(logging.Filter):
+    """A request aiohttp's parser refuses (bad bytes in a header or the URL) is answered 400 by aiohttp itself; it
+    is the client's error, so it is logged as one warning line, not an error with a traceback a client could fill
+    the log with."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg, record.args, record.exc_info = "malformed HTTP request refused (%s): %s", (
+                error.code, str(error.message).split("\n", 1)[0].strip(),
+            ), None  # fmt: skip
         return True
 
 
@@ -57,3 +73,6 @@ def configure_logging(level: str = "INFO", stream: TextIO | None = None) -> None
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    server = logging.getLogger("aiohttp.server")
+    if not any(isinstance(known, MalformedRequests) for known in server.filters):
+        server.addFilter(MalformedRequests())

@@ -216,3 +216,32 @@ async def test_an_operator_close_whose_database_steps_fail_answers_503_and_a_ret
         status, answer = await raw_post(served.base, f"/v1/sessions/{pid}/close", json.dumps({"reason": "Planned"}))
         assert status == 200 and answer["alreadyClosed"] is False and answer["steps"]["authKeys"] == "ok", answer
     assert await keys_of(db, phone) == set()
+
+
+async def test_bytes_the_http_parser_refuses_get_a_400_and_one_warning_line_each(tmp_path: Path) -> None:
+    """Non-UTF-8 and NUL bytes in a header, the query or the path of a route this API serves: aiohttp answers 400
+    before any handler; the log has one warning per request, no error and no traceback a client could fill it with."""
+    port = free_port()
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "sidecar", "serve", "--listen", f"127.0.0.1:{port}",
+            stdout=log, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            await wait_ready(f"http://127.0.0.1:{port}/healthz", process)
+            requests = (b"/v1/sessions/1 HTTP/1.1\r\nX-A: \xff\xfe\x00", b"/v1/sessions?state=\xff HTTP/1.1",
+                        b"/v1/sessions/\xff\xfe HTTP/1.1")  # fmt: skip
+            for request in requests:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(b"GET " + request + b"\r\nHost: x\r\nConnection: close\r\n\r\n")
+                status = await reader.readline()
+                writer.close()
+                assert status.split()[1] == b"400", status
+        finally:
+            process.terminate()
+            await process.wait()
+    lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
+    refused = [line for line in lines if line["msg"].startswith("malformed HTTP request refused (400)")]
+    assert [line["level"] for line in refused] == ["warning"] * 3, lines
+    assert not [line for line in lines if line["level"] == "error" or "exception" in line], lines
