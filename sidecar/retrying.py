@@ -19,10 +19,13 @@ class RetryLog:
         level: int = logging.WARNING,
         summary_seconds: float = SUMMARY_SECONDS,
         clock: Callable[[], float] = time.monotonic,
+        meanwhile: str = "",
     ) -> None:
-        """`what`: the thing tried, said after "cannot" ("load stored counters")."""
+        """`what`: the thing tried, said after "cannot" ("load stored counters"); `meanwhile`: what stands in for
+        it while it fails, said with the first warning ("polling meanwhile")."""
         self._log = log
         self._what = what
+        self._meanwhile = f" ({meanwhile})" if meanwhile else ""
         self._level = level
         self._summary_seconds = summary_seconds
         self._clock = clock
@@ -40,8 +43,8 @@ class RetryLog:
         self._tries += 1
         if self._since is None:
             self._since, self._said_at, self._reason = now, now, reason
-            self._log.log(self._level, "cannot %s yet: %s; retrying, said again once a %s while it lasts",
-                          self._what, reason, _every(self._summary_seconds))  # fmt: skip
+            self._log.log(self._level, "cannot %s yet%s: %s; retrying, said again once a %s while it lasts",
+                          self._what, self._meanwhile, reason, _every(self._summary_seconds))  # fmt: skip
         elif reason != self._reason or now - self._said_at >= self._summary_seconds:
             self._said_at, self._reason = now, reason
             self._log.log(self._level, "still cannot %s after %.0fs and %d tries: %s",

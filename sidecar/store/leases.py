@@ -255,7 +255,7 @@ class PostgresLeases:
 
     async def listen(self, url: str, wake: Callable[[], None], stop: asyncio.Event) -> None:
         """Wake the command deliverer when a command for this replica is queued; reconnects while running."""
-        retries = RetryLog(log, "listen for routed commands (polling meanwhile)", logging.INFO)
+        retries = RetryLog(log, "listen for routed commands", logging.INFO, meanwhile="polling meanwhile")
         while not stop.is_set():
             connection: asyncpg.Connection | None = None
             try:
