@@ -47,6 +47,15 @@ FOR: dict[str, tuple[str, str]] = {
     "WhatsAppSidecarWritesLagging": ("5m", "a failover or restart of PostgreSQL takes a minute or two"),
     "WhatsAppSessionDeaf": ("10m", "the watch has confirmed it already; a restart (--deaf-action) gets 10 minutes"),
     "WhatsAppSidecarRestartsHeld": ("0s", "restarts are being held: an operator has to decide now"),
+    "WhatsAppSessionRestricted": (
+        "10m",
+        "Baileys' default 60 s time lock passes; 10 minutes is a customer not reached",
+    ),
+    "WhatsAppSessionsRestrictionWave": ("0s", "the 10-minute increase is the window; a wave is an incident now"),
+    "WhatsAppSessionsOnAdvisoryVersion": (
+        "30m",
+        "a rolling upgrade runs the old version for minutes, not half an hour",
+    ),
 }
 
 _IDENT = re.compile(r"[A-Za-z_:][A-Za-z0-9_:]*")

@@ -390,6 +390,46 @@ def fleet_overview() -> Json:
             ),
             description="Baileys' app-state signals: patch_mac and lthash_patch count toward the bad decrypt limit.",
         ),
+        Row("Restrictions and runtime versions"),
+        Panel(
+            "Restricted numbers by kind",
+            "short",
+            (
+                query(
+                    "count by (kind) (max by (organization_id, organization_phone_id, kind) "
+                    f"(whatsapp_session_restricted{{{SESSION}}}) == 1)",
+                    "{{kind}}",
+                ),
+            ),
+            width=8,
+            description="Numbers WhatsApp restricts now (time lock, message cap, refused messages, bans), each "
+            "counted once across replicas. Restrictions never log a number out. GET /v1/restrictions lists them.",
+        ),
+        Panel(
+            "Restrictions started by kind",
+            "short",
+            (
+                query(
+                    f"sum by (kind) (increase(whatsapp_session_restrictions_total{{{ORGANIZATION}}}{RATE}))",
+                    "{{kind}}",
+                ),
+            ),
+            width=8,
+            description="A wave (many numbers within minutes) is WhatsApp-side: WhatsAppSessionsRestrictionWave.",
+        ),
+        Panel(
+            "Sessions by runtime version",
+            "short",
+            (
+                query(f"sum by (library, version) (whatsapp_runtime_sessions{{{JOB}}})", "{{library}} {{version}}"),
+                query(
+                    f"sum by (advisory) (whatsapp_runtime_advisory_sessions{{{JOB}}})", "on an advisory: {{advisory}}"
+                ),
+            ),
+            width=8,
+            description="From each runtime's runtime.info; versions a known advisory names are counted apart "
+            "(sidecar/rules/advisories.json).",
+        ),
     ]
     return _dashboard(
         "wa-fleet-overview",
@@ -474,7 +514,15 @@ def session_drilldown() -> Json:
                 ),
             ),
             description="What the deaf-session watch compares with the session's own usual gaps.",
-            width=24,
+            width=12,
+        ),
+        Panel(
+            "Restrictions in force",
+            "short",
+            (query(f"max by (kind) (whatsapp_session_restricted{{{phone}}})", "{{kind}}"),),
+            width=12,
+            description="1 while WhatsApp restricts this number, by kind; the timeline (since, until, WhatsApp's "
+            "code and text) is at GET /v1/sessions/{organizationPhoneId}.",
         ),
         Row("Its organization"),
         Panel(

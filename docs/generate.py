@@ -29,7 +29,8 @@ from sidecar.rules.app_state import app_state_table
 from sidecar.rules.policy import Limits
 from sidecar.store.postgres import SESSION_LIMITS_WHY
 from sidecar.telemetry.metrics import SidecarMetrics
-from sidecar.telemetry.session_families import FAMILIES, FLEET_FAMILIES
+from sidecar.telemetry.runtime_versions import FAMILIES as RUNTIME
+from sidecar.telemetry.session_families import FAMILIES, FLEET_FAMILIES, RESTRICTED
 from sidecar.telemetry.tracing import OTEL_VARIABLES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,10 +60,13 @@ def metrics_page() -> str:
             rows.append((f"`{name}`", value._type, labels, value._documentation))
     labels = "`organization_id`, `organization_phone_id`, `team`"
     rows += [(f"`{name}`", "gauge", labels, text + " (per session: `--session-metrics`)") for name, text in FAMILIES]
+    name, text = RESTRICTED
+    rows.append((f"`{name}`", "gauge", labels + ", `kind`", text + " (per session, in every mode but `none`)"))
     rows += [
         (f"`{name}`", "gauge", ", ".join(f"`{label}`" for label in names) or "none", text)
         for name, names, text in FLEET_FAMILIES
     ]
+    rows += [(f"`{name}`", "gauge", ", ".join(f"`{label}`" for label in names), text) for name, text, names in RUNTIME]
     return (
         "# Metrics\n\n"
         + GENERATED.format(source="`sidecar/telemetry/metrics.py` and `sidecar/telemetry/session_families.py`")

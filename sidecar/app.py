@@ -216,6 +216,7 @@ def _components(config: Config, extras: Extras) -> Callable[[web.Application], A
         )  # fmt: skip
         app[COMPONENTS] = components
         metrics.bind_fleet(lambda: decider.parked_phones, lambda: coordination.clock_ahead)
+        metrics.runtime_versions.bind(lambda: link.sessions_by_runtime(lambda phone: not runtime.is_closed(phone)))
         try:
             await coordination.start()
             replayed = await pending.start()
@@ -232,6 +233,7 @@ def _components(config: Config, extras: Extras) -> Callable[[web.Application], A
         supervisor.start("restore", lambda: _restore(components))
         supervisor.start("owners-watch", lambda: _watch_owners(owners))
         supervisor.start("housekeeping", lambda: _housekeeping(components))
+        supervisor.start("restrictions", lambda: _end_restrictions(components))
         stop_liveness = asyncio.Event()
         supervisor.start("liveness", lambda: runtime.liveness.run(stop_liveness, config.liveness_tick))
         if schema is not None:
@@ -357,6 +359,17 @@ async def _housekeeping(components: Components) -> None:
                 log.info("retention deleted %s", ", ".join(f"{n} {t}" for t, n in deleted.items() if n))
             next_prune = loop.time() + prune_every
         await asyncio.sleep(interval)
+
+
+RESTRICTION_TICK_SECONDS = 1.0
+
+
+async def _end_restrictions(components: Components) -> None:
+    """A time lock with `until` ends by itself: lifted on the timeline (and told to its team) once it passes."""
+    await components.restored.wait()  # what the timeline holds in force is loaded first
+    while True:
+        await components.runtime.expire_restrictions()
+        await asyncio.sleep(RESTRICTION_TICK_SECONDS)
 
 
 async def _restore(components: Components) -> None:

@@ -31,8 +31,9 @@ import msgspec
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from sidecar import __version__
 from sidecar.events.contract import encode_hook
-from sidecar.events.schema import Activity, ConnectionUpdate, DecryptError, Timestamp
+from sidecar.events.schema import AccountRestriction, Activity, ConnectionUpdate, DecryptError, RuntimeInfo, Timestamp
 
 log = logging.getLogger("sidecar.client")
 P = ParamSpec("P")
@@ -110,6 +111,44 @@ def activity_event(
     )  # fmt: skip
 
 
+def _timestamp(value: datetime | None) -> Timestamp | None:
+    return None if value is None else Timestamp.combine(value.date(), value.timetz())
+
+
+def account_restriction_event(
+    organization_id: int,
+    organization_phone_id: int,
+    phone_jid: str,
+    kind: str,
+    active: bool = True,
+    *,
+    until: datetime | None = None,
+    code: int | None = None,
+    detail: str | None = None,
+) -> AccountRestriction:
+    """What WhatsApp does to the number (`kind`: reachout_timelock, message_cap, ack_463, ack_479, temporary_ban,
+    forbidden, client_outdated); `active=False` lifts it, `until` ends it by itself."""
+    return AccountRestriction(
+        organization_id=organization_id, organization_phone_id=organization_phone_id, phone_jid=phone_jid,
+        kind=kind,  # type: ignore[arg-type]  # the sidecar names a bad kind in its answer
+        active=active, until=_timestamp(until), code=code, detail=detail, at=_now(),
+    )  # fmt: skip
+
+
+def runtime_info_message(
+    runtime_id: str | None = None,
+    *,
+    library: str | None = None,
+    library_version: str | None = None,
+    adapter_version: str | None = None,
+) -> RuntimeInfo:
+    """Who the runtime is: a connection's first frame. `library`/`library_version` apply to every session the
+    connection reports (whatsapp_runtime_sessions, the advisory table)."""
+    return RuntimeInfo(
+        runtime_id=runtime_id, library=library, library_version=library_version, adapter_version=adapter_version
+    )
+
+
 def _framed(build: Callable[P, msgspec.Struct]) -> Callable[P, dict[str, Any]]:
     """The frame builder of an event builder: same arguments, the event as the link carries it."""
 
@@ -123,6 +162,8 @@ def _framed(build: Callable[P, msgspec.Struct]) -> Callable[P, dict[str, Any]]:
 connection_update = _framed(connection_update_event)
 decrypt_error = _framed(decrypt_error_event)
 activity = _framed(activity_event)  # inbound traffic since the last report (one per interval, sessions with any)
+account_restriction = _framed(account_restriction_event)
+runtime_info = _framed(runtime_info_message)
 
 
 class Unsupported(Exception):
@@ -146,13 +187,17 @@ class RuntimeClient:
         reconnect_max: float = 10.0,
         runtime_id: str | None = None,
         max_unacked: int = 100_000,
+        library: tuple[str, str] | None = None,
     ) -> None:
         """`runtime_id` names this runtime on the link (default: host, process and a random part, the same across
         this client's reconnects): every event gets a `seq`, is kept until the sidecar's `events.ack` covers it
         and is sent again after a reconnect (at most `max_unacked` kept; past that the oldest go, counted in
-        `unacked_dropped`)."""
+        `unacked_dropped`). `library`: the WhatsApp library and version this runtime runs (for example
+        `("whatsmeow", "0.0.0-20261101")`), said in the connection's runtime.info."""
         self.url = url
         self.runtime_id = runtime_id or f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+        name, version = library or (None, None)
+        self._info = runtime_info(self.runtime_id, library=name, library_version=version, adapter_version=__version__)
         self._seq = 0
         self._unacked: deque[tuple[int, dict[str, Any]]] = deque()
         self._max_unacked = max_unacked
@@ -292,7 +337,7 @@ class RuntimeClient:
     async def _pump(self, ws: ClientConnection) -> None:
         receiver = asyncio.create_task(self._receive(ws))
         try:
-            await ws.send(json.dumps({"type": "runtime.info", "runtimeId": self.runtime_id}))
+            await ws.send(json.dumps(self._info))
             if self._acked_ever:  # what the last connection took but never acknowledged, in order
                 pending = [event for _, event in self._unacked]
                 for start in range(0, len(pending), self._batch_size):

@@ -209,7 +209,63 @@ class StoredSession:
     closed_at: float | None = None  # epoch seconds, when the store knows it
 
 
-class SessionStore(Outbox, Protocol):
+@dataclass(frozen=True, slots=True)
+class RestrictionEntry:
+    """One line of a number's restriction timeline: a restriction in force (`active`, `at` is when it started),
+    or a history row (it started, `active`, or was lifted, at `at`). `seq` orders the history (0 for one in
+    force)."""
+
+    organization_id: int
+    organization_phone_id: int
+    kind: str
+    active: bool
+    at: datetime
+    until: datetime | None = None
+    code: int | None = None
+    detail: str | None = None
+    seq: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "organizationId": self.organization_id,
+            "organizationPhoneId": self.organization_phone_id,
+            "kind": self.kind,
+            "active": self.active,
+            ("since" if self.active and not self.seq else "at"): self.at.isoformat(),
+            "until": self.until.isoformat() if self.until else None,
+            "code": self.code,
+            "detail": self.detail,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class RestrictionQuery:
+    """`GET /v1/restrictions`: the restrictions in force (`active`), by phone then kind after `after`; or the
+    history, newest first, before the history position `before`."""
+
+    active: bool = True
+    limit: int = 100
+    organization_id: int | None = None
+    kind: str | None = None
+    after: tuple[int, str] | None = None
+    before: int | None = None
+
+
+class RestrictionTimeline(Protocol):
+    """The restriction timeline of every number (written by `RecordRestriction` steps), read by the API."""
+
+    async def restrictions_in_force(self) -> list[RestrictionEntry]:
+        """Every restriction the timeline holds in force, `until` passed or not (loaded at start)."""
+
+    async def phone_restrictions(
+        self, organization_phone_id: int, history: int
+    ) -> tuple[list[RestrictionEntry], list[RestrictionEntry]]:
+        """(in force now, the last `history` changes newest first)."""
+
+    async def list_restrictions(self, query: RestrictionQuery) -> list[RestrictionEntry]: ...
+
+
+class SessionStore(Outbox, RestrictionTimeline, Protocol):
     """Auth keys, phone status, closure log and durable counters, applied as ordered steps.
 
     `apply` runs the steps in order, in one transaction where the store has them. A step that fails on its own

@@ -17,6 +17,7 @@ const WebSocket = require('ws')
 // (sidecar/events/schema.py) and the app-state message table (sidecar/rules/app_state.py).
 const LINK_SCHEMA = require('./runtime-link.schema.json')
 const APP_STATE = require('./app-state-messages.json')
+const ADAPTER_VERSION = require('./package.json').version
 
 const CIPHERTEXT = 2 // proto.WebMessageInfo.StubType.CIPHERTEXT
 const LOGGED_OUT = 401 // DisconnectReason.loggedOut
@@ -30,6 +31,18 @@ const USER_JID = new RegExp(errorFields.phoneJid.pattern)
 const COLLECTION = new RegExp(nonNull(errorFields.collection).pattern)
 const APP_STATE_PATCH_NAMES = APP_STATE.collections
 const APP_STATE_DEDUP_MS = 10_000
+const VERSION = new RegExp(nonNull(LINK_SCHEMA.$defs.RuntimeInfo.properties.libraryVersion).pattern)
+const MAX_DETAIL = nonNull(LINK_SCHEMA.$defs.AccountRestriction.properties.detail).maxLength
+// What WhatsApp does to the number, as Baileys shows it (account.restriction; sidecar/rules/restrictions.py):
+// a close with one of these codes, and acks that refuse a message with one of these errors.
+const CLOSE_RESTRICTIONS = { 402: 'temporary_ban', 403: 'forbidden', 405: 'client_outdated' }
+const REFUSALS = {
+  463: { kind: 'ack_463', detail: 'account restricted or missing tctoken for contact' },
+  479: { kind: 'ack_479', detail: 'smax-invalid: stanza rejected by server' },
+}
+const ERROR_STATUS = 0 // proto.WebMessageInfo.Status.ERROR
+// Per phone, across its sockets: the last restriction state reported per kind (a repeat is not sent again).
+const restrictionsSent = new Map()
 // Phones that showed a QR code or completed a pairing: their next `open` is a new login. Kept per phone
 // across sockets, because Baileys restarts the socket (515) right after pairing.
 const pairedPhones = new Set()
@@ -73,6 +86,33 @@ function sidecarLogger(base, bindings = {}, taps = new Set()) {
     [Symbol.for('wa-sidecar.taps')]: taps,
   }
   return logger
+}
+
+// The WhatsApp library this process runs, as installed next to the adapter (the backend's own Baileys).
+function installedLibrary() {
+  for (const name of ['@whiskeysockets/baileys', 'baileys']) {
+    try {
+      const { version } = require(`${name}/package.json`)
+      if (typeof version === 'string' && VERSION.test(version)) return { name: 'baileys', version }
+    } catch {}
+  }
+  return null
+}
+
+// runtime.info, the first frame of each link connection: who this runtime is and what it runs.
+function runtimeInfo(runtimeId, library) {
+  const info = { type: 'runtime.info', runtimeId, adapterVersion: ADAPTER_VERSION }
+  if (library && VERSION.test(library.name) && VERSION.test(library.version)) {
+    info.library = library.name
+    info.libraryVersion = library.version
+  }
+  return info
+}
+
+// The Unix time (seconds, as a string or a number) or Date Baileys gives, as RFC 3339; undefined when it is not one.
+function instant(value) {
+  const moment = value instanceof Date ? value : (typeof value === 'string' || typeof value === 'number') && /^\d{1,12}$/.test(String(value)) ? new Date(Number(value) * 1000) : null
+  return moment && !Number.isNaN(moment.getTime()) && moment.getTime() > 0 ? moment.toISOString() : undefined
 }
 
 function loggedOutError(reason) {
@@ -174,6 +214,8 @@ function attachSidecar(sock, options) {
     // and are sent again after a reconnect (at most maxUnacked kept; past that the oldest go, counted).
     runtimeId = `${os.hostname()}/${process.pid}/${organizationPhoneId}/${crypto.randomBytes(4).toString('hex')}`,
     maxUnacked = 10_000,
+    // What runtime.info says this process runs ({ name, version }); found in node_modules by default.
+    library = installedLibrary(),
   } = options
   if (!Number.isInteger(organizationId) || organizationId < 1) throw new TypeError('organizationId must be a positive integer')
   if (!Number.isInteger(organizationPhoneId) || organizationPhoneId < 1) throw new TypeError('organizationPhoneId must be a positive integer')
@@ -269,8 +311,28 @@ function attachSidecar(sock, options) {
     }
   }
 
+  // One restriction report; the same state as last reported for this phone and kind is not sent again, except a
+  // refusal (each one extends how long the sidecar holds it).
+  function restriction(kind, active, { until, code, detail } = {}) {
+    const event = { type: 'account.restriction', kind, active }
+    if (until) event.until = until
+    if (Number.isInteger(code) && code >= 0 && code <= 999_999) event.code = code
+    if (typeof detail === 'string' && /\S/.test(detail)) event.detail = detail.slice(0, MAX_DETAIL)
+    const sent = restrictionsSent.get(organizationPhoneId) ?? new Map()
+    const state = JSON.stringify([active, event.until, event.code, event.detail])
+    const refusal = Object.values(REFUSALS).some((r) => r.kind === kind)
+    if (!refusal && sent.get(kind) === state) return
+    restrictionsSent.set(organizationPhoneId, sent.set(kind, state))
+    enqueue(event)
+  }
+
   function onConnectionUpdate(update) {
     if (update?.isNewLogin || update?.qr) pairedPhones.add(organizationPhoneId)
+    const lock = update?.reachoutTimeLock
+    if (lock && typeof lock === 'object') {
+      const type = typeof lock.enforcementType === 'string' && lock.enforcementType !== 'DEFAULT' ? lock.enforcementType : undefined
+      restriction('reachout_timelock', !!lock.isActive, lock.isActive ? { until: instant(lock.timeEnforcementEnds), detail: type } : {})
+    }
     if (!update?.connection) return
     whatsappOpen = update.connection === 'open'
     const event = { type: 'connection.update', connection: update.connection }
@@ -278,6 +340,36 @@ function attachSidecar(sock, options) {
     const statusCode = update.lastDisconnect?.error?.output?.statusCode
     if (Number.isInteger(statusCode) && statusCode >= 100 && statusCode <= 599) event.statusCode = statusCode
     enqueue(event)
+    const closedBy = update.connection === 'close' && CLOSE_RESTRICTIONS[statusCode]
+    if (closedBy) {
+      const data = update.lastDisconnect?.error?.data
+      // whatsmeow's TemporaryBan reads the same <failure reason=402 code=… expire=seconds>
+      const expire = closedBy === 'temporary_ban' && /^\d{1,9}$/.test(String(data?.expire ?? '')) ? Number(data.expire) : null
+      restriction(closedBy, true, {
+        code: statusCode,
+        until: expire ? new Date(Date.now() + expire * 1000).toISOString() : undefined,
+        detail: String(update.lastDisconnect?.error?.message || '') || undefined,
+      })
+    }
+    // A connection that opens is not banned, forbidden or outdated any more: the sidecar lifts those itself
+    // (rules ENDED_BY_OPEN); here they are forgotten, so the next such close is reported again.
+    if (update.connection === 'open') for (const kind of Object.values(CLOSE_RESTRICTIONS)) restrictionsSent.get(organizationPhoneId)?.delete(kind)
+  }
+
+  function onMessageCapping(info) {
+    if (!info || typeof info !== 'object') return
+    const capped = info.capping_status === 'CAPPED'
+    const quota = Number.isInteger(info.total_quota) ? ` ${info.used_quota ?? '?'}/${info.total_quota} new chats this cycle` : ''
+    restriction('message_cap', capped, capped ? { until: instant(info.cycle_end_timestamp), detail: `${info.capping_status}${quota}` } : {})
+  }
+
+  function onMessagesUpdate(updates) {
+    for (const { key, update } of Array.isArray(updates) ? updates : []) {
+      if (update?.status !== ERROR_STATUS || !key?.fromMe) continue
+      const [code, text] = update.messageStubParameters || []
+      const refusal = REFUSALS[code]
+      if (refusal) restriction(refusal.kind, true, { code: Number(code), detail: typeof text === 'string' ? text : refusal.detail })
+    }
   }
 
   function onMessagesUpsert({ messages } = {}) {
@@ -403,7 +495,7 @@ function attachSidecar(sock, options) {
     socket.on('open', () => {
       stats.connects++
       reconnectDelay = reconnectInitialMs
-      socket.send(JSON.stringify({ type: 'runtime.info', runtimeId }))
+      socket.send(JSON.stringify(runtimeInfo(runtimeId, library)))
       resend()
       // A link that came back (perhaps to another replica) is told the open session is here, once: commands
       // for it then reach this connection even if the session stays silent.
@@ -441,12 +533,16 @@ function attachSidecar(sock, options) {
   const taps = options.logger?.[Symbol.for('wa-sidecar.taps')]
   sock.ev.on('connection.update', onConnectionUpdate)
   sock.ev.on('messages.upsert', onMessagesUpsert)
+  sock.ev.on('messages.update', onMessagesUpdate)
+  sock.ev.on('message-capping.update', onMessageCapping)
   for (const [event, listener] of inboundListeners) sock.ws?.on?.(event, listener)
   taps?.add(onAppStateFailure)
 
   function detachListeners() {
     sock.ev.off('connection.update', onConnectionUpdate)
     sock.ev.off('messages.upsert', onMessagesUpsert)
+    sock.ev.off('messages.update', onMessagesUpdate)
+    sock.ev.off('message-capping.update', onMessageCapping)
     for (const [event, listener] of inboundListeners) sock.ws?.off?.(event, listener)
     clearInterval(activityTimer)
     taps?.delete(onAppStateFailure)
@@ -476,4 +572,4 @@ function attachSidecar(sock, options) {
   }
 }
 
-module.exports = { attachSidecar, recordingKeyStore, sidecarLogger, appStateFailure, loggedOutError, restartError, probeRoundTrip }
+module.exports = { attachSidecar, recordingKeyStore, sidecarLogger, appStateFailure, loggedOutError, restartError, probeRoundTrip, installedLibrary }

@@ -23,10 +23,12 @@ import msgspec
 
 from sidecar.events.reader import COLLECTION, TRACEPARENT, parse_messages, parse_text, parse_timestamp
 from sidecar.events.schema import (
+    MAX_DETAIL,
     MAX_ERROR_TEXT,
     MAX_EVENTS_PER_FRAME,
     MAX_TEXT,
     MAX_TIMESTAMP,
+    AccountRestriction,
     CommandAck,
     DecryptError,
     InboundMessage,
@@ -116,6 +118,10 @@ def _check(item: InboundMessage) -> None:
     if item.traceparent is not None:
         _text(item.traceparent, 55)
         _match(TRACEPARENT, item.traceparent)
+    if type(item) is AccountRestriction:
+        if item.detail is not None:
+            _text(item.detail, MAX_DETAIL)
+        return
     if type(item) is DecryptError:
         if item.error not in _accepted_errors:
             _text(item.error, MAX_ERROR_TEXT)

@@ -22,6 +22,7 @@ import msgspec
 from sidecar.rules.classification import ErrorSource
 from sidecar.rules.inputs import MAX_ID
 from sidecar.rules.jid import USER_JID_PATTERN
+from sidecar.rules.restrictions import RestrictionKind
 
 MAX_EVENTS_PER_FRAME: Final = 10_000
 MAX_ERROR_TEXT: Final = 16_384
@@ -32,6 +33,7 @@ COLLECTION_PATTERN: Final = r"^[a-z_]{1,64}$"
 TRACEPARENT_PATTERN: Final = r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"
 NON_BLANK: Final = r"\S"
 MESSAGE_TYPES: Final = ("pkmsg", "msg", "skmsg")
+MAX_DETAIL: Final = 1_024
 
 
 class Timestamp(datetime):
@@ -170,6 +172,51 @@ class Activity(Event, frozen=True, kw_only=True, tag="activity"):
     ) = None
 
 
+class AccountRestriction(Event, frozen=True, kw_only=True, tag="account.restriction"):
+    """Something WhatsApp does to the number: a time lock on new chats, a message cap, refused messages (463,
+    479), a ban, a refused client. `active: false` lifts it; a time lock with `until` ends by itself. Recorded on
+    the number's timeline and told to its team; never a reason to log out or delete keys."""
+
+    kind: Annotated[RestrictionKind, msgspec.Meta(description="what WhatsApp restricts")]
+    active: Annotated[bool, msgspec.Meta(description="true while in force; false lifts it")]
+    until: (
+        Annotated[Timestamp, msgspec.Meta(description="when it ends by itself (a time lock's end), RFC 3339")] | None
+    ) = None
+    code: (
+        Annotated[
+            int,
+            msgspec.Meta(
+                ge=0, le=999_999,
+                description="the number WhatsApp gave (an ack's error 463 or 479, a close's status code)",
+                extra={"problem": "must be an integer from 0 to 999999"},
+            ),
+        ]
+        | None
+    ) = None  # fmt: skip
+    detail: (
+        Annotated[
+            str,
+            msgspec.Meta(
+                min_length=1, max_length=MAX_DETAIL, extra_json_schema={"pattern": NON_BLANK},
+                description="what the runtime was told, as text (kept on the timeline; never in metric labels)",
+            ),
+        ]
+        | None
+    ) = None  # fmt: skip
+
+
+VERSION_PATTERN: Final = r"^[\x21-\x7e]{1,64}$"  # printable ASCII, no spaces
+Version = Annotated[
+    str,
+    msgspec.Meta(
+        min_length=1,
+        max_length=64,
+        pattern=VERSION_PATTERN,
+        extra={"problem": "must be 1 to 64 printable ASCII characters without spaces"},
+    ),
+]
+
+
 class CommandAck(Inbound, frozen=True, kw_only=True, tag="command.ack"):
     """The runtime's answer to a command; `error` starting `unsupported:` means it lacks the command."""
 
@@ -219,11 +266,32 @@ class RuntimeInfo(Inbound, frozen=True, kw_only=True, tag="runtime.info"):
         ]
         | None
     ) = None
+    library: (
+        Annotated[
+            Version,
+            msgspec.Meta(
+                description="the WhatsApp library the runtime runs, for example "
+                "`baileys`; whatsapp_runtime_sessions{library,version}"
+            ),
+        ]
+        | None
+    ) = None
+    library_version: (
+        Annotated[
+            Version,
+            msgspec.Meta(
+                description="the library's version as installed, for example `7.0.0-rc.12`; checked "
+                "against the advisory table (sidecar/rules/advisories.json)"
+            ),
+        ]
+        | None
+    ) = None
+    adapter_version: Annotated[Version, msgspec.Meta(description="the adapter's own version")] | None = None
 
 
-SessionEvent = ConnectionUpdate | DecryptError | Activity
-InboundMessage = ConnectionUpdate | DecryptError | Activity | CommandAck | RuntimeInfo
-INBOUND: Final = (ConnectionUpdate, DecryptError, Activity, CommandAck, RuntimeInfo)
+SessionEvent = ConnectionUpdate | DecryptError | Activity | AccountRestriction
+InboundMessage = ConnectionUpdate | DecryptError | Activity | AccountRestriction | CommandAck | RuntimeInfo
+INBOUND: Final = (ConnectionUpdate, DecryptError, Activity, AccountRestriction, CommandAck, RuntimeInfo)
 
 
 # Sidecar -> runtime ---------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ MAX_LIMIT = 1000
 T = TypeVar("T")
 
 
-def _optional(request: web.Request, name: str, parse: Callable[[str], T | None], problem: str) -> T | None:
+def optional_query(request: web.Request, name: str, parse: Callable[[str], T | None], problem: str) -> T | None:
     """A query parameter that may be absent; present, it must parse (else a 400 naming it)."""
     raw = request.query.get(name)
     if raw is None:
@@ -33,6 +33,14 @@ def _optional(request: web.Request, name: str, parse: Callable[[str], T | None],
     if value is None:
         raise InvalidInput(name, problem)
     return value
+
+
+def page_limit(request: web.Request) -> int:
+    """`limit`: how many entries a page holds (default 100, at most MAX_LIMIT)."""
+    limit = ascii_id(request.query.get("limit", "100"), maximum=MAX_LIMIT)
+    if limit is None:
+        raise InvalidInput("limit", f"must be an integer from 1 to {MAX_LIMIT} (ASCII digits)")
+    return limit
 
 
 ID_PROBLEM = f"must be a positive integer up to {MAX_ID} (ASCII digits)"
@@ -62,16 +70,14 @@ async def list_closures(request: web.Request) -> web.Response:
     reason = request.query.get("reason")
     if reason is not None and reason not in {str(r) for r in CloseReason}:
         raise InvalidInput("reason", f"must be one of {', '.join(str(r) for r in CloseReason)}")
-    limit = ascii_id(request.query.get("limit", "100"), maximum=MAX_LIMIT)
-    if limit is None:
-        raise InvalidInput("limit", f"must be an integer from 1 to {MAX_LIMIT} (ASCII digits)")
+    limit = page_limit(request)
     query = ClosureQuery(
         limit=limit,
-        organization_id=_optional(request, "organizationId", ascii_id, ID_PROBLEM),
-        organization_phone_id=_optional(request, "organizationPhoneId", ascii_id, ID_PROBLEM),
+        organization_id=optional_query(request, "organizationId", ascii_id, ID_PROBLEM),
+        organization_phone_id=optional_query(request, "organizationPhoneId", ascii_id, ID_PROBLEM),
         reason=reason,
-        since=_optional(request, "since", parse_timestamp, TIME_PROBLEM),
-        until=_optional(request, "until", parse_timestamp, TIME_PROBLEM),
+        since=optional_query(request, "since", parse_timestamp, TIME_PROBLEM),
+        until=optional_query(request, "until", parse_timestamp, TIME_PROBLEM),
         before=_cursor(request),
     )
     records = await components_of(request).store.list_closures(query)

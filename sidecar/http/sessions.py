@@ -11,6 +11,7 @@ from aiohttp import web
 
 from sidecar.components import Components
 from sidecar.http.requests import api_auth_error, components_of, json_body
+from sidecar.http.restrictions import phone_restrictions
 from sidecar.ports import SocketCommandFailed, SocketCommandUnsupported, SocketUnreachable
 from sidecar.rules.inputs import MAX_ID, ascii_id
 from sidecar.rules.policy import is_healthy
@@ -18,6 +19,7 @@ from sidecar.rules.records import PhoneRef
 from sidecar.runtime import InvalidInput, SessionView, UnknownSession
 
 LOGGED_OUT = "logged_out"  # a phone the sidecar closed: not a live session's phase
+UNKNOWN = "unknown"  # no state here, but the restriction timeline knows the phone
 
 
 def _phone_id(request: web.Request) -> int:
@@ -80,14 +82,26 @@ async def list_sessions(request: web.Request) -> web.Response:
 
 
 async def get_session(request: web.Request) -> web.Response:
-    """One session as this process knows it: live, logged out by the sidecar, or unknown (404)."""
+    """One session as this process knows it (live, logged out by the sidecar) with its restriction timeline; a
+    phone this process holds nothing of but the timeline knows (in fleet mode, another replica holds it) is
+    `unknown` with its restrictions; a phone known nowhere is a 404."""
     components, phone_id = components_of(request), _phone_id(request)
+    restrictions = await phone_restrictions(components, phone_id)
     session = components.runtime.session(phone_id)
     if session is not None:
-        return web.json_response(session_json(components, session))
+        return web.json_response({**session_json(components, session), "restrictions": restrictions})
     closed = components.runtime.closed_phone(phone_id)
     if closed is not None:
-        return web.json_response(closed_json(components, closed))
+        return web.json_response({**closed_json(components, closed), "restrictions": restrictions})
+    known = restrictions["current"] or restrictions["history"]
+    if known:
+        body = {
+            "organizationId": known[0]["organizationId"],
+            "organizationPhoneId": phone_id,
+            "state": UNKNOWN,
+            **dict.fromkeys(("connected", "badMacErrors", "badDecryptErrors", "isHealthy", "lastErrorAt")),
+        }
+        return web.json_response({**body, "restrictions": restrictions})
     raise UnknownSession(phone_id)
 
 

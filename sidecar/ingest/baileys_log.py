@@ -11,6 +11,8 @@ What becomes an event:
   give up) counts once per collection and kind within APP_STATE_REPEAT_SECONDS.
 - connections: Baileys' `opened connection to WA` and `connection errored` (a known Boom message gives the
   status code), and an app's own logged `connection.update` events (`event`, `update.connection`).
+- restrictions: the reach-out time lock, message capping and refused messages (463, 479) as `account.restriction`
+  (ingest/baileys_restrictions.py says which lines).
 - libsignal's console block (`Session error:<Type>: <message>`) names the real cause behind Baileys'
   `No matching sessions found for message` on the msg path: a Bad MAC, or only a duplicate (`Key used already or
   never filled`). The next such record takes that cause, so redeliveries are not counted as Bad MAC.
@@ -29,6 +31,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sidecar.events.reader import COLLECTION
+from sidecar.ingest import baileys_restrictions
 from sidecar.rules.app_state import WRAPPER_MESSAGES, app_state_signal, error_signal
 from sidecar.rules.jid import InvalidJid, parse_jid
 
@@ -45,6 +48,7 @@ NEEDLES = (
     "connection.update",
     "Session error:",
     "pairing configured successfully",
+    *baileys_restrictions.NEEDLES,
 )
 SESSION_ERROR = re.compile(r"^Session error:(?P<type>\w+): (?P<message>.*?)(?: (?P=type): (?P=message))?\s*$")
 NO_MATCHING_SESSIONS = "No matching sessions found for message"
@@ -279,6 +283,9 @@ class BaileysLogReader:
             trace = str(record.get("trace") or record.get("err") or "")
             boom = trace.split("\n", 1)[0].removeprefix("Error: ")
             return self._connection(record, "close", CLOSE_CODES.get(boom))
+        if (restriction := baileys_restrictions.restriction_fields(record)) is not None:
+            event = self._base(record, "account.restriction")
+            return None if event is None else event | restriction
         update = record.get("update")
         if record.get("event") == "connection.update" and isinstance(update, dict):
             if update.get("isNewLogin") or update.get("qr"):

@@ -11,6 +11,7 @@ import itertools
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -46,6 +47,7 @@ class RuntimeConnection:
     draining: bool = False  # the sidecar is stopping: frames still arriving are not taken (they are resent)
     sequenced: bool = False  # its events carry `seq`: what it sends is kept until acknowledged
     idle: asyncio.Event = field(default_factory=asyncio.Event)  # no frame in progress
+    runtime: tuple[str, str] | None = None  # (library, version) its runtime.info named: every phone it reports
 
     def __post_init__(self) -> None:
         self.key = self.key or f"connection:{self.id}"
@@ -107,6 +109,14 @@ class LinkConnections:
                 released.append(phone)
         if released:
             self._release_leases_later(released)
+
+    def sessions_by_runtime(self, live: Callable[[int], bool]) -> Counter[tuple[str, str]]:
+        """The `live` phones each (library, version) holds, over the connections that said which they run."""
+        counts: Counter[tuple[str, str]] = Counter()
+        for connection in self._connections:
+            if connection.runtime is not None and not connection.ws.closed:
+                counts[connection.runtime] += sum(1 for phone in connection.phones if live(phone))
+        return counts
 
     def owned_phones(self) -> list[int]:
         return [phone for phone, connection in self._owners.items() if not connection.ws.closed]

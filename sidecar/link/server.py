@@ -17,6 +17,7 @@ from sidecar.events.schema import ConnectionUpdate, EventsAck, LinkError, Sessio
 from sidecar.link.connections import LinkConnections, RuntimeConnection
 from sidecar.link.sequences import LinkSequences, fresh, runtime_info
 from sidecar.ports import SocketLeases, StoreUnavailable
+from sidecar.rules.versions import library_name
 from sidecar.runtime import SessionRuntime
 
 log = logging.getLogger("sidecar.link")
@@ -49,6 +50,8 @@ class LinkServer:
         info = runtime_info(messages)
         if info is not None and info.runtime_id is not None and info.runtime_id != connection.key:
             await self._identified(connection, info.runtime_id)
+        if info is not None and info.library is not None and info.library_version is not None:
+            connection.runtime = (library_name(info.library), info.library_version)
         messages, top = fresh(messages, self._sequences.progress(connection.key))
         events = await self._intake.admit(messages, Channel.WEBSOCKET)
         claimed = self._claim(connection, events)

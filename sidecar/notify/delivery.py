@@ -75,7 +75,7 @@ def payload(row: OutboxRow, team: str, instance: str) -> dict[str, Any]:
         "traceId": row.trace_id,
     }
     if row.details:
-        body["close"] = row.details
+        body["restriction" if row.event.startswith("session.restrict") else "close"] = row.details
     return body
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
 from sidecar.rules.policy import CloseReason, Counters, KeyScope
+from sidecar.rules.restrictions import Restriction, RestrictionKind
 
 
 class CounterKind(StrEnum):
@@ -48,6 +49,8 @@ class NotificationEvent(StrEnum):
     CREDENTIALS_CONFLICT = "session.credentials_conflict"
     DEAF = "session.deaf"  # connected, but nothing arrives (rules/liveness.py)
     DEAF_RECOVERED = "session.deaf_recovered"  # traffic arrives again on a session found deaf
+    RESTRICTED = "session.restricted"  # WhatsApp restricts the number (rules/restrictions.py)
+    RESTRICTION_LIFTED = "session.restriction_lifted"
     BREAKER_TRIPPED = "breaker.tripped"  # fleet-level: organizationId and organizationPhoneId are 0
     BREAKER_RELEASED = "breaker.released"
 
@@ -195,7 +198,19 @@ class Logout:
     keys_given: bool = False
 
 
-Step = IncrementCounter | ResetCounters | DeleteKeys | Logout | RecordDecision
+@dataclass(frozen=True, slots=True)
+class RecordRestriction:
+    """A restriction reported in force (`restriction.active`) or lifted, for the number's timeline. The store
+    decides whether it is news, against the timeline it holds (shared by replicas): a restriction not in force
+    before, or one in force that is lifted. Only news writes a history row and the notification; the step's
+    result is 1 for news, 0 otherwise."""
+
+    phone: PhoneRef
+    restriction: Restriction
+    notification: Notification | None = None
+
+
+Step = IncrementCounter | ResetCounters | DeleteKeys | Logout | RecordDecision | RecordRestriction
 
 
 def closed_details(record: ClosureRecord, keys_deleted: int | None) -> dict[str, Any]:
@@ -207,6 +222,24 @@ def closed_details(record: ClosureRecord, keys_deleted: int | None) -> dict[str,
         "badMacErrors": record.counters.bad_mac_errors,
         "badDecryptErrors": record.counters.bad_decrypt_errors,
         "keysDeleted": keys_deleted,
+    }
+
+
+def moment(epoch: float | None) -> datetime | None:
+    """Epoch seconds as an aware UTC datetime."""
+    return None if epoch is None else datetime.fromtimestamp(epoch, UTC)
+
+
+def restriction_details(restriction: Restriction) -> dict[str, Any]:
+    """What a `session.restricted` or `session.restriction_lifted` notification says about the restriction."""
+    at, until = moment(restriction.at), moment(restriction.until)
+    return {
+        "kind": str(restriction.kind),
+        "active": restriction.active,
+        "at": at.isoformat() if at else None,
+        "until": until.isoformat() if until else None,
+        "code": restriction.code,
+        "detail": restriction.detail,
     }
 
 
@@ -245,7 +278,7 @@ def step_to_json(step: Step) -> str:
     if isinstance(step, RecordDecision):
         phone = asdict(step.phone) if step.phone else None
         return json.dumps({"decision": step.to_json(), "phone": phone, "notification": notification})
-    payload = asdict(step)
+    payload = asdict(step)  # a RecordRestriction's restriction is a dict of plain values (its kind a str)
     payload["step"] = type(step).__name__
     payload["notification"] = notification
     return json.dumps(payload)
@@ -279,6 +312,10 @@ def step_from_json(text: str) -> Step:
         return IncrementCounter(phone, CounterKind(data["kind"]), notification)
     if kind == "ResetCounters":
         return ResetCounters(phone, notification)
+    if kind == "RecordRestriction":
+        raw_restriction = data["restriction"]
+        restriction = Restriction(**(raw_restriction | {"kind": RestrictionKind(raw_restriction["kind"])}))
+        return RecordRestriction(phone, restriction, notification)
     if kind == "DeleteKeys":
         return DeleteKeys(phone, KeyScope(data["scope"]), tuple(data["key_prefixes"]), data.get("observe", False))
     raise ValueError(f"unknown journal step {kind!r}")

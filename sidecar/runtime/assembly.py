@@ -25,6 +25,7 @@ from sidecar.runtime.notices import Notices
 from sidecar.runtime.observer import IsolatedObservers, RuntimeObserver
 from sidecar.runtime.parts import RuntimeParts
 from sidecar.runtime.registry import MemorySessionRegistry, SessionRegistry
+from sidecar.runtime.restrictions import Restrictions
 from sidecar.runtime.safety_state import Safety
 from sidecar.runtime.tasks import BackgroundTasks
 from sidecar.runtime.waiting import EventJournal
@@ -105,4 +106,5 @@ def assemble(
         decider = LocalDecider(tools)
     watch = watch or Watch()
     liveness = LivenessWatch(parts, incidents, watch.config, watch.action, watch.sockets)
-    return SessionRuntime(parts, Collaborators(decider, effects, incidents, liveness, store, state_ttl))
+    collaborators = Collaborators(decider, effects, incidents, liveness, store, state_ttl, Restrictions(parts))
+    return SessionRuntime(parts, collaborators)

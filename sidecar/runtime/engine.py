@@ -15,13 +15,14 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import INVALID_SPAN, Span
 
-from sidecar.events.schema import Activity, ConnectionUpdate, DecryptError, SessionEvent
+from sidecar.events.schema import AccountRestriction, Activity, ConnectionUpdate, DecryptError, SessionEvent
 from sidecar.ports import SessionStore
 from sidecar.rules.app_state import collection_label
 from sidecar.rules.classification import ErrorClass
 from sidecar.rules.inputs import checked_connection, peer_user, phone_ref
 from sidecar.rules.policy import BadDecrypt, BadMac, Counters, ErrorStats, error_stats
 from sidecar.rules.records import CounterKind, PhoneRef
+from sidecar.rules.restrictions import Restriction
 from sidecar.rules.safety import Mode
 from sidecar.runtime.decider import Decider
 from sidecar.runtime.effects import Effects
@@ -32,6 +33,7 @@ from sidecar.runtime.operator import CloseOutcome, checked_reason
 from sidecar.runtime.outcomes import context_from_traceparent, span_ids
 from sidecar.runtime.parts import ZERO_COUNTERS, RuntimeParts
 from sidecar.runtime.registry import Session, SessionView
+from sidecar.runtime.restrictions import Restrictions
 from sidecar.runtime.tally import Classifier, ErrorTally
 from sidecar.runtime.waiting import Traced
 
@@ -46,6 +48,7 @@ class Collaborators:
     liveness: LivenessWatch
     store: SessionStore
     state_ttl: float
+    restrictions: Restrictions
 
 
 class SessionRuntime:
@@ -63,6 +66,7 @@ class SessionRuntime:
         self.liveness = collaborators.liveness
         self._store = collaborators.store
         self._state_ttl = collaborators.state_ttl
+        self._restrictions = collaborators.restrictions
 
     @property
     def mode(self) -> tuple[Mode, frozenset[int]]:
@@ -101,6 +105,17 @@ class SessionRuntime:
 
     def connected_by_organization(self) -> Mapping[int, int]:
         return self._registry.connected_by_organization()
+
+    def restricted(self) -> list[tuple[PhoneRef, Restriction]]:
+        """Every restriction in force here (rules/restrictions.py), by session then kind."""
+        return self._restrictions.restricted()
+
+    def restrictions_of(self, organization_phone_id: int) -> list[Restriction]:
+        return self._restrictions.of(organization_phone_id)
+
+    async def expire_restrictions(self) -> int:
+        """Lift the restrictions whose `until` has passed; returns how many."""
+        return await self._restrictions.expire()
 
     @property
     def session_count(self) -> int:
@@ -149,6 +164,7 @@ class SessionRuntime:
         """Continue from the counters the store kept (a restart loses no count)."""
         stored = await self._store.load_sessions(closed_within=self._state_ttl)
         self.decider.restore(stored)
+        await self._restrictions.restore(self._store)
         return len(stored)
 
     def expire_state(self) -> list[PhoneRef]:
@@ -158,6 +174,7 @@ class SessionRuntime:
         forgotten = self._registry.sweep(now, self._state_ttl)
         for phone in forgotten:
             self.liveness.forget(phone.organization_phone_id)
+            self._restrictions.forget(phone.organization_phone_id)
             for observer in self._observers:
                 observer.forgotten(phone)
         self._parts.safety.loops.expire(now)
@@ -181,6 +198,8 @@ class SessionRuntime:
             return await self._on_decrypt_error(event)
         if type(event) is ConnectionUpdate:
             await self._on_connection_update(event)
+        elif type(event) is AccountRestriction:
+            await self._restrictions.report(event)
         else:
             assert isinstance(event, Activity)
             self._on_activity(event)
@@ -305,6 +324,7 @@ class SessionRuntime:
             self.liveness.connection(phone, connection == "open", now)
         if connection == "open":
             await self.decider.opened(phone, now, event.new_login)
+            await self._restrictions.connection_opened(phone)
         elif connection == "close":
             known = self._registry.get(event.organization_phone_id)
             if known is not None:

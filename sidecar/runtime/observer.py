@@ -14,6 +14,7 @@ from sidecar.rules.app_state import AppStateKind
 from sidecar.rules.classification import ErrorClass
 from sidecar.rules.policy import Counters, ErrorStats, Heal
 from sidecar.rules.records import ClosureRecord, PhoneRef, RecordDecision
+from sidecar.rules.restrictions import Restriction
 
 log = logging.getLogger("sidecar.runtime.observer")
 
@@ -73,6 +74,10 @@ class RuntimeObserver:
         return None
 
     def decided(self, decision: RecordDecision) -> None:
+        return None
+
+    def restriction_changed(self, phone: PhoneRef, restriction: Restriction, change: str) -> None:
+        """A restriction started, was updated or lifted here (`change`: rules/restrictions.py's Change)."""
         return None
 
 

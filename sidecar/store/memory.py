@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sidecar.ports import ClosureQuery, OutboxRow, StoredSession
+from sidecar.ports import ClosureQuery, OutboxRow, RestrictionEntry, RestrictionQuery, StoredSession
 from sidecar.rules.jid import InvalidJid, parse_jid
 from sidecar.rules.policy import ZERO, Counters
 from sidecar.rules.records import (
@@ -22,12 +22,14 @@ from sidecar.rules.records import (
     Notification,
     PhoneRef,
     RecordDecision,
+    RecordRestriction,
     ResetCounters,
     Step,
     StepOutcome,
     StepResult,
     closed_details,
 )
+from sidecar.store.memory_restrictions import MemoryRestrictions
 
 
 @dataclass(slots=True)
@@ -64,6 +66,7 @@ class MemoryStore:
         self._leases: dict[str, float] = {}
         self._finished: deque[str] = deque()
         self._seq = 0
+        self.restrictions = MemoryRestrictions(clock, self._enqueue)
 
     async def apply(self, steps: Sequence[Step], journal: tuple[str, Sequence[int]] | None = None) -> list[StepResult]:
         return [self._apply_one(step) for step in steps]
@@ -83,7 +86,8 @@ class MemoryStore:
         idle = [phone_id for phone_id, row in self.counters.items() if not row.closed and row.counters == Counters()]
         for phone_id in idle:
             del self.counters[phone_id]
-        return {"outbox": len(finished), "session_counters": len(idle)}
+        history = self.restrictions.prune(cutoff)
+        return {"outbox": len(finished), "session_counters": len(idle), "restriction_history": history}
 
     async def recent_closures(self, organization_phone_id: int, limit: int) -> list[ClosureRecord]:
         mine = [r for r in self.closures if r.phone.organization_phone_id == organization_phone_id]
@@ -94,6 +98,17 @@ class MemoryStore:
             (r for r in self.closures if query.matches(r)), key=lambda r: (r.started_at, r.closure_id), reverse=True
         )
         return found[: query.limit]
+
+    async def restrictions_in_force(self) -> list[RestrictionEntry]:
+        return await self.restrictions.restrictions_in_force()
+
+    async def phone_restrictions(
+        self, organization_phone_id: int, history: int
+    ) -> tuple[list[RestrictionEntry], list[RestrictionEntry]]:
+        return await self.restrictions.phone_restrictions(organization_phone_id, history)
+
+    async def list_restrictions(self, query: RestrictionQuery) -> list[RestrictionEntry]:
+        return await self.restrictions.list_restrictions(query)
 
     async def ping(self) -> None:
         return None
@@ -173,6 +188,8 @@ class MemoryStore:
             return None
         if isinstance(step, DeleteKeys):
             return self._delete_keys(step.phone, step.key_prefixes, only_count=step.observe)
+        if isinstance(step, RecordRestriction):
+            return self.restrictions.record(step)
         if isinstance(step, RecordDecision):
             self.decisions.append(step)
             self._enqueue(step.phone or PhoneRef(0, 0), step.notification, step.detail)

@@ -214,6 +214,38 @@ MIGRATIONS: tuple[Migration, ...] = (
         """,
         5,
     ),
+    # 10 (expand): the restriction timeline of every number (`account.restriction`): what is in force, and the
+    # history of changes (pruned by --retention). Releases with 5 to 9 migrations neither write nor read them.
+    Migration(
+        """
+        CREATE TABLE {schema}.restrictions (
+            organization_phone_id BIGINT NOT NULL,
+            kind                  TEXT NOT NULL,
+            organization_id       BIGINT NOT NULL,
+            since                 TIMESTAMPTZ NOT NULL,
+            until                 TIMESTAMPTZ,
+            code                  INTEGER,
+            detail                TEXT,
+            updated_at            TIMESTAMPTZ NOT NULL DEFAULT now(),
+            PRIMARY KEY (organization_phone_id, kind)
+        );
+        CREATE TABLE {schema}.restriction_history (
+            seq                   BIGSERIAL PRIMARY KEY,
+            organization_id       BIGINT NOT NULL,
+            organization_phone_id BIGINT NOT NULL,
+            kind                  TEXT NOT NULL,
+            active                BOOLEAN NOT NULL,
+            at                    TIMESTAMPTZ NOT NULL,
+            until                 TIMESTAMPTZ,
+            code                  INTEGER,
+            detail                TEXT,
+            recorded_at           TIMESTAMPTZ NOT NULL DEFAULT now()
+        );
+        CREATE INDEX restriction_history_phone_idx ON {schema}.restriction_history (organization_phone_id, seq DESC);
+        CREATE INDEX restriction_history_recorded_idx ON {schema}.restriction_history (recorded_at);
+        """,
+        5,
+    ),
 )
 
 

@@ -17,7 +17,15 @@ if TYPE_CHECKING:
     pass
 
 from sidecar.config import SchemaMapping
-from sidecar.ports import ClosureQuery, OutboxRow, StepFailed, StoredSession, StoreSlow
+from sidecar.ports import (
+    ClosureQuery,
+    OutboxRow,
+    RestrictionEntry,
+    RestrictionQuery,
+    StepFailed,
+    StoredSession,
+    StoreSlow,
+)
 from sidecar.rules.policy import CloseReason, Counters
 from sidecar.rules.records import (
     CloseTrigger,
@@ -312,6 +320,31 @@ class PostgresStore:
             )  # fmt: skip
         return [_closure_from_row(row) for row in rows]
 
+    async def restrictions_in_force(self) -> list[RestrictionEntry]:
+        async with self.connection() as conn:
+            return [_restriction(row) for row in await conn.fetch(self._sql.restrictions_all)]
+
+    async def phone_restrictions(
+        self, organization_phone_id: int, history: int
+    ) -> tuple[list[RestrictionEntry], list[RestrictionEntry]]:
+        async with self.connection() as conn:
+            current = await conn.fetch(self._sql.restrictions_of, organization_phone_id)
+            past = await conn.fetch(self._sql.restriction_history_of, organization_phone_id, history)
+        return [_restriction(row) for row in current], [_restriction(row) for row in past]
+
+    async def list_restrictions(self, query: RestrictionQuery) -> list[RestrictionEntry]:
+        async with self.connection() as conn:
+            if query.active:
+                after = query.after or (None, None)
+                rows = await conn.fetch(
+                    self._sql.restrictions_page, query.organization_id, query.kind, *after, query.limit
+                )
+            else:
+                rows = await conn.fetch(
+                    self._sql.restriction_history_page, query.organization_id, query.kind, query.before, query.limit
+                )
+        return [_restriction(row) for row in rows]
+
     async def claim_due(self, limit: int, lease_seconds: float) -> list[OutboxRow]:
         async with self.connection() as conn:
             rows = await conn.fetch(self._sql.claim_due, limit, lease_seconds)
@@ -352,6 +385,13 @@ def _groupable_run(steps: Sequence[Step], start: int) -> Sequence[Step]:
         else:
             break
     return steps[start:end]
+
+
+def _restriction(row: asyncpg.Record) -> RestrictionEntry:
+    return RestrictionEntry(
+        row["organization_id"], row["organization_phone_id"], row["kind"], row["active"], row["at"], row["until"],
+        row["code"], row["detail"], row["seq"],
+    )  # fmt: skip
 
 
 def _closure_from_row(row: asyncpg.Record) -> ClosureRecord:

@@ -101,6 +101,41 @@ class Statements:
             "OR bad_mac_errors > 0 OR bad_decrypt_errors > 0"
         )
         # Retention, a batch at a time ($1: the cutoff, $2: the batch). Rows a close or a hold still needs stay.
+        r, history = f"{s}.restrictions", f"{s}.restriction_history"
+        entry = "organization_id, organization_phone_id, kind"
+        self.restriction_lock = (
+            f"SELECT since, until FROM {r} WHERE organization_phone_id = $1 AND kind = $2 FOR UPDATE"
+        )
+        self.restriction_upsert = (
+            f"INSERT INTO {r} AS r (organization_phone_id, kind, organization_id, since, until, code, detail) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (organization_phone_id, kind) DO UPDATE SET "
+            "since = CASE WHEN $8 THEN EXCLUDED.since ELSE r.since END, until = EXCLUDED.until, code = EXCLUDED.code, "
+            "detail = EXCLUDED.detail, updated_at = now()"
+        )
+        self.restriction_lift = f"DELETE FROM {r} WHERE organization_phone_id = $1 AND kind = $2 RETURNING since"
+        self.restriction_history = (
+            f"INSERT INTO {history} ({entry}, active, at, until, code, detail) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+        )
+        self.restrictions_all = (
+            f"SELECT {entry}, true AS active, since AS at, until, code, detail, 0::bigint AS seq FROM {r}"
+        )
+        in_force = "(until IS NULL OR until > now())"
+        self.restrictions_of = f"{self.restrictions_all} WHERE organization_phone_id = $1 AND {in_force} ORDER BY kind"
+        self.restriction_history_of = (
+            f"SELECT {entry}, active, at, until, code, detail, seq FROM {history} WHERE organization_phone_id = $1 "
+            "ORDER BY seq DESC LIMIT $2"
+        )
+        self.restrictions_page = (
+            f"{self.restrictions_all} WHERE {in_force} AND ($1::bigint IS NULL OR organization_id = $1) AND "
+            "($2::text IS NULL OR kind = $2) AND "
+            "($3::bigint IS NULL OR (organization_phone_id, kind) > ($3, $4::text)) "
+            "ORDER BY organization_phone_id, kind LIMIT $5"
+        )
+        self.restriction_history_page = (
+            f"SELECT {entry}, active, at, until, code, detail, seq FROM {history} WHERE "
+            "($1::bigint IS NULL OR organization_id = $1) AND ($2::text IS NULL OR kind = $2) AND "
+            "($3::bigint IS NULL OR seq < $3) ORDER BY seq DESC LIMIT $4"
+        )
         self.prune = {
             "closures": f"DELETE FROM {s}.closures WHERE closure_id IN (SELECT closure_id FROM {s}.closures "
             "WHERE started_at < $1 LIMIT $2)",
@@ -112,6 +147,8 @@ class Statements:
             f"FROM {counters} WHERE updated_at < $1 AND close_claimed_by IS NULL AND ((phase = 'closed' AND "
             "closed_at < $1) OR (phase = 'active' AND bad_mac_errors = 0 AND bad_decrypt_errors = 0)) LIMIT $2 "
             "FOR UPDATE SKIP LOCKED)",
+            "restriction_history": f"DELETE FROM {history} WHERE seq IN (SELECT seq FROM {history} "
+            "WHERE recorded_at < $1 LIMIT $2)",
             "idempotency_keys": f"DELETE FROM {s}.idempotency_keys WHERE key IN (SELECT key FROM "
             f"{s}.idempotency_keys WHERE created_at < $1 LIMIT $2)",
             "link_sequences": f"DELETE FROM {s}.link_sequences WHERE runtime_id IN (SELECT runtime_id FROM "

@@ -17,11 +17,14 @@ from sidecar.rules.records import (
     Notification,
     PhoneRef,
     RecordDecision,
+    RecordRestriction,
     ResetCounters,
     Step,
     StepOutcome,
     StepResult,
     closed_details,
+    moment,
+    restriction_details,
 )
 from sidecar.store.db_errors import Fault, classify
 from sidecar.store.statements import Connection, Statements, deleted_rows, like_prefix
@@ -55,6 +58,8 @@ class StepWriter:
                 return int(await conn.fetchval(sql.count_prefixed, step.phone.organization_id, user, patterns))
             status = await conn.execute(sql.delete_prefixed, step.phone.organization_id, user, patterns)
             return deleted_rows(status)
+        if isinstance(step, RecordRestriction):
+            return await self._restriction(conn, step)
         if isinstance(step, RecordDecision):
             phone = step.phone
             await conn.execute(
@@ -69,6 +74,25 @@ class StepWriter:
             await self.enqueue(conn, phone or PhoneRef(0, 0), step.notification, step.detail)
             return None
         return await self._logout(conn, step)
+
+    async def _restriction(self, conn: Connection, step: RecordRestriction) -> int:
+        """News (1) is a restriction not in force before, or one held lifted; the phone's row is locked first, so
+        two replicas recording the same restriction write one history row and one notification."""
+        sql, phone, r = self._sql, step.phone, step.restriction
+        key = (phone.organization_phone_id, str(r.kind))
+        at, until = moment(r.at), moment(r.until)
+        if r.active:
+            before = await conn.fetchrow(sql.restriction_lock, *key)
+            news = before is None or (before["until"] is not None and before["until"] <= at)
+            await conn.execute(sql.restriction_upsert, *key, phone.organization_id, at, until, r.code, r.detail, news)
+        else:
+            news = await conn.fetchval(sql.restriction_lift, *key) is not None
+        if news:
+            await conn.execute(
+                sql.restriction_history, phone.organization_id, *key, r.active, at, until, r.code, r.detail
+            )
+            await self.enqueue(conn, phone, step.notification, restriction_details(r))
+        return int(news)
 
     async def _bare_number(self, conn: Connection, phone: PhoneRef) -> str | None:
         if phone.phone_user:

@@ -11,6 +11,7 @@ from typing import TextIO
 
 from sidecar.rules.policy import ErrorStats, Heal
 from sidecar.rules.records import ClosureRecord, PhoneRef, RecordDecision
+from sidecar.rules.restrictions import Restriction
 from sidecar.runtime.observer import RuntimeObserver
 
 
@@ -54,6 +55,12 @@ class ActionLog(RuntimeObserver):
 
     def closed(self, record: ClosureRecord) -> None:
         self._log.warning("session closed", extra={"fields": {"action": "close", **record.to_json()}})
+
+    def restriction_changed(self, phone: PhoneRef, restriction: Restriction, change: str) -> None:
+        """The detail is WhatsApp's text and may name a number: only its presence reaches the log."""
+        fields = {"action": "restriction", **_ids(phone), "kind": str(restriction.kind), "change": change,
+                  "until": restriction.until, "code": restriction.code}  # fmt: skip
+        self._log.warning(f"session restriction {change}", extra={"fields": fields})
 
     def decided(self, decision: RecordDecision) -> None:
         self._log.warning(

@@ -18,8 +18,10 @@ from sidecar.rules.app_state import COLLECTIONS, OTHER_COLLECTION, AppStateKind
 from sidecar.rules.classification import ErrorClass
 from sidecar.rules.policy import CRYPTO_LIMIT_REASONS, CloseReason, Heal, KeyScope, Limits
 from sidecar.rules.records import ClosureRecord, PhoneRef, RecordDecision
+from sidecar.rules.restrictions import Restriction
 from sidecar.rules.safety import IncidentKind, Mode
 from sidecar.runtime.observer import ErrorTotals, RuntimeObserver
+from sidecar.telemetry.runtime_versions import RuntimeVersions
 
 # A close waits on the runtime (usually 1-50 ms, up to --socket-end-timeout, 5 s by default) and on one
 # PostgreSQL transaction (1-20 ms). Buckets from 1 ms to 10 s resolve both the healthy path and timeouts.
@@ -32,7 +34,7 @@ STEP_WAIT_BUCKETS = (0.001, 0.005, 0.025, 0.1, 0.5, 2.5, 10.0, 60.0, 300.0, 600.
 # A direct delivery takes milliseconds; retries with backoff take seconds to hours.
 NOTIFICATION_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0, 30.0, 300.0, 3600.0)
 
-EVENT_TYPES = ("connection.update", "decrypt.error", "command.ack")
+EVENT_TYPES = ("connection.update", "decrypt.error", "account.restriction", "command.ack")
 CHANNELS = ("websocket", "http", "logs")
 REJECT_REASONS = ("invalid", "malformed", "too_many_events", "binary")
 HEAL_KINDS = ("bad_mac", "bad_decrypt")
@@ -40,6 +42,7 @@ CLOSE_SOCKET_OUTCOMES = ("ended", "timeout", "unreachable", "left_to_runtime", "
 INCIDENT_KINDS = frozenset(str(kind) for kind in IncidentKind)
 SUPERVISED_TASKS = (
     "pending-steps", "restore", "schema-check", "owners-watch", "housekeeping", "owner-notifications", "effects",
+    "restrictions",
 )  # fmt: skip
 
 
@@ -215,6 +218,14 @@ class SidecarMetrics:
             ["kind", "organization_id"],
             registry=registry,
         )
+        self.restrictions = Counter(
+            "whatsapp_session_restrictions",
+            "Restrictions that started on a number (account.restriction), by kind",
+            ["kind", "organization_id"],
+            registry=registry,
+        )
+        self.runtime_versions = RuntimeVersions()
+        registry.register(self.runtime_versions)
         self.task_failures = Counter(
             "whatsapp_sidecar_task_failures",
             "Background tasks that raised an unexpected error (each is logged with its traceback and restarted)",
@@ -408,6 +419,11 @@ class MetricsObserver(RuntimeObserver):
             self._m.incidents.labels(decision.decision, organization).inc()
         elif decision.decision == "session.held":
             self._m.holds.labels(str(decision.detail.get("reason")), organization).inc()
+
+    def restriction_changed(self, phone: PhoneRef, restriction: Restriction, change: str) -> None:
+        if change == "started":
+            organization = self._m.organization_seen(phone.organization_id)
+            self._m.restrictions.labels(str(restriction.kind), organization).inc()
 
     def closed(self, record: ClosureRecord) -> None:
         organization = self._m.organization_seen(record.phone.organization_id)

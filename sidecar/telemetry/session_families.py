@@ -25,6 +25,7 @@ from typing import Protocol
 from sidecar.rules.liveness import Status
 from sidecar.rules.policy import ZERO, Counters, Limits, Phase, SessionState, is_healthy
 from sidecar.rules.records import PhoneRef
+from sidecar.rules.restrictions import Restriction
 from sidecar.runtime import SessionView
 from sidecar.runtime.observer import RuntimeObserver
 from sidecar.telemetry.exported import DEFAULT_WINDOW_SECONDS, SessionMetrics, exported_until, in_trouble
@@ -41,6 +42,7 @@ FAMILIES = (
     ("whatsapp_session_last_error_timestamp_seconds", "Time of the session's last decryption error"),
     ("whatsapp_session_last_inbound_timestamp_seconds", "Time of the last inbound stanza the runtime reported"),
 )
+RESTRICTED = ("whatsapp_session_restricted", "1 while WhatsApp restricts the number (account.restriction), by kind")
 FLEET_FAMILIES = (  # (name, labels, help): complete in every mode
     ("whatsapp_sidecar_sessions_exported", (), "Per-session series sets this scrape exports (--session-metrics)"),
     ("whatsapp_sidecar_connected_sessions", ("organization_id",), "Sessions the runtime reports connected"),
@@ -61,6 +63,8 @@ class SessionSource(Protocol):
     def take_touched(self) -> set[int]: ...
 
     def connected_by_organization(self) -> Mapping[int, int]: ...
+
+    def restricted(self) -> list[tuple[PhoneRef, Restriction]]: ...
 
 
 class SessionFamilies(RuntimeObserver):
@@ -141,6 +145,7 @@ class SessionFamilies(RuntimeObserver):
                     lines = [f"{name}{labels(phone)} {at}\n" for phone, at in inbound if at is not None]
                 yield "".join(lines).encode()
                 await asyncio.sleep(0)  # writes rarely wait, so yield to event processing here
+        yield self._restricted_text(source.restricted())
 
     async def _select(
         self,
@@ -184,6 +189,13 @@ class SessionFamilies(RuntimeObserver):
             if count % SELECT_CHUNK == 0:
                 await asyncio.sleep(0)
         return selected
+
+    def _restricted_text(self, restricted: list[tuple[PhoneRef, Restriction]]) -> bytes:
+        """Every restricted session, in every mode but `none` (restrictions are few, and each is news)."""
+        name, help_text = RESTRICTED
+        lines = [f"# HELP {name} {help_text}\n# TYPE {name} gauge\n"]
+        lines += [f'{name}{self.labels(phone)[:-1]},kind="{r.kind}"}} 1\n' for phone, r in restricted]
+        return "".join(lines).encode()
 
     def _fleet_text(self, exported: int, connected: Mapping[int, int]) -> bytes:
         (exported_name, _, exported_help), (connected_name, _, connected_help) = FLEET_FAMILIES

@@ -9,8 +9,10 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -333,3 +335,52 @@ async def test_a_stopped_follow_prints_its_summary(tmp_path: Path) -> None:
     assert state["process"].returncode == 0
     done = summary(state)
     assert done is not None and done["events"] == 1 and done["lines"] == 1
+
+
+def _as_of_now(record: dict[str, Any], shift_ms: int, phone: SeededPhone) -> dict[str, Any]:
+    """A captured line as the backend would write it now, for the seeded phone: every instant moved by `shift_ms`."""
+    moved = dict(record, time=record["time"] + shift_ms, organizationId=phone.organization_id,
+                 organizationPhoneId=phone.organization_phone_id, phoneJid=phone.phone_jid)  # fmt: skip
+    if "timeEnforcementEnds" in moved:
+        ends = datetime.fromisoformat(moved["timeEnforcementEnds"].replace("Z", "+00:00"))
+        moved["timeEnforcementEnds"] = (ends + timedelta(milliseconds=shift_ms)).isoformat()
+    if isinstance(moved.get("payload"), dict) and "cycle_end_timestamp" in moved["payload"]:
+        cycle_end = int(moved["payload"]["cycle_end_timestamp"]) + shift_ms // 1000
+        moved["payload"] = dict(moved["payload"], cycle_end_timestamp=str(cycle_end))
+    return moved
+
+
+async def test_restriction_lines_of_a_real_baileys_log_reach_the_timeline(
+    database: str, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """The lines the real makeWASocket logged for a time lock (set, lifted), a message cap and refusals (479, 463):
+    read by `ingest-logs` into the number's timeline, read back with SQL; nothing closes the session."""
+    phone = await add_phone(db, 7, "15550001111")
+    records = [json.loads(line) for line in FIXTURES.joinpath("restrictions-7.0.0-rc14.log").read_text().splitlines()]
+    shift = int(time.time() * 1000) - records[0]["time"]
+    log = tmp_path / "backend.log"
+    log.write_text("".join(json.dumps(_as_of_now(r, shift, phone)) + "\n" for r in records))
+    async with ingesting(str(log), "--database-url", database) as state:
+        await eventually(lambda: state["process"].returncode is not None, what="ingest-logs finished")
+    assert state["process"].returncode == 0, state["lines"]
+    held = await db.fetch(
+        "SELECT kind, code, detail, until - now() AS left FROM wa_sidecar.restrictions"
+        " WHERE organization_phone_id = $1 AND until > now() ORDER BY kind",
+        phone.organization_phone_id,
+    )
+    assert [(r["kind"], r["code"]) for r in held] == [("ack_463", 463), ("ack_479", 479), ("message_cap", None)]
+    assert held[2]["detail"] == "CAPPED 250/250 new chats this cycle"
+    assert timedelta(hours=23) < held[2]["left"] < timedelta(hours=25), "until the capping cycle's end"
+    assert timedelta(minutes=50) < held[0]["left"] < timedelta(hours=1, seconds=10), "held for an hour after it"
+    timeline = await db.fetch(
+        "SELECT active, until, detail FROM wa_sidecar.restriction_history"
+        " WHERE organization_phone_id = $1 AND kind = 'reachout_timelock' ORDER BY seq",
+        phone.organization_phone_id,
+    )
+    assert [(r["active"], r["detail"]) for r in timeline] == [(True, "BIZ_QUALITY"), (False, None)]
+    assert (
+        await db.fetchval(
+            "SELECT count(*) FROM wa_sidecar.closures WHERE organization_phone_id = $1", phone.organization_phone_id
+        )
+        == 0
+    )

@@ -9,7 +9,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import yaml
 from aiohttp import web
 
 from dashboards.generate import DASHBOARDS
-from sidecar.client import RuntimeClient, activity, connection_update, decrypt_error
+from sidecar.client import RuntimeClient, account_restriction, activity, connection_update, decrypt_error
 from tests.monitoring import ALERTMANAGER_EXAMPLE, SCRAPE_JOB, Prometheus, alertmanager, prometheus
 from tests.receiver import verified
 from tests.seed import SeededPhone, add_phone
@@ -158,7 +158,7 @@ async def test_two_bad_macs_alert_the_owning_team_one_does_not_and_a_close_is_cr
             alertmanager(alertmanager_config(received.base)) as manager,
             serving(config) as sidecar,
             prometheus([sidecar.base.removeprefix("http://")], manager.base) as server,
-            RuntimeClient(sidecar.ws_url) as runtime,
+            RuntimeClient(sidecar.ws_url, library=("baileys", "7.0.0-rc14")) as runtime,
         ):
 
             async def scraped(expr: str) -> bool:
@@ -167,6 +167,9 @@ async def test_two_bad_macs_alert_the_owning_team_one_does_not_and_a_close_is_cr
             for phone in fleet:
                 await runtime.send(connection_update(*ids(phone), "open"))
                 await runtime.send(activity(*ids(phone), datetime.now(UTC), messages=3))  # inbound traffic
+            # the restriction panels: the platform phone's new-chat messages are capped for a day
+            until = datetime.now(UTC) + timedelta(days=1)
+            await runtime.send(account_restriction(*ids(platform), "message_cap", until=until, detail="CAPPED"))
             await runtime.flush()
             # the default --session-metrics active: idle sessions have no series of their own, the fleet family counts
             await eventually(lambda: scraped("sum(whatsapp_sidecar_connected_sessions) == 3"), what="fleet scraped")

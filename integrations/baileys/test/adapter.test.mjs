@@ -96,7 +96,7 @@ test('three genuine Bad MAC stubs end the session with a loggedOut close the bac
   assert.equal(closure.socket, 'ended', 'the runtime acked the session.end')
   const metrics = await sidecar.metrics()
   assert.match(metrics, /whatsapp_session_closes_total\{organization_id="7",reason="bad_mac_limit"\} 1\.0|whatsapp_session_closes_total\{reason="bad_mac_limit",organization_id="7"\} 1\.0/)
-  assert.deepEqual(sock.removed.sort(), ['connection.update', 'messages.upsert'], 'the adapter removed its listeners')
+  assert.deepEqual(sock.removed.sort(), ['connection.update', 'message-capping.update', 'messages.update', 'messages.upsert'], 'the adapter removed its listeners')
 })
 
 test('an app-state bad decrypt logged by Baileys makes the sidecar heal: cached app-state keys are dropped', async () => {

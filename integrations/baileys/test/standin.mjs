@@ -193,6 +193,23 @@ export async function startStandIn() {
       }, everyMs)
       return () => clearInterval(timer)
     },
+    // What WhatsApp sends a restricted number. A mex notification (reach-out time lock, message capping), as
+    // Baileys reads one: <notification type=mex><update op_name=…>JSON</update></notification>.
+    async mex(conn, opName, data) {
+      await conn.send({
+        tag: 'notification',
+        attrs: { from: 's.whatsapp.net', type: 'mex', id: `${Date.now()}${Math.random()}`.replace('.', ''), t: tsNow() },
+        content: [{ tag: 'update', attrs: { op_name: opName }, content: Buffer.from(JSON.stringify({ data })) }],
+      })
+    },
+    // The server's ack refusing one of our messages (error 463, 479, ...).
+    async refuse(conn, { id, to, error }) {
+      await conn.send({ tag: 'ack', attrs: { class: 'message', id, from: to, t: tsNow(), error: String(error) } })
+    },
+    // <failure reason=…>: the server ends the connection (402 temporary ban with `expire` seconds, 403, 405).
+    async fail(conn, reason, attrs = {}) {
+      await conn.send({ tag: 'failure', attrs: { reason: String(reason), ...attrs } })
+    },
     async serverSync(conn, name) {
       await conn.send({
         tag: 'notification',
