@@ -52,6 +52,7 @@ FOR: dict[str, tuple[str, str]] = {
         "Baileys' default 60 s time lock passes; 10 minutes is a customer not reached",
     ),
     "WhatsAppSessionsRestrictionWave": ("0s", "the 10-minute increase is the window; a wave is an incident now"),
+    "WhatsAppSessionsLosingMessages": ("0s", "the hour's increase is the window, and lost is 5 min after the failure"),
     "WhatsAppSessionsOnAdvisoryVersion": (
         "30m",
         "a rolling upgrade runs the old version for minutes, not half an hour",

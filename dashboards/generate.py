@@ -390,6 +390,23 @@ def fleet_overview() -> Json:
             ),
             description="Baileys' app-state signals: patch_mac and lthash_patch count toward the bad decrypt limit.",
         ),
+        Row("Message loss"),
+        Panel(
+            "Messages undecryptable, recovered and lost",
+            "short",
+            (
+                query(f"sum(increase(whatsapp_messages_undecryptable_total{{{ORGANIZATION}}}{RATE}))", "undecryptable"),
+                query(
+                    f"sum by (via) (increase(whatsapp_messages_recovered_total{{{ORGANIZATION}}}{RATE}))",
+                    "recovered ({{via}})",
+                ),
+                query(f"sum(increase(whatsapp_messages_lost_total{{{ORGANIZATION}}}{RATE}))", "lost"),
+            ),
+            width=24,
+            description="Failed messages (decrypt.error with a messageId), those the runtime's retries or the phone's "
+            "placeholder resend recovered, and those lost: not recovered within --loss-deadline "
+            "(WhatsAppSessionsLosingMessages). A loss is counted a deadline after its failure.",
+        ),
         Row("Restrictions and runtime versions"),
         Panel(
             "Restricted numbers by kind",

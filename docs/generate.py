@@ -30,7 +30,7 @@ from sidecar.rules.policy import Limits
 from sidecar.store.postgres import SESSION_LIMITS_WHY
 from sidecar.telemetry.metrics import SidecarMetrics
 from sidecar.telemetry.runtime_versions import FAMILIES as RUNTIME
-from sidecar.telemetry.session_families import FAMILIES, FLEET_FAMILIES, RESTRICTED
+from sidecar.telemetry.session_families import FAMILIES, FLEET_FAMILIES, LOST, RESTRICTED
 from sidecar.telemetry.tracing import OTEL_VARIABLES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,6 +62,8 @@ def metrics_page() -> str:
     rows += [(f"`{name}`", "gauge", labels, text + " (per session: `--session-metrics`)") for name, text in FAMILIES]
     name, text = RESTRICTED
     rows.append((f"`{name}`", "gauge", labels + ", `kind`", text + " (per session, in every mode but `none`)"))
+    name, text = LOST
+    rows.append((f"`{name}`", "gauge", labels, text + " (per session, in every mode but `none`)"))
     rows += [
         (f"`{name}`", "gauge", ", ".join(f"`{label}`" for label in names) or "none", text)
         for name, names, text in FLEET_FAMILIES

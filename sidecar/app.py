@@ -29,6 +29,7 @@ from sidecar.notify.delivery import Delivery, DeliveryPolicy
 from sidecar.notify.owners import OwnersError, OwnersWatcher
 from sidecar.ports import KeyStore, SessionStore, SocketController, StoreUnavailable
 from sidecar.retrying import RetryLog
+from sidecar.rules.loss import LossTracker
 from sidecar.rules.records import Step, step_kind
 from sidecar.rules.safety import Breaker
 from sidecar.runtime import KeyRemoval, Safety, Watch, assemble
@@ -172,6 +173,7 @@ def _components(config: Config, extras: Extras) -> Callable[[web.Application], A
                 delivery.wake if delivery is not None else None,  # flips are written with the decisions
             ),
             state_ttl=config.state_ttl,
+            losses=LossTracker(config.loss_deadline),
             keys=KeyRemoval(key_store, by_runtime=config.key_store.place is KeyPlace.RUNTIME),
             watch=Watch(config.liveness, config.deaf_action, link_sockets),
             on_failure=lambda what, name: (
@@ -234,6 +236,7 @@ def _components(config: Config, extras: Extras) -> Callable[[web.Application], A
         supervisor.start("owners-watch", lambda: _watch_owners(owners))
         supervisor.start("housekeeping", lambda: _housekeeping(components))
         supervisor.start("restrictions", lambda: _end_restrictions(components))
+        supervisor.start("message-loss", lambda: _count_losses(components))
         stop_liveness = asyncio.Event()
         supervisor.start("liveness", lambda: runtime.liveness.run(stop_liveness, config.liveness_tick))
         if schema is not None:
@@ -370,6 +373,16 @@ async def _end_restrictions(components: Components) -> None:
     while True:
         await components.runtime.expire_restrictions()
         await asyncio.sleep(RESTRICTION_TICK_SECONDS)
+
+
+LOSS_TICK_SECONDS = 1.0
+
+
+async def _count_losses(components: Components) -> None:
+    """A failed message whose --loss-deadline passed unrecovered is lost: counted, and a session's first told."""
+    while True:
+        await components.runtime.expire_losses()
+        await asyncio.sleep(LOSS_TICK_SECONDS)
 
 
 async def _restore(components: Components) -> None:

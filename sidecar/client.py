@@ -33,7 +33,15 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from sidecar import __version__
 from sidecar.events.contract import encode_hook
-from sidecar.events.schema import AccountRestriction, Activity, ConnectionUpdate, DecryptError, RuntimeInfo, Timestamp
+from sidecar.events.schema import (
+    AccountRestriction,
+    Activity,
+    ConnectionUpdate,
+    DecryptError,
+    MessageRecovered,
+    RuntimeInfo,
+    Timestamp,
+)
 
 log = logging.getLogger("sidecar.client")
 P = ParamSpec("P")
@@ -82,10 +90,12 @@ def decrypt_error_event(
     peer_jid: str | None = None,
     message_type: str | None = None,
     collection: str | None = None,
+    message_id: str | None = None,
 ) -> DecryptError:
+    """`message_id`: the failed message's key id; a later `message_recovered` with it means it was not lost."""
     return DecryptError(
         organization_id=organization_id, organization_phone_id=organization_phone_id, phone_jid=phone_jid,
-        error=error, peer_jid=peer_jid, collection=collection, at=_now(),
+        error=error, peer_jid=peer_jid, collection=collection, message_id=message_id, at=_now(),
         # Passed as given: the sidecar names a bad value in its answer.
         source=source,  # type: ignore[arg-type]
         message_type=message_type,  # type: ignore[arg-type]
@@ -108,6 +118,17 @@ def activity_event(
             None if last_inbound_at is None else Timestamp.combine(last_inbound_at.date(), last_inbound_at.timetz())
         ),
         messages=messages, receipts=receipts, notifications=notifications, at=_now(),
+    )  # fmt: skip
+
+
+def message_recovered_event(
+    organization_id: int, organization_phone_id: int, phone_jid: str, message_id: str, via: str = "retry"
+) -> MessageRecovered:
+    """A failed message arrived after all (`via`: retry, placeholder or other)."""
+    return MessageRecovered(
+        organization_id=organization_id, organization_phone_id=organization_phone_id, phone_jid=phone_jid,
+        message_id=message_id, at=_now(),
+        via=via,  # type: ignore[arg-type]  # passed as given: the sidecar names a bad value in its answer
     )  # fmt: skip
 
 
@@ -163,6 +184,7 @@ connection_update = _framed(connection_update_event)
 decrypt_error = _framed(decrypt_error_event)
 activity = _framed(activity_event)  # inbound traffic since the last report (one per interval, sessions with any)
 account_restriction = _framed(account_restriction_event)
+message_recovered = _framed(message_recovered_event)
 runtime_info = _framed(runtime_info_message)
 
 

@@ -27,6 +27,7 @@ from sidecar.config_values import (
 )
 from sidecar.keystores.spec import KeyPlace, KeyStoreSpec, parse_key_store
 from sidecar.rules.liveness import DeafAction, LivenessConfig
+from sidecar.rules.loss import DEFAULT_DEADLINE_SECONDS as DEFAULT_LOSS_DEADLINE
 from sidecar.rules.policy import DEFAULT_CRITICAL_STATUS_CODES, HealthPolicy, Limits, PolicyConfig
 from sidecar.rules.safety import BreakerConfig, Mode
 from sidecar.store.sqlnames import InvalidIdentifier, quote_identifier, quote_qualified
@@ -122,6 +123,7 @@ class Config:
     # What sits between the sidecar and PostgreSQL: "none" (direct, or PgBouncer in session mode) or "transaction"
     # (PgBouncer in transaction mode: no named prepared statements, no LISTEN; routed commands are polled).
     database_pooler: str = "none"
+    loss_deadline: float = DEFAULT_LOSS_DEADLINE  # a failed message not recovered within it is lost (rules/loss.py)
     state_ttl: float = 86_400.0  # sessions holding nothing, closed/logged-out markers: forgotten after a day
     retention: float = 30 * 86_400.0  # closures, decisions, finished notifications: deleted after 30 days
     # Deaf sessions (rules/liveness.py): what to do (none: report only; restart) and the watch's thresholds.
@@ -180,7 +182,8 @@ GROUP_OF = {
                      "--state-ttl"),
                     DATABASE),
     **dict.fromkeys(("--max-bad-mac-errors", "--max-bad-decrypt-errors", "--delete-prekeys-on-heal",
-                     "--critical-status-codes", "--socket-end-timeout", "--health-policy", "--health-window"), RULES),
+                     "--critical-status-codes", "--socket-end-timeout", "--health-policy", "--health-window",
+                     "--loss-deadline"), RULES),
     **dict.fromkeys(("--coordination", "--close-lease-seconds", "--mode", "--observe-organizations",
                      "--breaker-max-closes", "--breaker-max-share", "--breaker-window", "--logout-stick-seconds"),
                     FLEET),
@@ -250,6 +253,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, only: frozenset[str] |
         "--state-ttl",
         help="forget sessions holding nothing and closed markers after this long (e.g. 12h, 1d; default 1d)",
     )
+    add(
+        "--loss-deadline",
+        help="a message that failed to decrypt and is not recovered (re-sent) within this is lost (e.g. 90s, 5m; "
+        "default 5m: Baileys and whatsmeow finish their retries within a minute)",
+    )
     add("--retention", help="delete closures, decisions and sent notifications older than this (default 30d)")
     add(
         "--database-pooler",
@@ -275,7 +283,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, only: frozenset[str] |
     add("--breaker-window", help="circuit breaker window in seconds (default 300)")
     add("--logout-stick-seconds", help="an open this soon after a sidecar logout, without a new login, is an incident "
         "and is ended again (default 3600)")  # fmt: skip
-    add("--health-policy", help="counters (the seed's, default) or windowed (distinct failing peers in a window)")
+    add(
+        "--health-policy",
+        help="counters (the seed's, default), windowed (distinct failing peers in a window) or loss-aware (a Bad "
+        "MAC with a messageId counts only once its --loss-deadline passes unrecovered)",
+    )
     add("--health-window", help="the windowed policy's window in seconds (default 600)")
     add(
         "--session-metrics",
@@ -336,7 +348,7 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = N
     policy = PolicyConfig(limits=limits)
     if (raw := setting("health_policy")) is not None:
         if raw not in {item.value for item in HealthPolicy}:
-            raise ConfigError("health-policy", f"must be counters or windowed, got {raw!r}")
+            raise ConfigError("health-policy", f"must be counters, windowed or loss-aware, got {raw!r}")
         policy = replace(policy, health=HealthPolicy(raw))
     if (raw := setting("health_window")) is not None:
         policy = replace(policy, window_seconds=positive_float("health-window", raw))
@@ -389,6 +401,8 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = N
         changes["request_body_timeout"] = positive_float("request-body-timeout", raw)
     if (raw := setting("close_lease_seconds")) is not None:
         changes["close_lease_seconds"] = positive_float("close-lease-seconds", raw)
+    if (raw := setting("loss_deadline")) is not None:
+        changes["loss_deadline"] = duration("loss-deadline", raw)
     if (raw := setting("state_ttl")) is not None:
         changes["state_ttl"] = duration("state-ttl", raw)
     if (raw := setting("retention")) is not None:

@@ -31,6 +31,7 @@ const USER_JID = new RegExp(errorFields.phoneJid.pattern)
 const COLLECTION = new RegExp(nonNull(errorFields.collection).pattern)
 const APP_STATE_PATCH_NAMES = APP_STATE.collections
 const APP_STATE_DEDUP_MS = 10_000
+const MESSAGE_ID = new RegExp(nonNull(errorFields.messageId).pattern)
 const VERSION = new RegExp(nonNull(LINK_SCHEMA.$defs.RuntimeInfo.properties.libraryVersion).pattern)
 const MAX_DETAIL = nonNull(LINK_SCHEMA.$defs.AccountRestriction.properties.detail).maxLength
 // What WhatsApp does to the number, as Baileys shows it (account.restriction; sidecar/rules/restrictions.py):
@@ -223,7 +224,10 @@ function attachSidecar(sock, options) {
 
   const log = typeof logger.child === 'function' ? logger.child({ component: 'wa-sidecar-link', organizationPhoneId }) : logger
   const buffer = []
-  const seenStubs = new Map() // message ids already reported: re-upserts (append, history) are not new faults
+  // Message ids already reported: re-upserts (append, history) are not new faults; FAILED ones wait for a recovery.
+  const seenStubs = new Map()
+  const FAILED = 'failed'
+  const RECOVERED = 'recovered'
   const seenAppState = new Map()
   const stats = { sent: 0, dropped: 0, connects: 0, commands: 0, resent: 0, unackedDropped: 0 }
   let seq = 0
@@ -372,18 +376,28 @@ function attachSidecar(sock, options) {
     }
   }
 
-  function onMessagesUpsert({ messages } = {}) {
+  function onMessagesUpsert({ messages, requestId } = {}) {
     for (const message of messages || []) {
-      if (message?.messageStubType !== CIPHERTEXT) continue
+      const id = `${message?.key?.remoteJid}/${message?.key?.id}`
+      if (message?.messageStubType !== CIPHERTEXT) {
+        // The same key id decrypted after a failure: re-sent after our retry receipt, or the phone's placeholder
+        // resend (Baileys passes its requestId). Reported once; the sidecar counts what is never recovered as lost.
+        if (message?.message && seenStubs.get(id) === FAILED) {
+          seenStubs.set(id, RECOVERED)
+          enqueue({ type: 'message.recovered', messageId: message.key.id, via: requestId ? 'placeholder' : 'retry' })
+        }
+        continue
+      }
       const error = message.messageStubParameters?.[0]
       if (typeof error !== 'string' || !error) continue
-      const id = `${message.key?.remoteJid}/${message.key?.id}`
       if (seenStubs.has(id)) continue
-      seenStubs.set(id, true)
+      const messageId = message.key?.id
+      seenStubs.set(id, typeof messageId === 'string' && MESSAGE_ID.test(messageId) ? FAILED : true)
       if (seenStubs.size > 5_000) seenStubs.delete(seenStubs.keys().next().value)
       const event = { type: 'decrypt.error', error, source: 'message' }
       const peer = message.key?.participant || message.key?.remoteJid
       if (typeof peer === 'string' && USER_JID.test(peer)) event.peerJid = peer
+      if (seenStubs.get(id) === FAILED) event.messageId = messageId
       enqueue(event)
     }
   }

@@ -124,6 +124,19 @@ class ConnectionUpdate(Event, frozen=True, kw_only=True, tag="connection.update"
     ] = msgspec.field(default=False, name="isNewLogin")
 
 
+MESSAGE_ID_PATTERN: Final = r"^[\x21-\x7e]{1,128}$"  # printable ASCII, no spaces
+MessageId = Annotated[
+    str,
+    msgspec.Meta(
+        min_length=1,
+        max_length=128,
+        pattern=MESSAGE_ID_PATTERN,
+        extra={"problem": "must be 1 to 128 printable ASCII characters without spaces"},
+    ),
+]
+RecoveryPath = Literal["retry", "placeholder", "other"]
+
+
 class DecryptError(Event, frozen=True, kw_only=True, tag="decrypt.error"):
     """A decryption failure, raw: the sidecar classifies the text (Bad MAC, bad decrypt, ...)."""
 
@@ -150,6 +163,24 @@ class DecryptError(Event, frozen=True, kw_only=True, tag="decrypt.error"):
         ]
         | None
     ) = None
+    message_id: (
+        Annotated[
+            MessageId,
+            msgspec.Meta(
+                description="the failed message's key id (Baileys: the CIPHERTEXT stub's key.id): a later "
+                "`message.recovered` with it means the message was not lost (whatsapp_messages_lost_total)"
+            ),
+        ]
+        | None
+    ) = None
+
+
+class MessageRecovered(Event, frozen=True, kw_only=True, tag="message.recovered"):
+    """A message that failed to decrypt (a `decrypt.error` with its `messageId`) arrived after all: re-sent after a
+    retry receipt, or answered by the phone's placeholder resend. Only what nothing recovers is loss."""
+
+    message_id: Annotated[MessageId, msgspec.Meta(description="the message key id the failure named")]
+    via: Annotated[RecoveryPath, msgspec.Meta(description="how it came back")]
 
 
 class Activity(Event, frozen=True, kw_only=True, tag="activity"):
@@ -289,9 +320,19 @@ class RuntimeInfo(Inbound, frozen=True, kw_only=True, tag="runtime.info"):
     adapter_version: Annotated[Version, msgspec.Meta(description="the adapter's own version")] | None = None
 
 
-SessionEvent = ConnectionUpdate | DecryptError | Activity | AccountRestriction
-InboundMessage = ConnectionUpdate | DecryptError | Activity | AccountRestriction | CommandAck | RuntimeInfo
-INBOUND: Final = (ConnectionUpdate, DecryptError, Activity, AccountRestriction, CommandAck, RuntimeInfo)
+SessionEvent = ConnectionUpdate | DecryptError | Activity | AccountRestriction | MessageRecovered
+InboundMessage = (
+    ConnectionUpdate | DecryptError | Activity | AccountRestriction | MessageRecovered | CommandAck | RuntimeInfo
+)
+INBOUND: Final = (
+    ConnectionUpdate,
+    DecryptError,
+    Activity,
+    AccountRestriction,
+    MessageRecovered,
+    CommandAck,
+    RuntimeInfo,
+)
 
 
 # Sidecar -> runtime ---------------------------------------------------------------------------------------------

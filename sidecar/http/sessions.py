@@ -87,12 +87,14 @@ async def get_session(request: web.Request) -> web.Response:
     `unknown` with its restrictions; a phone known nowhere is a 404."""
     components, phone_id = components_of(request), _phone_id(request)
     restrictions = await phone_restrictions(components, phone_id)
+    # messagesLost: failed messages not recovered within --loss-deadline, as this process counted them
+    extra = {"messagesLost": components.runtime.messages_lost(phone_id), "restrictions": restrictions}
     session = components.runtime.session(phone_id)
     if session is not None:
-        return web.json_response({**session_json(components, session), "restrictions": restrictions})
+        return web.json_response({**session_json(components, session), **extra})
     closed = components.runtime.closed_phone(phone_id)
     if closed is not None:
-        return web.json_response({**closed_json(components, closed), "restrictions": restrictions})
+        return web.json_response({**closed_json(components, closed), **extra})
     known = restrictions["current"] or restrictions["history"]
     if known:
         body = {
@@ -101,7 +103,7 @@ async def get_session(request: web.Request) -> web.Response:
             "state": UNKNOWN,
             **dict.fromkeys(("connected", "badMacErrors", "badDecryptErrors", "isHealthy", "lastErrorAt")),
         }
-        return web.json_response({**body, "restrictions": restrictions})
+        return web.json_response({**body, **extra})
     raise UnknownSession(phone_id)
 
 

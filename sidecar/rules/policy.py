@@ -43,6 +43,9 @@ class HealthPolicy(StrEnum):
 
     COUNTERS = "counters"
     WINDOWED = "windowed"
+    # `loss-aware`: as `counters`, but a Bad MAC whose message the runtime named (messageId) counts only once its
+    # --loss-deadline passes unrecovered (rules/loss.py); it is healed at once all the same.
+    LOSS_AWARE = "loss-aware"
 
 
 CRYPTO_LIMIT_REASONS = frozenset({CloseReason.BAD_MAC_LIMIT, CloseReason.BAD_DECRYPT_LIMIT})
@@ -114,6 +117,10 @@ class BadMac:
 
     peer_user: str | None = None
     at: float = 0.0
+    # loss-aware: `pending`, its message may still be recovered (healed, not counted); `late`, its message was
+    # lost (counted now, healed already).
+    pending: bool = False
+    late: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,6 +265,8 @@ def decide(
         if isinstance(event, OperatorClose):
             return _close(counters, CloseReason.FORCED, event.reason)
         if isinstance(event, BadMac | BadDecrypt):
+            if isinstance(event, BadMac) and event.pending:
+                return Transition(state, NOTHING)
             held = _counted(state, event, config)
             return Transition(replace(held, phase=Phase.HELD), NOTHING)
         return Transition(state, NOTHING)
@@ -265,6 +274,9 @@ def decide(
     if state.phase is not Phase.ACTIVE:
         # Closing or closed: nothing more happens until the phone opens again.
         return Transition(state, NOTHING)
+
+    if isinstance(event, BadMac) and event.pending:
+        return Transition(state, Heal(KeyScope.PEER_SESSION, bad_mac_heal_prefixes(event.peer_user, config)))
 
     if isinstance(event, BadMac | BadDecrypt):
         counted = _counted(state, event, config)
@@ -275,6 +287,8 @@ def decide(
         if isinstance(event, BadDecrypt) and counters.bad_decrypt_errors >= limits.max_bad_decrypt_errors:
             detail = f"{counters.bad_decrypt_errors} bad decrypt errors (limit {limits.max_bad_decrypt_errors})"
             return _limit(counted, CloseReason.BAD_DECRYPT_LIMIT, detail, automatic_closes_allowed)
+        if isinstance(event, BadMac) and event.late:
+            return Transition(counted, NOTHING)  # healed when it failed
         if isinstance(event, BadMac):
             return Transition(counted, Heal(KeyScope.PEER_SESSION, bad_mac_heal_prefixes(event.peer_user, config)))
         return Transition(counted, Heal(KeyScope.APP_STATE_SYNC, (APP_STATE_SYNC_PREFIX,)))
@@ -303,7 +317,7 @@ def _limit(counted: SessionState, reason: CloseReason, detail: str, allowed: boo
 def _counted(state: SessionState, event: BadMac | BadDecrypt, config: PolicyConfig) -> SessionState:
     """The state with this error counted, by the configured health policy."""
     counters = state.counters
-    if config.health is HealthPolicy.COUNTERS:
+    if config.health is not HealthPolicy.WINDOWED:
         if isinstance(event, BadMac):
             return replace(state, counters=replace(counters, bad_mac_errors=counters.bad_mac_errors + 1))
         return replace(state, counters=replace(counters, bad_decrypt_errors=counters.bad_decrypt_errors + 1))

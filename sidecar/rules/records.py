@@ -51,6 +51,7 @@ class NotificationEvent(StrEnum):
     DEAF_RECOVERED = "session.deaf_recovered"  # traffic arrives again on a session found deaf
     RESTRICTED = "session.restricted"  # WhatsApp restricts the number (rules/restrictions.py)
     RESTRICTION_LIFTED = "session.restriction_lifted"
+    LOSING_MESSAGES = "session.losing_messages"  # a session's first messages lost (rules/loss.py)
     BREAKER_TRIPPED = "breaker.tripped"  # fleet-level: organizationId and organizationPhoneId are 0
     BREAKER_RELEASED = "breaker.released"
 

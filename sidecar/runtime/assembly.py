@@ -11,6 +11,7 @@ from opentelemetry import trace
 
 from sidecar.ports import FleetState, LivenessSockets, SessionStore, SocketController, StepQueue
 from sidecar.rules.liveness import DeafAction, LivenessConfig
+from sidecar.rules.loss import LossTracker
 from sidecar.rules.policy import PolicyConfig
 from sidecar.runtime.close import CloseSequence
 from sidecar.runtime.decider import Decider, DecisionTools, LocalDecider
@@ -21,6 +22,7 @@ from sidecar.runtime.heal import HealRunner
 from sidecar.runtime.incidents import Incidents
 from sidecar.runtime.key_removal import KeyRemoval
 from sidecar.runtime.liveness_watch import LivenessWatch
+from sidecar.runtime.message_loss import MessageLoss
 from sidecar.runtime.notices import Notices
 from sidecar.runtime.observer import IsolatedObservers, RuntimeObserver
 from sidecar.runtime.parts import RuntimeParts
@@ -69,6 +71,7 @@ def assemble(
     state_ttl: float = 86_400.0,
     watch: Watch | None = None,
     keys: KeyRemoval | None = None,
+    losses: LossTracker | None = None,
     on_failure: Callable[[str, str], None] | None = None,
 ) -> SessionRuntime:
     """`on_failure(what, name)`: an observer ("observer", its class) or a background effect ("task", "effects")
@@ -106,5 +109,7 @@ def assemble(
         decider = LocalDecider(tools)
     watch = watch or Watch()
     liveness = LivenessWatch(parts, incidents, watch.config, watch.action, watch.sockets)
-    collaborators = Collaborators(decider, effects, incidents, liveness, store, state_ttl, Restrictions(parts))
+    collaborators = Collaborators(
+        decider, effects, incidents, liveness, store, state_ttl, Restrictions(parts), MessageLoss(parts, losses)
+    )
     return SessionRuntime(parts, collaborators)

@@ -15,12 +15,20 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import INVALID_SPAN, Span
 
-from sidecar.events.schema import AccountRestriction, Activity, ConnectionUpdate, DecryptError, SessionEvent
+from sidecar.events.schema import (
+    AccountRestriction,
+    Activity,
+    ConnectionUpdate,
+    DecryptError,
+    MessageRecovered,
+    SessionEvent,
+)
 from sidecar.ports import SessionStore
 from sidecar.rules.app_state import collection_label
 from sidecar.rules.classification import ErrorClass
 from sidecar.rules.inputs import checked_connection, peer_user, phone_ref
-from sidecar.rules.policy import BadDecrypt, BadMac, Counters, ErrorStats, error_stats
+from sidecar.rules.loss import Deferred, Outcome
+from sidecar.rules.policy import BadDecrypt, BadMac, Counters, ErrorStats, HealthPolicy, error_stats
 from sidecar.rules.records import CounterKind, PhoneRef
 from sidecar.rules.restrictions import Restriction
 from sidecar.rules.safety import Mode
@@ -29,6 +37,7 @@ from sidecar.runtime.effects import Effects
 from sidecar.runtime.errors import UnknownSession
 from sidecar.runtime.incidents import Incidents
 from sidecar.runtime.liveness_watch import LivenessWatch
+from sidecar.runtime.message_loss import MessageLoss
 from sidecar.runtime.operator import CloseOutcome, checked_reason
 from sidecar.runtime.outcomes import context_from_traceparent, span_ids
 from sidecar.runtime.parts import ZERO_COUNTERS, RuntimeParts
@@ -49,6 +58,7 @@ class Collaborators:
     store: SessionStore
     state_ttl: float
     restrictions: Restrictions
+    losses: MessageLoss
 
 
 class SessionRuntime:
@@ -67,6 +77,7 @@ class SessionRuntime:
         self._store = collaborators.store
         self._state_ttl = collaborators.state_ttl
         self._restrictions = collaborators.restrictions
+        self._losses = collaborators.losses
 
     @property
     def mode(self) -> tuple[Mode, frozenset[int]]:
@@ -116,6 +127,28 @@ class SessionRuntime:
     async def expire_restrictions(self) -> int:
         """Lift the restrictions whose `until` has passed; returns how many."""
         return await self._restrictions.expire()
+
+    def messages_lost(self, organization_phone_id: int) -> int:
+        """The session's messages lost here (rules/loss.py): failed and not recovered within --loss-deadline."""
+        return self._losses.lost(organization_phone_id)
+
+    def losing(self) -> list[tuple[PhoneRef, int]]:
+        return self._losses.losing()
+
+    async def expire_losses(self) -> int:
+        """Count the failures whose --loss-deadline passed unrecovered as lost; returns how many. Under the
+        loss-aware policy a lost message's Bad MAC counts toward the limit now (it was healed when it failed)."""
+        lost = await self._losses.expire()
+        for item in lost:
+            if item.deferred is None:
+                continue
+            now = self._parts.now()
+            phone = self._losses.phone(item.organization_phone_id)
+            for observer in self._observers:
+                observer.decrypt_error(phone, ErrorClass.BAD_MAC)
+            late = BadMac(item.deferred.peer_user, now, late=True)
+            await self.decider.apply(phone, late, CounterKind.BAD_MAC, now, None)
+        return len(lost)
 
     @property
     def session_count(self) -> int:
@@ -175,6 +208,7 @@ class SessionRuntime:
         for phone in forgotten:
             self.liveness.forget(phone.organization_phone_id)
             self._restrictions.forget(phone.organization_phone_id)
+            self._losses.forget(phone.organization_phone_id)
             for observer in self._observers:
                 observer.forgotten(phone)
         self._parts.safety.loops.expire(now)
@@ -200,6 +234,8 @@ class SessionRuntime:
             await self._on_connection_update(event)
         elif type(event) is AccountRestriction:
             await self._restrictions.report(event)
+        elif type(event) is MessageRecovered:
+            self._losses.recovered(event)
         else:
             assert isinstance(event, Activity)
             self._on_activity(event)
@@ -215,8 +251,9 @@ class SessionRuntime:
         if self._traced:
             return None
         return ErrorTally(
-            self._classify, self._observers, self._registry, self._parts.now, self.decider.steady, self.liveness
-        )
+            self._classify, self._observers, self._registry, self._parts.now, self.decider.steady, self.liveness,
+            self._losses.failed,
+        )  # fmt: skip
 
     async def handle_bad_mac_error(
         self, organization_id: int, organization_phone_id: int, phone_jid: str, peer_jid: str | None = None
@@ -241,18 +278,31 @@ class SessionRuntime:
         """Classify a raw decryption error and apply it."""
         classified = self._classify(event.error, event.source)
         phone = phone_ref(event.organization_id, event.organization_phone_id, event.phone_jid)
+        pending = False
+        if event.message_id is not None:
+            # loss-aware: a Bad MAC whose message may still be recovered is healed now and counted only if lost
+            loss_aware = self.policy.health is HealthPolicy.LOSS_AWARE and classified.error_class is ErrorClass.BAD_MAC
+            deferred = Deferred(peer_user(event.peer_jid)) if loss_aware else None
+            outcome = self._losses.failed(event, deferred)
+            pending = deferred is not None and outcome in (Outcome.PENDING, Outcome.REPEATED)
         if classified.app_state is not None:
             for observer in self._observers:
                 observer.app_state_failure(phone, collection_label(event.collection), classified.app_state)
         context = context_from_traceparent(event.traceparent)
-        await self._decrypt_error(phone, classified.error_class, peer_user(event.peer_jid), context)
+        await self._decrypt_error(phone, classified.error_class, peer_user(event.peer_jid), context, pending=pending)
         return classified.error_class
 
     async def _decrypt_error(
-        self, phone: PhoneRef, error_class: ErrorClass, peer_user: str | None, trace_context: Context | None
+        self,
+        phone: PhoneRef,
+        error_class: ErrorClass,
+        peer_user: str | None,
+        trace_context: Context | None,
+        *,
+        pending: bool = False,
     ) -> bool:
         if self.decider.decides_later and self._traced:
-            return await self._decrypt_error_decided_later(phone, error_class, peer_user, trace_context)
+            return await self._decrypt_error_decided_later(phone, error_class, peer_user, trace_context, pending)
         # Without an exporter the tracer is a no-op; skipping even its context handling keeps ingest cheap.
         span_scope = (
             self._tracer.start_as_current_span("session.decrypt_error", context=trace_context)
@@ -260,12 +310,17 @@ class SessionRuntime:
             else nullcontext(INVALID_SPAN)
         )
         with span_scope as span:
-            continues = await self._count_error(phone, error_class, peer_user, None)
+            continues = await self._count_error(phone, error_class, peer_user, None, pending)
             self._describe_decrypt_span(span, phone, error_class, continues)
             return continues
 
     async def _decrypt_error_decided_later(
-        self, phone: PhoneRef, error_class: ErrorClass, peer_user: str | None, trace_context: Context | None
+        self,
+        phone: PhoneRef,
+        error_class: ErrorClass,
+        peer_user: str | None,
+        trace_context: Context | None,
+        pending: bool,
     ) -> bool:
         """The decision comes at the end of the batch: the span stays open until it is carried out."""
         span = self._tracer.start_span("session.decrypt_error", context=trace_context)
@@ -277,12 +332,17 @@ class SessionRuntime:
 
         token = otel_context.attach(context)
         try:
-            return await self._count_error(phone, error_class, peer_user, Traced(context, decided))
+            return await self._count_error(phone, error_class, peer_user, Traced(context, decided), pending)
         finally:
             otel_context.detach(token)
 
     async def _count_error(
-        self, phone: PhoneRef, error_class: ErrorClass, peer_user: str | None, traced: Traced | None
+        self,
+        phone: PhoneRef,
+        error_class: ErrorClass,
+        peer_user: str | None,
+        traced: Traced | None,
+        pending: bool = False,
     ) -> bool:
         """Observers, then the counted classes decided; `traced` is told once the decision is carried out,
         which for a counted-only class is at once."""
@@ -290,7 +350,8 @@ class SessionRuntime:
             observer.decrypt_error(phone, error_class)
         now = self._parts.now()
         if error_class is ErrorClass.BAD_MAC:
-            return (await self.decider.apply(phone, BadMac(peer_user, now), CounterKind.BAD_MAC, now, traced))[0]
+            event = BadMac(peer_user, now, pending=pending)
+            return (await self.decider.apply(phone, event, CounterKind.BAD_MAC, now, traced))[0]
         if error_class is ErrorClass.BAD_DECRYPT:
             return (await self.decider.apply(phone, BadDecrypt(now), CounterKind.BAD_DECRYPT, now, traced))[0]
         if not self.is_closed(phone.organization_phone_id):

@@ -76,6 +76,18 @@ class RuntimeObserver:
     def decided(self, decision: RecordDecision) -> None:
         return None
 
+    def message_undecryptable(self, phone: PhoneRef, outcome: str) -> None:
+        """A message failed to decrypt (`outcome`: pending, or unknown when beyond the session's bound)."""
+        return None
+
+    def message_recovered(self, phone: PhoneRef, via: str, known: bool) -> None:
+        """A failed message arrived after all (`known`: its failure was pending here)."""
+        return None
+
+    def messages_lost(self, phone: PhoneRef, count: int) -> None:
+        """Failed messages whose --loss-deadline passed unrecovered."""
+        return None
+
     def restriction_changed(self, phone: PhoneRef, restriction: Restriction, change: str) -> None:
         """A restriction started, was updated or lifted here (`change`: rules/restrictions.py's Change)."""
         return None

@@ -76,6 +76,7 @@ class ErrorTally:
         now: Callable[[], float],
         steady: Callable[[int], Session | None],
         liveness: LivenessWatch,
+        message_failed: Callable[[DecryptError], object],
     ) -> None:
         self._classify = classifier
         self._observers = observers
@@ -83,6 +84,7 @@ class ErrorTally:
         self._now = now
         self._steady = steady
         self._liveness = liveness
+        self._message_failed = message_failed  # a failure with a messageId is pending for the loss tracker
         self._opened: dict[int, PhoneRef] = {}
         self._at: float | None = None
         self._by_class: list[tuple[ErrorClass, int]] = []  # counted at the end, in C (Counter of a list)
@@ -102,6 +104,8 @@ class ErrorTally:
         classified = self._classify(report.error, report.source)
         if not classified.tallied:
             return False
+        if report.message_id is not None:
+            self._message_failed(report)
         self._by_class.append((classified.error_class, report.organization_id))
         if classified.app_state is not None:
             self._app_state.append((collection_label(report.collection), classified.app_state))

@@ -47,6 +47,8 @@ def waiting_to_json(item: Waiting) -> str:
     payload: dict[str, object] = {"phone": asdict(item.phone), "kind": kind, "at": item.at, "newLogin": item.new_login}
     if isinstance(event, BadMac):
         payload["peer"] = event.peer_user
+        if event.pending or event.late:  # loss-aware (rules/policy.py); absent in lines of earlier releases
+            payload["pending"], payload["late"] = event.pending, event.late
     if isinstance(event, ConnectionClosed):
         payload["statusCode"] = event.status_code
     payload["counted"] = str(item.counted) if item.counted is not None else None
@@ -61,7 +63,7 @@ def waiting_from_json(text: str) -> Waiting:
     kind = data["kind"]
     event: Event
     if kind == "BadMac":
-        event = BadMac(data.get("peer"), at)
+        event = BadMac(data.get("peer"), at, pending=bool(data.get("pending")), late=bool(data.get("late")))
     elif kind == "BadDecrypt":
         event = BadDecrypt(at)
     elif kind == "ConnectionOpened":

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from sidecar import __version__
 from sidecar.rules.app_state import COLLECTIONS, OTHER_COLLECTION, AppStateKind
 from sidecar.rules.classification import ErrorClass
+from sidecar.rules.loss import Outcome
 from sidecar.rules.policy import CRYPTO_LIMIT_REASONS, CloseReason, Heal, KeyScope, Limits
 from sidecar.rules.records import ClosureRecord, PhoneRef, RecordDecision
 from sidecar.rules.restrictions import Restriction
@@ -34,7 +35,8 @@ STEP_WAIT_BUCKETS = (0.001, 0.005, 0.025, 0.1, 0.5, 2.5, 10.0, 60.0, 300.0, 600.
 # A direct delivery takes milliseconds; retries with backoff take seconds to hours.
 NOTIFICATION_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0, 30.0, 300.0, 3600.0)
 
-EVENT_TYPES = ("connection.update", "decrypt.error", "account.restriction", "command.ack")
+UNTRACKED = str(Outcome.UNKNOWN)
+EVENT_TYPES = ("connection.update", "decrypt.error", "account.restriction", "message.recovered", "command.ack")
 CHANNELS = ("websocket", "http", "logs")
 REJECT_REASONS = ("invalid", "malformed", "too_many_events", "binary")
 HEAL_KINDS = ("bad_mac", "bad_decrypt")
@@ -42,7 +44,7 @@ CLOSE_SOCKET_OUTCOMES = ("ended", "timeout", "unreachable", "left_to_runtime", "
 INCIDENT_KINDS = frozenset(str(kind) for kind in IncidentKind)
 SUPERVISED_TASKS = (
     "pending-steps", "restore", "schema-check", "owners-watch", "housekeeping", "owner-notifications", "effects",
-    "restrictions",
+    "restrictions", "message-loss",
 )  # fmt: skip
 
 
@@ -222,6 +224,32 @@ class SidecarMetrics:
             "whatsapp_session_restrictions",
             "Restrictions that started on a number (account.restriction), by kind",
             ["kind", "organization_id"],
+            registry=registry,
+        )
+        self.undecryptable = Counter(
+            "whatsapp_messages_undecryptable",
+            "Messages that failed to decrypt (decrypt.error with a messageId), whether recovered later or not",
+            ["organization_id"],
+            registry=registry,
+        )
+        self.recovered = Counter(
+            "whatsapp_messages_recovered",
+            "Failed messages that arrived after all (message.recovered): re-sent after a retry receipt, a "
+            "placeholder resend, or other",
+            ["organization_id", "via"],
+            registry=registry,
+        )
+        self.untracked = Counter(
+            "whatsapp_messages_untracked",
+            "Failed messages beyond the session's bound of pending ids: counted, but neither recovered nor lost can "
+            "be said of them",
+            ["organization_id"],
+            registry=registry,
+        )
+        self.lost = Counter(
+            "whatsapp_messages_lost",
+            "Failed messages not recovered within --loss-deadline",
+            ["organization_id"],
             registry=registry,
         )
         self.runtime_versions = RuntimeVersions()
@@ -419,6 +447,18 @@ class MetricsObserver(RuntimeObserver):
             self._m.incidents.labels(decision.decision, organization).inc()
         elif decision.decision == "session.held":
             self._m.holds.labels(str(decision.detail.get("reason")), organization).inc()
+
+    def message_undecryptable(self, phone: PhoneRef, outcome: str) -> None:
+        organization = self._m.organization_seen(phone.organization_id)
+        self._m.undecryptable.labels(organization).inc()
+        if outcome == UNTRACKED:
+            self._m.untracked.labels(organization).inc()
+
+    def message_recovered(self, phone: PhoneRef, via: str, known: bool) -> None:
+        self._m.recovered.labels(self._m.organization_seen(phone.organization_id), via).inc()
+
+    def messages_lost(self, phone: PhoneRef, count: int) -> None:
+        self._m.lost.labels(self._m.organization_seen(phone.organization_id)).inc(count)
 
     def restriction_changed(self, phone: PhoneRef, restriction: Restriction, change: str) -> None:
         if change == "started":

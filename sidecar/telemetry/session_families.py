@@ -43,6 +43,10 @@ FAMILIES = (
     ("whatsapp_session_last_inbound_timestamp_seconds", "Time of the last inbound stanza the runtime reported"),
 )
 RESTRICTED = ("whatsapp_session_restricted", "1 while WhatsApp restricts the number (account.restriction), by kind")
+LOST = (
+    "whatsapp_session_messages_lost",
+    "Messages of the session that failed to decrypt and were not recovered within --loss-deadline",
+)
 FLEET_FAMILIES = (  # (name, labels, help): complete in every mode
     ("whatsapp_sidecar_sessions_exported", (), "Per-session series sets this scrape exports (--session-metrics)"),
     ("whatsapp_sidecar_connected_sessions", ("organization_id",), "Sessions the runtime reports connected"),
@@ -65,6 +69,8 @@ class SessionSource(Protocol):
     def connected_by_organization(self) -> Mapping[int, int]: ...
 
     def restricted(self) -> list[tuple[PhoneRef, Restriction]]: ...
+
+    def losing(self) -> list[tuple[PhoneRef, int]]: ...
 
 
 class SessionFamilies(RuntimeObserver):
@@ -146,6 +152,7 @@ class SessionFamilies(RuntimeObserver):
                 yield "".join(lines).encode()
                 await asyncio.sleep(0)  # writes rarely wait, so yield to event processing here
         yield self._restricted_text(source.restricted())
+        yield self._lost_text(source.losing())
 
     async def _select(
         self,
@@ -195,6 +202,13 @@ class SessionFamilies(RuntimeObserver):
         name, help_text = RESTRICTED
         lines = [f"# HELP {name} {help_text}\n# TYPE {name} gauge\n"]
         lines += [f'{name}{self.labels(phone)[:-1]},kind="{r.kind}"}} 1\n' for phone, r in restricted]
+        return "".join(lines).encode()
+
+    def _lost_text(self, losing: list[tuple[PhoneRef, int]]) -> bytes:
+        """Every session that lost messages, in every mode but `none` (a loss is news)."""
+        name, help_text = LOST
+        lines = [f"# HELP {name} {help_text}\n# TYPE {name} gauge\n"]
+        lines += [f"{name}{self.labels(phone)} {count}\n" for phone, count in losing]
         return "".join(lines).encode()
 
     def _fleet_text(self, exported: int, connected: Mapping[int, int]) -> bytes:

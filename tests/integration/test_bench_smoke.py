@@ -108,3 +108,10 @@ async def test_scale_benchmark_runs() -> None:
     assert "0 closed twice" in output and "0 commands delivered twice" in output, output
     assert "median of 3 rounds" in output and "cores busy" in output, output
     assert re.search(r"schema\s+[\d,]+ bytes per open idle session", output), output
+
+
+async def test_policies_benchmark_runs() -> None:
+    output = await bench("-m", "bench.policies", "--sessions", "60", "--days", "3", "--rates", "0.005")
+    rows = [line.split() for line in output.splitlines() if line.split()[:1] == ["0.005"]]
+    assert [row[1] for row in rows] == ["counters", "windowed", "loss-aware"], output
+    assert "fewer logouts" in output

@@ -18,7 +18,14 @@ import yaml
 from aiohttp import web
 
 from dashboards.generate import DASHBOARDS
-from sidecar.client import RuntimeClient, account_restriction, activity, connection_update, decrypt_error
+from sidecar.client import (
+    RuntimeClient,
+    account_restriction,
+    activity,
+    connection_update,
+    decrypt_error,
+    message_recovered,
+)
 from tests.monitoring import ALERTMANAGER_EXAMPLE, SCRAPE_JOB, Prometheus, alertmanager, prometheus
 from tests.receiver import verified
 from tests.seed import SeededPhone, add_phone
@@ -153,7 +160,7 @@ async def test_two_bad_macs_alert_the_owning_team_one_does_not_and_a_close_is_cr
         return phone.organization_id, phone.organization_phone_id, phone.phone_jid
 
     async with receivers() as received:
-        config = sidecar_config(database, owners_file=owners(tmp_path, received.base))
+        config = sidecar_config(database, owners_file=owners(tmp_path, received.base), loss_deadline=1.0)
         async with (
             alertmanager(alertmanager_config(received.base)) as manager,
             serving(config) as sidecar,
@@ -170,6 +177,10 @@ async def test_two_bad_macs_alert_the_owning_team_one_does_not_and_a_close_is_cr
             # the restriction panels: the platform phone's new-chat messages are capped for a day
             until = datetime.now(UTC) + timedelta(days=1)
             await runtime.send(account_restriction(*ids(platform), "message_cap", until=until, detail="CAPPED"))
+            # the message-loss panel: two failed messages (a class that counts toward no limit), one recovered
+            for message_id in ("3EB0L0SS1", "3EB0L0SS2"):
+                await runtime.send(decrypt_error(*ids(platform), "No session record", message_id=message_id))
+            await runtime.send(message_recovered(*ids(platform), "3EB0L0SS1", "retry"))
             await runtime.flush()
             # the default --session-metrics active: idle sessions have no series of their own, the fleet family counts
             await eventually(lambda: scraped("sum(whatsapp_sidecar_connected_sessions) == 3"), what="fleet scraped")

@@ -116,7 +116,7 @@ def test_a_busy_session_that_goes_silent_is_found_deaf_in_bounded_time(
     actions = run(Trace(times, end=silent_from + bound + 1), config, lambda _: probe_answers)
     found = deaf_times(actions)
     assert len(found) == 1, actions
-    assert silent_from + limit < found[0] <= silent_from + bound + 1e-6
+    assert silent_from + limit - 1e-6 < found[0] <= silent_from + bound + 1e-6  # float sums: 1 µs either way
 
 
 @settings(max_examples=150, deadline=None)

@@ -18,7 +18,7 @@ export function party(jid) {
   return { jid, creds, store, auth, repo: B.DEFAULT_CONNECTION_CONFIG.makeSignalRepository(auth, quiet, pnToLid) }
 }
 
-async function bundleOf(p) {
+export async function bundleOf(p) {
   const { update, preKeys } = await B.getNextPreKeys(p.auth, 3)
   Object.assign(p.creds, update)
   const [id] = Object.keys(preKeys)
@@ -65,3 +65,18 @@ export async function badMacStubs(receiver, count) {
   return stubs
 }
 
+
+// One message from `sender` to a receiver whose bundle is given: the genuine ciphertext and the same one with its
+// MAC flipped (what a live socket fails on with Bad MAC, then decrypts when the genuine one is re-sent).
+export async function sealed(sender, receiverJid, bundle, text) {
+  await sender.repo.injectE2ESession({ jid: receiverJid, session: bundle })
+  const sent = await sender.repo.encryptMessage({ jid: receiverJid, data: plaintext(text) })
+  const tampered = sent.type === 'pkmsg' ? tamperPkmsg(sent.ciphertext) : flipLastByte(sent.ciphertext)
+  return { type: sent.type, genuine: sent.ciphertext, tampered }
+}
+
+export const messageNode = (from, id, type, ciphertext) => ({
+  tag: 'message',
+  attrs: { from, type: 'text', id, t: String(Math.floor(Date.now() / 1000)), notify: 'x' },
+  content: [{ tag: 'enc', attrs: { v: '2', type }, content: ciphertext }],
+})
