@@ -36,6 +36,7 @@ from sidecar.runtime import KeyRemoval, Safety, Watch, assemble
 from sidecar.runtime.observer import RuntimeObserver
 from sidecar.store.idempotency_keys import PostgresIdempotencyKeys
 from sidecar.store.journal import Journal, JournalError
+from sidecar.store.loss_ledger import PostgresLossLedger
 from sidecar.store.memory import MemoryStore
 from sidecar.store.pending import PendingSteps
 from sidecar.store.postgres import PostgresStore
@@ -174,6 +175,7 @@ def _components(config: Config, extras: Extras) -> Callable[[web.Application], A
             ),
             state_ttl=config.state_ttl,
             losses=LossTracker(config.loss_deadline),
+            loss_ledger=PostgresLossLedger(store) if isinstance(store, PostgresStore) else None,
             keys=KeyRemoval(key_store, by_runtime=config.key_store.place is KeyPlace.RUNTIME),
             watch=Watch(config.liveness, config.deaf_action, link_sockets),
             on_failure=lambda what, name: (

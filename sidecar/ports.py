@@ -265,6 +265,40 @@ class RestrictionTimeline(Protocol):
     async def list_restrictions(self, query: RestrictionQuery) -> list[RestrictionEntry]: ...
 
 
+@dataclass(frozen=True, slots=True)
+class SharedFailure:
+    """A failed message, as the loss ledger shares it between replicas."""
+
+    phone: PhoneRef
+    message_id: str
+    deferred: bool = False  # the loss-aware policy's Bad MAC: counted by whichever replica finds it lost
+    peer_user: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerSettled:
+    """What one exchange with the loss ledger settled."""
+
+    lost: frozenset[tuple[int, str]]  # of the due (phone, id) pairs, those lost and counted here
+    orphans: tuple[SharedFailure, ...] = ()  # failures whose replica went away before their deadline: lost here
+
+
+class LossLedger(Protocol):
+    """The failed messages every replica can see (fleet mode: a failure on one replica, its recovery on another).
+    One exchange per tick, in one transaction; StoreUnavailable leaves everything to the next one (nothing is
+    counted lost while the replicas cannot agree)."""
+
+    async def exchange(
+        self,
+        failed: Sequence[SharedFailure],
+        recovered: Sequence[tuple[PhoneRef, str]],
+        due: Sequence[tuple[int, str]],
+        deadline: float,
+    ) -> LedgerSettled:
+        """Share `failed`, mark `recovered`, settle `due` (each lost exactly once in the fleet: here, or not at
+        all when another replica counted it or saw it recovered), and take the orphans past their deadline."""
+
+
 class SessionStore(Outbox, RestrictionTimeline, Protocol):
     """Auth keys, phone status, closure log and durable counters, applied as ordered steps.
 

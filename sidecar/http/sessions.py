@@ -88,7 +88,13 @@ async def get_session(request: web.Request) -> web.Response:
     components, phone_id = components_of(request), _phone_id(request)
     restrictions = await phone_restrictions(components, phone_id)
     # messagesLost: failed messages not recovered within --loss-deadline, as this process counted them
-    extra = {"messagesLost": components.runtime.messages_lost(phone_id), "restrictions": restrictions}
+    # messagesPending: failed messages this process still waits on (recovered, or lost at the deadline)
+    losses = components.runtime
+    extra = {
+        "messagesLost": losses.messages_lost(phone_id),
+        "messagesPending": losses.messages_pending(phone_id),
+        "restrictions": restrictions,
+    }
     session = components.runtime.session(phone_id)
     if session is not None:
         return web.json_response({**session_json(components, session), **extra})

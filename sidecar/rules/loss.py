@@ -72,7 +72,14 @@ class LossTracker:
 
     def expired(self, now: float) -> list[Lost]:
         """The failures whose deadline passed unrecovered: lost, taken out and counted per session."""
-        lost: list[Lost] = []
+        lost = self.due(now)
+        self.count_lost(lost)
+        return lost
+
+    def due(self, now: float) -> list[Lost]:
+        """The failures whose deadline passed unrecovered, taken out and not counted yet (in fleet mode the shared
+        ledger says which of them are lost: another replica may have seen the recovery, or counted it already)."""
+        due: list[Lost] = []
         for phone in list(self._pending):
             pending = self._pending[phone]
             while pending:
@@ -80,12 +87,14 @@ class LossTracker:
                 if deadline > now:
                     break  # ids are kept in the order they failed, with one deadline: the rest are later
                 del pending[message_id]
-                lost.append(Lost(phone, message_id, deferred))
+                due.append(Lost(phone, message_id, deferred))
             if not pending:
                 del self._pending[phone]
+        return due
+
+    def count_lost(self, lost: list[Lost]) -> None:
         for item in lost:
             self._lost[item.organization_phone_id] = self._lost.get(item.organization_phone_id, 0) + 1
-        return lost
 
     def lost(self, organization_phone_id: int) -> int:
         return self._lost.get(organization_phone_id, 0)

@@ -9,7 +9,7 @@ from datetime import datetime
 
 from opentelemetry import trace
 
-from sidecar.ports import FleetState, LivenessSockets, SessionStore, SocketController, StepQueue
+from sidecar.ports import FleetState, LivenessSockets, LossLedger, SessionStore, SocketController, StepQueue
 from sidecar.rules.liveness import DeafAction, LivenessConfig
 from sidecar.rules.loss import LossTracker
 from sidecar.rules.policy import PolicyConfig
@@ -72,6 +72,7 @@ def assemble(
     watch: Watch | None = None,
     keys: KeyRemoval | None = None,
     losses: LossTracker | None = None,
+    loss_ledger: LossLedger | None = None,
     on_failure: Callable[[str, str], None] | None = None,
 ) -> SessionRuntime:
     """`on_failure(what, name)`: an observer ("observer", its class) or a background effect ("task", "effects")
@@ -109,7 +110,6 @@ def assemble(
         decider = LocalDecider(tools)
     watch = watch or Watch()
     liveness = LivenessWatch(parts, incidents, watch.config, watch.action, watch.sockets)
-    collaborators = Collaborators(
-        decider, effects, incidents, liveness, store, state_ttl, Restrictions(parts), MessageLoss(parts, losses)
-    )
+    losing = MessageLoss(parts, losses, loss_ledger)
+    collaborators = Collaborators(decider, effects, incidents, liveness, store, state_ttl, Restrictions(parts), losing)
     return SessionRuntime(parts, collaborators)

@@ -132,6 +132,10 @@ class SessionRuntime:
         """The session's messages lost here (rules/loss.py): failed and not recovered within --loss-deadline."""
         return self._losses.lost(organization_phone_id)
 
+    def messages_pending(self, organization_phone_id: int) -> int:
+        """The session's failed messages this process still waits on: recovered, or lost at --loss-deadline."""
+        return self._losses.pending(organization_phone_id)
+
     def losing(self) -> list[tuple[PhoneRef, int]]:
         return self._losses.losing()
 

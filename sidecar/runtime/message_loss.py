@@ -2,28 +2,46 @@
 or `--loss-deadline` passes; the observers count undecryptable, recovered and lost messages, and a session's
 first loss is told to its team (`session.losing_messages`).
 
-Fleet mode: a phone's events reach the replica its runtime connection is on, which owns the phone, so a failure
-and its recovery are normally seen by the same replica. After a link reconnect to another replica in between,
-the old replica counts the failure lost at its deadline and the new one counts the recovery as one of an id it
-does not know (`whatsapp_messages_recovered_total`, never lost twice): the share is an upper bound then.
+With the PostgreSQL store the failures are also kept in the loss ledger (store/loss_ledger.py), exchanged once a
+tick: a phone's events reach the replica its runtime connection is on, but after a link reconnect to another
+replica the recovery may arrive there; the ledger makes it count, settles each failure exactly once in the fleet,
+and takes over the failures of a replica that went away. While the ledger cannot be reached nothing is counted
+lost (the due failures wait for it).
 """
 
 from __future__ import annotations
 
+import logging
+from typing import Final
+
 from sidecar.events.schema import DecryptError, MessageRecovered
+from sidecar.ports import LossLedger, SharedFailure, StoreUnavailable
+from sidecar.retrying import RetryLog
 from sidecar.rules.inputs import phone_ref
 from sidecar.rules.loss import Deferred, LossTracker, Lost, Outcome
 from sidecar.rules.records import NotificationEvent, PhoneRef
 from sidecar.runtime.parts import RuntimeParts
 
 LOSING_MESSAGES = "session.losing_messages"  # the decision record and the owner webhook of a session's first loss
+# What waits for the ledger while it is away (failures to share, recoveries, due failures), each at most this many;
+# past it a recovery is known here only, and the oldest due failures are neither lost nor recovered (logged).
+LEDGER_BACKLOG: Final = 100_000
+
+log = logging.getLogger("sidecar.loss")
 
 
 class MessageLoss:
-    def __init__(self, parts: RuntimeParts, tracker: LossTracker | None = None) -> None:
+    def __init__(
+        self, parts: RuntimeParts, tracker: LossTracker | None = None, ledger: LossLedger | None = None
+    ) -> None:
         self._parts = parts
         self._tracker = tracker or LossTracker()
+        self._ledger = ledger
         self._phones: dict[int, PhoneRef] = {}
+        self._unshared: dict[tuple[int, str], SharedFailure] = {}
+        self._recoveries: dict[tuple[int, str], PhoneRef] = {}
+        self._unsettled: list[Lost] = []
+        self._retries = RetryLog(log, "settle failed messages with the fleet", meanwhile="none counted lost")
 
     @property
     def deadline(self) -> float:
@@ -39,6 +57,10 @@ class MessageLoss:
         if outcome is Outcome.REPEATED:
             return outcome
         self._phones[phone.organization_phone_id] = phone
+        if self._ledger is not None and outcome is Outcome.PENDING and len(self._unshared) < LEDGER_BACKLOG:
+            peer = deferred.peer_user if deferred is not None else None
+            key = (phone.organization_phone_id, event.message_id)
+            self._unshared[key] = SharedFailure(phone, event.message_id, deferred is not None, peer)
         for observer in self._parts.observers:
             observer.message_undecryptable(phone, str(outcome))
         return outcome
@@ -46,6 +68,10 @@ class MessageLoss:
     def recovered(self, event: MessageRecovered) -> bool:
         phone = phone_ref(event.organization_id, event.organization_phone_id, event.phone_jid)
         known = self._tracker.recovered(phone.organization_phone_id, event.message_id)
+        if self._ledger is not None:
+            key = (phone.organization_phone_id, event.message_id)
+            if self._unshared.pop(key, None) is None and len(self._recoveries) < LEDGER_BACKLOG:
+                self._recoveries[key] = phone  # shared already, or failed on another replica: the ledger marks it
         for observer in self._parts.observers:
             observer.message_recovered(phone, event.via, known)
         return known
@@ -55,7 +81,8 @@ class MessageLoss:
 
     async def expire(self) -> list[Lost]:
         """Count the failures whose deadline passed as lost; a session's first loss notifies its team."""
-        lost = self._tracker.expired(self._parts.now())
+        now = self._parts.now()
+        lost = self._tracker.expired(now) if self._ledger is None else await self._exchange(self._ledger, now)
         by_phone: dict[int, int] = {}
         for item in lost:
             by_phone[item.organization_phone_id] = by_phone.get(item.organization_phone_id, 0) + 1
@@ -71,8 +98,47 @@ class MessageLoss:
                 )
         return lost
 
+    async def _exchange(self, ledger: LossLedger, now: float) -> list[Lost]:
+        """One exchange with the ledger: what is lost of the due failures (exactly once in the fleet), and the
+        failures of replicas that went away."""
+        due = self._unsettled + self._tracker.due(now)
+        if len(due) > LEDGER_BACKLOG:
+            dropped = len(due) - LEDGER_BACKLOG
+            log.warning("the loss ledger is away: %d due failures neither lost nor recovered", dropped)
+            due = due[-LEDGER_BACKLOG:]
+        failed, recovered = list(self._unshared.values()), list(self._recoveries.items())
+        try:
+            settled = await ledger.exchange(
+                failed,
+                [(phone, message_id) for (_, message_id), phone in recovered],
+                [(item.organization_phone_id, item.message_id) for item in due],
+                self._tracker.deadline,
+            )
+        except StoreUnavailable as error:
+            self._retries.failed(error)
+            self._unsettled = due  # nothing is lost while the replicas cannot agree: the next tick tries again
+            return []
+        self._retries.succeeded()
+        self._unsettled = []
+        for item in failed:
+            self._unshared.pop((item.phone.organization_phone_id, item.message_id), None)
+        for key, _ in recovered:
+            self._recoveries.pop(key, None)
+        lost = [item for item in due if (item.organization_phone_id, item.message_id) in settled.lost]
+        for orphan in settled.orphans:
+            self._phones.setdefault(orphan.phone.organization_phone_id, orphan.phone)
+            deferred = Deferred(orphan.peer_user) if orphan.deferred else None
+            lost.append(Lost(orphan.phone.organization_phone_id, orphan.message_id, deferred))
+        self._tracker.count_lost(lost)
+        return lost
+
     def lost(self, organization_phone_id: int) -> int:
         return self._tracker.lost(organization_phone_id)
+
+    def pending(self, organization_phone_id: int) -> int:
+        """Failures still waited on: tracked, or due and waiting for the ledger."""
+        waiting = sum(1 for item in self._unsettled if item.organization_phone_id == organization_phone_id)
+        return self._tracker.pending(organization_phone_id) + waiting
 
     def losing(self) -> list[tuple[PhoneRef, int]]:
         """Sessions that lost messages, with their counts (the per-session family)."""

@@ -3,6 +3,9 @@
 - Peer sessions: an X25519 agreement, HKDF-SHA256 into a chain key; each message key from the chain key and the
   message counter; AES-256-CBC with an HMAC-SHA256 MAC truncated to 8 bytes (as libsignal's WhisperMessage).
   A desynchronized receiver (its copy of the chain key differs) fails MAC verification: "Bad MAC".
+- Retries (`PeerSession.retry`): the receiver's retry receipt carries a fresh key bundle; the sender agrees a new
+  session from it and re-sends the same message, which decrypts, unless the receiver's own keys are broken (its
+  new session is as wrong as the old one): a transient fault recovers, a truly broken phone loses the message.
 - App-state patches: AES-256-CBC under an app-state-sync key, PKCS#7 padded, with an HMAC of the patch.
   A corrupted key makes the unpadding fail, which OpenSSL reports as "bad decrypt"; the rare padding that
   survives is caught by the patch MAC ("Invalid patch mac"), as in Baileys.
@@ -95,6 +98,28 @@ def new_session() -> tuple[ChainSide, ChainSide]:
 def desynchronize(side: ChainSide) -> None:
     """The fault behind real Bad MACs: this side's session state no longer matches the peer's."""
     side.chain_key = os.urandom(32)
+
+
+class PeerSession:
+    """One peer's session with a phone: messages from the peer, and the retry that re-keys it."""
+
+    def __init__(self) -> None:
+        self.sender, self.receiver = new_session()
+
+    def deliver(self, plaintext: bytes) -> bytes:
+        """The peer sends, the phone decrypts (DecryptFailure: what the phone's runtime reports)."""
+        return self.receiver.decrypt(self.sender.encrypt(plaintext))
+
+    def desynchronize(self) -> None:
+        desynchronize(self.receiver)
+
+    def retry(self, plaintext: bytes, receiver_broken: bool = False) -> bytes:
+        """The sender answers a retry receipt: a new session from the phone's fresh key bundle, the same message
+        again. `receiver_broken`: the phone's own keys are bad, so the new session is desynchronized too."""
+        self.sender, self.receiver = new_session()
+        if receiver_broken:
+            desynchronize(self.receiver)
+        return self.deliver(plaintext)
 
 
 @dataclass(frozen=True, slots=True)

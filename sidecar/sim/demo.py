@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from sidecar.components import Components
 from sidecar.config import Config
 from sidecar.rules.liveness import DeafAction, LivenessConfig
+from sidecar.rules.loss import DEFAULT_DEADLINE_SECONDS
 from sidecar.rules.policy import ErrorStats
 from sidecar.rules.records import ClosureRecord, PhoneRef, RecordDecision
 from sidecar.runtime.observer import RuntimeObserver
@@ -38,6 +39,9 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         help="a logged-out phone comes back after a QR re-scan this long after (3)")  # fmt: skip
     add("--deaf-rate", type=_number(float, "deaf-rate", 0, 1), default=0.00005,
         help="chance per session and tick of going deaf: nothing arrives, pings still answered (0.00005)")  # fmt: skip
+    add("--broken-rate", type=_number(float, "broken-rate", 0, 1), default=0.00002,
+        help="chance per session and tick that a phone's own keys break: its messages are lost until it is logged "
+        "out (0.00002)")  # fmt: skip
     add("--idle-share", type=_number(float, "idle-share", 0, 1), default=0.1,
         help="share of sessions that receive nothing at all and must never be flagged (0.1)")  # fmt: skip
     add("--seed", type=int, help="random seed for a repeatable fleet")
@@ -45,8 +49,9 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 def fleet_config(args: argparse.Namespace) -> FleetConfig:
     faults = FaultRates(
-        bad_mac=args.bad_mac_rate, bad_decrypt=args.bad_decrypt_rate, flap=args.flap_rate, deaf=args.deaf_rate
-    )
+        bad_mac=args.bad_mac_rate, bad_decrypt=args.bad_decrypt_rate, flap=args.flap_rate, deaf=args.deaf_rate,
+        broken=args.broken_rate,
+    )  # fmt: skip
     return FleetConfig(
         sessions=args.sessions, faults=faults, rescan_seconds=args.rescan_seconds, seed=args.seed,
         idle_share=args.idle_share,
@@ -59,7 +64,12 @@ DEMO_LIVENESS = LivenessConfig(
 )
 
 
+DEMO_LOSS_DEADLINE = 5.0  # the simulated senders re-send within a second
+
+
 def demo_config(config: Config) -> Config:
+    if config.loss_deadline == DEFAULT_DEADLINE_SECONDS:
+        config = replace(config, loss_deadline=DEMO_LOSS_DEADLINE)
     if config.liveness != LivenessConfig():
         return config
     return replace(config, liveness=DEMO_LIVENESS, liveness_tick=0.5, deaf_action=DeafAction.RESTART)
@@ -106,6 +116,10 @@ def _totals(registry: CollectorRegistry, family: str, label: str) -> Counter[str
     return totals
 
 
+def _sum(registry: CollectorRegistry, family: str) -> int:
+    return sum(_totals(registry, family, "organization_id").values())
+
+
 def _line(counts: Counter[str]) -> str:
     shown = [f"{key} {value}" for key, value in sorted(counts.items()) if value]
     return ", ".join(shown) or "none"
@@ -145,6 +159,11 @@ def view(components: Components, tally: DemoTally, fleet: FleetStats, base: str,
             f"  fleet      {fleet.messages} messages, {fleet.patches} app-state patches, {fleet.faults_injected} "
             f"faults injected, {fleet.faults_healed} healed, {fleet.faults_logged_out} ended in a logout"
             + (f" (heal ratio {ratio:.0%})" if ratio is not None else ""),
+            f"  messages   {_sum(registry, 'whatsapp_messages_undecryptable')} undecryptable, "
+            f"{_sum(registry, 'whatsapp_messages_recovered')} recovered by retries, "
+            f"{_sum(registry, 'whatsapp_messages_lost')} lost (after --loss-deadline "
+            f"{components.config.loss_deadline:g} s); the fleet's truth: {fleet.messages_failed} failed, "
+            f"{fleet.messages_recovered} re-sent and decrypted, {fleet.messages_unrecovered} never",
             f"  deaf       found {tally.liveness['deaf']}, restarted {tally.liveness['session.restarted']}, "
             f"recovered {tally.liveness['session.deaf_recovered']} (injected {fleet.deaf_injected}; "
             f"idle sessions flagged {fleet.idle_flagged})",

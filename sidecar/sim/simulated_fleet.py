@@ -2,6 +2,9 @@
 peers and app-state patches, with faults injected at the key level. Its errors are real decryption failures
 (sidecar.sim.crypto), reported over the runtime link with the Python SDK exactly as a runtime would; it obeys the
 sidecar's commands, so a heal really heals and a logout really logs out (until a simulated QR re-scan).
+Every message has an id; a failed one gets a retry receipt, which most senders answer: the re-keyed re-send
+decrypts (`message.recovered`), unless the phone's own keys are broken (a truly broken session: every message
+fails, its retries too, until it is logged out). What is never re-sent is lost.
 Some sessions can go deaf (nothing arrives any more, probes still answered) until the sidecar restarts them, and
 some are idle (no traffic at all): the liveness watch must find the first and never flag the second.
 """
@@ -14,8 +17,8 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from sidecar.client import Command, RuntimeClient, activity, connection_update, decrypt_error
-from sidecar.sim.crypto import AppStateKey, ChainSide, DecryptFailure, corrupt, desynchronize, new_session
+from sidecar.client import Command, RuntimeClient, activity, connection_update, decrypt_error, message_recovered
+from sidecar.sim.crypto import AppStateKey, DecryptFailure, PeerSession, corrupt
 
 TICK_SECONDS = 0.1
 APP_STATE_PREFIX = "app-state-sync-"
@@ -27,6 +30,7 @@ class FaultRates:
     bad_decrypt: float = 0.05  # chance an app-state sync finds the cached key corrupted
     flap: float = 0.001  # chance per session and tick of a network flap (close 428, then open)
     deaf: float = 0.0  # chance per session and tick of going deaf: nothing arrives, pings still answered
+    broken: float = 0.0  # chance per session and tick that the phone's own keys break (retries fail too)
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,8 @@ class FleetConfig:
     seed: int | None = None
     idle_share: float = 0.0  # sessions that never receive anything (never to be flagged deaf)
     activity_seconds: float = 1.0  # how often a session with inbound traffic reports it
+    retry_answered: float = 0.97  # share of retry receipts the sender answers (the rest: offline, gone)
+    retry_seconds: float = 0.5  # from a failure to the sender's re-send
 
 
 @dataclass
@@ -62,6 +68,11 @@ class FleetStats:
     idle_flagged: int = 0  # probes or restarts of an idle session: false positives
     probes: int = 0
     detection_seconds: list[float] = field(default_factory=list)  # deaf -> restart command
+    messages_failed: int = 0  # distinct messages that failed to decrypt
+    messages_recovered: int = 0  # re-sent after the retry receipt and decrypted (reported as message.recovered)
+    messages_unrecovered: int = 0  # never re-sent, or the re-send failed too: the truth the lost count measures
+    healed_by_retry: int = 0  # peer faults the retry's new session fixed before any heal
+    broken_injected: int = 0
 
     @property
     def heal_ratio(self) -> float | None:
@@ -78,14 +89,16 @@ class SimPhone:
         self.logged_out_until: float | None = None
         self.idle = False
         self.deaf_since: float | None = None
+        self.sent = 0  # message ids
         self.inbound = {"messages": 0, "receipts": 0, "notifications": 0}
         self.last_inbound: datetime | None = None
         self.reset_keys()
 
     def reset_keys(self) -> None:
         """Fresh sessions with every peer and a fresh app-state key (a new login)."""
-        self.sessions: dict[str, tuple[ChainSide, ChainSide]] = {peer: new_session() for peer in self.peer_users}
+        self.sessions: dict[str, PeerSession] = {peer: PeerSession() for peer in self.peer_users}
         self.broken_peers: set[str] = set()
+        self.broken = False  # its own keys: every session with it fails, new ones too
         self.server_key = AppStateKey()
         self.cached_key = self.server_key
         self.app_state_broken = False
@@ -100,7 +113,21 @@ class SimPhone:
 
     @property
     def outstanding_faults(self) -> int:
-        return len(self.broken_peers) + int(self.app_state_broken)
+        return len(self.broken_peers) + int(self.app_state_broken) + int(self.broken)
+
+    def next_message_id(self) -> str:
+        self.sent += 1
+        return f"3EB0{self.phone_id:06X}{self.sent:08X}"
+
+
+@dataclass(frozen=True)
+class Retry:
+    due: float
+    phone: SimPhone
+    peer: str
+    message_id: str
+    plaintext: bytes
+    login: int  # the phone's re-scans when it failed: a retry for an older pairing is never answered
 
 
 class SimFleet:
@@ -126,6 +153,8 @@ class SimFleet:
         ]  # fmt: skip
         self._flapping: dict[int, float] = {}
         self._next_report = 0.0
+        self._retries: list[Retry] = []
+        self._logins: dict[int, int] = {}
 
     def _client(self, phone: SimPhone) -> RuntimeClient:
         return self.clients[phone.phone_id % len(self.clients)]
@@ -152,6 +181,7 @@ class SimFleet:
         if now >= self._next_report:
             self._next_report = now + config.activity_seconds
             await self._report_activity()
+        await self._answer_retries(now)
         for phone in self.phones.values():
             if phone.logged_out_until is not None:
                 if now >= phone.logged_out_until:
@@ -173,8 +203,11 @@ class SimFleet:
                 phone.deaf_since = now
                 self.stats.deaf_injected += 1
                 continue
+            if not phone.broken and self.rng.random() < rates.broken:
+                phone.broken = True
+                self.stats.broken_injected += 1
             if self.rng.random() < config.messages_per_second * TICK_SECONDS:
-                await self._message(phone)
+                await self._message(phone, now)
             if self.rng.random() < config.patches_per_second * TICK_SECONDS:
                 await self._patch(phone)
 
@@ -213,21 +246,58 @@ class SimFleet:
         await self._client(phone).send(connection_update(*phone.ids, "close", 515))
         await self._client(phone).send(connection_update(*phone.ids, "open"))
 
-    async def _message(self, phone: SimPhone) -> None:
+    async def _message(self, phone: SimPhone, now: float) -> None:
         self.stats.messages += 1
         phone.received("messages")
         peer = self.rng.choice(phone.peer_users)
-        sender, receiver = phone.sessions[peer]
+        session = phone.sessions[peer]
         if peer not in phone.broken_peers and self.rng.random() < self.config.faults.bad_mac:
-            desynchronize(receiver)
+            session.desynchronize()
             phone.broken_peers.add(peer)
             self.stats.faults_injected += 1
+        if phone.broken:
+            session.desynchronize()  # whatever session it has: its own keys are wrong
+        message_id, plaintext = phone.next_message_id(), b"hello from " + peer.encode()
         try:
-            receiver.decrypt(sender.encrypt(b"hello from " + peer.encode()))
+            session.deliver(plaintext)
         except DecryptFailure as failure:
-            self.stats.errors_reported += 1
-            event = decrypt_error(*phone.ids, str(failure), source="message", peer_jid=f"{peer}@s.whatsapp.net")
-            await self._client(phone).send(event | {"messageType": "msg"})
+            self.stats.messages_failed += 1
+            await self._failed(phone, peer, message_id, failure)
+            if self.rng.random() < self.config.retry_answered:
+                login = self._logins.get(phone.phone_id, 0)
+                self._retries.append(Retry(now + self.config.retry_seconds, phone, peer, message_id, plaintext, login))
+            else:
+                self.stats.messages_unrecovered += 1  # the sender is gone: never re-sent
+
+    async def _failed(self, phone: SimPhone, peer: str, message_id: str, failure: DecryptFailure) -> None:
+        self.stats.errors_reported += 1
+        event = decrypt_error(
+            *phone.ids, str(failure), source="message", peer_jid=f"{peer}@s.whatsapp.net", message_id=message_id
+        )
+        await self._client(phone).send(event | {"messageType": "msg"})
+
+    async def _answer_retries(self, now: float) -> None:
+        """The senders re-send after the retry receipt: a new session, the same message."""
+        due = [retry for retry in self._retries if retry.due <= now]
+        if not due:
+            return
+        self._retries = [retry for retry in self._retries if retry.due > now]
+        for retry in due:
+            phone = retry.phone
+            if phone.logged_out_until is not None or self._logins.get(phone.phone_id, 0) != retry.login:
+                self.stats.messages_unrecovered += 1  # logged out since: the re-send reaches no session
+                continue
+            try:
+                phone.sessions[retry.peer].retry(retry.plaintext, receiver_broken=phone.broken)
+            except DecryptFailure as failure:
+                self.stats.messages_unrecovered += 1
+                await self._failed(phone, retry.peer, retry.message_id, failure)  # the retry failed too
+                continue
+            self.stats.messages_recovered += 1
+            if retry.peer in phone.broken_peers:
+                phone.broken_peers.discard(retry.peer)
+                self.stats.healed_by_retry += 1
+            await self._client(phone).send(message_recovered(*phone.ids, retry.message_id, "retry"))
 
     async def _patch(self, phone: SimPhone) -> None:
         self.stats.patches += 1
@@ -256,7 +326,7 @@ class SimFleet:
         for peer in list(phone.broken_peers):
             # `session-<peer>.` for a named peer, `session-` for all of them: the session is re-established.
             if any(f"session-{peer}.".startswith(prefix) for prefix in prefixes):
-                phone.sessions[peer] = new_session()
+                phone.sessions[peer] = PeerSession()
                 phone.broken_peers.discard(peer)
                 self.stats.faults_healed += 1
 
@@ -273,5 +343,6 @@ class SimFleet:
         """The customer scanned the QR code: new credentials, new sessions, a new login."""
         phone.logged_out_until = None
         phone.reset_keys()
+        self._logins[phone.phone_id] = self._logins.get(phone.phone_id, 0) + 1
         self.stats.rescans += 1
         await self._client(phone).send(connection_update(*phone.ids, "open", new_login=True))

@@ -246,6 +246,25 @@ MIGRATIONS: tuple[Migration, ...] = (
         """,
         5,
     ),
+    # 11 (expand): the loss ledger: failed messages every replica sees until they are recovered or settled lost
+    # (store/loss_ledger.py). Releases with 5 to 10 migrations neither write nor read it.
+    Migration(
+        """
+        CREATE TABLE {schema}.message_failures (
+            organization_phone_id BIGINT NOT NULL,
+            message_id            TEXT NOT NULL,
+            organization_id       BIGINT NOT NULL,
+            peer_user             TEXT,
+            deferred              BOOLEAN NOT NULL DEFAULT false,
+            recovered             BOOLEAN NOT NULL DEFAULT false,
+            settled               BOOLEAN NOT NULL DEFAULT false,
+            deadline              TIMESTAMPTZ NOT NULL,
+            PRIMARY KEY (organization_phone_id, message_id)
+        );
+        CREATE INDEX message_failures_deadline_idx ON {schema}.message_failures (deadline);
+        """,
+        5,
+    ),
 )
 
 

@@ -136,6 +136,35 @@ class Statements:
             "($1::bigint IS NULL OR organization_id = $1) AND ($2::text IS NULL OR kind = $2) AND "
             "($3::bigint IS NULL OR seq < $3) ORDER BY seq DESC LIMIT $4"
         )
+        # The loss ledger (store/loss_ledger.py): failed messages every replica sees, each settled exactly once.
+        failures = f"{s}.message_failures"
+        keys = "SELECT * FROM unnest($1::bigint[], $2::text[])"
+        self.failures_share = (
+            f"INSERT INTO {failures} (organization_phone_id, message_id, organization_id, peer_user, deferred, "
+            "deadline) SELECT p, m, o, u, d, now() + make_interval(secs => $6) FROM unnest($1::bigint[], "
+            "$2::text[], $3::bigint[], $4::text[], $5::boolean[]) AS f(p, m, o, u, d) "
+            "ON CONFLICT (organization_phone_id, message_id) DO NOTHING"
+        )
+        self.failures_recovered = (
+            f"INSERT INTO {failures} (organization_phone_id, message_id, organization_id, recovered, deadline) "
+            "SELECT p, m, o, true, now() + make_interval(secs => $4) FROM unnest($1::bigint[], $2::text[], "
+            "$3::bigint[]) AS f(p, m, o) ON CONFLICT (organization_phone_id, message_id) DO UPDATE SET recovered = true"
+        )
+        self.failures_settle = (
+            f"UPDATE {failures} SET settled = true WHERE (organization_phone_id, message_id) IN ({keys}) "
+            "AND NOT settled RETURNING organization_phone_id, message_id, recovered"
+        )
+        self.failures_orphaned = (
+            f"UPDATE {failures} SET settled = true WHERE (organization_phone_id, message_id) IN (SELECT "
+            f"organization_phone_id, message_id FROM {failures} WHERE NOT settled AND deadline < now() - "
+            "make_interval(secs => $1) ORDER BY deadline LIMIT $2 FOR UPDATE SKIP LOCKED) "
+            "RETURNING organization_phone_id, message_id, organization_id, peer_user, deferred, recovered"
+        )
+        self.failures_prune = (
+            f"DELETE FROM {failures} WHERE (organization_phone_id, message_id) IN (SELECT organization_phone_id, "
+            f"message_id FROM {failures} WHERE settled AND deadline < now() - make_interval(secs => $1) "
+            "LIMIT $2 FOR UPDATE SKIP LOCKED)"
+        )
         self.prune = {
             "closures": f"DELETE FROM {s}.closures WHERE closure_id IN (SELECT closure_id FROM {s}.closures "
             "WHERE started_at < $1 LIMIT $2)",

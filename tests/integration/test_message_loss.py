@@ -16,6 +16,7 @@ from sidecar.rules.policy import HealthPolicy
 from tests.integration.test_notifications import SECRET, owners_file
 from tests.integration.test_restrictions import post, request, samples
 from tests.receiver import receiving
+from tests.replicas import replicas
 from tests.seed import add_phone
 from tests.server import serving, sidecar_config
 from tests.waiting import eventually
@@ -157,3 +158,71 @@ async def test_loss_aware_counts_only_lost_bad_macs_and_closes_once_at_the_limit
 async def _stats_of(served: Any, pid: int, bad_macs: int) -> bool:
     status, stats = await request(served, "GET", f"/v1/sessions/{pid}/stats")
     return status == 200 and stats["badMacErrors"] == bad_macs
+
+
+async def test_fleet_mode_a_failure_on_one_replica_its_recovery_on_another(
+    database: str, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """The runtime's link moved from replica a to b between a failure and its recovery (and one failure was reported
+    again on b): the loss ledger in PostgreSQL counts the recovered message not lost, the lost one lost once in the
+    fleet, and under loss-aware its Bad MAC once in the shared counters (read with SQL)."""
+    phone = await add_phone(db, 9, "79001115511")
+    pid, jid = phone.organization_phone_id, phone.phone_jid
+    peer = "79005550002@s.whatsapp.net"
+    extra = ["--loss-deadline", "2", "--health-policy", "loss-aware"]
+    async with replicas(2, database, tmp_path, extra) as (a, b):
+        await a.events([connection_update(9, pid, jid, "open")])
+        await a.events(
+            [
+                decrypt_error(9, pid, jid, "Bad MAC", peer_jid=peer, message_id=f"F{n}")
+                for n in ("MOVED", "LOST", "HERE")
+            ]
+        )
+        await a.events([message_recovered(9, pid, jid, "FHERE", "retry")])  # on the replica that took the failure
+
+        async def shared() -> bool:
+            return int(await db.fetchval("SELECT count(*) FROM wa_sidecar.message_failures")) >= 2
+
+        await eventually(shared, what="replica a shares its failures")
+        # the link moves to b: the lost one's retry fails there too, the other one is recovered there
+        await b.events([decrypt_error(9, pid, jid, "Bad MAC", peer_jid=peer, message_id="FLOST")])
+        await b.events([message_recovered(9, pid, jid, "FMOVED", "retry")])
+
+        async def settled() -> bool:
+            unsettled = "SELECT count(*) FROM wa_sidecar.message_failures WHERE NOT settled"
+            return int(await db.fetchval(unsettled)) == 0
+
+        await eventually(settled, what="every failure settled by its deadline")
+
+        async def lost_in_fleet() -> float:
+            found = [await samples(replica.base, "whatsapp_messages_lost_total") for replica in (a, b)]
+            return sum(one(each, organization_id="9") for each in found)
+
+        await eventually(lambda: _at_least(lost_in_fleet, 1.0), what="the lost message counted")
+
+        async def counted() -> int:
+            value = await db.fetchval(
+                "SELECT bad_mac_errors FROM wa_sidecar.session_counters WHERE organization_phone_id = $1", pid
+            )
+            return int(value or 0)
+
+        await eventually(lambda: _at_least(counted, 1), what="its Bad MAC counted")
+        await eventually(lambda: _settled_on_both(pid, a, b), what="both replicas done with their due failures")
+        assert await lost_in_fleet() == 1.0, "FLOST lost once in the fleet, FMOVED and FHERE recovered"
+        assert await counted() == 1, "the lost message's Bad MAC counted once, the recovered ones not at all"
+        recovered = [one(await samples(r.base, "whatsapp_messages_recovered_total"), organization_id="9", via="retry")
+                     for r in (a, b)]  # fmt: skip
+        assert recovered == [1.0, 1.0]
+
+
+async def _at_least(value: Any, floor: float) -> bool:
+    return bool(await value() >= floor)
+
+
+async def _settled_on_both(pid: int, *fleet: Any) -> bool:
+    """No replica waits on a failure of the session any more (GET /v1/sessions/{id} `messagesPending`)."""
+    for replica in fleet:
+        status, body = await replica.request("GET", f"/v1/sessions/{pid}")
+        if status != 200 or body["messagesPending"] != 0:
+            return False
+    return True

@@ -39,9 +39,11 @@ async def post(served: Served, *events: dict[str, Any]) -> None:
     assert status == 202, body
 
 
-async def samples(served: Served, name: str) -> dict[tuple[tuple[str, str], ...], float]:
-    """The family's samples as the stock parser reads them, by their sorted labels."""
-    async with aiohttp.ClientSession() as http, http.get(served.base + "/metrics") as response:
+async def samples(served: Served | str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """The family's samples as the stock parser reads them, by their sorted labels (`served`: a server or its base
+    URL)."""
+    base = served if isinstance(served, str) else served.base
+    async with aiohttp.ClientSession() as http, http.get(base + "/metrics") as response:
         text = await response.text()
     found: dict[tuple[tuple[str, str], ...], float] = {}
     for family in text_string_to_metric_families(text):

@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from sidecar.client import connection_update
 from sidecar.rules.classification import ErrorClass, ErrorSource, classify
 from sidecar.sim.crypto import AppStateKey, DecryptFailure, corrupt, desynchronize, new_session
 from sidecar.sim.demo import add_demo_arguments
 from sidecar.sim.simulated_fleet import FaultRates, FleetConfig, SimFleet
+from tests.integration.test_restrictions import samples
 from tests.server import serving, sidecar_config
 from tests.waiting import eventually
 
@@ -81,6 +83,45 @@ async def test_the_sidecar_classifies_a_real_bad_mac_and_its_heal_really_heals()
                 await client.stop()
 
 
+async def test_a_retry_recovers_a_transient_fault_and_a_broken_phone_loses_its_message() -> None:
+    """Real crypto end to end: a desynchronized peer session fails, the sender answers the retry receipt with a new
+    session and the message decrypts (message.recovered); a phone whose own keys are broken fails the re-send too,
+    and the sidecar counts the message lost after --loss-deadline (read with the stock Prometheus parser)."""
+    async with serving(sidecar_config(None, loss_deadline=1.0)) as served:
+        config = FleetConfig(sessions=1, peers=1, messages_per_second=10, patches_per_second=0, runtimes=1,
+                             faults=FaultRates(bad_mac=1.0, bad_decrypt=0, flap=0), seed=5, retry_answered=1.0,
+                             retry_seconds=0.5)  # fmt: skip
+        fleet = SimFleet(served.ws_url, config)
+        phone = next(iter(fleet.phones.values()))
+        client = fleet.clients[0]
+        await client.start()
+        try:
+            await client.send(connection_update(*phone.ids, "open"))
+            await fleet.tick(0.0)  # one message, on a desynchronized session: Bad MAC, a retry receipt
+            fleet.config = replace(config, faults=FaultRates(bad_mac=0, bad_decrypt=0, flap=0))
+            fleet.config = replace(fleet.config, messages_per_second=0)
+            await fleet.tick(1.0)  # the sender's re-send, on a new session: decrypts
+            assert (fleet.stats.messages_failed, fleet.stats.messages_recovered) == (1, 1)
+            phone.broken = True
+            fleet.config = replace(fleet.config, messages_per_second=10)
+            await fleet.tick(2.0)
+            fleet.config = replace(fleet.config, messages_per_second=0)
+            await fleet.tick(3.0)  # the re-send fails too
+            assert (fleet.stats.messages_failed, fleet.stats.messages_unrecovered) == (2, 1)
+            await client.wait_acknowledged()
+
+            async def lost() -> bool:
+                return sum((await samples(served, "whatsapp_messages_lost_total")).values()) == 1.0
+
+            await eventually(lost, what="the broken phone's message lost after the deadline")
+            recovered = await samples(served, "whatsapp_messages_recovered_total")
+            assert list(recovered.values()) == [1.0] and dict(next(iter(recovered)))["via"] == "retry"
+            undecryptable = await samples(served, "whatsapp_messages_undecryptable_total")
+            assert list(undecryptable.values()) == [2.0], "the failed re-send is the same message"
+        finally:
+            await client.stop()
+
+
 async def test_the_demo_runs_and_shows_heals_and_closes() -> None:
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "sidecar", "demo", "--listen", "127.0.0.1:0", "--sessions", "20", "--duration", "4",
@@ -97,6 +138,8 @@ async def test_the_demo_runs_and_shows_heals_and_closes() -> None:
     closes = re.search(r"closes\s+bad_mac_limit (\d+)", summary)
     assert heals >= 1 and closes and int(closes.group(1)) >= 1, summary
     assert "/metrics" in text and "heal ratio" in summary
+    messages = re.search(r"messages\s+(\d+) undecryptable, (\d+) recovered by retries, \d+ lost", summary)
+    assert messages and int(messages.group(2)) >= 1, summary  # the senders' re-sends, with real crypto
     assert re.search(r"open \d+, reconnecting \d+, unhealthy \d+", summary), summary
     assert "unhealthy: one error short of a limit" in summary  # the view explains its terms
     pointed = re.findall(r"docs/[\w/.-]+\.md", summary.split("next steps", 1)[1])

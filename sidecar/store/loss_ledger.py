@@ -1,0 +1,80 @@
+"""The loss ledger in PostgreSQL (migration 11, `message_failures`): the failed messages every replica sees, so a
+failure taken by one replica and its recovery taken by another (the runtime's link moved in between) is not lost,
+and a message is counted lost exactly once in the fleet.
+
+- A replica shares the failures it tracks (runtime/message_loss.py) on its next tick; the row's deadline is the
+  database's clock plus --loss-deadline (a replica whose clock is off changes nothing).
+- A recovery marks the row recovered, or leaves a recovered row for a failure not shared yet.
+- At its own deadline the replica that tracked a failure settles it: `UPDATE … SET settled … WHERE NOT settled
+  RETURNING` takes the row once, so of two replicas that both tracked it (the failure reported again after a
+  reconnect) one counts it; a row marked recovered is not lost; a row settled already was counted elsewhere.
+- Orphans: a failure not settled `ORPHAN_GRACE_SECONDS` past its deadline lost the replica that tracked it
+  (SIGKILL, a rolling upgrade, a pause): whichever replica takes it counts it lost.
+- Settled rows stay `SETTLED_KEEP_SECONDS` past their deadline, so a retry of the same message failing again
+  on another replica later is still the same message (not lost twice); then they are pruned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Final
+
+from sidecar.ports import LedgerSettled, SharedFailure
+from sidecar.rules.records import PhoneRef
+from sidecar.store.postgres import PostgresStore
+
+ORPHAN_GRACE_SECONDS: Final = 60.0  # past a row's deadline: longer than any replica's tick and its clock's drift
+SETTLED_KEEP_SECONDS: Final = 3600.0
+ROWS_PER_TICK: Final = 1000
+
+
+class PostgresLossLedger:
+    def __init__(self, store: PostgresStore, orphan_grace: float = ORPHAN_GRACE_SECONDS) -> None:
+        self._store = store
+        self._orphan_grace = orphan_grace
+
+    async def exchange(
+        self,
+        failed: Sequence[SharedFailure],
+        recovered: Sequence[tuple[PhoneRef, str]],
+        due: Sequence[tuple[int, str]],
+        deadline: float,
+    ) -> LedgerSettled:
+        sql = self._store.sql
+        async with self._store.transaction() as conn:
+            if failed:
+                await conn.execute(
+                    sql.failures_share,
+                    [item.phone.organization_phone_id for item in failed],
+                    [item.message_id for item in failed],
+                    [item.phone.organization_id for item in failed],
+                    [item.peer_user for item in failed],
+                    [item.deferred for item in failed],
+                    deadline,
+                )
+            marked = {(phone.organization_phone_id, message_id): phone for phone, message_id in recovered}
+            if marked:  # one row per key: ON CONFLICT DO UPDATE may not touch a row twice in one statement
+                await conn.execute(
+                    sql.failures_recovered,
+                    [phone_id for phone_id, _ in marked],
+                    [message_id for _, message_id in marked],
+                    [phone.organization_id for phone in marked.values()],
+                    deadline,
+                )
+            lost: set[tuple[int, str]] = set()
+            if due:
+                rows = await conn.fetch(
+                    sql.failures_settle, [phone_id for phone_id, _ in due], [message_id for _, message_id in due]
+                )
+                lost = {(row["organization_phone_id"], row["message_id"]) for row in rows if not row["recovered"]}
+            rows = await conn.fetch(sql.failures_orphaned, self._orphan_grace, ROWS_PER_TICK)
+            await conn.execute(sql.failures_prune, SETTLED_KEEP_SECONDS, ROWS_PER_TICK)
+        orphans = tuple(
+            SharedFailure(
+                PhoneRef(row["organization_id"], row["organization_phone_id"]), row["message_id"], row["deferred"],
+                row["peer_user"],
+            )
+            for row in rows
+            if not row["recovered"]
+        )  # fmt: skip
+        return LedgerSettled(frozenset(lost), orphans)
