@@ -5,8 +5,10 @@ event -> decision latency at a fixed rate.
     python -m bench.ingest [--connections 4] [--events 200000] [--batch 100] [--rate 10000] [--runs 3]
                            [--mix counted|reconnect]
 
-- The sidecar is measured twice in each run: plain frames, and frames whose events carry a `seq` after a
-  `runtime.info` (what the SDK and the Baileys adapter send: the sidecar tracks the sequence and acknowledges).
+- The sidecar is measured three times in each run: plain frames, frames whose events carry a `seq` after a
+  `runtime.info` (what the SDK and the Baileys adapter send: the sidecar tracks the sequence and acknowledges),
+  and frames whose every error carries a distinct `messageId` (each one tracked as a pending message until it is
+  recovered or lost: rules/loss.py).
 
 - Servers are separate processes: `wa-sidecar serve` (embedded store, no tracing exporter) and `bench.sink`.
 - The client (`websockets`, one asyncio task per connection) sends pre-built frames as fast as it can; the run
@@ -229,6 +231,21 @@ def percentile(values: list[float], fraction: float) -> float:
 
 
 MIXES: dict[str, Frames] = {"counted": frames, "reconnect": reconnect_frames}
+_message_ids = iter(range(1, 1 << 62))
+
+
+def with_message_ids(build: Frames) -> Frames:
+    """The same frames, every decrypt error with a messageId never used before (a message that failed)."""
+
+    def built(total: int, batch: int, connection: int, connections: int, seq: bool) -> list[str]:
+        framed = [json.loads(frame) for frame in build(total, batch, connection, connections, seq)]
+        for items in framed:
+            for item in items if isinstance(items, list) else [items]:
+                if item["type"] == "decrypt.error":
+                    item["messageId"] = f"3EB0{next(_message_ids):016X}"
+        return [json.dumps(items) for items in framed]
+
+    return built
 
 
 async def run(connections: int, events: int, batch: int, rate: float, runs: int, mix: str = "counted") -> None:
@@ -240,11 +257,13 @@ async def run(connections: int, events: int, batch: int, rate: float, runs: int,
     async with server(sidecar_argv, sidecar_port) as sidecar, server(sink_argv, sink_port) as sink:
         for _ in range(runs):
             for size in (1, batch):
-                for name, base in (("sidecar", sidecar), ("sidecar+seq", sidecar), ("sink", sink)):
+                measured = (("sidecar", sidecar), ("sidecar+seq", sidecar), ("sidecar+ids", sidecar), ("sink", sink))
+                for name, base in measured:
                     count = events if size > 1 else events // 4
+                    build = with_message_ids(MIXES[mix]) if name == "sidecar+ids" else MIXES[mix]
                     results.setdefault((name, size), []).append(
                         await throughput(
-                            base, name != "sink", connections, count, size, seq=name == "sidecar+seq", build=MIXES[mix]
+                            base, name != "sink", connections, count, size, seq=name == "sidecar+seq", build=build
                         )
                     )
         print(f"ingest: {connections} connections, the {mix} mix, medians of {runs} runs (events/s)")
@@ -254,6 +273,8 @@ async def run(connections: int, events: int, batch: int, rate: float, runs: int,
             print(f"  {label:>20}: sidecar {mine:>10,.0f}   bare sink {ceiling:>10,.0f}   ratio {mine / ceiling:.2f}x")
             sequenced = statistics.median(results[("sidecar+seq", size)])
             print(f"  {'':>20}  with seq {sequenced:>9,.0f}   {sequenced / mine:.2f}x the sidecar without seq")
+            ids = statistics.median(results[("sidecar+ids", size)])
+            print(f"  {'':>20}  with messageId {ids:>9,.0f}   {ids / mine:.2f}x the sidecar without")
         samples = await latency(sidecar, connections, rate, seconds=5)
     if samples:
         print(f"  event -> decision -> command at {rate:,.0f} events/s: {len(samples)} probes, "

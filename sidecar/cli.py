@@ -128,6 +128,13 @@ def build_parser() -> _Parser:
                 help="YAML/JSON mapping a binding's value to organizationId, "
                 "organizationPhoneId and phoneJid (when the log lines carry no such bindings)",
             )
+            command.add_argument(
+                "--message-ids",
+                action="store_true",
+                help="the log is at debug level: send each failed message's id, and its recovery when Baileys "
+                "later logs the receipt of the same id (at info level nothing shows a recovery: every failure "
+                "would look lost, so loss is measured only with this)",
+            )
         if name == "demo":
             add_demo_arguments(command)
     return parser
@@ -163,7 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _ingest_logs(config: Config, args: argparse.Namespace) -> int:
     try:
-        reader = BaileysLogReader(load_session_map(args.sessions) if args.sessions is not None else None)
+        session_map = load_session_map(args.sessions) if args.sessions is not None else None
+        reader = BaileysLogReader(session_map, message_ids=args.message_ids)
     except SessionMapError as error:
         print(f"wa-sidecar: --sessions {error}", file=sys.stderr)
         return EXIT_CONFIG

@@ -4,7 +4,11 @@ lines: the pino and libsignal readers share the per-message dedup state and are 
 
 What becomes an event:
 - `failed to decrypt message` (Baileys, level 50): a decrypt error with `err.message`, the sender as peer and the
-  message type; once per message id (Baileys retries a failed message and logs it again).
+  message type; once per message id (Baileys retries a failed message and logs it again). With `message_ids`
+  (`ingest-logs --message-ids`, for a log at debug level) it carries the message key id as `messageId`, and
+  Baileys' later `sending receipt for messages` (level 20: the receipt of a message it decrypted) naming the same
+  id becomes `message.recovered` (via `retry`). At info level nothing shows a recovery, so every failure would
+  look lost: the ids are left out unless asked for, and loss is not measured on that path.
 - app-state sync failures: `failed to sync state from version…` (6.x, info level, OpenSSL's bad decrypt in the
   stack), `failed to decode patch, skipping` (7.x, `Invalid patch mac`), and 7.x's LTHash, missing-key, retry
   and give-up messages (rules/app_state.py says what each means); one failure that logs twice (6.x: retry, then
@@ -55,6 +59,8 @@ NO_MATCHING_SESSIONS = "No matching sessions found for message"
 APP_STATE_REPEAT_SECONDS = 10.0
 LIBSIGNAL_CAUSE_LINES = 50  # a console block explains a Baileys record at most this many lines later
 SEEN_MESSAGES = 10_000
+RECEIPT = "sending receipt for messages"  # Baileys, debug level: the receipt of messages it decrypted
+MAX_MESSAGE_ID = 128
 # Baileys' Boom messages whose status code is fixed (a <failure reason=…> says only "Connection Failure").
 CLOSE_CODES = {
     "Stream Errored (restart required)": 515,
@@ -123,6 +129,17 @@ def _ids(record: dict[str, Any]) -> SessionIds | None:
     return SessionIds(organization, phone, jid)
 
 
+def _message_id(value: object) -> bool:
+    """A key id the schema takes as a messageId: 1 to 128 printable ASCII characters without spaces."""
+    return (
+        isinstance(value, str)
+        and 0 < len(value) <= MAX_MESSAGE_ID
+        and value.isascii()
+        and value.isprintable()
+        and (" " not in value)
+    )
+
+
 def _is_user_jid(text: str) -> bool:
     try:
         parse_jid(text)
@@ -177,7 +194,9 @@ class ReadStats:
 class BaileysLogReader:
     session_map: SessionMap | None = None
     stats: ReadStats = field(default_factory=ReadStats)
+    message_ids: bool = False  # the log is at debug level: failures carry messageId, receipts recover them
     _seen: OrderedDict[tuple[int, str], None] = field(default_factory=OrderedDict)
+    _failed: OrderedDict[tuple[int, str], None] = field(default_factory=OrderedDict)  # (phone, id) failed here
     _app_state: dict[tuple[int, str, str], float] = field(default_factory=dict)
     _cause: str | None = None
     _cause_age: int = 0
@@ -189,13 +208,13 @@ class BaileysLogReader:
     def feed(self, text: str) -> list[dict[str, Any]]:
         """Whole lines of the log (one or many); returns the events they mean, in order."""
         starts: set[int] = set()
-        for needle in NEEDLES:
+        for needle in (*NEEDLES, RECEIPT) if self.message_ids else NEEDLES:
             found = text.find(needle)
             while found >= 0:
                 starts.add(text.rfind("\n", 0, found) + 1)
                 line_end = text.find("\n", found)
                 found = text.find(needle, line_end) if line_end >= 0 else -1
-        events = []
+        events: list[dict[str, Any]] = []
         position = 0
         for start in sorted(starts):
             self._skip(text.count("\n", position, start))
@@ -203,7 +222,10 @@ class BaileysLogReader:
             position = end + 1 if end >= 0 else len(text)
             self._skip(1)
             event = self._line(text[start:position])
-            if event is not None:
+            if isinstance(event, list):
+                events += event
+                self.stats.events += len(event) - 1
+            elif event is not None:
                 events.append(event)
         self._skip(text.count("\n", position) + (1 if position < len(text) and not text.endswith("\n") else 0))
         return events
@@ -216,7 +238,7 @@ class BaileysLogReader:
             if self._cause_age > LIBSIGNAL_CAUSE_LINES:
                 self._cause = None
 
-    def _line(self, line: str) -> dict[str, Any] | None:
+    def _line(self, line: str) -> dict[str, Any] | list[dict[str, Any]] | None:
         text = line.strip()
         if text.startswith("Session error:"):
             self._libsignal_cause(text)
@@ -266,10 +288,12 @@ class BaileysLogReader:
                 return self.session_map.sessions.get(str(value))
         return _ids(record)
 
-    def _event(self, record: dict[str, Any]) -> dict[str, Any] | None:
+    def _event(self, record: dict[str, Any]) -> dict[str, Any] | list[dict[str, Any]] | None:
         message = record.get("msg")
         if message == "failed to decrypt message":
             return self._decrypt_failure(record)
+        if message == RECEIPT and self.message_ids:
+            return self._recoveries(record)
         if isinstance(message, str) and message.startswith(WRAPPER_MESSAGES):
             return self._app_state_failure(record)
         if isinstance(message, str) and (signal := app_state_signal(message)) is not None:
@@ -355,12 +379,40 @@ class BaileysLogReader:
                 self._seen.popitem(last=False)
         event["error"] = text
         event["source"] = "message"
+        if self.message_ids and _message_id(message_id):
+            assert isinstance(message_id, str)
+            event["messageId"] = message_id
+            self._failed[event["organizationPhoneId"], message_id] = None
+            if len(self._failed) > SEEN_MESSAGES:
+                self._failed.popitem(last=False)
         peer = key.get("participant") or key.get("remoteJid")
         if isinstance(peer, str) and _is_user_jid(peer):
             event["peerJid"] = peer
         if record.get("messageType") in ("pkmsg", "msg", "skmsg"):
             event["messageType"] = record["messageType"]
         return event
+
+    def _recoveries(self, record: dict[str, Any]) -> list[dict[str, Any]] | None:
+        """A receipt of messages Baileys decrypted: each id that failed here before was recovered (re-sent after the
+        retry receipt). The retry receipts themselves are logged as `sent retry receipt`, not here."""
+        attrs = record.get("attrs")
+        if isinstance(attrs, dict) and attrs.get("type") == "retry":
+            return None
+        ids = record.get("messageIds")
+        if not isinstance(ids, list):
+            return None
+        ids_of = self._session(record)
+        if ids_of is None:
+            return None
+        recovered = []
+        for message_id in ids:
+            key = (ids_of.organization_phone_id, message_id)
+            if isinstance(message_id, str) and key in self._failed:
+                del self._failed[key]
+                event = self._base(record, "message.recovered")
+                if event is not None:
+                    recovered.append(event | {"messageId": message_id, "via": "retry"})
+        return recovered or None
 
     def _app_state_failure(
         self, record: dict[str, Any], text: str | None = None, kind: str = "decrypt"

@@ -8,7 +8,6 @@ Bounded: at most `per_session` pending ids per session. An id beyond the bound i
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final
@@ -47,25 +46,57 @@ class LossTracker:
     def __init__(self, deadline: float = DEFAULT_DEADLINE_SECONDS, per_session: int = DEFAULT_PER_SESSION) -> None:
         self.deadline = deadline
         self.per_session = per_session
-        self._pending: dict[int, OrderedDict[str, tuple[float, Deferred | None]]] = {}
+        # id -> deadline per session; dicts keep insertion order: oldest first. Floats only, so the garbage
+        # collector does not track these dicts (a flood of ids costs it nothing); the deferred Bad MACs (loss-aware)
+        # are kept apart.
+        self._pending: dict[int, dict[str, float]] = {}
+        self._deferred: dict[tuple[int, str], Deferred] = {}
         self._lost: dict[int, int] = {}
 
     def failed(
         self, organization_phone_id: int, message_id: str, now: float, deferred: Deferred | None = None
     ) -> Outcome:
-        pending = self._pending.setdefault(organization_phone_id, OrderedDict())
+        pending = self._pending.get(organization_phone_id)
+        if pending is None:
+            pending = self._pending[organization_phone_id] = {}
         if message_id in pending:
             return Outcome.REPEATED
         if len(pending) >= self.per_session:
             return Outcome.UNKNOWN
-        pending[message_id] = (now + self.deadline, deferred)
+        pending[message_id] = now + self.deadline
+        if deferred is not None:
+            self._deferred[organization_phone_id, message_id] = deferred
         return Outcome.PENDING
+
+    def failed_batch(self, failures: list[tuple[int, str]], now: float) -> tuple[list[Outcome], list[int]]:
+        """`failed` for one batch's (session, id) pairs, none with a deferred Bad MAC: their outcomes, in order,
+        and the sessions that had nothing pending before."""
+        deadline, bound, pending_of = now + self.deadline, self.per_session, self._pending
+        pending_, repeated, unknown = Outcome.PENDING, Outcome.REPEATED, Outcome.UNKNOWN  # enum lookups are slow
+        outcomes: list[Outcome] = []
+        fresh: list[int] = []
+        add = outcomes.append
+        for organization_phone_id, message_id in failures:
+            pending = pending_of.get(organization_phone_id)
+            if pending is None:
+                pending = pending_of[organization_phone_id] = {}
+                fresh.append(organization_phone_id)
+            elif message_id in pending:
+                add(repeated)
+                continue
+            elif len(pending) >= bound:
+                add(unknown)
+                continue
+            pending[message_id] = deadline
+            add(pending_)
+        return outcomes, fresh
 
     def recovered(self, organization_phone_id: int, message_id: str) -> bool:
         """True when the id was pending (a recovery of an unknown or already lost id is False)."""
         pending = self._pending.get(organization_phone_id)
         if pending is None or pending.pop(message_id, None) is None:
             return False
+        self._deferred.pop((organization_phone_id, message_id), None)
         if not pending:
             del self._pending[organization_phone_id]
         return True
@@ -83,11 +114,11 @@ class LossTracker:
         for phone in list(self._pending):
             pending = self._pending[phone]
             while pending:
-                message_id, (deadline, deferred) = next(iter(pending.items()))
+                message_id, deadline = next(iter(pending.items()))
                 if deadline > now:
                     break  # ids are kept in the order they failed, with one deadline: the rest are later
                 del pending[message_id]
-                due.append(Lost(phone, message_id, deferred))
+                due.append(Lost(phone, message_id, self._deferred.pop((phone, message_id), None)))
             if not pending:
                 del self._pending[phone]
         return due
@@ -107,5 +138,6 @@ class LossTracker:
         return dict(self._lost)
 
     def forget(self, organization_phone_id: int) -> None:
-        self._pending.pop(organization_phone_id, None)
+        for message_id in self._pending.pop(organization_phone_id, {}):
+            self._deferred.pop((organization_phone_id, message_id), None)
         self._lost.pop(organization_phone_id, None)

@@ -256,7 +256,7 @@ class SessionRuntime:
             return None
         return ErrorTally(
             self._classify, self._observers, self._registry, self._parts.now, self.decider.steady, self.liveness,
-            self._losses.failed,
+            self._losses.track_batch,
         )  # fmt: skip
 
     async def handle_bad_mac_error(

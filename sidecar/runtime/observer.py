@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sidecar.rules.app_state import AppStateKind
@@ -22,10 +22,12 @@ log = logging.getLogger("sidecar.runtime.observer")
 @dataclass(frozen=True, slots=True)
 class ErrorTotals:
     """One batch's errors that change no decision, tallied (runtime/tally.py): counts per (class, organization)
-    and app-state sync failures per (collection, kind). Their sessions were told apart already."""
+    and app-state sync failures per (collection, kind), and failed messages (a `messageId`) per (organization,
+    outcome: rules/loss.py Outcome). Their sessions were told apart already."""
 
     by_class: Mapping[tuple[ErrorClass, int], int]
     app_state: Mapping[tuple[str, AppStateKind], int]
+    undecryptable: Mapping[tuple[int, str], int] = field(default_factory=dict)
 
 
 class RuntimeObserver:

@@ -76,7 +76,7 @@ class ErrorTally:
         now: Callable[[], float],
         steady: Callable[[int], Session | None],
         liveness: LivenessWatch,
-        message_failed: Callable[[DecryptError], object],
+        messages_failed: Callable[[list[tuple[int, str]], dict[int, tuple[int, str]], float], Counter[tuple[int, str]]],
     ) -> None:
         self._classify = classifier
         self._observers = observers
@@ -84,7 +84,11 @@ class ErrorTally:
         self._now = now
         self._steady = steady
         self._liveness = liveness
-        self._message_failed = message_failed  # a failure with a messageId is pending for the loss tracker
+        # failures with a messageId are pending for the loss tracker, taken at the flush (a phone's before anything
+        # else of it is applied); their observers are told with the batch's totals
+        self._messages_failed = messages_failed
+        self._message_ids: list[tuple[int, str]] = []
+        self._undecryptable: Counter[tuple[int, str]] = Counter()
         self._opened: dict[int, PhoneRef] = {}
         self._at: float | None = None
         self._by_class: list[tuple[ErrorClass, int]] = []  # counted at the end, in C (Counter of a list)
@@ -104,8 +108,8 @@ class ErrorTally:
         classified = self._classify(report.error, report.source)
         if not classified.tallied:
             return False
-        if report.message_id is not None:
-            self._message_failed(report)
+        if report.message_id is not None and report.source != "app-state":
+            self._message_ids.append((report.organization_phone_id, report.message_id))
         self._by_class.append((classified.error_class, report.organization_id))
         if classified.app_state is not None:
             self._app_state.append((collection_label(report.collection), classified.app_state))
@@ -129,14 +133,19 @@ class ErrorTally:
 
     def flush(self, organization_phone_id: int) -> None:
         """Apply the tally of one phone, before anything else of that phone is applied."""
-        seen = self._phones.pop(organization_phone_id, None)
+        seen = self._phones.get(organization_phone_id)
         if seen is not None:
+            if self._message_ids:  # in order: this phone's ids may be pending before its next event
+                self._track()
+            del self._phones[organization_phone_id]
             self._seen(organization_phone_id, *seen)
         opened = self._opened.pop(organization_phone_id, None)
         if opened is not None:
             self._open(opened)
 
     def flush_all(self) -> None:
+        if self._message_ids:
+            self._track()
         phones, self._phones = self._phones, {}
         for organization_phone_id, seen in phones.items():
             self._seen(organization_phone_id, *seen)
@@ -144,10 +153,14 @@ class ErrorTally:
         for phone in opened.values():
             self._open(phone)
         if self._by_class:
-            totals = ErrorTotals(Counter(self._by_class), Counter(self._app_state))
-            self._by_class, self._app_state = [], []
+            totals = ErrorTotals(Counter(self._by_class), Counter(self._app_state), self._undecryptable)
+            self._by_class, self._app_state, self._undecryptable = [], [], Counter()
             for observer in self._observers:
                 observer.errors_tallied(totals)
+
+    def _track(self) -> None:
+        failures, self._message_ids = self._message_ids, []
+        self._undecryptable.update(self._messages_failed(failures, self._phones, self._batch_time()))
 
     def _open(self, phone: PhoneRef) -> None:
         """What the engine does for an open that decides nothing: the liveness watch starts again."""

@@ -405,6 +405,7 @@ class MetricsObserver(RuntimeObserver):
     def __init__(self, metrics: SidecarMetrics) -> None:
         self._m = metrics
         self._decrypt_children: dict[tuple[ErrorClass, int], Any] = {}
+        self._undecryptable_children: dict[int, Any] = {}
 
     def connection_changed(self, phone: PhoneRef, connected: bool) -> None:
         self._m.organization_seen(phone.organization_id)
@@ -417,6 +418,14 @@ class MetricsObserver(RuntimeObserver):
             self._decrypt_child(error_class, organization_id).inc(count)
         for (collection, kind), count in totals.app_state.items():
             self._m.app_state_sync_failures.labels(collection, str(kind)).inc(count)
+        for (organization_id, outcome), count in totals.undecryptable.items():
+            child = self._undecryptable_children.get(organization_id)
+            if child is None:
+                organization = self._m.organization_seen(organization_id)
+                child = self._undecryptable_children[organization_id] = self._m.undecryptable.labels(organization)
+            child.inc(count)
+            if outcome == UNTRACKED:
+                self._m.untracked.labels(self._m.organization_seen(organization_id)).inc(count)
 
     def _decrypt_child(self, error_class: ErrorClass, organization_id: int) -> Any:
         key = (error_class, organization_id)

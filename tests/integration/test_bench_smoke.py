@@ -115,3 +115,5 @@ async def test_policies_benchmark_runs() -> None:
     rows = [line.split() for line in output.splitlines() if line.split()[:1] == ["0.005"]]
     assert [row[1] for row in rows] == ["counters", "windowed", "loss-aware"], output
     assert "fewer logouts" in output
+    crypto = re.search(r"crypto: (\d+) messages failed MAC verification \((\d+) re-sends decrypted", output)
+    assert crypto and int(crypto.group(1)) > 0 and int(crypto.group(2)) > 0, output  # real ciphertext, both ways

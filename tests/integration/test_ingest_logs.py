@@ -384,3 +384,34 @@ async def test_restriction_lines_of_a_real_baileys_log_reach_the_timeline(
         )
         == 0
     )
+
+
+async def test_a_debug_log_of_the_real_socket_measures_a_recovered_and_a_lost_message(tmp_path: Path) -> None:
+    """The debug-level lines the real makeWASocket logged for two tampered messages (Bad MAC, a retry receipt each)
+    and the genuine re-send of one (`sending receipt for messages` names its id): with --message-ids one is
+    recovered and the other lost after --loss-deadline (the stock Prometheus parser reads the counters); without
+    it no message is tracked (an info-level log shows no recovery)."""
+    from tests.integration.test_restrictions import samples
+
+    log = tmp_path / "backend.log"
+    log.write_text(FIXTURES.joinpath("loss-debug-7.0.0-rc14.log").read_text())
+    org = (("organization_id", "4"),)
+    async with ingesting(str(log), "--follow", "--message-ids", "--loss-deadline", "1") as state:
+        await eventually(lambda: state["base"] is not None, what="serving")
+
+        async def lost() -> bool:
+            return (await samples(state["base"], "whatsapp_messages_lost_total")).get(org) == 1.0
+
+        await eventually(lost, what="the message never re-sent lost after the deadline")
+        assert (await samples(state["base"], "whatsapp_messages_undecryptable_total")).get(org) == 2.0
+        recovered = await samples(state["base"], "whatsapp_messages_recovered_total")
+        assert recovered == {(("organization_id", "4"), ("via", "retry")): 1.0}
+    async with ingesting(str(log), "--follow") as state:
+        await eventually(lambda: state["base"] is not None, what="serving")
+
+        async def counted() -> bool:
+            errors = await samples(state["base"], "whatsapp_decrypt_errors_total")
+            return sum(errors.values()) == 2.0
+
+        await eventually(counted, what="both failures counted as errors")
+        assert (await samples(state["base"], "whatsapp_messages_undecryptable_total")).get(org, 0.0) == 0.0
