@@ -32,6 +32,7 @@ from sidecar.events.schema import (
     CommandAck,
     DecryptError,
     InboundMessage,
+    MessageRecovered,
     RuntimeInfo,
     Timestamp,
 )
@@ -122,7 +123,12 @@ def _check(item: InboundMessage) -> None:
         if item.detail is not None:
             _text(item.detail, MAX_DETAIL)
         return
+    if type(item) is MessageRecovered:
+        _message_id(item.message_id)
+        return
     if type(item) is DecryptError:
+        if item.message_id is not None:
+            _message_id(item.message_id)
         if item.error not in _accepted_errors:
             _text(item.error, MAX_ERROR_TEXT)
             _accept(_accepted_errors, item.error)
@@ -131,6 +137,12 @@ def _check(item: InboundMessage) -> None:
         if item.collection is not None:
             _text(item.collection, 64)
             _match(COLLECTION, item.collection)
+
+
+def _message_id(value: str) -> None:
+    """MESSAGE_ID_PATTERN without `re` (msgspec checked the length): printable ASCII, no space."""
+    if not (value.isascii() and value.isprintable()) or " " in value:
+        raise NotFast
 
 
 def _text(value: str, max_length: int) -> None:

@@ -131,7 +131,8 @@ def _field(field: msgspec.inspect.Field, hint: Any) -> _Field:
         return _Field(kind="timestamp", max_length=MAX_TIMESTAMP, **common)
     assert isinstance(node, msgspec.inspect.StrType), f"{field.name}: a type the reader does not know"
     kind = "jid" if extra.get("check") == "jid" else "free" if extra.get("free") else "text"
-    pattern = re.compile(node.pattern.removesuffix("$") + r"\Z") if node.pattern else None
+    raw_pattern = node.pattern or extra.get("pattern")  # a pattern the fast decoder checks on its own
+    pattern = re.compile(raw_pattern.removesuffix("$") + r"\Z") if raw_pattern else None
     return _Field(kind=kind, max_length=node.max_length or MAX_TEXT, pattern=pattern, **common)
 
 
