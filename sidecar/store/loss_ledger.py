@@ -10,13 +10,15 @@ and a message is counted lost exactly once in the fleet.
   reconnect) one counts it; a row marked recovered is not lost; a row settled already was counted elsewhere.
 - Orphans: a failure not settled `ORPHAN_GRACE_SECONDS` past its deadline lost the replica that tracked it
   (SIGKILL, a rolling upgrade, a pause): whichever replica takes it counts it lost.
+- An idle replica (nothing to share or settle) opens no transaction: it looks for orphans every `SCAN_SECONDS`.
 - Settled rows stay `SETTLED_KEEP_SECONDS` past their deadline, so a retry of the same message failing again
   on another replica later is still the same message (not lost twice); then they are pruned.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Final
 
 from sidecar.ports import LedgerSettled, SharedFailure
@@ -26,12 +28,22 @@ from sidecar.store.postgres import PostgresStore
 ORPHAN_GRACE_SECONDS: Final = 60.0  # past a row's deadline: longer than any replica's tick and its clock's drift
 SETTLED_KEEP_SECONDS: Final = 3600.0
 ROWS_PER_TICK: Final = 1000
+SCAN_SECONDS: Final = 10.0  # how often an exchange with nothing to share or settle still looks for orphans
 
 
 class PostgresLossLedger:
-    def __init__(self, store: PostgresStore, orphan_grace: float = ORPHAN_GRACE_SECONDS) -> None:
+    def __init__(
+        self,
+        store: PostgresStore,
+        orphan_grace: float = ORPHAN_GRACE_SECONDS,
+        scan_seconds: float = SCAN_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._store = store
         self._orphan_grace = orphan_grace
+        self._scan_seconds = scan_seconds
+        self._clock = clock
+        self._next_scan = 0.0
 
     async def exchange(
         self,
@@ -40,6 +52,10 @@ class PostgresLossLedger:
         due: Sequence[tuple[int, str]],
         deadline: float,
     ) -> LedgerSettled:
+        now = self._clock()
+        if not (failed or recovered or due) and now < self._next_scan:
+            return LedgerSettled(frozenset())  # idle: no transaction every tick, only a scan for orphans now and then
+        self._next_scan = now + self._scan_seconds
         sql = self._store.sql
         async with self._store.transaction() as conn:
             if failed:

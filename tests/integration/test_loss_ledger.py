@@ -31,7 +31,8 @@ async def store(database: str) -> AsyncIterator[PostgresStore]:
 async def test_a_replica_gone_before_its_deadline_leaves_its_failures_to_another(
     store: PostgresStore, db: asyncpg.Connection
 ) -> None:
-    gone, survivor = PostgresLossLedger(store, orphan_grace=0.0), PostgresLossLedger(store, orphan_grace=0.0)
+    gone = PostgresLossLedger(store, orphan_grace=0.0)
+    survivor = PostgresLossLedger(store, orphan_grace=0.0, scan_seconds=0.0)
     failure = SharedFailure(PHONE, "ORPHAN1", deferred=True, peer_user="79005550003")
     first = await gone.exchange([failure], [], [], 0.3)  # shared, then the replica is never heard of again
     assert first.orphans == () and first.lost == frozenset()
