@@ -56,17 +56,10 @@ class LossTracker:
     def failed(
         self, organization_phone_id: int, message_id: str, now: float, deferred: Deferred | None = None
     ) -> Outcome:
-        pending = self._pending.get(organization_phone_id)
-        if pending is None:
-            pending = self._pending[organization_phone_id] = {}
-        if message_id in pending:
-            return Outcome.REPEATED
-        if len(pending) >= self.per_session:
-            return Outcome.UNKNOWN
-        pending[message_id] = now + self.deadline
-        if deferred is not None:
+        (outcome,), _ = self.failed_batch([(organization_phone_id, message_id)], now)
+        if deferred is not None and outcome is Outcome.PENDING:
             self._deferred[organization_phone_id, message_id] = deferred
-        return Outcome.PENDING
+        return outcome
 
     def failed_batch(self, failures: list[tuple[int, str]], now: float) -> tuple[list[Outcome], list[int]]:
         """`failed` for one batch's (session, id) pairs, none with a deferred Bad MAC: their outcomes, in order,

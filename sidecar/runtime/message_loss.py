@@ -51,28 +51,17 @@ class MessageLoss:
     def failed(self, event: DecryptError, deferred: Deferred | None = None) -> Outcome | None:
         """A message failure with its id (app-state failures and failures without an id are not messages: None),
         its observers told. `deferred`: the loss-aware policy's Bad MAC, counted when the message is lost."""
-        outcome = self.track(event, self._parts.now(), deferred)
-        if outcome is not None and outcome is not Outcome.REPEATED:
-            phone = self.phone(event.organization_phone_id)
-            for observer in self._parts.observers:
-                observer.message_undecryptable(phone, str(outcome))
-        return outcome
-
-    def track(self, event: DecryptError, now: float, deferred: Deferred | None = None) -> Outcome | None:
-        """`failed` at `now` without telling the observers: the error tally tells them with its batch's totals."""
         if event.message_id is None or event.source == "app-state":
             return None
-        phone = self._phones.get(event.organization_phone_id)
-        if phone is None or phone.organization_id != event.organization_id:
-            phone = phone_ref(event.organization_id, event.organization_phone_id, event.phone_jid)
-        outcome = self._tracker.failed(phone.organization_phone_id, event.message_id, now, deferred)
+        pid = event.organization_phone_id
+        outcome = self._tracker.failed(pid, event.message_id, self._parts.now(), deferred)
         if outcome is Outcome.REPEATED:
             return outcome
-        self._phones[phone.organization_phone_id] = phone
-        if self._ledger is not None and outcome is Outcome.PENDING and len(self._unshared) < LEDGER_BACKLOG:
-            peer = deferred.peer_user if deferred is not None else None
-            key = (phone.organization_phone_id, event.message_id)
-            self._unshared[key] = SharedFailure(phone, event.message_id, deferred is not None, peer)
+        phone = self._named(event.organization_id, pid, event.phone_jid)
+        if outcome is Outcome.PENDING:
+            self._share(phone, event.message_id, deferred)
+        for observer in self._parts.observers:
+            observer.message_undecryptable(phone, str(outcome))
         return outcome
 
     def track_batch(
@@ -82,23 +71,32 @@ class MessageLoss:
         (session, id) in order, `phones` each session's (organization, JID). Returns the counts per
         (organization, outcome) of the messages not seen before."""
         outcomes, fresh = self._tracker.failed_batch(failures, now)
-        known = self._phones
         for organization_phone_id in fresh:  # the others were named when their first failure came
             organization_id, phone_jid = phones[organization_phone_id]
-            phone = known.get(organization_phone_id)
-            if phone is None or phone.organization_id != organization_id:
-                known[organization_phone_id] = phone_ref(organization_id, organization_phone_id, phone_jid)
+            self._named(organization_id, organization_phone_id, phone_jid)
         if self._ledger is not None:
             for (organization_phone_id, message_id), outcome in zip(failures, outcomes, strict=True):
-                if outcome is Outcome.PENDING and len(self._unshared) < LEDGER_BACKLOG:
-                    organization_id, _ = phones[organization_phone_id]
-                    shared = SharedFailure(PhoneRef(organization_id, organization_phone_id), message_id)
-                    self._unshared[organization_phone_id, message_id] = shared
+                if outcome is Outcome.PENDING:
+                    self._share(PhoneRef(phones[organization_phone_id][0], organization_phone_id), message_id, None)
         organizations = [phones[organization_phone_id][0] for organization_phone_id, _ in failures]
         counts: Counter[tuple[int, str]] = Counter(zip(organizations, outcomes, strict=True))
         for key in [key for key in counts if key[1] is Outcome.REPEATED]:
             del counts[key]  # the same message again: counted once
         return counts
+
+    def _named(self, organization_id: int, organization_phone_id: int, phone_jid: str) -> PhoneRef:
+        """The session's phone, kept for its loss notices (named anew when the event names another organization)."""
+        phone = self._phones.get(organization_phone_id)
+        if phone is None or phone.organization_id != organization_id:
+            phone = self._phones[organization_phone_id] = phone_ref(organization_id, organization_phone_id, phone_jid)
+        return phone
+
+    def _share(self, phone: PhoneRef, message_id: str, deferred: Deferred | None) -> None:
+        """A pending failure the ledger shares on the next tick (with the PostgreSQL store only)."""
+        if self._ledger is not None and len(self._unshared) < LEDGER_BACKLOG:
+            peer = deferred.peer_user if deferred is not None else None
+            shared = SharedFailure(phone, message_id, deferred is not None, peer)
+            self._unshared[phone.organization_phone_id, message_id] = shared
 
     def recovered(self, event: MessageRecovered) -> bool:
         phone = phone_ref(event.organization_id, event.organization_phone_id, event.phone_jid)
