@@ -219,7 +219,9 @@ def _components(config: Config, extras: Extras) -> Callable[[web.Application], A
             supervisor, schema, idempotency,
         )  # fmt: skip
         app[COMPONENTS] = components
-        metrics.bind_fleet(lambda: decider.parked_phones, lambda: coordination.clock_ahead)
+        metrics.bind_fleet(
+            lambda: decider.parked_phones, lambda: coordination.clock_ahead, lambda: runtime.messages_unsettled
+        )
         metrics.runtime_versions.bind(lambda: link.sessions_by_runtime(lambda phone: not runtime.is_closed(phone)))
         try:
             await coordination.start()

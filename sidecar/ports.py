@@ -11,7 +11,8 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from sidecar.rules.policy import Close, Counters, SessionState
-from sidecar.rules.records import CloseTrigger, ClosureRecord, Notification, PhoneRef, Step, StepResult
+from sidecar.rules.records import CloseTrigger, ClosureRecord, Notification, PhoneRef, Step, StepResult, moment
+from sidecar.rules.restrictions import Restriction
 from sidecar.rules.safety import BreakerStatus, LoopState, Mode
 
 
@@ -224,6 +225,15 @@ class RestrictionEntry:
     code: int | None = None
     detail: str | None = None
     seq: int = 0
+
+    @classmethod
+    def of(cls, phone: PhoneRef, restriction: Restriction, seq: int = 0) -> RestrictionEntry:
+        at = moment(restriction.at)
+        assert at is not None
+        return cls(
+            phone.organization_id, phone.organization_phone_id, str(restriction.kind), restriction.active, at,
+            moment(restriction.until), restriction.code, restriction.detail, seq,
+        )  # fmt: skip
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -14,8 +14,9 @@ from aiohttp import web
 from sidecar.components import Components
 from sidecar.http.closures import ID_PROBLEM, optional_query, page_limit
 from sidecar.http.requests import components_of
-from sidecar.ports import RestrictionEntry, RestrictionQuery
+from sidecar.ports import RestrictionEntry, RestrictionQuery, StoreUnavailable
 from sidecar.rules.inputs import ascii_id
+from sidecar.rules.records import PhoneRef
 from sidecar.rules.restrictions import RestrictionKind
 from sidecar.runtime import InvalidInput
 
@@ -23,9 +24,18 @@ SESSION_HISTORY = 20  # the changes GET /v1/sessions/{id} shows
 KINDS = ", ".join(str(kind) for kind in RestrictionKind)
 
 
-async def phone_restrictions(components: Components, organization_phone_id: int) -> dict[str, Any]:
-    """The `restrictions` of GET /v1/sessions/{id}: in force now, and the recent changes (newest first)."""
-    current, history = await components.store.phone_restrictions(organization_phone_id, SESSION_HISTORY)
+async def phone_restrictions(
+    components: Components, organization_phone_id: int, phone: PhoneRef | None = None
+) -> dict[str, Any]:
+    """The `restrictions` of GET /v1/sessions/{id}: in force now, and the recent changes (newest first). While the
+    store is away, for a phone this process holds (`phone`): what is in force here, no history, `stale`."""
+    try:
+        current, history = await components.store.phone_restrictions(organization_phone_id, SESSION_HISTORY)
+    except StoreUnavailable:
+        if phone is None:
+            raise
+        held = components.runtime.restrictions_of(organization_phone_id)
+        return {"current": [RestrictionEntry.of(phone, r).to_json() for r in held], "history": [], "stale": True}
     return {"current": [e.to_json() for e in current], "history": [e.to_json() for e in history]}
 
 

@@ -86,7 +86,9 @@ async def get_session(request: web.Request) -> web.Response:
     phone this process holds nothing of but the timeline knows (in fleet mode, another replica holds it) is
     `unknown` with its restrictions; a phone known nowhere is a 404."""
     components, phone_id = components_of(request), _phone_id(request)
-    restrictions = await phone_restrictions(components, phone_id)
+    session, closed = components.runtime.session(phone_id), components.runtime.closed_phone(phone_id)
+    held = session.phone if session is not None else closed
+    restrictions = await phone_restrictions(components, phone_id, held)  # a held phone is answered without the store
     # messagesLost: failed messages not recovered within --loss-deadline, as this process counted them
     # messagesPending: failed messages this process still waits on (recovered, or lost at the deadline)
     losses = components.runtime
@@ -95,10 +97,8 @@ async def get_session(request: web.Request) -> web.Response:
         "messagesPending": losses.messages_pending(phone_id),
         "restrictions": restrictions,
     }
-    session = components.runtime.session(phone_id)
     if session is not None:
         return web.json_response({**session_json(components, session), **extra})
-    closed = components.runtime.closed_phone(phone_id)
     if closed is not None:
         return web.json_response({**closed_json(components, closed), **extra})
     known = restrictions["current"] or restrictions["history"]

@@ -136,6 +136,11 @@ class SessionRuntime:
         """The session's failed messages this process still waits on: recovered, or lost at --loss-deadline."""
         return self._losses.pending(organization_phone_id)
 
+    @property
+    def messages_unsettled(self) -> int:
+        """Failures past their deadline waiting for the loss ledger (the store is away)."""
+        return self._losses.unsettled
+
     def losing(self) -> list[tuple[PhoneRef, int]]:
         return self._losses.losing()
 

@@ -168,6 +168,10 @@ class MessageLoss:
     def lost(self, organization_phone_id: int) -> int:
         return self._tracker.lost(organization_phone_id)
 
+    @property
+    def unsettled(self) -> int:
+        return len(self._unsettled)
+
     def pending(self, organization_phone_id: int) -> int:
         """Failures still waited on: tracked, or due and waiting for the ledger."""
         waiting = sum(1 for item in self._unsettled if item.organization_phone_id == organization_phone_id)

@@ -11,19 +11,14 @@ from datetime import datetime
 from typing import Any
 
 from sidecar.ports import RestrictionEntry, RestrictionQuery
-from sidecar.rules.records import Notification, PhoneRef, RecordRestriction, moment, restriction_details
+from sidecar.rules.records import Notification, PhoneRef, RecordRestriction, restriction_details
 from sidecar.rules.restrictions import Restriction
 
 HISTORY = 10_000
 
 
 def entry(phone: PhoneRef, restriction: Restriction, seq: int = 0) -> RestrictionEntry:
-    at = moment(restriction.at)
-    assert at is not None
-    return RestrictionEntry(
-        phone.organization_id, phone.organization_phone_id, str(restriction.kind), restriction.active, at,
-        moment(restriction.until), restriction.code, restriction.detail, seq,
-    )  # fmt: skip
+    return RestrictionEntry.of(phone, restriction, seq)
 
 
 class MemoryRestrictions:

@@ -252,6 +252,12 @@ class SidecarMetrics:
             ["organization_id"],
             registry=registry,
         )
+        self.unsettled = Gauge(
+            "whatsapp_messages_unsettled",
+            "Failed messages past --loss-deadline waiting for the loss ledger (PostgreSQL away): not counted lost "
+            "until the replicas can agree",
+            registry=registry,
+        )
         self.runtime_versions = RuntimeVersions()
         registry.register(self.runtime_versions)
         self.task_failures = Counter(
@@ -355,9 +361,12 @@ class SidecarMetrics:
         self.tracked_sessions.labels("active").set_function(active)
         self.tracked_sessions.labels("closed").set_function(closed)
 
-    def bind_fleet(self, waiting_on_locks: Callable[[], int], clock_ahead: Callable[[], float]) -> None:
+    def bind_fleet(
+        self, waiting_on_locks: Callable[[], int], clock_ahead: Callable[[], float], unsettled: Callable[[], int]
+    ) -> None:
         self.phones_waiting_on_locks.set_function(lambda: float(waiting_on_locks()))
         self.clock_offset.set_function(clock_ahead)
+        self.unsettled.set_function(lambda: float(unsettled()))
 
     def bind_liveness(
         self, deaf: Callable[[], int], watched: Callable[[], int], restarts_tripped: Callable[[], bool]

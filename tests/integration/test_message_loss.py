@@ -15,6 +15,7 @@ from sidecar.client import connection_update, decrypt_error, message_recovered
 from sidecar.rules.policy import HealthPolicy
 from tests.integration.test_notifications import SECRET, owners_file
 from tests.integration.test_restrictions import post, request, samples
+from tests.pgcluster import ThrowawayPostgres
 from tests.receiver import receiving
 from tests.replicas import replicas
 from tests.seed import add_phone
@@ -226,3 +227,45 @@ async def _settled_on_both(pid: int, *fleet: Any) -> bool:
         if status != 200 or body["messagesPending"] != 0:
             return False
     return True
+
+
+async def test_while_postgresql_is_away_nothing_is_lost_and_the_session_still_answers(
+    cluster: ThrowawayPostgres, seeded: str
+) -> None:
+    """A failure whose deadline passes with the database away is not counted lost (the replicas cannot agree): it
+    waits (`messagesPending`), GET /v1/sessions/{id} answers from memory (restrictions `stale`), and once PostgreSQL
+    is back the failure is lost once (stock parser; the ledger read with SQL)."""
+    db = await asyncpg.connect(seeded)
+    phone = await add_phone(db, 6, "79001116622")
+    await db.close()
+    pid, jid = phone.organization_phone_id, phone.phone_jid
+    async with serving(sidecar_config(seeded, loss_deadline=DEADLINE, database_step_timeout=1.0)) as served:
+        await post(served, connection_update(6, pid, jid, "open"))
+        await post(served, decrypt_error(6, pid, jid, "Bad MAC", source="message", message_id="AWAY1"))
+        cluster.stop()
+
+        async def waiting() -> bool:  # past its deadline, still waited on: not lost while the fleet cannot agree
+            status, body = await request(served, "GET", f"/v1/sessions/{pid}")
+            return status == 200 and body["restrictions"].get("stale") is True and body["messagesPending"] == 1
+
+        await eventually(waiting, what="the session answered from memory with the failure waiting")
+
+        async def past_deadline() -> bool:  # due, and waiting for the ledger
+            return sum((await samples(served, "whatsapp_messages_unsettled")).values()) == 1.0
+
+        await eventually(past_deadline, what="the failure past its deadline, unsettled")
+        assert one(await samples(served, "whatsapp_messages_lost_total"), organization_id="6") == 0.0
+        cluster.start()
+
+        async def lost() -> bool:
+            return one(await samples(served, "whatsapp_messages_lost_total"), organization_id="6") == 1.0
+
+        await eventually(lost, deadline_seconds=60, what="lost once the database is back")
+        status, body = await request(served, "GET", f"/v1/sessions/{pid}")
+        assert status == 200 and body["messagesPending"] == 0 and "stale" not in body["restrictions"]
+    db = await asyncpg.connect(seeded)
+    try:
+        settled = await db.fetchval("SELECT settled FROM wa_sidecar.message_failures WHERE message_id = 'AWAY1'")
+        assert settled is True
+    finally:
+        await db.close()
