@@ -257,6 +257,10 @@ def _components(config: Config, extras: Extras) -> Callable[[web.Application], A
             # A close needs at most the socket wait plus the database wait; past that, what is left is cancelled.
             await decider.stop()
             await runtime.shutdown(config.socket_end_timeout + config.database_step_timeout + 1)
+            try:
+                await runtime.hand_over_losses()
+            except StoreUnavailable as error:
+                log.warning("could not hand the pending failed messages to the fleet: %s", error)
             await pending.stop()
             coordination.close()
             if delivery is not None:

@@ -304,9 +304,11 @@ class LossLedger(Protocol):
         recovered: Sequence[tuple[PhoneRef, str]],
         due: Sequence[tuple[int, str]],
         deadline: float,
+        take_orphans: bool = True,
     ) -> LedgerSettled:
         """Share `failed`, mark `recovered`, settle `due` (each lost exactly once in the fleet: here, or not at
-        all when another replica counted it or saw it recovered), and take the orphans past their deadline."""
+        all when another replica counted it or saw it recovered), and take the orphans past their deadline (not
+        when the replica is stopping: `take_orphans` False)."""
 
 
 class SessionStore(Outbox, RestrictionTimeline, Protocol):

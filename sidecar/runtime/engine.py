@@ -136,6 +136,10 @@ class SessionRuntime:
         """The session's failed messages this process still waits on: recovered, or lost at --loss-deadline."""
         return self._losses.pending(organization_phone_id)
 
+    async def hand_over_losses(self) -> int:
+        """Stopping: the failed messages not shared yet go to the loss ledger, for the replicas that stay."""
+        return await self._losses.hand_over()
+
     @property
     def messages_unsettled(self) -> int:
         """Failures past their deadline waiting for the loss ledger (the store is away)."""

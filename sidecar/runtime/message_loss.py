@@ -165,6 +165,18 @@ class MessageLoss:
         self._tracker.count_lost(lost)
         return lost
 
+    async def hand_over(self) -> int:
+        """On the way out (SIGTERM, a rolling upgrade): share what the ledger does not have yet, so the replicas
+        that stay settle it (a failure whose replica went away is theirs past its deadline). Returns how many."""
+        failed, recovered = list(self._unshared.values()), list(self._recoveries.items())
+        if self._ledger is None or not (failed or recovered):
+            return 0
+        recoveries = [(phone, message_id) for (_, message_id), phone in recovered]
+        await self._ledger.exchange(failed, recoveries, [], self._tracker.deadline, take_orphans=False)
+        self._unshared.clear()
+        self._recoveries.clear()
+        return len(failed) + len(recovered)
+
     def lost(self, organization_phone_id: int) -> int:
         return self._tracker.lost(organization_phone_id)
 

@@ -51,9 +51,10 @@ class PostgresLossLedger:
         recovered: Sequence[tuple[PhoneRef, str]],
         due: Sequence[tuple[int, str]],
         deadline: float,
+        take_orphans: bool = True,
     ) -> LedgerSettled:
         now = self._clock()
-        if not (failed or recovered or due) and now < self._next_scan:
+        if not (failed or recovered or due) and (now < self._next_scan or not take_orphans):
             return LedgerSettled(frozenset())  # idle: no transaction every tick, only a scan for orphans now and then
         self._next_scan = now + self._scan_seconds
         sql = self._store.sql
@@ -83,7 +84,7 @@ class PostgresLossLedger:
                     sql.failures_settle, [phone_id for phone_id, _ in due], [message_id for _, message_id in due]
                 )
                 lost = {(row["organization_phone_id"], row["message_id"]) for row in rows if not row["recovered"]}
-            rows = await conn.fetch(sql.failures_orphaned, self._orphan_grace, ROWS_PER_TICK)
+            rows = await conn.fetch(sql.failures_orphaned, self._orphan_grace, ROWS_PER_TICK) if take_orphans else []
             await conn.execute(sql.failures_prune, SETTLED_KEEP_SECONDS, ROWS_PER_TICK)
         orphans = tuple(
             SharedFailure(

@@ -17,7 +17,7 @@ from tests.integration.test_notifications import SECRET, owners_file
 from tests.integration.test_restrictions import post, request, samples
 from tests.pgcluster import ThrowawayPostgres
 from tests.receiver import receiving
-from tests.replicas import replicas
+from tests.replicas import Replica, replicas
 from tests.seed import add_phone
 from tests.server import serving, sidecar_config
 from tests.waiting import eventually
@@ -269,3 +269,21 @@ async def test_while_postgresql_is_away_nothing_is_lost_and_the_session_still_an
         assert settled is True
     finally:
         await db.close()
+
+
+async def test_a_replica_stopped_with_sigterm_hands_its_pending_failures_to_the_ledger(
+    database: str, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """A rolling upgrade: failures taken a moment before SIGTERM (before the once-a-second share) are in the loss
+    ledger after the replica stopped (read with SQL), so the replicas that stay settle them."""
+    phone = await add_phone(db, 9, "79001115522")
+    pid, jid = phone.organization_phone_id, phone.phone_jid
+    replica = Replica("stopping", database, tmp_path, ["--loss-deadline", "300"])
+    await replica.start()
+    await replica.events([connection_update(9, pid, jid, "open")])
+    await replica.events(
+        [decrypt_error(9, pid, jid, "No session record", source="message", message_id=f"TERM{n}") for n in range(50)]
+    )
+    await replica.stop()  # SIGTERM at once
+    shared = await db.fetchval("SELECT count(*) FROM wa_sidecar.message_failures WHERE message_id LIKE 'TERM%'")
+    assert shared == 50
